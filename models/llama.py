@@ -1,0 +1,275 @@
+"""A minimal Llama decoder, module-for-module the same tree as transformers' ``LlamaForCausalLM``.
+
+Parameter names are Hugging Face's (``model.layers.N.self_attn.q_proj.weight``, ...), so an HF state dict loads
+with no renaming and LoRA/PEFT module paths are identical.
+
+    tokens (B, T)
+      -> embed_tokens                                   (B, T, hidden)
+      -> N x [ h = h + Attention(RMSNorm(h))            grouped-query attention with RoPE
+               h = h + MLP(RMSNorm(h)) ]                SwiGLU: down(silu(gate(x)) * up(x))
+      -> RMSNorm -> lm_head                             (B, T, vocab)
+
+References: Touvron et al. 2023 ("LLaMA", section 2.2: pre-normalisation with RMSNorm, SwiGLU, RoPE);
+Ainslie et al. 2023 (GQA); transformers ``models/llama/modeling_llama.py`` (the numerics we match).
+
+Attention masks: a padding mask (B, T_k) of 1/0, and optionally ``document_ids`` (B, T) so that packed
+sequences attend only within their own document. Both are folded into one boolean mask for PyTorch's
+``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+from .rope import RotaryEmbedding, apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 and cast back before the weight (as HF does)."""
+    input_dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(input_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019); weight initialised to ones."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVCache:
+    """Keys and values of past tokens, one (k, v) pair per layer, each (B, num_key_value_heads, T_past, head_dim).
+
+    Kept in the un-repeated GQA layout: the cache is num_attention_heads / num_key_value_heads times smaller.
+    """
+
+    def __init__(self, num_layers: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    @property
+    def seq_len(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.layers[layer]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query key/value heads and rotary embeddings."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # (B, T, heads * head_dim) -> (B, T, heads, head_dim) -> (B, heads, T, head_dim)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        n_rep = self.num_heads // self.num_kv_heads
+        if n_rep > 1:
+            # GQA: each key/value head serves n_rep consecutive query heads.
+            # (B, kv, T_k, d) -> (B, kv, n_rep, T_k, d) -> (B, heads, T_k, d)
+            T_k = k.shape[2]
+            k = k[:, :, None].expand(B, self.num_kv_heads, n_rep, T_k, self.head_dim).reshape(B, -1, T_k, self.head_dim)
+            v = v[:, :, None].expand(B, self.num_kv_heads, n_rep, T_k, self.head_dim).reshape(B, -1, T_k, self.head_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, heads * head_dim)
+        return self.o_proj(out)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_attention_mask(T_q: int, T_k: int, attention_mask: torch.Tensor | None,
+                         document_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T_q, T_k), True where a query may attend to a key; None for plain causal.
+
+    Queries are the last T_q of T_k positions (the rest come from the KV cache). A query row that would see no
+    key at all (a padding token under left padding) is allowed to see itself, so softmax never divides by zero;
+    its output is junk but finite and its label is -100.
+    """
+    if attention_mask is None and document_ids is None:
+        return None
+    q_pos = torch.arange(T_k - T_q, T_k, device=device)
+    k_pos = torch.arange(T_k, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T_q, T_k) causal
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != T_k:
+            raise ValueError(f"attention_mask has length {attention_mask.shape[-1]}, expected {T_k} "
+                             "(past + current tokens)")
+        mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T_k): hide padded keys
+    if document_ids is not None:
+        if T_q != T_k:
+            raise ValueError("document_ids cannot be combined with a KV cache")
+        same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+        mask = mask & same_doc[:, None]
+    diagonal = (k_pos[None, :] == q_pos[:, None])[None, None]
+    return mask | (diagonal & ~mask.any(dim=-1, keepdim=True))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        # Recompute each block's activations in backward instead of storing them (Chen et al. 2016).
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, document_ids=None, cache=None):
+        B, T = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        if attention_mask is None and past > 0 and T > 1:
+            # SDPA's is_causal aligns the mask top-left, which is wrong once a cache shifts the queries.
+            attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
+        mask = build_attention_mask(T, past + T, attention_mask, document_ids, input_ids.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant checkpointing works with frozen inputs (LoRA) and replays RNG (dropout masks).
+                h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
+        return self.norm(h)
+
+
+@dataclasses.dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    cache: KVCache | None = None
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama with a language-modelling head. ``lm_head.weight`` is ``embed_tokens.weight`` when tied."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random init as transformers does: normal(0, initializer_range) for linears and embeddings."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: int64 (B, T).
+            attention_mask: (B, T_past + T) with 1 for real tokens, 0 for padding; None means no padding.
+            position_ids: int64 (B, T); default: past_len .. past_len + T - 1 for every row. Left-padded batches
+                should pass their own (e.g. ``attention_mask.cumsum(-1) - 1``).
+            document_ids: int (B, T); tokens attend only to earlier tokens with the same id (packed sequences).
+            labels: int64 (B, T), -100 where no loss is taken. Shifted inside: logits at t predict labels[t+1].
+            num_items_in_batch: if given, the loss is sum / num_items_in_batch (so gradient accumulation over
+                micro-batches can normalise by the tokens of the whole optimizer step); else the mean over the
+                label tokens of this batch (0.0, not NaN, when there are none).
+            cache: a ``KVCache`` to read and extend (generation).
+            logits_to_keep: if > 0, only the last ``logits_to_keep`` positions get logits (generation).
+
+        Returns:
+            ``CausalLMOutput(loss, logits, cache)``; logits (B, T or logits_to_keep, vocab) in the model dtype.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        h = self.model(input_ids, attention_mask, position_ids, document_ids, cache)
+        if logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        return CausalLMOutput(loss=loss, logits=logits, cache=cache)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy in fp32. logits (B, T, V), labels (B, T) with -100 ignored.
+
+    Sum over label tokens divided by ``num_items_in_batch`` if given, else by this batch's label-token count.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (shift_labels != -100).sum().clamp(min=1)
+    return total / num_items_in_batch
