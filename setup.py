@@ -1,0 +1,28 @@
+"""Packaging for the fine-tuning reference: ``pip install -e .`` (add ``[test]`` for the oracle libraries)."""
+
+from setuptools import setup
+
+setup(
+    name="finetune-ref",
+    version="0.1.0",
+    description="Reference implementation of full fine-tuning, LoRA and QLoRA in PyTorch and Triton",
+    python_requires=">=3.10",
+    packages=["models", "lora", "qlora", "full", "kernels", "finetune"],
+    install_requires=[
+        # The README pins torch==2.13.0 (a CPU wheel); any recent torch works.
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "gguf>=0.10",
+        "jinja2",  # chat templates, rendered as transformers does
+        "tqdm",
+    ],
+    extras_require={
+        # Oracles the tests compare against, and Triton (kernel tests run in its CPU interpreter).
+        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton"],
+        "triton": ["triton"],
+    },
+    entry_points={"console_scripts": ["finetune = finetune.cli:main"]},
+)

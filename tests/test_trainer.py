@@ -1,0 +1,123 @@
+"""The loop's invariants: token-normalised accumulation, the schedule, clipping, frozen parameters."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from finetune.schedule import WarmupCosine, lr_at
+from finetune.trainer import TrainConfig, count_label_tokens, evaluate, param_groups, train
+from models.config import LlamaConfig
+from models.llama import LlamaForCausalLM
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def padded_batch(seqs, pad=0):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad)
+    labels = torch.full((len(seqs), T), -100)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def grads_after(model, micro_batches):
+    n = sum(count_label_tokens(b) for b in micro_batches)
+    total = 0.0
+    for b in micro_batches:
+        out = model(**b, num_items_in_batch=n)
+        out.loss.backward()
+        total += out.loss.item()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return total, grads
+
+
+def test_accumulation_is_normalised_by_label_tokens():
+    model = tiny_model()
+    seqs = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+    loss_one, grads_one = grads_after(model, [padded_batch(seqs)])
+    loss_k, grads_k = grads_after(model, [padded_batch([s]) for s in seqs])
+    assert loss_one == pytest.approx(loss_k, rel=1e-6)
+    for name in grads_one:
+        torch.testing.assert_close(grads_k[name], grads_one[name], atol=1e-6, rtol=1e-5)
+    # The mean of per-micro-batch means is a different number: the test above would catch that bug.
+    means = [model(**padded_batch([s])).loss.item() for s in seqs]
+    assert abs(sum(means) / 3 - loss_one) > 1e-3
+
+
+def test_all_masked_micro_batch_adds_nothing():
+    model = tiny_model()
+    empty = padded_batch([[1, 2, 3]])
+    empty["labels"][:] = -100
+    assert count_label_tokens(empty) == 0
+    out = model(**empty)
+    assert out.loss.item() == 0.0 and torch.isfinite(out.loss)
+    loss_a, grads_a = grads_after(model, [padded_batch([[5, 6, 7, 8]])])
+    loss_b, grads_b = grads_after(model, [padded_batch([[5, 6, 7, 8]]), empty])
+    assert loss_a == pytest.approx(loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name])
+
+
+def test_schedule_warmup_cosine():
+    assert lr_at(0, 10, 1.0, warmup=4) == pytest.approx(0.25)  # the first update already moves
+    assert lr_at(3, 10, 1.0, warmup=4) == pytest.approx(1.0)
+    assert lr_at(4, 10, 1.0, warmup=4, min_lr=0.1) == pytest.approx(1.0)
+    assert lr_at(7, 10, 1.0, warmup=4, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(0, 5, 1.0, warmup=0) == pytest.approx(1.0)
+    lrs = [lr for _, lr in WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 10, 1.0, 2).table()]
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # non-increasing after warmup
+    with pytest.raises(ValueError, match="warmup"):
+        lr_at(0, 3, 1.0, warmup=4)
+
+
+def test_scheduler_advances_once_per_update(tmp_path):
+    model = tiny_model()
+    batch = padded_batch([[1, 2, 3, 4, 5, 6]])
+    cfg = TrainConfig(steps=3, lr=1e-3, warmup_steps=3, grad_accum=4, progress=False,
+                      metrics_path=tmp_path / "m.jsonl")
+    train(model, iter(lambda: batch, None), cfg)
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+    assert all(r["label_tokens"] == 4 * 5 for r in records)
+
+
+def test_frozen_parameters_untouched_and_excluded():
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad = "mlp" in name
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "mlp" not in k}
+    groups = param_groups(model, weight_decay=0.1)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    batch = padded_batch([[1, 2, 3, 4, 5, 6]])
+    before = evaluate(model, [batch])["loss"]
+    train(model, iter(lambda: batch, None), TrainConfig(steps=5, lr=1e-2, progress=False, weight_decay=0.1))
+    for k, v in frozen.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert evaluate(model, [batch])["loss"] < before
+
+
+def test_clipping_bounds_the_update_norm():
+    model = tiny_model()
+    batch = padded_batch([[1, 2, 3, 4, 5, 6]])
+    seen = []
+    train(model, iter(lambda: batch, None), TrainConfig(steps=1, lr=1e-3, warmup_steps=0, max_grad_norm=1e-3, progress=False),
+          on_update=lambda i, m: seen.append(m["grad_norm"]))
+    assert seen[0] > 1e-3  # the logged norm is the one before clipping
+
+
+def test_no_trainable_parameters_is_an_error():
+    model = tiny_model()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        param_groups(model, 0.0)
