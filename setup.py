@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         # Oracles the tests compare against, and Triton (kernel tests run in its CPU interpreter).
-        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton"],
+        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton",
+                 "protobuf"],  # protobuf: transformers converting a sentencepiece model (oracle),
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["finetune = finetune.cli:main"]},

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .data import count_label_tokens
 from .schedule import WarmupCosine
 
 
@@ -71,11 +72,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def count_label_tokens(batch: dict) -> int:
-    """Tokens that carry a loss: labels != -100 after the one-position shift of causal LM."""
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def model_inputs(batch: dict) -> dict:

@@ -1,0 +1,430 @@
+"""Training data: the default corpus, user text and JSONL, packing, padding and a resumable batch iterator.
+
+Two kinds of example, both dicts of 1-D int64 tensors ``input_ids``, ``labels``, ``position_ids`` and
+``document_ids`` (labels follow the HF convention: equal to the ids, -100 where no loss is taken, and the
+model shifts them, so logits at t predict ``labels[t + 1]``):
+
+* **Packed text** (the default data, a ``.txt`` file, a folder of ``.txt`` files). Documents are tokenized,
+  each followed by EOS, concatenated, and cut into blocks of exactly ``seq_len`` tokens; the last partial
+  block is dropped. ``document_ids`` numbers the documents inside a block (0, 1, ...; a document's EOS
+  belongs to it) and the model lets a token attend only to tokens with the same id, so nothing leaks across
+  documents. ``position_ids`` restart at 0 at each document start and at the block start. A document that
+  starts inside a block (not at position 0) has the label of its first token set to -100: under document
+  masking nothing before it may predict it. (This is the packing with per-document masks of e.g. Krell et
+  al. 2021, "Efficient sequence packing without cross-contamination".)
+* **Chat / instruction** (``.jsonl``). One conversation per example, rendered with the model's chat
+  template; labels only on the assistant's replies (``Tokenizer.encode_chat``). Not packed. A conversation
+  longer than ``seq_len`` keeps its first ``seq_len`` tokens (right truncation; a reply cut there loses its
+  tail and its end-of-turn token); one whose labelled tokens all fall past ``seq_len`` is skipped, with a
+  warning.
+
+Held-out splits, identical on every machine:
+
+* default data: the topics of ``pydoc_data.topics`` (Python's reference docs, in every CPython; its text
+  differs a little between Python versions) are ranked by the SHA-256 of their name and the
+  ``round(eval_fraction * n)`` first are held out (8 of 79 topics at 10%);
+* JSONL: the same rule over records, keyed by the SHA-256 of the record's canonical JSON (so duplicate
+  records always land on the same side);
+* text files: the last ``round(eval_fraction * n_blocks)`` packed blocks (documents in sorted path order),
+  i.e. the end of the text, as nanoGPT does; this works for a single file as well as for a folder.
+
+With ``eval_data`` given, all of ``data`` trains and ``eval_data`` (same formats) is the held-out set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from models.tokenizer import IGNORE_INDEX, Tokenizer, validate_messages
+
+Example = dict[str, torch.Tensor]  # 1-D int64 tensors: input_ids, labels, position_ids, document_ids
+EXAMPLE_KEYS = ("input_ids", "labels", "position_ids", "document_ids")
+PAD_DOCUMENT_ID = -1  # document id of padding: equal to no real document's id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deterministic held-out split.
+# ---------------------------------------------------------------------------------------------------------
+def stable_hash(key: str) -> int:
+    """A 64-bit hash of ``key`` that is the same in every process and on every machine (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
+def num_held_out(n: int, eval_fraction: float, what: str = "units") -> int:
+    """How many of ``n`` units to hold out: ``round(eval_fraction * n)``, at least 1 when the fraction is
+    positive, and at most ``n - 1`` so training keeps one. Raises ValueError for a fraction outside [0, 1)."""
+    if not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    if eval_fraction == 0 or n == 0:
+        return 0
+    if n < 2:
+        raise ValueError(f"cannot hold out part of {n} {what} for evaluation: give more data, an eval_data file, "
+                         "or eval_fraction=0")
+    return min(max(1, round(eval_fraction * n)), n - 1)
+
+
+def holdout_split(keys: Sequence[str], eval_fraction: float, what: str = "units") -> tuple[list[int], list[int]]:
+    """Indices (train, eval) of units named by ``keys``: the units with the smallest ``stable_hash(key)``
+    are held out (ties broken by position). Both lists are in the original order."""
+    n_eval = num_held_out(len(keys), eval_fraction, what)
+    ranked = sorted(range(len(keys)), key=lambda i: (stable_hash(keys[i]), i))
+    held = set(ranked[:n_eval])
+    return [i for i in range(len(keys)) if i not in held], sorted(held)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading data.
+# ---------------------------------------------------------------------------------------------------------
+def default_documents(eval_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """The default corpus: (train, eval) topic texts of ``pydoc_data.topics``, split by topic name."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    train, held = holdout_split(names, eval_fraction, what="topics")
+    return [topics[names[i]] for i in train], [topics[names[i]] for i in held]
+
+
+def read_text_documents(path: str | Path) -> list[str]:
+    """Documents of a ``.txt`` file (one document) or a folder (every ``*.txt`` below it, recursively, in
+    sorted relative-path order). Files that are empty or only whitespace are skipped.
+
+    Raises ValueError if nothing is left, or a file is not UTF-8.
+    """
+    path = Path(path)
+    files = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix()) if path.is_dir() else [path]
+    documents = []
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        if text.strip():
+            documents.append(text)
+    if not documents:
+        raise ValueError(f"{path}: no text found (no non-empty .txt file)")
+    return documents
+
+
+def record_to_messages(record: object) -> list[dict]:
+    """One JSONL record as a conversation.
+
+    ``{"messages": [{"role", "content"}, ...]}`` is used as is; ``{"instruction", "input" (optional),
+    "output"}`` becomes a user turn (instruction, then a blank line and the input when there is one) and an
+    assistant turn (output). Raises ValueError saying what is wrong.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        if "instruction" in record or "output" in record:
+            raise ValueError("has both 'messages' and 'instruction'/'output'; use one format per record")
+        messages = validate_messages(record["messages"])
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("has no assistant message, so there is nothing to learn")
+        return messages
+    if "instruction" in record or "output" in record:
+        for key in ("instruction", "output"):
+            if key not in record:
+                raise ValueError(f"missing key {key!r} (an instruction record needs 'instruction' and 'output', "
+                                 "'input' is optional)")
+        for key in ("instruction", "input", "output"):
+            if key in record and record[key] is not None and not isinstance(record[key], str):
+                raise ValueError(f"{key!r} must be a string, got {type(record[key]).__name__}")
+        if record["instruction"] is None or record["output"] is None:
+            raise ValueError("'instruction' and 'output' must be strings, got null")
+        prompt = record["instruction"]
+        if record.get("input"):
+            prompt = f"{prompt}\n\n{record['input']}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    raise ValueError(f"expected keys 'messages', or 'instruction' and 'output'; got {sorted(record)}")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """(line number, conversation) for every non-blank line of a JSONL file.
+
+    Raises ValueError ``"<file>:<line>: <what is wrong>"`` for a malformed line, and for a file with no
+    records.
+    """
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+            try:
+                out.append((lineno, record_to_messages(record)))
+            except ValueError as err:
+                raise ValueError(f"{path}:{lineno}: {err}") from err
+    if not out:
+        raise ValueError(f"{path}: no records (the file is empty)")
+    return out
+
+
+def data_kind(path: str | Path) -> str:
+    """``"text"`` for a ``.txt`` file or a folder, ``"jsonl"`` for a ``.jsonl`` file; ValueError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"data path {path} does not exist")
+    if path.is_dir() or path.suffix == ".txt":
+        return "text"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    raise ValueError(f"{path}: unsupported data file; give a .txt file, a folder of .txt files or a .jsonl file")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building examples.
+# ---------------------------------------------------------------------------------------------------------
+def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, eos_token_id: int) -> list[Example]:
+    """Pack tokenized documents into blocks of ``seq_len`` tokens (see the module docstring).
+
+    Args:
+        documents: token ids of each document, without EOS.
+        seq_len: block length in tokens (>= 2).
+        eos_token_id: appended after every document.
+    Returns:
+        ``len(stream) // seq_len`` examples, each with (seq_len,) int64 tensors.
+    Raises:
+        ValueError if the documents hold fewer than ``seq_len`` tokens (EOS included).
+    """
+    _check_seq_len(seq_len)
+    stream = [t for doc in documents for t in (*doc, eos_token_id)]
+    owner = [d for d, doc in enumerate(documents) for _ in range(len(doc) + 1)]
+    n_blocks = len(stream) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"the data has {len(stream)} tokens, fewer than seq_len={seq_len} needed for one "
+                         "sequence; use a smaller seq_len or more text")
+    usable = n_blocks * seq_len
+    input_ids = torch.tensor(stream[:usable], dtype=torch.int64).view(n_blocks, seq_len)  # (N, L)
+    owner_ids = torch.tensor(owner[:usable], dtype=torch.int64).view(n_blocks, seq_len)  # (N, L)
+    starts = torch.ones(n_blocks, seq_len, dtype=torch.bool)  # a document (or a block) starts here
+    starts[:, 1:] = owner_ids[:, 1:] != owner_ids[:, :-1]
+    document_ids = starts.cumsum(dim=1) - 1  # (N, L): 0, 1, ... within each block
+    index = torch.arange(seq_len).expand(n_blocks, seq_len)  # (N, L)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (N, L)
+    position_ids = index - last_start  # (N, L): restarts at 0 at each start
+    labels = input_ids.clone()
+    labels[:, 1:][starts[:, 1:]] = IGNORE_INDEX  # nothing in its document precedes an in-block first token
+    return [{"input_ids": input_ids[b], "labels": labels[b], "position_ids": position_ids[b],
+             "document_ids": document_ids[b]} for b in range(n_blocks)]
+
+
+def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[list[dict]], seq_len: int,
+                         sources: Sequence[str] | None = None) -> list[Example]:
+    """One example per conversation, truncated to ``seq_len`` tokens (see the module docstring).
+
+    ``sources`` (e.g. ``"file.jsonl:12"``) prefix error messages. Raises ValueError if the template rejects a
+    conversation or if no conversation keeps a labelled token.
+    """
+    _check_seq_len(seq_len)
+    examples, skipped = [], []
+    for k, messages in enumerate(conversations):
+        where = sources[k] if sources is not None else f"conversation {k}"
+        try:
+            ids, labels = tokenizer.encode_chat(messages, max_len=seq_len)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # the shifted loss would see no token
+            skipped.append(where)
+            continue
+        examples.append({"input_ids": torch.tensor(ids, dtype=torch.int64),
+                         "labels": torch.tensor(labels, dtype=torch.int64),
+                         "position_ids": torch.arange(len(ids), dtype=torch.int64),
+                         "document_ids": torch.zeros(len(ids), dtype=torch.int64)})
+    if not examples:
+        raise ValueError(f"no conversation has an assistant token within seq_len={seq_len}")
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} conversation(s) whose reply starts past seq_len={seq_len} "
+                      f"(first: {skipped[0]})", stacklevel=2)
+    return examples
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2 (one token predicts the next), got {seq_len!r}")
+
+
+def _eos(tokenizer: Tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("packing text needs an EOS token to separate documents, and this tokenizer has none; "
+                         "set eos_token in tokenizer_config.json")
+    return tokenizer.eos_token_id
+
+
+def _text_examples(tokenizer: Tokenizer, documents: list[str], seq_len: int) -> list[Example]:
+    return pack_documents([tokenizer.encode(doc) for doc in documents], seq_len, _eos(tokenizer))
+
+
+def _jsonl_examples(tokenizer: Tokenizer, records: list[tuple[int, list[dict]]], path: Path,
+                    seq_len: int) -> list[Example]:
+    return encode_conversations(tokenizer, [m for _, m in records], seq_len,
+                                sources=[f"{path}:{lineno}" for lineno, _ in records])
+
+
+def load_examples(tokenizer: Tokenizer, path: str | Path, seq_len: int) -> list[Example]:
+    """All examples of one data path (``.txt``, folder or ``.jsonl``), without any split."""
+    path = Path(path)
+    if data_kind(path) == "text":
+        return _text_examples(tokenizer, read_text_documents(path), seq_len)
+    return _jsonl_examples(tokenizer, read_jsonl(path), path, seq_len)
+
+
+def build_datasets(tokenizer: Tokenizer, data: str | Path | None = None, seq_len: int = 256,
+                   eval_fraction: float = 0.1,
+                   eval_data: str | Path | None = None) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples for the training loop.
+
+    Args:
+        tokenizer: the model's tokenizer (its EOS joins packed documents; its chat template renders JSONL).
+        data: None for the default corpus (Python's reference docs), else a ``.txt`` file, a folder of
+            ``.txt`` files, or a ``.jsonl`` file.
+        seq_len: tokens per packed block / maximum tokens per conversation.
+        eval_fraction: share held out for evaluation when ``eval_data`` is None (0 for no evaluation).
+        eval_data: a separate evaluation set (same formats); then all of ``data`` trains.
+    Raises:
+        ValueError for missing/unsupported paths, malformed records (with file and line), empty data, or
+        data too short for one sequence.
+    """
+    if eval_data is not None:
+        train = _text_examples(tokenizer, default_documents(0.0)[0], seq_len) if data is None \
+            else load_examples(tokenizer, data, seq_len)
+        return train, load_examples(tokenizer, eval_data, seq_len)
+    if data is None:
+        train_docs, eval_docs = default_documents(eval_fraction)
+        return (_text_examples(tokenizer, train_docs, seq_len),
+                _text_examples(tokenizer, eval_docs, seq_len) if eval_docs else [])
+    data = Path(data)
+    if data_kind(data) == "text":
+        blocks = _text_examples(tokenizer, read_text_documents(data), seq_len)
+        n_eval = num_held_out(len(blocks), eval_fraction, what=f"block(s) of seq_len={seq_len}")
+        return blocks[:len(blocks) - n_eval], blocks[len(blocks) - n_eval:]
+    records = read_jsonl(data)
+    keys = [json.dumps(m, sort_keys=True, ensure_ascii=False) for _, m in records]
+    train_idx, eval_idx = holdout_split(keys, eval_fraction, what="record(s)")
+    train = _jsonl_examples(tokenizer, [records[i] for i in train_idx], data, seq_len)
+    held = _jsonl_examples(tokenizer, [records[i] for i in eval_idx], data, seq_len) if eval_idx else []
+    return train, held
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches.
+# ---------------------------------------------------------------------------------------------------------
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest into (B, T) int64 tensors.
+
+    Returns ``input_ids`` (pad: ``pad_token_id``), ``attention_mask`` (1 real, 0 pad), ``labels`` (pad: -100),
+    ``position_ids`` (pad: 0) and ``document_ids`` (pad: -1, no real document). Raises ValueError for an
+    empty list, missing keys, or tensors that are not 1-D integer of one length per example.
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
+        raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+    for k, ex in enumerate(examples):
+        missing = [key for key in EXAMPLE_KEYS if key not in ex]
+        if missing:
+            raise ValueError(f"example {k} lacks {missing}; examples need {list(EXAMPLE_KEYS)}")
+        shapes = {tuple(ex[key].shape) for key in EXAMPLE_KEYS}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1 or len(ex["input_ids"]) == 0:
+            raise ValueError(f"example {k}: {list(EXAMPLE_KEYS)} must be non-empty 1-D tensors of one length, "
+                             f"got shapes {[tuple(ex[key].shape) for key in EXAMPLE_KEYS]}")
+        if any(ex[key].dtype.is_floating_point or ex[key].dtype == torch.bool for key in EXAMPLE_KEYS):
+            raise ValueError(f"example {k}: tensors must be integer")
+    B, T = len(examples), max(len(ex["input_ids"]) for ex in examples)
+    batch = {
+        "input_ids": torch.full((B, T), pad_token_id, dtype=torch.int64),
+        "attention_mask": torch.zeros(B, T, dtype=torch.int64),
+        "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.int64),
+        "position_ids": torch.zeros(B, T, dtype=torch.int64),
+        "document_ids": torch.full((B, T), PAD_DOCUMENT_ID, dtype=torch.int64),
+    }
+    for b, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        for key in EXAMPLE_KEYS:
+            batch[key][b, :n] = ex[key]
+        batch["attention_mask"][b, :n] = 1
+    return batch
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is taken on: ``labels[:, 1:] != -100`` (the model shifts, so ``labels[:, 0]`` is never
+    predicted). Sum it over the micro-batches of an optimizer step to normalise gradient accumulation."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def iter_batches(examples: Sequence[Example], batch_size: int, pad_token_id: int) -> Iterator[dict]:
+    """Batches in order, the last one possibly smaller (for evaluation)."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], pad_token_id)
+
+
+class BatchIterator:
+    """Endless, deterministic, resumable training batches.
+
+    Epoch ``e`` visits the examples in the order ``torch.randperm(n)`` drawn from a ``torch.Generator``
+    seeded with ``stable_hash(f"{seed}:{e}")`` (so the same on every machine), in batches of ``batch_size``;
+    the last smaller batch is kept unless ``drop_last``. ``state_dict()`` is ``{"epoch", "index"}`` (the next
+    batch to yield) plus what must match on resume (``seed``, ``num_examples``, ``batch_size``,
+    ``drop_last``); after ``load_state_dict`` the next batch is exactly the one an uninterrupted run would
+    have yielded. ``max_epochs`` (None: endless) stops iteration after that many epochs.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_token_id: int, seed: int = 0,
+                 drop_last: bool = False, max_epochs: int | None = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not examples:
+            raise ValueError("BatchIterator needs at least one example")
+        if drop_last and len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} examples make no full batch of {batch_size} with drop_last=True")
+        self.examples, self.batch_size, self.pad_token_id = examples, batch_size, pad_token_id
+        self.seed, self.drop_last, self.max_epochs = seed, drop_last, max_epochs
+        n = len(examples)
+        self.batches_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        self.epoch, self.index = 0, 0
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation), cached
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation of example indices used in ``epoch``, (num_examples,) int64."""
+        generator = torch.Generator().manual_seed(stable_hash(f"{self.seed}:{epoch}") >> 1)  # < 2**63
+        return torch.randperm(len(self.examples), generator=generator)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.max_epochs is not None and self.epoch >= self.max_epochs:
+            raise StopIteration
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, self.epoch_order(self.epoch))
+        chosen = self._order[1][self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return collate([self.examples[i] for i in chosen.tolist()], self.pad_token_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_examples": len(self.examples),
+                "batch_size": self.batch_size, "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``. Raises ValueError if it was saved for other data or settings."""
+        for key in ("seed", "num_examples", "batch_size", "drop_last"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(f"cannot resume: the saved iterator has {key}={state.get(key)!r}, this one "
+                                 f"{mine!r}; resume with the same data and settings")
+        epoch, index = state.get("epoch"), state.get("index")
+        if not (isinstance(epoch, int) and isinstance(index, int) and epoch >= 0
+                and 0 <= index <= self.batches_per_epoch):
+            raise ValueError(f"cannot resume: bad position epoch={epoch!r} index={index!r}")
+        self.epoch, self.index = epoch, index
