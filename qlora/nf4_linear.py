@@ -1,0 +1,210 @@
+"""NF4Linear: a frozen NF4-quantized linear layer, the base layer QLoRA adapters sit on.
+
+QLoRA (Dettmers et al. 2023), section 3, eq. (5)-(6): the base weight is stored as NF4 with double
+quantization and dequantized on the fly to the compute dtype (bf16 by default) for each matmul:
+``Y = X_bf16 @ doubleDequant(c1, c2, W_nf4)^T``. Only the input gradient flows through the base
+(the weight is frozen), and it is computed by dequantizing again in backward, so the only tensor
+kept for backward is the packed 4-bit weight: no dequantized copy stays alive between forward and
+backward. This is what bitsandbytes' ``MatMul4Bit`` does (``autograd/_functions.py``).
+
+Dtypes: the input is cast to ``compute_dtype``, the matmul and bias add run there, and the output
+is cast back to the input dtype (as ``bnb.nn.Linear4bit`` and ``nn.Linear`` do), so the layer is a
+drop-in replacement for ``nn.Linear``. The bias is kept in its own dtype (a frozen Parameter) and
+cast per call; it is not quantized.
+
+State dict: ``state_dict()`` writes bitsandbytes' keys (``weight``, ``weight.absmax``,
+``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4``, ``bias``) through :mod:`qlora.bnb_format`, and
+``load_state_dict()`` reads them strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from qlora.bnb_format import check_bias, check_linear_state, check_packed, from_bnb_state_dict, to_bnb_state_dict
+from qlora.nf4 import dequantize_nf4, quantize_nf4
+from qlora.quant_state import SUPPORTED_DTYPES, NF4QuantState
+
+_STATE_BUFFERS = ("absmax", "quant_map", "offset", "nested_absmax", "nested_quant_map")
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """``y = x @ dequant(W)^T + b`` with a frozen NF4 weight; backward dequantizes W again.
+
+    forward(x, packed, state, bias): x (..., in) in the compute dtype, packed uint8, bias (out,) in the
+    compute dtype or None. Returns (..., out) in the compute dtype. Saves only ``packed`` (plus a
+    reference to the small, immutable quantization state).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: NF4QuantState,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        weight = dequantize_nf4(packed, state, dtype=x.dtype)  # (out, in), freed when forward returns
+        ctx.save_for_backward(packed)
+        ctx.state = state
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_nf4(packed, ctx.state, dtype=grad_out.dtype)  # (out, in)
+            grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (N, out) -> (out,)
+        return grad_x, None, None, grad_bias
+
+
+class NF4Linear(nn.Module):
+    """A linear layer whose weight is frozen NF4 (+ double quantization); see the module docstring.
+
+    Args:
+        weight: uint8 packed NF4 codes, ``((out * in + 1) // 2, 1)`` (from :func:`qlora.nf4.quantize_nf4`).
+        quant_state: its :class:`NF4QuantState`; ``quant_state.shape`` must be ``(out_features, in_features)``.
+        bias: optional floating ``(out_features,)`` tensor, kept frozen (``requires_grad=False``).
+        compute_dtype: dtype of the matmul: torch.bfloat16 (default), torch.float16 or torch.float32.
+
+    Attributes:
+        in_features, out_features (int), blocksize (int), double_quant (bool), compute_dtype,
+        weight (the packed uint8 buffer), bias (Parameter or None), quant_state (property).
+
+    Raises:
+        TypeError / ValueError: inconsistent weight, state or bias, or an unsupported compute dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, quant_state: NF4QuantState, bias: Optional[torch.Tensor] = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"NF4Linear: compute_dtype must be one of {SUPPORTED_DTYPES}, got {compute_dtype}")
+        check_linear_state(quant_state, "NF4Linear")
+        check_packed(weight, quant_state, "NF4Linear weight")
+        check_bias(bias, quant_state, "NF4Linear bias")
+        self.out_features, self.in_features = quant_state.shape
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", weight.reshape(quant_state.packed_shape))
+        self._set_state(quant_state)
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
+        """Quantize an ``nn.Linear`` (its weight in fp32, bf16 or fp16) into an NF4Linear on the same device.
+
+        The linear is not modified. Its bias is copied unquantized.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``, or its weight dtype is unsupported.
+            ValueError: unsupported blocksize, or non-finite weights.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NF4Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        packed, state = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, state, bias, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_bnb_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
+                            compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
+        """Build an NF4Linear from bitsandbytes-layout entries at ``prefix`` (strict; see :mod:`qlora.bnb_format`)."""
+        packed, state, bias = from_bnb_state_dict(state_dict, prefix)
+        return cls(packed, state, bias, compute_dtype=compute_dtype)
+
+    # ------------------------------------------------------------------------------ state
+    def _set_state(self, state: NF4QuantState) -> None:
+        self._shape, self._dtype = state.shape, state.dtype
+        self.blocksize, self.double_quant = state.blocksize, state.nested
+        tensors = state.tensors()
+        for name in _STATE_BUFFERS:
+            # Non-persistent: _save_to_state_dict writes them under bitsandbytes' key names.
+            self.register_buffer(name, tensors.get(name), persistent=False)
+
+    @property
+    def quant_state(self) -> NF4QuantState:
+        """The quantization state, rebuilt from the module's buffers (so ``.to(device)`` moves it)."""
+        return NF4QuantState(shape=self._shape, dtype=self._dtype, blocksize=self.blocksize, absmax=self.absmax,
+                             quant_map=self.quant_map, offset=self.offset, nested_absmax=self.nested_absmax,
+                             nested_quant_map=self.nested_quant_map)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dequantized weight ``(out_features, in_features)`` in ``dtype`` (default: the original dtype)."""
+        return dequantize_nf4(self.weight, self.quant_state, dtype=dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) / .half() would cast the fp32 absmax, maps and offset and corrupt
+        # the state. Let devices move but keep the state's dtypes (and exact values).
+        before = {name: self._buffers[name] for name in _STATE_BUFFERS if self._buffers.get(name) is not None}
+        result = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return result
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b``: x (..., in_features) floating -> (..., out_features) in x's dtype.
+
+        Raises:
+            TypeError: x is not floating point.
+            ValueError: x's last dimension is not ``in_features``.
+        """
+        if not x.is_floating_point():
+            raise TypeError(f"NF4Linear: input must be floating point, got {x.dtype}")
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"NF4Linear: input last dimension must be {self.in_features}, got shape {tuple(x.shape)}")
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = NF4LinearFunction.apply(x.to(self.compute_dtype), self.weight, self.quant_state, bias)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+    # ------------------------------------------------------------------------------ state dict (bitsandbytes layout)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        entries = to_bnb_state_dict(self.weight, self.quant_state, self.bias, prefix)
+        for key, value in entries.items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mine = [k for k in state_dict if k.startswith(prefix)]
+        weight_keys = [k for k in mine if k == prefix + "weight" or k.startswith(prefix + "weight.")]
+        if not weight_keys:
+            missing_keys.append(prefix + "weight")
+        else:
+            try:
+                packed, state, bias = from_bnb_state_dict(state_dict, prefix)
+            except (ValueError, TypeError) as e:
+                error_msgs.append(str(e))
+                return
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {prefix}weight: checkpoint shape {tuple(state.shape)}, "
+                                  f"module shape {(self.out_features, self.in_features)}")
+                return
+            device = self.weight.device
+            self.weight = packed.to(device).clone()
+            self._set_state(state.to(device))
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key not in state_dict:
+                missing_keys.append(bias_key)
+            elif tuple(state_dict[bias_key].shape) != tuple(self.bias.shape):
+                error_msgs.append(f"size mismatch for {bias_key}: checkpoint shape "
+                                  f"{tuple(state_dict[bias_key].shape)}, module shape {tuple(self.bias.shape)}")
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bias_key])
+        if strict:
+            allowed = set(weight_keys) | ({bias_key} if self.bias is not None else set())
+            unexpected_keys.extend(k for k in mine if k not in allowed)
