@@ -194,10 +194,15 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from finetune.trainer import evaluate
+    from models.checkpoint import load_model
+    from models.tokenizer import Tokenizer
 
-    _, tokenizer, model = load_base(args)
+    model_dir = resolve_model_dir(args.model, args.cache_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    batches = heldout_batches(args, tokenizer)  # before the weights: a data error should not wait for them
+    model = load_model(model_dir, dtype=args.dtype)
     load_adapters_into(model, args.adapter)
-    result = evaluate(model, heldout_batches(args, tokenizer))
+    result = evaluate(model, batches)
     if args.json:
         print(json.dumps(result))
     else:

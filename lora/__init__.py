@@ -1,0 +1,25 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on frozen linear layers, interchangeable with Hugging Face PEFT.
+
+    lora.config       LoraConfig (PEFT's fields) and adapter_config.json translation
+    lora.layer        the math (lora_scaling, lora_forward, lora_delta_weight, merged_weight) and LoRALinear
+    lora.inject       target selection (names, regex, "all-linear", exclude, rank/alpha patterns), inject_lora
+    lora.adapters     several named adapters: set_adapter, disable_adapters, delete_adapter, merge/unmerge,
+                      merge_and_unload, unload, print_trainable_parameters
+    lora.peft_format  save_adapter / load_adapter / load_adapters in PEFT's file format
+"""
+
+from lora.adapters import (adapter_names, delete_adapter, disable_adapters, format_trainable_parameters,
+                           merge_adapters, merge_and_unload, print_trainable_parameters, set_adapter,
+                           trainable_parameters, unload, unmerge_adapters)
+from lora.config import ALL_LINEAR, LoraConfig
+from lora.inject import find_target_modules, get_active_adapters, inject_lora, lora_layers
+from lora.layer import LoRALinear, lora_delta_weight, lora_forward, lora_scaling
+from lora.peft_format import load_adapter, load_adapters, read_adapter_config, save_adapter
+
+__all__ = [
+    "ALL_LINEAR", "LoRALinear", "LoraConfig", "adapter_names", "delete_adapter", "disable_adapters",
+    "find_target_modules", "format_trainable_parameters", "get_active_adapters", "inject_lora", "load_adapter",
+    "load_adapters", "lora_delta_weight", "lora_forward", "lora_layers", "lora_scaling", "merge_adapters",
+    "merge_and_unload", "print_trainable_parameters", "read_adapter_config", "save_adapter", "set_adapter",
+    "trainable_parameters", "unload", "unmerge_adapters",
+]

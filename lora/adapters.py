@@ -1,0 +1,226 @@
+"""Several named LoRA adapters on one base model: switch, disable, delete, merge, unload, count parameters.
+
+One frozen base can carry many adapters (Hu et al. 2021, section 4.2: "switch to another downstream task by
+recovering W0 by subtracting BA and then adding a different B'A'", and section 1: many small task modules
+share one pre-trained model). The model-wide state lives in the ``LoRALinear`` layers (see ``lora.layer``):
+each keeps the same list of active adapters and skips names it does not carry, as PEFT does
+(peft/tuners/tuners_utils.py ``BaseTuner.set_adapter`` / ``disable_adapter_layers`` / ``delete_adapter``,
+peft/tuners/lora/model.py ``merge_and_unload``).
+
+Merging (section 4.2) writes W + scaling * B @ A into each base weight. When a base weight is shared with
+another module - an ``lm_head`` tied to the input embedding - merging into it would silently change the
+embedding too, so ``merge_adapters`` refuses (ValueError), or with ``untie_tied=True`` first gives the adapted
+layer its own copy of the weight and sets ``config.tie_word_embeddings = False`` when the model has such a
+config. (PEFT only warns and then changes both.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
+                         mark_only_lora_trainable, set_submodule, tied_weight_owners)
+from lora.layer import LoRALinear, dense_weight
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter on the model, in the order they were added."""
+    names = list(get_lora_configs(model))
+    for _, layer in lora_layers(model):
+        names.extend(n for n in layer.adapter_names if n not in names)
+    return names
+
+
+def _check_names(model: nn.Module, names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
+    return names
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Activate exactly ``names`` (one name or a list; several active adapters are summed).
+
+    Only the active adapters' A and B are trainable afterwards. No weights are reloaded: switching is instant.
+
+    Raises:
+        ValueError: unknown adapter, or adapters are merged (``unmerge_adapters`` first).
+    """
+    names = _check_names(model, names)
+    merged = {n for _, layer in lora_layers(model) for n in layer.merged_adapters}
+    if merged and set(names) != set(get_active_adapters(model)):
+        raise ValueError(f"cannot switch adapters while {sorted(merged)} are merged; call unmerge_adapters first")
+    for _, layer in lora_layers(model):
+        layer.set_adapter(names, strict=False)
+    mark_only_lora_trainable(model)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it the model computes with its base weights only.
+
+    Raises:
+        ValueError: an adapter is merged (its update is inside W, so disabling cannot remove it; unmerge first).
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = sorted({n for layer in layers for n in layer.merged_adapters})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge_adapters before "
+                         "disabling adapters")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter everywhere; a layer left with no adapter is replaced by its plain base layer.
+
+    Raises:
+        ValueError: unknown adapter, or it is merged (unmerge first).
+    """
+    _check_names(model, [adapter_name])
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapters before deleting it")
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.delete_adapter(adapter_name)
+        elif adapter_name in layer.active_adapters:
+            layer.active_adapters.remove(adapter_name)
+        if not layer.adapter_names:
+            set_submodule(model, name, layer.base_layer)
+    configs = dict(get_lora_configs(model))
+    configs.pop(adapter_name, None)
+    setattr(model, LORA_CONFIGS_ATTR, configs)
+    mark_only_lora_trainable(model)
+
+
+# ---- merging ----
+
+def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = True,
+                   untie_tied: bool = False) -> list[str]:
+    """Merge adapters (default: the active ones) into the base weights of every layer that carries them.
+
+    W <- W + scaling * B @ A per layer, in fp32, rounded once; adapters already merged are skipped.
+
+    Args:
+        safe_merge: compute and check every merged weight (finite) before changing any; on failure raise with
+            the model untouched. Without it a failing layer is found only when it is reached.
+        untie_tied: a base weight shared with another module (tied lm_head/embedding) gets its own copy
+            before merging, instead of raising.
+
+    Returns:
+        Names of the layers whose weights changed.
+
+    Raises:
+        ValueError: unknown adapter; a tied base weight without ``untie_tied``; non-finite result (safe_merge).
+        TypeError: a base layer without a dense floating weight (e.g. a 4-bit base).
+    """
+    names = _check_names(model, get_active_adapters(model) if adapter_names is None else adapter_names)
+    work = []
+    for layer_name, layer in lora_layers(model):
+        todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+        if todo:
+            dense_weight(layer.base_layer)  # TypeError for a base that cannot be merged into, before any change
+            work.append((layer_name, layer, todo))
+    todo_layers = {layer_name for layer_name, _, _ in work}
+    tied = {k: v for k, v in tied_weight_owners(model).items() if k in todo_layers}
+    if tied and not untie_tied:
+        owners = sorted({owner for names_ in tied.values() for owner in names_})
+        raise ValueError(f"cannot merge into {sorted(tied)}: the weight is shared with {owners} (tied "
+                         "embeddings), so merging would change the input embedding too. Pass "
+                         "untie_tied=True to give the adapted layer its own copy of the weight, or do not "
+                         "target the tied layer")
+    if safe_merge:
+        for layer_name, layer, todo in work:
+            if not torch.isfinite(layer.merged_base_weight(todo)).all():
+                raise ValueError(f"merging {todo} into {layer_name} gives non-finite weights (NaN/inf or "
+                                 "overflow); nothing was merged")
+    for layer_name in tied:
+        _untie(model, model.get_submodule(layer_name))
+    for _, layer, todo in work:
+        layer.merge(todo, safe_merge=False, allow_shared_weight=True)  # ties were checked just above
+    return [layer_name for layer_name, _, _ in work]
+
+
+def _untie(model: nn.Module, layer: LoRALinear) -> None:
+    weight = layer.base_layer.weight
+    layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    layer.shared_weight_with = []
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False  # so that savers do not write the two as one tensor again
+
+
+def unmerge_adapters(model: nn.Module) -> list[str]:
+    """Subtract every merged update from its base weight; returns the names of the layers changed."""
+    return [name for name, layer in lora_layers(model) if layer.unmerge()]
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = True,
+                     untie_tied: bool = False) -> nn.Module:
+    """Merge adapters (default: the active ones) and return the plain model (every LoRALinear replaced by its
+    base layer, the adapter configs removed). Modifies ``model`` in place and returns it.
+
+    The base parameters stay frozen (requires_grad=False); call ``requires_grad_(True)`` to train the result.
+    Raises as ``merge_adapters``.
+    """
+    merge_adapters(model, adapter_names, safe_merge=safe_merge, untie_tied=untie_tied)
+    return _unwrap(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove all adapters without merging (merged ones are unmerged first); returns the plain base model."""
+    unmerge_adapters(model)
+    return _unwrap(model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for name, layer in lora_layers(model):
+        set_submodule(model, name, layer.base_layer)
+    if hasattr(model, LORA_CONFIGS_ATTR):
+        delattr(model, LORA_CONFIGS_ATTR)
+    return model
+
+
+# ---- trainable-parameter report ----
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied parameter is counted once, as PEFT counts.
+
+    Counts tensor elements: a packed 4-bit base stores two weights per uint8 element, so it is counted at
+    half its logical size (PEFT doubles bnb 4-bit counts; we report what is stored).
+    """
+    trainable = total = 0
+    for p in model.parameters():  # parameters() yields each shared Parameter once
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def format_trainable_parameters(model: nn.Module) -> str:
+    """PEFT's line: "trainable params: 13,824 || all params: 83,776 || trainable%: 16.5011"."""
+    trainable, total = trainable_parameters(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module, print_fn: Callable[[str], object] = print) -> str:
+    """Print (with ``print_fn``) and return ``format_trainable_parameters(model)``."""
+    line = format_trainable_parameters(model)
+    print_fn(line)
+    return line

@@ -1,0 +1,242 @@
+"""Choosing the layers that get LoRA and wrapping them: targets, "all-linear", regex, exclude, rank/alpha patterns.
+
+Hu et al. 2021, section 4.2 and section 7.1 adapt only some weight matrices of each Transformer block (W_q and
+W_v in their GPT-3 study); later practice (QLoRA, Dettmers et al. 2023, section 4) adapts every linear layer of
+the blocks. The selection rules here are PEFT's, so that a config means the same modules in both:
+
+  * a list of names: a module is targeted when its full name equals an entry or ends with "." + entry
+    (peft/tuners/tuners_utils.py ``check_target_module_exists``), e.g. ["q_proj", "v_proj"];
+  * a string: ``re.fullmatch(pattern, full_name)``, e.g. r".*\\.(q|v)_proj";
+  * "all-linear": every linear layer except the model's output head (``get_output_embeddings()`` when the
+    model has it, and any module named ``lm_head``), as PEFT's ``_maybe_include_all_linear_layers`` does on a
+    transformers model; a list may add names to it, e.g. ["all-linear", "lm_head"];
+  * exclude_modules: the same list/regex rules, applied first;
+  * rank_pattern / alpha_pattern: {regex: value}; the first key with ``re.match(rf"(.*\\.)?({key})$", name)``
+    sets that module's r / lora_alpha (peft/utils/other.py ``get_pattern_key``).
+
+"Linear layer" means any module with int ``in_features`` and ``out_features`` (nn.Linear, a LoRALinear, or a
+quantized linear such as a 4-bit NF4 base). Modules inside a LoRALinear (its base_layer, lora_A, lora_B) are
+never targets. Grouped-query attention needs nothing special: k_proj/v_proj simply have fewer out_features.
+
+``inject_lora`` wraps the targets in place, freezes every parameter of the model that is not a LoRA A or B,
+records the config on the model (attribute ``lora_configs``, adapter name -> LoraConfig) for saving, and marks
+layers whose base weight is shared with another module (``LoRALinear.shared_weight_with``, e.g. a tied lm_head)
+so that merging into them is refused (see ``lora.adapters.merge_adapters``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lora.config import ALL_LINEAR, LoraConfig
+from lora.layer import LoRALinear, check_adapter_name
+
+LORA_CONFIGS_ATTR = "lora_configs"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for modules LoRALinear can wrap: int ``in_features`` and ``out_features`` (nn.Linear, NF4, ...)."""
+    return all(isinstance(getattr(module, a, None), int) and not isinstance(getattr(module, a), bool)
+               for a in ("in_features", "out_features"))
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every module of ``model`` except the root and anything inside a LoRALinear."""
+    inside: list[str] = []
+    found = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, LoRALinear):
+            inside.append(name + ".")
+        found.append((name, module))
+    return found
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s) that "all-linear" leaves out: ``get_output_embeddings()`` and any ``lm_head``."""
+    names = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    for name, module in candidate_modules(model):
+        if module is head or name.rsplit(".", 1)[-1] == "lm_head":
+            names.add(name)
+    return names
+
+
+def _matches(spec: list[str] | str, name: str) -> bool:
+    """PEFT's module-name rule: a regex string must fullmatch; a list entry must equal the name or be its suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def find_target_modules(model: nn.Module, config: LoraConfig, strict_patterns: bool = True) -> list[str]:
+    """Full names of the modules ``config`` adapts, in the model's module order.
+
+    Args:
+        strict_patterns: raise when a rank_pattern/alpha_pattern key matches no adapted module (a typo would
+            otherwise silently give the default rank). Loading a PEFT file passes False, as PEFT accepts those.
+
+    Raises:
+        ValueError: nothing matches (the linear layers are listed), or a matched module is not a linear layer,
+            or an entry of ``rank_pattern``/``alpha_pattern`` matches no target (a likely typo).
+        re.error: an invalid regex in target_modules / exclude_modules.
+    """
+    config.validate()
+    candidates = candidate_modules(model)
+    targets = config.target_modules
+    all_linear = (isinstance(targets, str) and targets.lower() == ALL_LINEAR) or (
+        isinstance(targets, list) and any(t.lower() == ALL_LINEAR for t in targets))
+    if all_linear:
+        heads = output_layer_names(model)
+        extra = [t for t in targets if t.lower() != ALL_LINEAR] if isinstance(targets, list) else []
+        chosen = [n for n, m in candidates
+                  if (is_linear_like(m) and n not in heads) or (extra and _matches(extra, n))]
+    else:
+        chosen = [n for n, _ in candidates if _matches(targets, n)]
+    if config.exclude_modules:
+        chosen = [n for n in chosen if not _matches(config.exclude_modules, n)]
+    modules = dict(candidates)
+    not_linear = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not is_linear_like(modules[n])]
+    if not_linear:
+        raise ValueError(f"target_modules matched modules that are not linear layers: {not_linear[:5]}. Name the "
+                         "linear layers themselves (e.g. 'q_proj', not 'self_attn')")
+    if not chosen:
+        linear = [n for n, m in candidates if is_linear_like(m)]
+        raise ValueError(f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matches no "
+                         f"module; linear layers of this model include {linear[:8]}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field) if strict_patterns else ():
+            if not any(_pattern_matches(key, n) for n in chosen):
+                raise ValueError(f"{field} key {key!r} matches none of the adapted modules (e.g. {chosen[:3]}); "
+                                 "keys are regexes matched against the end of the full module name")
+    return chosen
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def rank_and_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
+    """(r, lora_alpha) for one module: the first matching rank_pattern / alpha_pattern key, else the defaults."""
+    r = next((v for k, v in config.rank_pattern.items() if _pattern_matches(k, module_name)), config.r)
+    alpha = next((v for k, v in config.alpha_pattern.items() if _pattern_matches(k, module_name)),
+                 config.lora_alpha)
+    return r, alpha
+
+
+def get_lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """adapter name -> LoraConfig recorded by ``inject_lora`` (empty dict if none)."""
+    return getattr(model, LORA_CONFIGS_ATTR, None) or {}
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(full name, layer) for every LoRALinear in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def get_active_adapters(model: nn.Module) -> list[str]:
+    """The model-wide list of active adapters (kept identical on every LoRALinear); [] if there is none."""
+    for _, layer in lora_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def tied_weight_owners(model: nn.Module) -> dict[str, list[str]]:
+    """{LoRA layer name: names of the *other* modules holding a parameter that shares storage with its base
+    weight} for every LoRALinear whose base weight is shared (e.g. an lm_head tied to the input embedding)."""
+    index: dict[tuple, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                index.setdefault(_storage_key(p), []).append(name)
+    owners = {}
+    for name, layer in lora_layers(model):
+        weight = getattr(layer.base_layer, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            others = [n for n in index.get(_storage_key(weight), []) if n != f"{name}.base_layer"]
+            if others:
+                owners[name] = others
+    return owners
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (e.g. "model.layers.0.self_attn.q_proj") by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                adapter_dtype: torch.dtype = torch.float32, strict_patterns: bool = True) -> list[str]:
+    """Add LoRA adapter ``adapter_name`` to the modules ``config`` targets; modifies ``model`` in place.
+
+    Each target is replaced by a ``LoRALinear`` wrapping it (or, if it already is one, gets another adapter).
+    Every parameter that is not a LoRA A/B is frozen (requires_grad=False), the base weights included; the
+    model's train/eval mode is kept. The first adapter of a model becomes active and trainable; a further
+    adapter is added inactive and frozen (PEFT's ``add_adapter`` behaviour): ``lora.adapters.set_adapter``
+    activates it.
+
+    Args:
+        adapter_dtype: dtype of A and B. fp32 by default whatever the base dtype, as PEFT (autocast_adapter_dtype)
+            does; bf16 adapters on an fp32/bf16 base are allowed.
+        strict_patterns: see ``find_target_modules``.
+
+    Returns:
+        The full names of the adapted modules.
+
+    Raises:
+        ValueError: the adapter name exists already or is invalid; the config matches no module or a
+            non-linear one (see ``find_target_modules``).
+    """
+    check_adapter_name(adapter_name)
+    configs = dict(get_lora_configs(model))
+    existing = {n for _, layer in lora_layers(model) for n in layer.adapter_names}
+    if adapter_name in configs or adapter_name in existing:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it "
+                         "(lora.adapters.delete_adapter) or choose another name")
+    names = find_target_modules(model, config, strict_patterns=strict_patterns)
+    previous_active = get_active_adapters(model)
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module)
+            module.train(model.training)
+            set_submodule(model, name, module)
+        r, alpha = rank_and_alpha(config, name)
+        module.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                           dtype=adapter_dtype)
+    configs[adapter_name] = config
+    setattr(model, LORA_CONFIGS_ATTR, configs)
+    tied = tied_weight_owners(model)
+    for name, layer in lora_layers(model):
+        layer.shared_weight_with = tied.get(name, [])
+    active = [adapter_name] if not existing else previous_active
+    for _, layer in lora_layers(model):
+        layer.set_adapter(active, strict=False)
+    mark_only_lora_trainable(model)
+    return names
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """requires_grad = True exactly for the A/B of active adapters; everything else (base included) is frozen."""
+    trainable = set()
+    for _, layer in lora_layers(model):
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue  # this adapter does not target this layer
+            trainable.update(id(p) for p in layer.lora_A[name].parameters())
+            trainable.update(id(p) for p in layer.lora_B[name].parameters())
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)

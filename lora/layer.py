@@ -1,0 +1,431 @@
+"""LoRA on one linear layer: the math as plain functions, and ``LoRALinear``, a module wrapping a frozen base.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1: keep the pre-trained weight
+W (out_features, in_features) frozen and learn a low-rank update dW = B A, with
+
+    A: (r, in_features)    init kaiming-uniform(a=sqrt(5))   (or N(0, 1/r^2): PEFT's "gaussian")
+    B: (out_features, r)   init zeros, so that dW = 0 and training starts from the pre-trained model
+    h = x W^T + b + scaling * B(A(dropout(x)))          x: (..., in_features),  h: (..., out_features)
+    scaling = lora_alpha / r   (section 4.1),   or lora_alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)
+
+Dropout is inverted dropout on the adapter's input only (PEFT's ``lora_dropout``); the base path is never
+dropped. The adapter computes in its own dtype (e.g. bf16 adapters on an fp32 base, or fp32 adapters on a bf16
+or 4-bit base as in QLoRA) and the sum is returned in the base output's dtype, as PEFT's ``lora.Linear.forward``
+(peft/tuners/lora/layer.py) does.
+
+Section 4.2 ("no additional inference latency"): for deployment W is replaced by W + scaling * B A ("merge"),
+and subtracting the same product restores W ("unmerge"). Here the product and the sum are computed in fp32 and
+rounded once to W's dtype; in fp32 unmerge restores W up to fp32 rounding, in bf16/fp16 up to one unit in the
+last place of max(|W|, |W + dW|) (the sum W + dW was rounded once on the way in).
+
+``LoRALinear`` holds several named adapters (``nn.ModuleDict``s keyed by adapter name, as PEFT does, so that
+state-dict keys are ``<module>.lora_A.<adapter>.weight``), a list of active ones, and the list of those merged
+into the base weight. The base is any module with ``in_features``, ``out_features`` and a forward; merging needs
+a dense floating ``weight`` and is reached only through ``dense_weight`` below, the one place to extend for
+other bases (e.g. a 4-bit NF4 base).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora.config import check_alpha, check_rank
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The math, as plain functions on tensors
+# ---------------------------------------------------------------------------------------------------------
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """scaling = lora_alpha / r (Hu et al. 2021, 4.1), or lora_alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
+
+    Raises:
+        TypeError / ValueError: r not an int >= 1, or lora_alpha not a finite number > 0.
+    """
+    check_rank(r)
+    check_alpha(lora_alpha)
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """The adapter's contribution scaling * B(A(dropout(x))).
+
+    Args:
+        x: (..., in_features), already in the adapter's dtype.
+        lora_A: (r, in_features).  lora_B: (out_features, r).  Same dtype as x.
+        scaling: see ``lora_scaling``.
+        dropout: probability of zeroing an input element when ``training`` (inverted dropout: kept elements
+            are multiplied by 1 / (1 - dropout)); identity when not training.
+
+    Returns:
+        (..., out_features) in x's dtype. The order of operations (dropout, A, B, then * scaling) is PEFT's, so
+        results are bitwise equal to ``peft.tuners.lora.Linear`` for the same inputs and RNG state.
+    """
+    if dropout > 0.0:
+        x = F.dropout(x, p=dropout, training=training)
+    return F.linear(F.linear(x, lora_A), lora_B) * scaling
+
+
+def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """dW = scaling * B @ A in fp32 (Hu et al. 2021, 4.2), shape (out_features, in_features).
+
+    fp32 whatever the adapter dtype, so that a merge into a 16-bit W rounds only once (see ``merged_weight``).
+    """
+    return (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
+
+
+def merged_weight(weight: torch.Tensor, deltas: list[torch.Tensor], sign: int = 1) -> torch.Tensor:
+    """W +/- sum(deltas), accumulated in fp32 and rounded once to W's dtype. Returns a new tensor.
+
+    The deltas are added one after the other (not summed first) so that, in fp32, the result is bitwise what
+    PEFT's merge (``weight.data += delta`` per adapter) gives.
+    """
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 (merge) or -1 (unmerge), got {sign}")
+    acc = weight.detach().float()  # (out, in) fp32; the same tensor as W when W is fp32, so never in place
+    for delta in deltas:
+        acc = acc + delta if sign == 1 else acc - delta
+    if not deltas:
+        acc = acc.clone()  # always return a new tensor
+    return acc.to(weight.dtype)
+
+
+@torch.no_grad()
+def init_lora_weights_(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weights: bool | str, r: int) -> None:
+    """Initialise A and B in place, as PEFT's ``LoraLayer.reset_lora_parameters``.
+
+    True: A kaiming-uniform(a=sqrt(5)) (nn.Linear's default; Hu et al. use a random Gaussian, the reference
+    implementation microsoft/LoRA loralib/layers.py uses this), B = 0. "gaussian": A ~ N(0, std=1/r), B = 0.
+    False: A and B both kaiming-uniform(a=sqrt(5)), so the adapter is NOT a no-op (useful in tests).
+    """
+    if init_lora_weights is True or init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    elif init_lora_weights == "gaussian":
+        nn.init.normal_(lora_A, std=1.0 / r)
+    else:
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(lora_B)
+
+
+# Bases whose weight is not a dense floating tensor (e.g. qlora.nf4_linear.NF4Linear, 4-bit packed) register
+# how to read a dense copy of it and how to store a merged dense weight back (for NF4: dequantize / requantize,
+# as PEFT's bnb.Linear4bit.merge does). Registered by the quantization package, so lora/ imports none of it.
+WeightReader = Callable[[nn.Module], torch.Tensor]
+WeightWriter = Callable[[nn.Module, torch.Tensor], None]
+_WEIGHT_ACCESSORS: dict[type, tuple[WeightReader, WeightWriter]] = {}
+
+
+def register_weight_accessor(base_type: type, read: WeightReader, write: WeightWriter) -> None:
+    """Teach merge/unmerge a non-dense base type: ``read(base)`` returns a new dense floating (out, in) tensor,
+    ``write(base, weight)`` stores a dense (out, in) tensor of that dtype back into ``base`` (e.g. re-quantizing)."""
+    if not isinstance(base_type, type) or not (callable(read) and callable(write)):
+        raise TypeError("register_weight_accessor(base_type, read, write) needs a class and two callables")
+    _WEIGHT_ACCESSORS[base_type] = (read, write)
+
+
+def _accessor(base_layer: nn.Module):
+    for cls in type(base_layer).__mro__:
+        if cls in _WEIGHT_ACCESSORS:
+            return _WEIGHT_ACCESSORS[cls]
+    return None
+
+
+def dense_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense floating (out_features, in_features) tensor, for merge/unmerge.
+
+    This is the single place that knows how to reach a base layer's weight; quantized bases plug in through
+    ``register_weight_accessor`` (their dense weight is then a new tensor, written back by ``write_dense_weight``).
+
+    Raises:
+        TypeError: the base has no dense floating ``weight`` of shape (out_features, in_features), e.g. a
+            4-bit base whose weight is packed integers and whose type was not registered.
+    """
+    accessor = _accessor(base_layer)
+    if accessor is not None:
+        return accessor[0](base_layer)
+    weight = getattr(base_layer, "weight", None)
+    expected = (base_layer.out_features, base_layer.in_features)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or tuple(weight.shape) != expected:
+        found = "none" if not isinstance(weight, torch.Tensor) else f"{weight.dtype} {tuple(weight.shape)}"
+        raise TypeError(f"cannot merge LoRA into a {type(base_layer).__name__}: merging needs a dense floating "
+                        f"weight of shape {expected}, found {found}. Merge into a model whose base layers are "
+                        f"plain nn.Linear (e.g. dequantize the base first), or register the base type with "
+                        f"lora.layer.register_weight_accessor")
+    return weight
+
+
+def write_dense_weight(base_layer: nn.Module, weight: torch.Tensor) -> None:
+    """Store a merged dense weight into the base: in place for a dense base (the Parameter object survives),
+    through the registered writer for a quantized one."""
+    accessor = _accessor(base_layer)
+    if accessor is not None:
+        accessor[1](base_layer, weight)
+    else:
+        dense_weight(base_layer).copy_(weight)
+
+
+def _base_device(base_layer: nn.Module) -> torch.device:
+    for tensor in (*base_layer.parameters(), *base_layer.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def check_adapter_name(name: object) -> str:
+    """Adapter names become ModuleDict keys: letters, digits, '_' and '-' only (no '.')."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or hasattr(nn.ModuleDict, name):
+        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (e.g. 'default'), "
+                         "and not a ModuleDict attribute such as 'keys' or 'items'")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen base layer plus named LoRA adapters: y = base(x) + sum over active adapters of scaling*B(A(drop(x))).
+
+    Args:
+        base_layer: any module with int ``in_features``, ``out_features`` and forward (..., in) -> (..., out):
+            nn.Linear, or a frozen quantized linear. Kept as ``self.base_layer`` (PEFT's name), so the base
+            weight's state-dict key becomes ``<module>.base_layer.weight``.
+
+    Attributes:
+        lora_A / lora_B: ``nn.ModuleDict`` adapter name -> bias-free nn.Linear with weight (r, in) / (out, r).
+        r, lora_alpha, scaling, lora_dropout, use_rslora: dicts keyed by adapter name.
+        active_adapters: names whose update is added in forward (in this order); names this layer does not
+            carry are skipped (the list is model-wide).
+        merged_adapters: names whose update is currently inside the base weight.
+        disabled: when True, forward is the base layer alone.
+
+    Raises:
+        TypeError: base_layer is not an nn.Module with positive int in_features/out_features.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not isinstance(base_layer, nn.Module):
+            raise TypeError(f"base_layer must be an nn.Module, got {type(base_layer).__name__}")
+        for attr in ("in_features", "out_features"):
+            value = getattr(base_layer, attr, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TypeError(f"{type(base_layer).__name__} cannot carry LoRA: it needs a positive int "
+                                f"'{attr}' (found {value!r}); LoRALinear wraps linear layers")
+        if isinstance(base_layer, LoRALinear):
+            raise TypeError("base_layer is already a LoRALinear; add another adapter to it with add_adapter")
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled: bool = False
+        # Other modules sharing the base weight (set by lora.inject_lora, e.g. ["model.embed_tokens"] for a
+        # tied lm_head): merging in place would change them too, so merge() refuses while this is non-empty.
+        self.shared_weight_with: list[str] = []
+
+    # ---- convenience views of the base, as PEFT's BaseTunerLayer offers ----
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (not the merged LoRA update unless an adapter is merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # ---- adapters ----
+
+    def add_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """Create adapter ``adapter_name`` (A: (r, in), B: (out, r), in ``dtype``, on the base's device).
+
+        The new adapter is not activated (call ``set_adapter``), as in PEFT's ``add_adapter``. A and B are
+        created in fp32, initialised, then cast to ``dtype``, so an initialisation is the same in every dtype up
+        to that cast.
+
+        Raises:
+            ValueError: the name exists or is invalid; r, lora_alpha or lora_dropout out of range.
+            TypeError: dtype is not a floating dtype.
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} already exists on this layer; delete it first or pick "
+                             "another name")
+        scaling = lora_scaling(r, lora_alpha, use_rslora)
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"adapter dtype must be a floating torch.dtype, got {dtype!r}")
+        device = _base_device(self.base_layer)
+        lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        init_lora_weights_(lora_A.weight, lora_B.weight, init_lora_weights, r)
+        self.lora_A[adapter_name] = lora_A.to(dtype)
+        self.lora_B[adapter_name] = lora_B.to(dtype)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = scaling
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = use_rslora
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Raises ValueError if it does not exist or is merged (unmerge first)."""
+        self._check_exists([adapter_name])
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge before deleting")
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora):
+            del table[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.active_adapters.remove(adapter_name)
+
+    def set_adapter(self, adapter_names: str | list[str], strict: bool = True) -> None:
+        """Make exactly these adapters active (their updates are summed in forward, in this order).
+
+        Args:
+            strict: require every name to exist on this layer. ``lora.adapters.set_adapter`` passes False:
+                the model-wide active list is copied to every layer, and a layer skips the names it does not
+                carry (an adapter may target only some layers), as PEFT does.
+
+        Raises:
+            ValueError: unknown name (strict); or an adapter is merged (switching then would leave the merged
+                update in W while another adapter is said to be active: unmerge first).
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            check_adapter_name(name)
+        if strict:
+            self._check_exists(names)
+        if self.merged and set(names) != set(self.active_adapters):
+            raise ValueError(f"cannot switch adapters while {self.merged_adapters} are merged into the base "
+                             "weight; unmerge first")
+        self.active_adapters = list(dict.fromkeys(names))
+
+    def _check_exists(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {self.adapter_names}")
+
+    # ---- forward ----
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features) in the base output's dtype."""
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A or name in self.merged_adapters:
+                continue  # not on this layer, or already inside the base weight
+            lora_A = self.lora_A[name].weight  # (r, in)
+            lora_B = self.lora_B[name].weight  # (out, r)
+            x_lora = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+            # Adding a 16-bit update to an fp32 result promotes to fp32; the cast below restores the base dtype.
+            result = result + lora_forward(x_lora, lora_A, lora_B, self.scaling[name],
+                                           self.lora_dropout[name], self.training)
+        return result.to(result_dtype)
+
+    # ---- merge / unmerge (Hu et al. 2021, section 4.2) ----
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling * B @ A for one adapter, fp32, (out_features, in_features)."""
+        self._check_exists([adapter_name])
+        return lora_delta_weight(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
+                                 self.scaling[adapter_name])
+
+    @torch.no_grad()
+    def merged_base_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """What W would become if ``adapter_names`` were merged (new tensor, W's dtype); W is not touched."""
+        self._check_exists(adapter_names)
+        return merged_weight(dense_weight(self.base_layer), [self.get_delta_weight(n) for n in adapter_names])
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = True,
+              allow_shared_weight: bool = False) -> list[str]:
+        """W <- W + sum of scaling * B @ A over the given adapters (default: the active ones).
+
+        Computed in fp32 and rounded once. Adapters already merged are skipped (merging twice merges once).
+
+        Args:
+            safe_merge: check that the merged weight is finite before writing it; when it is not, raise
+                and leave W and ``merged_adapters`` unchanged. (PEFT's default is False; ours is True because
+                the check costs one pass over W.)
+            allow_shared_weight: merge even though ``shared_weight_with`` names other modules holding the same
+                weight (they change too). ``lora.adapters.merge_adapters(model, untie_tied=True)`` unties
+                instead.
+
+        Returns:
+            The names merged by this call.
+
+        Raises:
+            ValueError: unknown adapter; non-finite merged weight (with safe_merge); shared (tied) weight.
+            TypeError: the base has no dense floating weight (see ``dense_weight``).
+        """
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of names, got the string {adapter_names!r}")
+        names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
+        self._check_exists(names)
+        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        if not names:
+            return []
+        weight = dense_weight(self.base_layer)
+        if self.shared_weight_with and not allow_shared_weight:
+            raise ValueError(f"this layer's weight is shared with {self.shared_weight_with} (tied embeddings); "
+                             "merging would change them too. Use lora.merge_adapters(model, untie_tied=True)")
+        new_weight = self.merged_base_weight(names)
+        if safe_merge and not torch.isfinite(new_weight).all():
+            raise ValueError(f"merging adapter(s) {names} gives non-finite weights (NaN/inf, or overflow of "
+                             f"{weight.dtype}); the base weight was left unchanged. The adapter is broken or "
+                             "its update is too large for this dtype")
+        write_dense_weight(self.base_layer, new_weight)  # in place for a dense base: the Parameter survives
+        self.merged_adapters.extend(names)
+        return names
+
+    @torch.no_grad()
+    def unmerge(self) -> list[str]:
+        """W <- W - the merged updates (fp32, rounded once); returns the names unmerged ([] if none).
+
+        Exact in fp32 up to rounding; in bf16/fp16 within one ulp of max(|W|, |W + dW|) per element.
+        """
+        if not self.merged_adapters:
+            return []
+        weight = dense_weight(self.base_layer)
+        names = list(reversed(self.merged_adapters))
+        write_dense_weight(self.base_layer, merged_weight(weight, [self.get_delta_weight(n) for n in names], sign=-1))
+        self.merged_adapters.clear()
+        return names
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={{{adapters}}}, "
+                f"active={self.active_adapters}, merged={self.merged_adapters}")

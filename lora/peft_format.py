@@ -1,0 +1,296 @@
+"""Saving and loading adapters in Hugging Face PEFT's on-disk format, strictly.
+
+A PEFT LoRA adapter directory (peft/peft_model.py ``save_pretrained``, peft/utils/save_and_load.py
+``get_peft_model_state_dict`` / ``set_peft_model_state_dict``) holds two files:
+
+  adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+  adapter_model.safetensors   for every adapted module <path> (its name in the base model, HF spelling):
+                                base_model.model.<path>.lora_A.weight   (r, in_features)
+                                base_model.model.<path>.lora_B.weight   (out_features, r)
+
+The adapter's name ("default") is not in the file keys; in memory the keys are ``<path>.lora_A.<name>.weight``.
+Conversion touches only the fixed prefix and the trailing ``lora_A|lora_B .weight`` part, so module paths that
+themselves contain "weight" or "lora" survive unchanged.
+
+Loading is strict: the config is turned into the set of modules it targets on *this* model (``lora.inject``
+rules, the same as PEFT's), and the file must hold exactly an A and a B of the right shape for each of them.
+Missing or unexpected tensors and wrong shapes are reported together in one ValueError, before the model is
+touched. Files are written atomically (a temp file in the same directory, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lora.adapters import set_adapter
+from lora.config import ALL_LINEAR, LoraConfig
+from lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
+LORA_PARTS = ("lora_A", "lora_B")
+
+
+# ---- key names ----
+
+def peft_key(module_name: str, part: str) -> str:
+    """File key of one LoRA matrix: ("model.layers.0.self_attn.q_proj", "lora_A") ->
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    if part not in LORA_PARTS:
+        raise ValueError(f"part must be one of {LORA_PARTS}, got {part!r}")
+    return f"{PEFT_PREFIX}{module_name}.{part}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str]:
+    """Inverse of ``peft_key``: file key -> (module path, "lora_A" | "lora_B").
+
+    Raises:
+        ValueError: the key is not a PEFT LoRA weight key (e.g. a DoRA magnitude, a bias, a modules_to_save
+            tensor or a key without the "base_model.model." prefix).
+    """
+    for part in LORA_PARTS:
+        suffix = f".{part}.weight"
+        if key.startswith(PEFT_PREFIX) and key.endswith(suffix) and len(key) > len(PEFT_PREFIX) + len(suffix):
+            return key[len(PEFT_PREFIX):-len(suffix)], part
+    raise ValueError(f"{key!r} is not a LoRA weight key of the form "
+                     f"'{PEFT_PREFIX}<module path>.lora_A.weight' or '...lora_B.weight'")
+
+
+def module_key_to_peft_key(key: str, adapter_name: str) -> str:
+    """In-memory state-dict key -> file key.
+
+    "<path>.lora_A.<adapter>.weight" -> "base_model.model.<path>.lora_A.weight" (only the prefix and the
+    trailing part change, so a <path> containing "weight" or "lora" survives).
+    """
+    for part in LORA_PARTS:
+        suffix = f".{part}.{adapter_name}.weight"
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return peft_key(key[:-len(suffix)], part)
+    raise ValueError(f"{key!r} is not the key of a LoRA matrix of adapter {adapter_name!r} "
+                     f"('<module path>.lora_A.{adapter_name}.weight')")
+
+
+def peft_key_to_module_key(key: str, adapter_name: str) -> str:
+    """File key -> in-memory state-dict key (inverse of ``module_key_to_peft_key``)."""
+    module_name, part = parse_peft_key(key)
+    return f"{module_name}.{part}.{adapter_name}.weight"
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """{file key: tensor} of one adapter, in PEFT's naming (tensors detached, in their own dtype/device)."""
+    state = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.adapter_names:
+            state[peft_key(name, "lora_A")] = layer.lora_A[adapter_name].weight.detach()
+            state[peft_key(name, "lora_B")] = layer.lora_B[adapter_name].weight.detach()
+    if not state:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}")
+    return state
+
+
+# ---- atomic writes ----
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(obj: dict, tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# ---- save ----
+
+def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default",
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for one adapter, as PEFT would.
+
+    target_modules is written as configured, except that "all-linear" (or a config whose matching would not
+    give back exactly the adapted modules on reload) is written as the explicit list of module paths, as PEFT
+    itself does for "all-linear".
+
+    Args:
+        base_model_name_or_path: recorded in the config (default: the config's own value).
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: no such adapter on the model (or it was not made by ``inject_lora``/``load_adapter``).
+    """
+    configs = get_lora_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"no LoRA config recorded for adapter {adapter_name!r} (known: {list(configs)}); "
+                         "adapters must be added with lora.inject_lora or lora.load_adapter")
+    config = configs[adapter_name]
+    tensors = adapter_state_dict(model, adapter_name)
+    modules = sorted({parse_peft_key(k)[0] for k in tensors})
+    targets = config.target_modules
+    if _uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
+        targets = modules
+    peft_dict = config.to_peft_dict(target_modules=targets)
+    if base_model_name_or_path is not None:
+        peft_dict["base_model_name_or_path"] = base_model_name_or_path
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / ADAPTER_CONFIG_NAME, lambda tmp: _write_json(peft_dict, tmp))
+    return out
+
+
+def _uses_all_linear(targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return targets.lower() == ALL_LINEAR
+    return any(t.lower() == ALL_LINEAR for t in targets)
+
+
+# ---- load ----
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """Parse ``<directory>/adapter_config.json``.
+
+    Raises:
+        FileNotFoundError: no directory or no config file.
+        ValueError: invalid JSON, or a config lora/ cannot honour (see ``LoraConfig.from_peft_dict``).
+    """
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: an adapter directory needs {ADAPTER_CONFIG_NAME} and "
+                                f"{ADAPTER_WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return LoraConfig.from_peft_dict(raw)
+
+
+def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """{file key: tensor} from ``<directory>/adapter_model.safetensors`` (CPU)."""
+    path = Path(directory) / ADAPTER_WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (only the safetensors format is read, never pickle)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Check that ``tensors`` hold exactly the A/B matrices ``config`` implies on ``model``; return the modules.
+
+    Raises:
+        ValueError: listing the missing keys, unexpected keys, wrong shapes and non-floating tensors together.
+    """
+    modules = find_target_modules(model, config, strict_patterns=False)
+    expected = {}
+    for name in modules:
+        target = model.get_submodule(name)
+        r, _ = rank_and_alpha(config, name)
+        expected[peft_key(name, "lora_A")] = (r, target.in_features)
+        expected[peft_key(name, "lora_B")] = (target.out_features, r)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''} ({len(missing)})")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} "
+                        f"({len(unexpected)})")
+    for key in sorted(set(expected) & set(tensors)):
+        t = tensors[key]
+        if tuple(t.shape) != expected[key]:
+            problems.append(f"{key} has shape {tuple(t.shape)}, expected {expected[key]}")
+        elif not t.is_floating_point():
+            problems.append(f"{key} has dtype {t.dtype}, expected a floating dtype")
+    if problems:
+        raise ValueError("adapter weights do not match the adapter config on this model: " + "; ".join(problems)
+                         + ". Was the adapter trained on another base model or config?")
+    return modules
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 adapter_dtype: torch.dtype = torch.float32, is_trainable: bool = False) -> list[str]:
+    """Load a PEFT-format adapter (saved by PEFT or by ``save_adapter``) into ``model`` as ``adapter_name``.
+
+    Everything is checked before the model is changed. As with ``inject_lora``, the model's first adapter
+    becomes active; later ones are added inactive (``lora.adapters.set_adapter`` switches).
+
+    Args:
+        adapter_dtype: dtype of the loaded A/B (fp32 by default, as PEFT's autocast_adapter_dtype).
+        is_trainable: leave this adapter's A/B with requires_grad (default False: loaded for inference, like
+            PEFT's ``PeftModel.from_pretrained``).
+
+    Returns:
+        The adapted module paths.
+
+    Raises:
+        FileNotFoundError: missing directory or file.
+        ValueError: unsupported config; missing/unexpected/misshapen tensors; the adapter name is taken.
+    """
+    config = read_adapter_config(directory)
+    tensors = read_adapter_weights(directory)
+    check_adapter_weights(model, config, tensors)
+    modules = inject_lora(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype,
+                          strict_patterns=False)
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for name in modules:
+            layers[name].lora_A[adapter_name].weight.copy_(tensors[peft_key(name, "lora_A")])
+            layers[name].lora_B[adapter_name].weight.copy_(tensors[peft_key(name, "lora_B")])
+    if not is_trainable:
+        _freeze_adapter(model, adapter_name)
+    return modules
+
+
+def load_adapters(model: nn.Module, directories: Sequence[str | os.PathLike],
+                  adapter_names: Sequence[str] | None = None, adapter_dtype: torch.dtype = torch.float32,
+                  is_trainable: bool = False) -> list[str]:
+    """Load several adapters and activate them all (their updates are summed). Returns their names.
+
+    Default names: "default" for a single directory, else "adapter_0", "adapter_1", ... in order.
+
+    Raises:
+        ValueError: names and directories differ in number, or as ``load_adapter``.
+    """
+    directories = list(directories)
+    if not directories:
+        raise ValueError("load_adapters needs at least one adapter directory")
+    if adapter_names is None:
+        adapter_names = ["default"] if len(directories) == 1 else [f"adapter_{i}" for i in range(len(directories))]
+    adapter_names = list(adapter_names)
+    if len(adapter_names) != len(directories):
+        raise ValueError(f"got {len(directories)} adapter directories but {len(adapter_names)} names")
+    for directory, name in zip(directories, adapter_names):
+        load_adapter(model, directory, adapter_name=name, adapter_dtype=adapter_dtype, is_trainable=is_trainable)
+    set_adapter(model, adapter_names)
+    if not is_trainable:
+        for name in adapter_names:
+            _freeze_adapter(model, name)
+    return adapter_names
+
+
+def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.lora_A[adapter_name].weight.requires_grad_(False)
+            layer.lora_B[adapter_name].weight.requires_grad_(False)
