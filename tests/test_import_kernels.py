@@ -1,0 +1,133 @@
+"""Our top-level ``kernels`` package shares its name with Hugging Face's kernel-hub package, which
+bitsandbytes and transformers try to import. These tests import everything together in fresh
+interpreters and check that nothing breaks and that ``kernels`` is ours.
+
+What the libraries do with a ``kernels`` that is not the hub package (bitsandbytes 0.50.2,
+transformers 5.x, read from their sources):
+
+- bitsandbytes ``backends/cpu/ops.py``, at import time on CPUs with AVX512-BF16, runs
+  ``from kernels import get_kernel`` inside ``try/except Exception`` and on failure logs a
+  warning and uses its built-in CPU code (``gemm_4bit_forward_kernel = None``). Ours has no
+  ``get_kernel``, so that import raises ImportError: same outcome as with no package at all.
+  (``backends/mps/ops.py`` does the same on Apple GPUs only.)
+- transformers ``utils/import_utils.py``: ``is_kernels_available()`` finds the module, asks
+  package metadata for a version (none: we are not an installed distribution of that name) and
+  then reads ``kernels.__version__``; we define none, so it answers False and the hub code stays
+  off.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+CHEAP_IMPORT = f"""
+import sys
+import kernels
+assert kernels.__file__ == {str(REPO / "kernels" / "__init__.py")!r}, kernels.__file__
+heavy = [m for m in ("torch", "triton", "bitsandbytes", "transformers") if m in sys.modules]
+assert not heavy, f"import kernels loaded {{heavy}}"
+assert not hasattr(kernels, "get_kernel") and not hasattr(kernels, "__version__")
+try:
+    from kernels import get_kernel
+except ImportError:
+    pass
+else:
+    raise AssertionError("from kernels import get_kernel must fail")
+print("OK")
+"""
+
+TOGETHER = f"""
+import logging
+import sys
+
+OURS_FIRST = sys.argv[1] == "ours-first"
+if OURS_FIRST:
+    import kernels, models, lora, qlora, finetune
+import bitsandbytes
+import bitsandbytes.functional as bnbf
+import peft
+import torch
+import models, lora, qlora, kernels, finetune
+import kernels.nf4_autograd, kernels.nf4_dequant, kernels.nf4_matmul_forward, kernels.nf4_matmul_backward
+
+assert kernels.__file__ == {str(REPO / "kernels" / "__init__.py")!r}, kernels.__file__
+for name in ("models", "lora", "qlora", "finetune"):
+    assert sys.modules[name].__file__.startswith({str(REPO)!r}), (name, sys.modules[name].__file__)
+
+# bitsandbytes took its built-in CPU path, not a hub kernel.
+import bitsandbytes.backends.cpu.ops as cpu_ops
+assert getattr(cpu_ops, "gemm_4bit_forward_kernel", None) is None
+
+# transformers does not take us for the hub package.
+from transformers.utils.import_utils import is_kernels_available
+assert not is_kernels_available()
+
+# bitsandbytes, peft and our kernels still work side by side.
+w = torch.randn(64, 128)
+packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+nw = kernels.NF4Weight.from_quant_state(packed, state)
+assert torch.equal(kernels.dequantize_nf4(nw), bnbf.dequantize_4bit(packed, state))
+x = torch.randn(3, 128, requires_grad=True)
+kernels.nf4_linear(x, nw).sum().backward()
+assert x.grad is not None and x.grad.shape == (3, 128)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+lora_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0"]))
+assert lora_model(torch.randn(2, 8)).shape == (2, 8)
+print("OK")
+"""
+
+
+# bitsandbytes imports Triton at its own import, so in a test process Triton may be imported
+# before TRITON_INTERPRET=1 is set. Our kernels must still run in the interpreter then (they are
+# built on first call and use only Triton builtins; see kernels/nf4_matmul_forward.py).
+INTERPRETER_AFTER_TRITON = """
+import os
+import triton  # first, with the interpreter off, as bitsandbytes' import does
+assert not os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from kernels.testing import make_nf4_weight
+from kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton
+from kernels.nf4_matmul_forward import nf4_matmul_reference, nf4_matmul_triton
+from kernels.nf4_matmul_backward import nf4_matmul_input_grad_reference, nf4_matmul_input_grad_triton
+nw = make_nf4_weight(torch.randn(65, 67), 64, True)
+assert torch.equal(dequantize_nf4_triton(nw), dequantize_nf4_reference(nw))
+x, dy = torch.randn(3, 67), torch.randn(3, 65)
+torch.testing.assert_close(nf4_matmul_triton(x, nw), nf4_matmul_reference(x, nw), atol=1e-4, rtol=1e-5)
+torch.testing.assert_close(nf4_matmul_input_grad_triton(dy, nw), nf4_matmul_input_grad_reference(dy, nw),
+                           atol=1e-4, rtol=1e-5)
+print("OK")
+"""
+
+
+def _run(code: str, *args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("KERNELS_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_import_kernels_is_cheap_and_ours(tmp_path):
+    result = _run(CHEAP_IMPORT, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr
+
+
+@pytest.mark.parametrize("order", ["libraries-first", "ours-first"])
+def test_kernels_next_to_bitsandbytes_and_peft(order, tmp_path):
+    result = _run(TOGETHER, order, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+def test_kernels_run_in_interpreter_when_triton_was_imported_first(tmp_path):
+    pytest.importorskip("triton", reason="needs triton (pip install triton)")
+    result = _run(INTERPRETER_AFTER_TRITON, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stdout + result.stderr

@@ -1,0 +1,153 @@
+"""``kernels.nf4_linear`` (the autograd function QLoRA's NF4Linear calls): outputs and gradients
+equal a dense oracle on both backends, and the backend is chosen at call time.
+
+The oracle is autograd through ``F.linear(x, W_dense, bias)`` with W_dense the reference
+dequantization (a constant): dx = dy @ W_dense, dbias = sum of dy. The Triton path runs under
+``TRITON_INTERPRET=1`` (set below, before the first kernel is built).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit (built lazily)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+import kernels  # noqa: E402
+from kernels import nf4_autograd  # noqa: E402
+from kernels.backend import interpreter_enabled, triton_available  # noqa: E402
+from kernels.nf4_dequant import dequantize_nf4_reference  # noqa: E402
+from kernels.testing import TOLERANCES, make_nf4_weight  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="the Triton path needs triton (pip install triton)")
+DEVICE = "cpu" if interpreter_enabled() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is off and there is no CUDA device", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_choice(monkeypatch):
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+    kernels.set_backend(None)
+    yield
+    kernels.set_backend(None)
+
+
+def _case(dtype, shape=(65, 67), lead=(3, 17), double_quant=True):
+    g = torch.Generator().manual_seed(0)
+    nw = make_nf4_weight(torch.randn(shape, generator=g), 64, double_quant).to(DEVICE)
+    x = torch.randn(*lead, shape[1], generator=g).to(DEVICE, dtype)
+    bias = torch.randn(shape[0], generator=g).to(DEVICE, dtype)
+    dy = torch.randn(*lead, shape[0], generator=g).to(DEVICE, dtype)
+    return nw, x, bias, dy
+
+
+def _run(fn, x, bias, dy):
+    x = x.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
+    y = fn(x, bias)
+    y.backward(dy)
+    return y.detach(), x.grad, bias.grad
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nf4_linear_matches_dense_oracle(backend, dtype):
+    nw, x, bias, dy = _case(dtype)
+    dense = dequantize_nf4_reference(nw, dtype)
+    want = _run(lambda x_, b_: F.linear(x_, dense, b_), x, bias, dy)
+    with kernels.use_backend(backend):
+        got = _run(lambda x_, b_: kernels.nf4_linear(x_, nw, b_), x, bias, dy)
+    for g, w, name in zip(got, want, ("y", "dx", "dbias")):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        tol = TOLERANCES[dtype]
+        if name == "dbias":  # a sum over 51 rows: a few roundings more in fp16
+            tol = dict(atol=4 * tol["atol"], rtol=4 * tol["rtol"])
+        torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name} ({backend}): {m}")
+
+
+@needs_triton
+def test_both_backends_agree_and_the_weight_gets_no_gradient():
+    nw, x, bias, dy = _case(torch.float32, shape=(100, 300), lead=(64,), double_quant=False)
+    results = {}
+    for name in ("torch", "triton"):
+        kernels.set_backend(name)
+        results[name] = _run(lambda x_, b_: kernels.nf4_linear(x_, nw, b_), x, bias, dy)
+    for a, b in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+    assert all(not t.requires_grad for t in nw.tensors())
+
+
+@needs_triton
+def test_backend_is_chosen_at_call_time(monkeypatch):
+    calls = []
+    for name in ("nf4_matmul_triton", "nf4_matmul_reference", "nf4_matmul_input_grad_triton",
+                 "nf4_matmul_input_grad_reference"):
+        original = getattr(nf4_autograd, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(nf4_autograd, name, spy)
+    nw, x, bias, dy = _case(torch.float32, lead=(4,))
+
+    _run(lambda x_, b_: kernels.nf4_linear(x_, nw, b_), x, bias, dy)  # auto on CPU -> torch
+    assert calls == ["nf4_matmul_reference", "nf4_matmul_input_grad_reference"]
+    calls.clear()
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")  # no re-import needed
+    _run(lambda x_, b_: kernels.nf4_linear(x_, nw, b_), x, bias, dy)
+    assert calls == ["nf4_matmul_triton", "nf4_matmul_input_grad_triton"]
+    calls.clear()
+    # The backward uses the forward's backend even if the setting changes in between.
+    x_ = x.clone().requires_grad_(True)
+    y = kernels.nf4_linear(x_, nw, bias)
+    kernels.set_backend("torch")
+    y.backward(dy)
+    assert calls == ["nf4_matmul_triton", "nf4_matmul_input_grad_triton"]
+
+
+def test_no_input_grad_when_x_is_frozen():
+    nw, x, bias, dy = _case(torch.float32, lead=(5,))
+    bias = bias.clone().requires_grad_(True)
+    y = kernels.nf4_linear(x, nw, bias)  # x does not require grad
+    y.backward(dy)
+    torch.testing.assert_close(bias.grad, dy.sum(0))
+    assert x.grad is None
+
+
+def test_nf4_linear_errors(monkeypatch):
+    nw, x, bias, _ = _case(torch.float32, lead=(2,))
+    with pytest.raises(ValueError, match="in_features=67"):
+        kernels.nf4_linear(x[:, :66], nw, bias)
+    with pytest.raises(TypeError, match="bias must be torch.float32"):
+        kernels.nf4_linear(x, nw, bias.half())
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if triton_available() and DEVICE == "cpu":
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            kernels.nf4_linear(x, nw, bias)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_nf4_linear_matches_qlora_nf4linear(backend):
+    # How qlora.NF4Linear can call us: NF4Weight.from_quant_state(layer.weight, layer.quant_state).
+    nf4_linear_module = pytest.importorskip("qlora.nf4_linear", reason="qlora/nf4_linear.py is not written yet")
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(67, 65)
+    layer = nf4_linear_module.NF4Linear.from_linear(dense, compute_dtype=torch.float32).to(DEVICE)
+    weight = kernels.NF4Weight.from_quant_state(layer.weight, layer.quant_state)
+    x = torch.randn(3, 5, 67, device=DEVICE)
+    dy = torch.randn(3, 5, 65, device=DEVICE)
+    want = _run(lambda x_, b_: layer(x_), x, layer.bias.detach(), dy)
+    with kernels.use_backend(backend):
+        got = _run(lambda x_, b_: kernels.nf4_linear(x_, weight, b_), x, layer.bias.detach(), dy)
+    for g, w in zip(got[:2], want[:2]):  # y and dx (the layer's bias is frozen, so no dbias there)
+        if backend == "torch":
+            assert torch.equal(g, w)  # the same dequantization and the same F.linear
+        else:
+            torch.testing.assert_close(g, w, **TOLERANCES[torch.float32])
