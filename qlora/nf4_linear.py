@@ -163,7 +163,15 @@ class NF4Linear(nn.Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"NF4Linear: input last dimension must be {self.in_features}, got shape {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = NF4LinearFunction.apply(x.to(self.compute_dtype), self.weight, self.quant_state, bias)
+        x_c = x.to(self.compute_dtype)
+        # The path is chosen per call (kernels.set_backend / KERNELS_BACKEND): Triton's fused dequant-matmul for
+        # CUDA tensors when Triton is installed, else the PyTorch reference below. Both save only packed bytes.
+        import kernels  # cheap: the package loads torch/triton parts only on first use
+
+        if kernels.resolve_backend(x_c, self.weight) == "triton":
+            weight = kernels.NF4Weight.from_quant_state(self.weight, self.quant_state)
+            return kernels.nf4_linear(x_c, weight, bias).to(x.dtype)
+        out = NF4LinearFunction.apply(x_c, self.weight, self.quant_state, bias)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
