@@ -1,13 +1,13 @@
 """Packaging for the fine-tuning reference: ``pip install -e .`` (add ``[test]`` for the oracle libraries)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="finetune-ref",
     version="0.1.0",
     description="Reference implementation of full fine-tuning, LoRA and QLoRA in PyTorch and Triton",
     python_requires=">=3.10",
-    packages=["models", "lora", "qlora", "full", "kernels", "finetune"],
+    packages=find_packages(include=["models", "lora", "qlora", "full", "kernels", "finetune"]),
     install_requires=[
         # The README pins torch==2.13.0 (a CPU wheel); any recent torch works.
         "torch>=2.4",
