@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--out", default="runs/lora", help="output directory for the adapter and metrics.jsonl")
-    p.add_argument("--steps", type=positive_int, default=40, help="optimizer updates")
+    p.add_argument("--steps", type=positive_int, default=30, help="optimizer updates")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=non_negative_int, default=4, help="linear-warmup updates")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
