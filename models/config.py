@@ -22,6 +22,20 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The raw JSON object of a ``config.json``. Raises FileNotFoundError / ValueError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return d
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     """Shapes and constants of a Llama-style decoder.
@@ -127,16 +141,7 @@ class LlamaConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> "LlamaConfig":
         """Read a ``config.json``. Raises FileNotFoundError / ValueError with the path in the message."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The Hugging Face spelling: 4.x keys (``rope_theta``, ``rope_scaling``) and 5.x ``rope_parameters``.

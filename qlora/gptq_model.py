@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from models.checkpoint import SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files, parse_dtype
-from models.config import LlamaConfig
+from models.config import LlamaConfig, read_config_json
 from models.llama import LlamaForCausalLM, build_attention_mask
 from qlora.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
 from qlora.gptq_format import GPTQ_KEYS, GPTQConfig, check_gptq_tensors
@@ -293,16 +293,7 @@ def gptq_quantize_model(model: LlamaForCausalLM, calibration: Any = None, config
 # Files
 # --------------------------------------------------------------------------------------------------------
 def _read_config_json(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir}")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return d
+    return read_config_json(model_dir / "config.json")
 
 
 def _gptq_entry(model_dir: Path) -> Optional[dict]:
