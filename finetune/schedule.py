@@ -59,13 +59,49 @@ class WarmupCosine:
         self._apply()
 
     def state_dict(self) -> dict:
-        return {"update": self.update}
+        """The update counter plus the settings a resumed run must share (checked by ``load_state_dict``)."""
+        return {"update": self.update, "total_updates": self.total_updates, "peak_lr": self.peak_lr,
+                "warmup": self.warmup, "min_lr": self.min_lr}
 
     def load_state_dict(self, state: dict) -> None:
-        self.update = int(state["update"])
+        """Resume at ``state["update"]``.
+
+        Raises:
+            ValueError: the saved schedule had other settings (steps, lr, warmup, min lr): resuming would
+                silently follow another curve, so change the settings back or start a new run.
+        """
+        update = state.get("update")
+        if not isinstance(update, int) or isinstance(update, bool) or not 0 <= update <= self.total_updates:
+            raise ValueError(f"cannot resume the LR schedule: bad update counter {update!r} "
+                             f"(expected 0..{self.total_updates})")
+        mine = self.state_dict()
+        diffs = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in ("total_updates", "peak_lr", "warmup", "min_lr")
+                 if k in state and state[k] != mine[k]]
+        if diffs:
+            raise ValueError("cannot resume: the checkpoint's LR schedule differs from this run's ("
+                             + "; ".join(diffs) + "); resume with the same --steps/--lr/--warmup/--min-lr-ratio")
+        self.update = update
         self._apply()
 
     def table(self) -> list[tuple[int, float]]:
         """(update, lr) for every update: what ``--dry-run`` prints."""
         return [(i, lr_at(i, self.total_updates, self.peak_lr, self.warmup, self.min_lr))
                 for i in range(self.total_updates)]
+
+
+def format_lr_table(total_updates: int, peak_lr: float, warmup: int = 0, min_lr: float = 0.0,
+                    max_rows: int = 0) -> str:
+    """The learning rate of every update as text, one ``update  lr`` line each (1-based update numbers).
+
+    ``max_rows`` > 0 keeps the first and last ``max_rows // 2`` rows with "..." between (long runs).
+    Raises ValueError for the arguments ``lr_at`` rejects.
+    """
+    rows = [(i + 1, lr_at(i, total_updates, peak_lr, warmup, min_lr)) for i in range(total_updates)]
+    lines = [f"{'update':>8}  {'lr':>12}"]
+    if max_rows and len(rows) > max_rows:
+        half = max(1, max_rows // 2)
+        body = [f"{u:>8}  {lr:>12.6e}" for u, lr in rows[:half]] + [f"{'...':>8}"] + \
+               [f"{u:>8}  {lr:>12.6e}" for u, lr in rows[-half:]]
+    else:
+        body = [f"{u:>8}  {lr:>12.6e}" for u, lr in rows]
+    return "\n".join(lines + body)

@@ -1,4 +1,6 @@
-"""The loop's invariants: token-normalised accumulation, the schedule, clipping, frozen parameters."""
+"""The loop's invariants: token-normalised accumulation, the schedule (warmup 0, once per update, dry-run table,
+resume checks), clipping (global norm, logged), weight decay groups, frozen parameters, non-finite gradients,
+updates without label tokens, evaluation, config errors."""
 
 import json
 import math
@@ -10,6 +12,14 @@ from finetune.schedule import WarmupCosine, lr_at
 from finetune.trainer import TrainConfig, count_label_tokens, evaluate, param_groups, train
 from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread start-up costs more than it gains on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_model(seed=0):
@@ -121,3 +131,117 @@ def test_no_trainable_parameters_is_an_error():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(model, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Added with full fine-tuning / checkpointing (issue 6).
+# ---------------------------------------------------------------------------------------------------------
+from finetune.schedule import format_lr_table  # noqa: E402
+from finetune.trainer import build_optimizer, clip_grad_norm_  # noqa: E402
+
+
+def test_warmup_zero_first_update_uses_peak_lr_and_lr_table():
+    model = tiny_model()
+    batch = padded_batch([[1, 2, 3, 4, 5, 6]])
+    seen = []
+    train(model, iter(lambda: batch, None), TrainConfig(steps=4, lr=1e-3, warmup_steps=0, min_lr_ratio=0.1,
+                                                        progress=False),
+          on_update=lambda i, m: seen.append(m["lr"]))
+    assert seen[0] == pytest.approx(1e-3) and seen[-1] == pytest.approx(lr_at(3, 4, 1e-3, 0, 1e-4))
+    table = format_lr_table(4, 1e-3, warmup=2, min_lr=1e-4).splitlines()
+    assert table[0].split() == ["update", "lr"] and len(table) == 5
+    assert [float(line.split()[1]) for line in table[1:]] == pytest.approx([lr_at(i, 4, 1e-3, 2, 1e-4) for i in range(4)])
+    assert "..." in format_lr_table(100, 1e-3, max_rows=6)
+
+
+def test_scheduler_resume_rejects_other_settings():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    saved = WarmupCosine(opt, 10, 1.0, 2).state_dict()
+    WarmupCosine(opt, 10, 1.0, 2).load_state_dict(saved)
+    with pytest.raises(ValueError, match="total_updates"):
+        WarmupCosine(opt, 12, 1.0, 2).load_state_dict(saved)
+    with pytest.raises(ValueError, match="update counter"):
+        WarmupCosine(opt, 10, 1.0, 2).load_state_dict({**saved, "update": 11})
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert any(n.endswith("q_proj.bias") for n in plain) and any(n.endswith("norm.weight") for n in plain)
+    assert all(n.endswith(".weight") and "norm" not in n for n in decayed) and "lm_head.weight" in decayed
+
+
+def test_logged_grad_norm_is_torch_global_norm():
+    model = tiny_model()
+    model(**padded_batch([[1, 2, 3, 4, 5], [6, 7, 8]])).loss.backward()
+    params = list(model.parameters())
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grads = [p.grad.clone() for p in params]
+    norm = clip_grad_norm_(params, 0.1)
+    assert norm == pytest.approx(float(expected), rel=1e-5)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    assert float(clipped) == pytest.approx(0.1, rel=1e-4)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g * (0.1 / (norm + 1e-6)))
+
+
+def test_non_finite_gradient_stops_before_the_update():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.model.norm.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="not applied"):
+        train(model, iter(lambda: padded_batch([[1, 2, 3, 4]]), None),
+              TrainConfig(steps=2, warmup_steps=0, progress=False))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_update_without_label_tokens_changes_nothing_and_logs_no_nan(tmp_path):
+    model = tiny_model()
+    empty = padded_batch([[1, 2, 3]])
+    empty["labels"][:] = -100
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, iter(lambda: empty, None), TrainConfig(steps=2, warmup_steps=0, progress=False,
+                                                                 weight_decay=0.1, metrics_path=tmp_path / "m.jsonl"))
+    assert result["loss"] is None and result["label_tokens"] == 0 and result["grad_norm"] == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert "NaN" not in (tmp_path / "m.jsonl").read_text()
+
+
+def test_evaluate_counts_label_tokens_only_and_rejects_empty():
+    model = tiny_model()
+    batch = padded_batch([[1, 2, 3, 4, 5, 6], [7, 8]])
+    result = evaluate(model, [batch])
+    assert result["tokens"] == 5 + 1
+    out = model(**batch)
+    assert result["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
+    empty = padded_batch([[1, 2]])
+    empty["labels"][:] = -100
+    with pytest.raises(ValueError, match="no label tokens"):
+        evaluate(model, [empty])
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("precision", "fp16", "precision"), ("early_stopping_patience", 2, "eval_every"),
+    ("max_grad_norm", float("inf"), "max_grad_norm"), ("grad_accum", 0, "grad_accum"),
+])
+def test_config_errors(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_cli_dry_run_prints_the_lr_table(capsys):
+    from finetune.cli import main
+
+    assert main(["train", "--method", "full", "--dry-run", "--steps", "5", "--warmup", "2", "--lr", "1e-3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [float(r[1]) for r in rows] == pytest.approx([lr_at(i, 5, 1e-3, 2, 1e-4) for i in range(5)])
+    assert main(["train", "--method", "lora", "--parallel", "fsdp", "--dry-run"]) == 2  # FSDP is for full only
