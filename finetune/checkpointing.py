@@ -192,16 +192,47 @@ def _full_options(**kw):
     return _dcp().StateDictOptions(full_state_dict=True, **kw)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True for an FSDP2-sharded model (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# Sharded (FSDP2) models go through torch.distributed.checkpoint.state_dict, which gathers and re-shards. Plain and
+# DDP models (every rank holds all of it) use the parameters and optimizer.state_dict() directly: DCP resolves
+# every state-dict key as an attribute path, which fails on layers that store several tensors under one weight
+# (NF4Linear's ``weight.absmax``, bitsandbytes' layout).
 def gather_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded trainable parameters on CPU (rank 0 gets them; other FSDP2 ranks may get ``{}``). Collective."""
     names = trainable_parameters(model)
+    if not is_sharded(model):
+        return {k: p.detach().cpu() for k, p in names.items()}
     state = _dcp().get_model_state_dict(model, options=_full_options(cpu_offload=True, ignore_frozen_params=True))
     return {k: v.detach().cpu() for k, v in state.items() if k in names}
 
 
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state dict with parameter names instead of indices, unsharded, on CPU. Collective."""
-    return _dcp().get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    if is_sharded(model):
+        return _dcp().get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    names = _optimizer_param_names(model, optimizer)
+    flat = [n for group in names for n in group]  # torch numbers parameters group after group
+    osd = optimizer.state_dict()
+    return {"state": {flat[i]: entry for i, entry in osd["state"].items()},
+            "param_groups": [{**g, "params": names[k]} for k, g in enumerate(osd["param_groups"])]}
+
+
+def _set_local_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, osd: dict) -> None:
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        for name, value in model_state.items():
+            params[name].copy_(value)
+    flat = [n for group in _optimizer_param_names(model, optimizer) for n in group]
+    index = {n: i for i, n in enumerate(flat)}
+    optimizer.load_state_dict({"state": {index[n]: entry for n, entry in osd["state"].items()},
+                               "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                                for g in osd["param_groups"]]})
 
 
 def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -455,10 +486,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise ValueError(f"corrupt checkpoint {ckpt}: {MODEL_FILE} keys differ from {STATE_FILE}")
     optim_tensors = _read_tensors(ckpt / OPTIMIZER_FILE)
     rng = _read_tensors(ckpt / RNG_FILE)
-    dcp = _dcp()
-    dcp.set_model_state_dict(model, dict(model_state), options=_full_options(strict=False))
     osd = _unflatten_optimizer(optim_tensors, opt_meta)
-    dcp.set_optimizer_state_dict(model, optimizer, osd, options=_full_options())
+    if is_sharded(model):
+        dcp = _dcp()
+        dcp.set_model_state_dict(model, dict(model_state), options=_full_options(strict=False))
+        dcp.set_optimizer_state_dict(model, optimizer, osd, options=_full_options())
+    else:
+        _set_local_state(model, optimizer, model_state, osd)
 
     saved_world = record["world_size"]
     mine = {k.split("/", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{info.rank}/")}

@@ -202,7 +202,7 @@ def test_cli_merge_qlora_variants(cli_dirs, tmp_path, capsys):
 
     assert main(["merge", "--model", str(q4), "--adapter", str(adapter), "--out", str(tmp_path / "m2"),
                  "--base", "original", "--original", str(fp), "--requantize", "nf4", *data]) == 0
-    assert "re-quantized to NF4" in capsys.readouterr().out
+    assert "re-quantized (nf4)" in capsys.readouterr().out
     assert json.loads((tmp_path / "m2" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
     assert len(nf4_layers(load_quantized(tmp_path / "m2"))) == 7
 

@@ -1,0 +1,210 @@
+"""After training: ``finetune merge`` (fold adapters into the base, optionally re-quantize for serving) and
+``finetune quantize`` (write a 4-bit NF4 model).
+
+``finetune merge --requantize``:
+
+=======  ==================================================================================================
+none     a dense 16/32-bit Hugging Face model (``models.checkpoint.save_model``)
+nf4      NF4 with double quantization, in bitsandbytes' layout (``qlora.model.save_quantized``); for a QLoRA
+         adapter merged into the NF4-dequantized base this is PEFT's 4-bit merge, which can round the update away
+         (see ``qlora/merge.py``)
+rtn4     4-bit round-to-nearest, asymmetric, groups of ``--group-size`` columns, in the GPTQ layout: the baseline
+gptq4    GPTQ 4-bit (Frantar et al. 2022) on calibration sequences from the training data, same grid and layout
+=======  ==================================================================================================
+
+For a QLoRA adapter (its folder holds ``qlora_config.json``, or ``--model`` is 4-bit, or ``--base`` is given) the
+base is rebuilt as in training and merged per ``--base`` (``qlora.merge.merge_qlora``). Every merge reports, on
+held-out batches, the largest logit difference and the loss change against the unmerged model, and the bytes
+the result takes on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+from finetune.cli_common import (NF4_BLOCKSIZES, add_data_args, add_model_args, copy_tokenizer_files, directory_bytes,
+                                 heldout_batches, non_negative_int, positive_int, read_qlora_record,
+                                 resolve_model_dir)
+
+REQUANTIZE = ("none", "nf4", "rtn4", "gptq4")
+
+
+def cmd_merge(args) -> int:
+    from lora import load_adapters, merge_and_unload
+    from models.checkpoint import load_model
+    from models.tokenizer import Tokenizer
+    from qlora.gptq_model import is_gptq_dir
+    from qlora.merge import merge_qlora, merge_report
+    from qlora.model import is_quantized_dir, load_quantized, quantize_model
+
+    model_dir = resolve_model_dir(args.model, args.cache_dir)
+    if is_gptq_dir(model_dir):
+        raise ValueError(f"{model_dir} is a GPTQ model; merge adapters into the 16/32-bit or NF4 base they were "
+                         "trained on")
+    record = read_qlora_record(args.adapter)
+    qlora = record is not None or args.base is not None or args.original is not None or is_quantized_dir(model_dir)
+    dtype = args.dtype or "fp32"  # everything in one dtype (NF4 matmuls too), so the report measures the merge
+    gptq_config = _gptq_config(args)  # bad settings fail before any weight is read
+    tokenizer = Tokenizer.from_dir(model_dir)
+    batches = heldout_batches(args, tokenizer)[:args.report_batches] if args.report_batches else []
+    calibration = _calibration(args, tokenizer) if args.requantize == "gptq4" else None
+
+    if qlora:
+        base = args.base or "nf4-dequant"
+        original = _original_dir(args, base, model_dir)
+        settings = record or {}
+        blocksize = args.blocksize if args.blocksize is not None else settings.get("blocksize")
+        double_quant = False if args.no_double_quant else settings.get("double_quant")
+        model = load_quantized(model_dir, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
+                               dtype=dtype)
+        load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
+        merged = merge_qlora(model, base=base, original=original, dtype=dtype, untie_tied=args.untie,
+                             requantize="nf4" if args.requantize == "nf4" else "none")
+        what = f"QLoRA adapter(s) into the {base} base"
+    else:
+        model = load_model(model_dir, dtype=dtype)
+        load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
+        merged = merge_and_unload(copy.deepcopy(model) if batches else model, untie_tied=args.untie)
+        if args.requantize == "nf4":
+            quantize_model(merged, blocksize=args.blocksize or 64, double_quant=not args.no_double_quant,
+                           compute_dtype=merged.model.embed_tokens.weight.dtype)
+        what = "LoRA adapter(s)"
+    if gptq_config is not None:
+        from qlora.gptq_model import gptq_quantize_model
+
+        print(f"{gptq_config.method.upper()} 4-bit, group size {gptq_config.group_size}"
+              + (f", {len(calibration)} calibration sequences" if calibration else ""), file=sys.stderr)
+        gptq_quantize_model(merged, calibration, gptq_config, progress=lambda line: print(line, file=sys.stderr))
+    print(f"merged {len(args.adapter)} {what}" + ("" if args.requantize == "none" else
+                                                   f", re-quantized ({args.requantize})"))
+    if batches:
+        report = merge_report(model, merged, batches)
+        print(f"error against the unmerged model ({report['tokens']} held-out tokens): logits max-abs "
+              f"{report['logits_max_abs']:.3g}, held-out loss {report['loss_reference']:.4f} -> "
+              f"{report['loss_merged']:.4f} (change {report['loss_change']:+.2e})")
+    out = _save(merged, args, gptq_config)
+    copy_tokenizer_files(model_dir, out)
+    print(f"merged model saved to {out} ({directory_bytes(out) / 2**20:.1f} MiB of weights)")
+    return 0
+
+
+def _original_dir(args, base: str, model_dir: Path):
+    from qlora.model import is_quantized_dir
+
+    if base != "original":
+        if args.original is not None:
+            raise ValueError("--original is only used with --base original")
+        return None
+    if args.original is not None:
+        return args.original
+    if is_quantized_dir(model_dir):
+        raise ValueError("--base original needs --original DIR: the 16/32-bit checkpoint the 4-bit --model was "
+                         "quantized from")
+    return model_dir  # --model is the 16/32-bit checkpoint itself
+
+
+def _gptq_config(args):
+    if args.requantize not in ("rtn4", "gptq4"):
+        if args.act_order or args.calibration_data:
+            raise ValueError("--act-order and --calibration-data are for --requantize gptq4")
+        return None
+    from qlora.gptq_format import GPTQConfig
+
+    if args.requantize == "rtn4" and args.act_order:
+        raise ValueError("--act-order orders GPTQ's columns by the Hessian; rtn4 has none (use gptq4)")
+    return GPTQConfig(bits=4, group_size=args.group_size, desc_act=args.act_order,
+                      method="gptq" if args.requantize == "gptq4" else "rtn")
+
+
+def _calibration(args, tokenizer) -> list[dict]:
+    from qlora.gptq_model import calibration_examples
+
+    return calibration_examples(tokenizer, args.calibration_data or args.data, num_samples=args.calibration_samples,
+                                seq_len=args.seq_len, eval_fraction=0.0 if args.calibration_data else
+                                args.eval_fraction)
+
+
+def _save(merged, args, gptq_config) -> Path:
+    from models.checkpoint import save_model
+    from qlora.gptq_model import save_gptq_model
+    from qlora.model import save_quantized
+
+    if gptq_config is not None:
+        return save_gptq_model(merged, args.out, gptq_config)
+    if args.requantize == "nf4":
+        return save_quantized(merged, args.out)
+    return save_model(merged, args.out)
+
+
+def cmd_quantize(args) -> int:
+    from qlora.model import is_quantized_dir, load_quantized, nf4_layers, quantized_nbytes, save_quantized
+
+    model_dir = resolve_model_dir(args.model, args.cache_dir)
+    if is_quantized_dir(model_dir):
+        raise ValueError(f"{model_dir} is already 4-bit (its config.json has a quantization_config)")
+    model = load_quantized(model_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                           compute_dtype=args.compute_dtype, dtype=args.dtype or "fp32")
+    out = save_quantized(model, args.out)
+    copy_tokenizer_files(model_dir, out)
+    size = quantized_nbytes(model)
+    print(f"quantized {len(nf4_layers(model))} linear layers ({size['parameters']:,d} weights) to NF4, blocksize "
+          f"{args.blocksize}, double quantization {'off' if args.no_double_quant else 'on'}: {size['bytes']:,d} "
+          f"bytes, {size['bytes_per_parameter']:.4f} bytes/parameter")
+    print(f"4-bit model saved to {out}")
+    return 0
+
+
+def add_merge_parsers(sub) -> None:
+    """Register ``merge`` and ``quantize`` on the ``finetune`` subcommands."""
+    from qlora.gptq import DEFAULT_GROUP_SIZE
+    from qlora.gptq_model import DEFAULT_NUM_SAMPLES
+
+    p = sub.add_parser("merge", help="merge LoRA or QLoRA adapters into the base; save it dense, NF4, RTN or "
+                                     "GPTQ 4-bit")
+    add_model_args(p, dtype_help="dtype of the merge and of the saved dense tensors (default fp32)")
+    p.add_argument("--adapter", action="append", required=True, help="adapter directory (repeatable)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--untie", action="store_true",
+                   help="if an adapter touches the tied lm_head, untie it instead of refusing")
+    p.add_argument("--requantize", choices=REQUANTIZE, default="none",
+                   help="save the merged model dense (none), NF4 (nf4), 4-bit round-to-nearest (rtn4) or GPTQ "
+                        "4-bit (gptq4)")
+    g = p.add_argument_group("QLoRA adapters (found from qlora_config.json, a 4-bit --model, or these flags)")
+    g.add_argument("--base", choices=["nf4-dequant", "original"], default=None,
+                   help="merge into the dequantized NF4 weights the adapter was trained against (nf4-dequant, the "
+                        "default) or into the original 16/32-bit checkpoint")
+    g.add_argument("--original", metavar="DIR", help="--base original: the 16/32-bit checkpoint the NF4 base "
+                                                     "was quantized from (default: --model when it is not 4-bit)")
+    g.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES, default=None,
+                   help="NF4 blocksize (default: the adapter's qlora_config.json, else 64)")
+    g.add_argument("--no-double-quant", action="store_true",
+                   help="NF4 without double quantization (default: as the adapter was trained)")
+    g = p.add_argument_group("--requantize rtn4 / gptq4")
+    g.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help="input columns per scale and zero point (-1: one group per row)")
+    g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian "
+                                                            "diagonal")
+    g.add_argument("--calibration-data", metavar="FILE",
+                   help="GPTQ calibration text/JSONL (default: the training part of --data)")
+    g.add_argument("--calibration-samples", type=positive_int, default=DEFAULT_NUM_SAMPLES,
+                   help="GPTQ calibration sequences of --seq-len tokens")
+    add_data_args(p, batch_size=2)
+    p.add_argument("--report-batches", type=non_negative_int, default=4,
+                   help="held-out batches for the error report against the unmerged model (0: none)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("quantize", help="quantize a model's linear layers to NF4 and save a 4-bit model "
+                                        "(bitsandbytes/transformers layout)")
+    add_model_args(p, dtype_help="dtype of the unquantized tensors and of the weights before quantization "
+                                   "(default fp32)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES, default=64,
+                   help="NF4 block size (elements per absmax)")
+    p.add_argument("--no-double-quant", action="store_true", help="keep the absmax values in fp32 (4.5 instead "
+                                                                  "of 4.127 bits per weight)")
+    p.add_argument("--compute-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the NF4 matmuls, recorded in quantization_config")
+    p.set_defaults(func=cmd_quantize)
