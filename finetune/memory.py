@@ -62,6 +62,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.cli_common import positive_int
 from models.config import LlamaConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -483,16 +484,6 @@ def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySett
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _targets(text: str) -> tuple[str, ...]:
     if text == "all-linear":
         return LINEAR_NAMES
@@ -512,14 +503,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help=f"a published model shape (default without --model: {DEFAULT_PRESET}, the embedded model)")
     p.add_argument("--method", choices=METHODS, default="lora", help="what trains")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="AdamW's state format")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in backward")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16",
                    help="weights and activations (full bf16 keeps fp32 master weights)")
     p.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES), default=None,
                    help="LoRA A/B dtype (default: --dtype)")
-    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r")
+    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
     p.add_argument("--targets", type=_targets, default=LINEAR_NAMES,
                    help="'all-linear' or a comma-separated subset of q_proj,...,down_proj")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")

@@ -20,7 +20,6 @@ the result takes on disk.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path

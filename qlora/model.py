@@ -44,7 +44,7 @@ from torch import nn
 from lora.layer import LoRALinear, register_weight_accessor
 from models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files,
                                parse_dtype)
-from models.config import LlamaConfig
+from models.config import LlamaConfig, read_config_json
 from models.llama import LlamaForCausalLM
 from qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict, to_bnb_state_dict
 from qlora.nf4 import quantize_nf4
@@ -137,7 +137,7 @@ def read_quantization_config(config: dict[str, Any]) -> Optional[BnbQuantization
 
 def is_quantized_dir(model_dir: str | Path) -> bool:
     """True when ``model_dir/config.json`` declares a bitsandbytes 4-bit checkpoint."""
-    return read_quantization_config(_read_config_json(Path(model_dir))) is not None
+    return read_quantization_config(read_config_json(Path(model_dir) / "config.json")) is not None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, do
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    raw_config = _read_config_json(model_dir)
+    raw_config = read_config_json(model_dir / "config.json")
     qconfig = read_quantization_config(raw_config)
     if qconfig is not None:
         if double_quant is not None and double_quant != qconfig.double_quant:
@@ -314,19 +314,6 @@ def _group_of(tensor_name: str) -> str:
     """"model.layers.3." for a tensor of decoder layer 3, "" for the rest (embeddings, final norm, head)."""
     parts = tensor_name.split(".")
     return ".".join(parts[:3]) + "." if tensor_name.startswith("model.layers.") and len(parts) > 3 else ""
-
-
-def _read_config_json(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir}")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return d
 
 
 def _expected_keys(model: nn.Module, targets: list[str], quantized: bool, double_quant: bool) -> set[str]:

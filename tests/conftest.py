@@ -5,6 +5,8 @@
 * ``pydoc_prose``: a few KB of English prose from CPython's own docs (``pydoc_data.topics``).
 * ``pydoc_text_window``: the first 256 SmolLM2 tokens of ``pydoc_prose``, shape (1, 256), int64.
 
+* ``one_thread``: one intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
 Tests that use the real 135M model are marked ``@pytest.mark.real_model`` (slow-ish, still run by default).
 """
 
@@ -18,6 +20,18 @@ WINDOW_TOKENS = 256
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: uses the real SmolLM2-135M model (slow-ish, runs by default)")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast, and immune to OpenMP stalls when the 2 cores are shared (with two
+    threads, steps of a few microseconds each can become 10-100x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

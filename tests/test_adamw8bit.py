@@ -33,12 +33,7 @@ HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 SHAPES = ((96, 100), (70, 70), (300,))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it gains on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_params(dtype=torch.float32, seed=0, shapes=SHAPES):

@@ -27,13 +27,7 @@ def bench():
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores two OpenMP threads can make these tiny steps 10-100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loss_and_grads(model, ids, labels):

@@ -18,13 +18,7 @@ from qlora.gptq import (HessianAccumulator, QuantizedWeight, find_params, gptq_q
                         quantize_to_codes, rtn_quantize)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP stalls when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n, d, seed=0, dtype=torch.float32):

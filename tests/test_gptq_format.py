@@ -16,13 +16,7 @@ from qlora.gptq_format import (GPTQConfig, check_gptq_tensors, dequantize_gptq, 
 from qlora.gptq_linear import GPTQLinear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is as fast, and immune to OpenMP stalls when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_pack(codes, bits):

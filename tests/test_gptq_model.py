@@ -20,7 +20,6 @@ from models.config import LlamaConfig
 from models.llama import LlamaForCausalLM
 from qlora.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from qlora.gptq_format import GPTQConfig
-from qlora.gptq_linear import GPTQLinear
 from qlora.gptq_model import (calibration_examples, gptq_dequantize_model, gptq_layers, gptq_nbytes,
                               gptq_quantize_model, is_gptq_dir, load_gptq_model, read_gptq_config, save_gptq_model)
 
@@ -30,13 +29,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.up_proj", "mlp.down_proj")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is as fast, and immune to OpenMP stalls when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, **overrides):

@@ -33,12 +33,7 @@ PUBLISHED_PARAMETERS = {"llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_3
                         "llama-3.1-70b": 70_553_706_496}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -21,12 +21,7 @@ SHAPES = ((48, 40), (40,), (7, 3))  # 1920, 40 and 21 elements
 THRESHOLD = 100  # pages the first and (not) the others, so each run mixes paged and unpaged states
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it gains on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_params(dtype=torch.float32, seed=0):
