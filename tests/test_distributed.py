@@ -7,6 +7,7 @@ safetensors/JSON and the test process compares them. fp32 throughout; tolerance:
 atol 2e-6 (AdamW normalises updates, so parameter differences stay at fp32 summation-order noise).
 """
 
+import gc
 import json
 import os
 import socket
@@ -124,7 +125,12 @@ def _worker(rank, port, out_dir):
         # 2 -> 2: resume the FSDP run from its update-2 checkpoint; must equal the straight FSDP run bitwise.
         _scenario(info, "full", _fsdp, out_dir, ckpt_root=os.path.join(out_dir, "fsdp-ckpt-2"),
                   resume=os.path.join(ckpt, "checkpoint-000002"))
+        torch.distributed.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
+        # Drop DDP/FSDP objects (and the gloo work they hold) while the interpreter is fully alive: gloo work
+        # freed during interpreter shutdown can abort the process (seen once: SIGABRT, "terminate called
+        # without an active exception"; pytorch/pytorch#179291 describes the mechanism).
+        gc.collect()
         destroy_distributed(info)
 
 
