@@ -201,14 +201,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a tied parameter is counted once, as PEFT counts.
 
-    Counts tensor elements: a packed 4-bit base stores two weights per uint8 element, so it is counted at
-    half its logical size (PEFT doubles bnb 4-bit counts; we report what is stored).
+    A quantized linear layer (``qlora``'s NF4Linear or GPTQLinear) keeps its frozen weight as packed buffers; it
+    is counted at its logical size ``in_features * out_features``, as PEFT counts bitsandbytes' 4-bit weights
+    (``PeftModel.get_nb_trainable_parameters`` doubles the uint8 element count of a ``Params4bit``).
     """
     trainable = total = 0
     for p in model.parameters():  # parameters() yields each shared Parameter once
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    for m in model.modules():
+        if ("weight" in m._buffers or "qweight" in m._buffers) and isinstance(getattr(m, "in_features", None), int):
+            total += m.in_features * m.out_features
     return trainable, total
 
 

@@ -11,6 +11,8 @@ repacking weights on AVX512-BF16 CPUs, after which it silently loses input gradi
 import pytest
 import torch
 
+import lora
+
 from lora import LoraConfig, inject_lora, load_adapter, lora_layers, save_adapter
 from qlora.merge import merge_qlora, merge_report
 from qlora.model import load_quantized, nf4_layers
@@ -109,6 +111,8 @@ def test_loss_and_lora_gradients_match_peft_on_bitsandbytes(fp_dir, targets):
     assert checked == 2 * len(lora_layers(ours))
     # Only adapters train; the 4-bit base has no gradient on either side.
     assert all(not p.requires_grad for n, p in ours.named_parameters() if "lora_" not in n)
+    # The same parameter counts as PEFT's, 4-bit weights at their logical size.
+    assert lora.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
 
 
 def test_requantized_merge_is_byte_identical_to_peft_merge_and_unload(fp_dir):
