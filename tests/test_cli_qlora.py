@@ -100,9 +100,13 @@ def test_every_optimizer_trains_qlora_in_bf16(tiny, tmp_path, optimizer, capsys)
     assert record["compute_dtype"] == "bf16" and record["dtype"] == "bf16"  # QLoRA's default precision
 
 
-def test_dry_run_shows_the_qlora_defaults(capsys):
+def test_dry_run_shows_each_methods_defaults(capsys):
     assert main(["train", "--method", "qlora", "--dry-run", "--steps", "2"]) == 0
-    assert "precision bf16, optimizer paged_adamw" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "precision bf16, optimizer paged_adamw" in out and "peak lr 0.001," in out
+    assert main(["train", "--method", "full", "--dry-run", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "precision fp32, optimizer adamw" in out and "peak lr 2e-05," in out
 
 
 @pytest.mark.parametrize("requantize", ["rtn4", "gptq4", "nf4"])
