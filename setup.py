@@ -21,9 +21,14 @@ setup(
     ],
     extras_require={
         # Oracles the tests compare against, and Triton (kernel tests run in its CPU interpreter).
-        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton",
-                 "protobuf"],  # protobuf: transformers converting a sentencepiece model (oracle),
+        # protobuf: transformers converting a sentencepiece model (oracle); the compare extra so that
+        # `finetune compare`'s forgetting score and plot are tested too.
+        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton", "protobuf",
+                 "chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7"],
         "triton": ["triton"],
+        # `finetune compare`: a second, general-English corpus (chatterbot-corpus: YAML dialogue, BSD-3) for the
+        # forgetting score, and matplotlib for the loss-curve plot.
+        "compare": ["chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["finetune = finetune.cli:main"]},
 )

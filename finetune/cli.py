@@ -17,8 +17,8 @@ import argparse
 import json
 import sys
 
-from finetune.cli_common import (add_data_args, add_model_args, heldout_batches, load_inference_model,  # noqa: F401
-                                 non_negative_int, positive_float, positive_int, probability, resolve_model_dir)
+from finetune.cli_common import (add_data_args, add_model_args, heldout_batches, load_inference_model, positive_int,
+                                 resolve_model_dir)
 
 EXIT_USAGE = 2
 INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from finetune.compare import add_compare_parser
     from finetune.memory import add_memory_parser
     from finetune.merge_cli import add_merge_parsers
     from finetune.train_cli import add_train_parser
@@ -99,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_merge_parsers(sub)
     add_memory_parser(sub)
-    try:
-        from finetune.compare import add_compare_parser
-    except ImportError:  # pragma: no cover - compare is being built
-        pass
-    else:
-        add_compare_parser(sub)
+    add_compare_parser(sub)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
     p.add_argument("file", help="the .gguf file")

@@ -236,7 +236,7 @@ def test_cli_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
 
     from safetensors.torch import load_file
 
-    from test_distributed import make_model_dir
+    from tiny_model_dir import make_model_dir
 
     model_dir, corpus = make_model_dir(tmp_path, hidden=64, layers=4)
     args = [sys.executable, "-m", "finetune", "train", "--method", "lora", "--dropout", "0.1", "--model",

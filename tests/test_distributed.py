@@ -18,6 +18,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from tiny_model_dir import make_model_dir
+
 from finetune.checkpointing import Checkpointer
 from finetune.data import BatchIterator, pack_documents
 from finetune.distributed import (DistInfo, ShardedBatches, destroy_distributed, init_distributed, shard_batch,
@@ -231,31 +233,6 @@ def test_fsdp2_checkpoint_resumes_in_one_process(ranks_output, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # The CLI under torchrun: FSDP2 full fine-tuning on 2 processes, then resumed by 1 process.
 # ---------------------------------------------------------------------------------------------------------
-def make_model_dir(root, hidden=32, layers=2):
-    """A tiny Llama with a 350-token byte-level BPE tokenizer trained on pydoc text, plus a small corpus."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from models.checkpoint import save_model
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["\n".join(topics[k] for k in sorted(topics)[:20])], trainers.BpeTrainer(
-        vocab_size=350, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=hidden,
-                                         intermediate_size=hidden * 3 // 2, num_hidden_layers=layers,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    save_model(model, root / "model")
-    bpe.save(str(root / "model" / "tokenizer.json"))
-    (root / "model" / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    (root / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[20:24])[:12000])
-    return root / "model", root / "corpus.txt"
-
-
 def test_torchrun_fsdp2_cli_and_resume_on_one_process(tmp_path):
     import subprocess
     import sys
