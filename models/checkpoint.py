@@ -62,6 +62,25 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
 
 
+def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` from their files (``checkpoint_files``); each file is opened for this call only, so
+    its memory map is released afterwards. Raises ValueError for an unreadable (truncated, corrupt) file."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for path, keys in by_file.items():
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return out
+
+
+
+
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Read every tensor of a checkpoint directory, cast to ``dtype`` (floating tensors only)."""
     model_dir = Path(model_dir)

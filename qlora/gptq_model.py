@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from models.checkpoint import SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files, parse_dtype
+from models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files, parse_dtype,
+                               read_tensors)
 from models.config import LlamaConfig, read_config_json
 from models.llama import LlamaForCausalLM, build_attention_mask
 from qlora.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
@@ -359,21 +359,6 @@ def save_gptq_model(model: LlamaForCausalLM, out_dir: str | Path, config: GPTQCo
     return out_dir
 
 
-def _read_all(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, path in checkpoint_files(model_dir).items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                for name in names:
-                    tensors[name] = f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    return tensors
-
-
 def load_gptq_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32) -> LlamaForCausalLM:
     """Build a ``LlamaForCausalLM`` with GPTQLinear layers from a GPTQ model directory (ours, or AutoGPTQ /
     GPTQModel output for a Llama with the same tensor names, v1 or v2 format, no ``lm_head`` quantization).
@@ -394,7 +379,8 @@ def load_gptq_model(model_dir: str | Path, dtype: torch.dtype | str = torch.floa
         raise ValueError(f"{model_dir} has no GPTQ quantization_config (config.json) or quantize_config.json; "
                          "load it with models.checkpoint.load_model (16/32-bit) or qlora.model.load_quantized (NF4)")
     config = LlamaConfig.from_json_file(model_dir / "config.json")
-    tensors = _read_all(model_dir)
+    files = checkpoint_files(model_dir)
+    tensors = read_tensors(files, list(files))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     quantized = sorted({k[:-len(".qweight")] for k in tensors if k.endswith(".qweight")})

@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lora.layer import LoRALinear, register_weight_accessor
 from models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files,
-                               parse_dtype)
+                               parse_dtype, read_tensors)
 from models.config import LlamaConfig, read_config_json
 from models.llama import LlamaForCausalLM
 from qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict, to_bnb_state_dict
@@ -290,7 +289,7 @@ def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, do
     for name in files:
         groups.setdefault(_group_of(name), []).append(name)
     for key in sorted(groups, key=lambda k: (k == "", int(k.split(".")[2]) if k else 0)):
-        tensors = _read_tensors(files, groups[key])
+        tensors = read_tensors(files, groups[key])
         for name in [t for t in targets if _group_of(t + ".weight") == key]:
             layer = _load_linear(model, name, tensors, qconfig, blocksize, double_quant, compute_dtype, dtype)
             if blocksize is not None and layer.blocksize != blocksize:
@@ -351,22 +350,6 @@ def _check_keys(model_dir: Path, present: set[str], expected: set[str], tied: bo
                      f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors {unexpected[:8]}"
                      f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
                      + (f"; {'; '.join(hints)}" if hints else ""))
-
-
-def _read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    """Read ``names``; each file is opened for this call only, so its memory map is released afterwards."""
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    out = {}
-    for path, keys in by_file.items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in keys:
-                    out[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    return out
 
 
 def _load_linear(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], qconfig, blocksize, double_quant,

@@ -207,7 +207,7 @@ def test_loading_reads_one_layer_at_a_time_and_keeps_no_file_tensor(fp_dir, monk
     """Peak memory: never the whole model in 16/32-bit. Each read is one decoder layer (or the rest), and no
     tensor read from the file (a view of its memory map) survives in the model."""
     reads, refs = [], []
-    original = qmodel._read_tensors
+    original = qmodel.read_tensors
 
     def spy(files, names):
         out = original(files, names)
@@ -215,7 +215,7 @@ def test_loading_reads_one_layer_at_a_time_and_keeps_no_file_tensor(fp_dir, monk
         refs.extend(weakref.ref(t) for t in out.values())
         return out
 
-    monkeypatch.setattr(qmodel, "_read_tensors", spy)
+    monkeypatch.setattr(qmodel, "read_tensors", spy)
     model = load_quantized(fp_dir, dtype=torch.float32)
     assert len(reads) == TINY["num_hidden_layers"] + 1
     for i in range(TINY["num_hidden_layers"]):
