@@ -143,3 +143,19 @@ def test_bad_combinations_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("requantize", ["rtn4", "nf4"])
+def test_a_plain_lora_adapter_merges_and_requantizes_too(tiny, tmp_path, requantize, capsys):
+    model, corpus = tiny
+    data = ["--data", str(corpus), "--seq-len", "32", "--batch-size", "2", "--eval-fraction", "0.3"]
+    assert main(["train", "--method", "lora", "--model", str(model), *data, "--steps", "2", "--warmup", "1",
+                 "--no-progress", "--out", str(tmp_path / "lora")]) == 0
+    merged = tmp_path / requantize
+    assert main(["merge", "--model", str(model), "--adapter", str(tmp_path / "lora"), "--out", str(merged),
+                 "--requantize", requantize, "--group-size", "32", "--report-batches", "1000", *data]) == 0
+    text = capsys.readouterr().out
+    assert "LoRA adapter(s)" in text and f"re-quantized ({requantize})" in text
+    merged_loss = float(text.split(" -> ")[1].split(" ")[0])
+    assert main(["eval", "--model", str(merged), *data, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == pytest.approx(merged_loss, rel=1e-3)
