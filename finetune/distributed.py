@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import sys
 from datetime import timedelta
@@ -109,8 +110,21 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
 
 
-def destroy_distributed(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def destroy_distributed(info: DistInfo, synchronize: bool = True) -> None:
+    """Tear the process group down: a barrier first (``synchronize``; skip it after an error, when another rank
+    may be gone), then drop unreachable objects that hold collective work, then ``destroy_process_group``.
+
+    Why both: a rank that tears gloo down while another still has a collective in flight, or gloo work objects
+    that survive into interpreter shutdown, abort the process ("terminate called without an active exception",
+    SIGABRT, seen with 2 CPU processes under load; the shutdown mechanism is described in pytorch/pytorch#179291).
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    try:
+        if synchronize:
+            dist.barrier()
+    finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

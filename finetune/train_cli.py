@@ -153,10 +153,13 @@ def cmd_train(args) -> int:
     from finetune.distributed import destroy_distributed, init_distributed
 
     info = init_distributed()
+    finished = False
     try:
-        return _run_training(args, cfg, info)
+        status = _run_training(args, cfg, info)
+        finished = True  # every rank got here (an interruption is agreed on by all ranks)
+        return status
     finally:
-        destroy_distributed(info)
+        destroy_distributed(info, synchronize=finished)
 
 
 def _run_training(args, cfg, info) -> int:

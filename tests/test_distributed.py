@@ -7,7 +7,6 @@ safetensors/JSON and the test process compares them. fp32 throughout; tolerance:
 atol 2e-6 (AdamW normalises updates, so parameter differences stay at fp32 summation-order noise).
 """
 
-import gc
 import json
 import os
 import socket
@@ -118,6 +117,7 @@ def _worker(rank, port, out_dir):
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     info = init_distributed("gloo", timeout_s=120)
+    finished = False
     try:
         assert info == DistInfo(rank=rank, world_size=WORLD, local_rank=rank, backend="gloo")
         _scenario(info, "full", _ddp, out_dir)
@@ -127,13 +127,9 @@ def _worker(rank, port, out_dir):
         # 2 -> 2: resume the FSDP run from its update-2 checkpoint; must equal the straight FSDP run bitwise.
         _scenario(info, "full", _fsdp, out_dir, ckpt_root=os.path.join(out_dir, "fsdp-ckpt-2"),
                   resume=os.path.join(ckpt, "checkpoint-000002"))
-        torch.distributed.barrier()  # no rank tears gloo down while the other still has work in flight
+        finished = True
     finally:
-        # Drop DDP/FSDP objects (and the gloo work they hold) while the interpreter is fully alive: gloo work
-        # freed during interpreter shutdown can abort the process (seen once: SIGABRT, "terminate called
-        # without an active exception"; pytorch/pytorch#179291 describes the mechanism).
-        gc.collect()
-        destroy_distributed(info)
+        destroy_distributed(info, synchronize=finished)  # barrier (unless failed), gc, destroy
 
 
 def _free_port() -> int:
