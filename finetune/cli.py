@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=finite_non_negative, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.set_defaults(func=cmd_generate)
@@ -110,9 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def finite_non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _threads() -> int | None:
+    """Torch threads for this run: torch's default less the cores other processes keep busy, unless the user set
+    OMP_NUM_THREADS. On a shared machine, OpenMP threads that wait for a busy core make small matmuls (LoRA's
+    rank-r products) 5-10x slower."""
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    from finetune.compare import pick_threads
+
+    return pick_threads()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    before = torch.get_num_threads()
+    threads = _threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
@@ -121,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(before)  # main() may be called in-process (tests, notebooks)
 
 
 if __name__ == "__main__":

@@ -201,8 +201,24 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     """Copy the tokenizer and generation files of a model directory, so ``dst`` is a complete model."""
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                  "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+        source, target = src / name, dst / name
+        if source.is_file() and not (target.exists() and target.samefile(source)):
+            shutil.copyfile(source, target)
+
+
+def check_out_dir(out: str | Path, *inputs: str | Path | None) -> Path:
+    """``--out`` must not be a file nor one of the input directories (writing there would destroy them).
+
+    Raises:
+        ValueError: naming ``--out`` and what it collides with.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    for src in inputs:
+        if src is not None and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
+            raise ValueError(f"--out {out} is also an input ({src}); write the result to another directory")
+    return out
 
 
 def directory_bytes(path: Path) -> int:

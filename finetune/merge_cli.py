@@ -24,7 +24,8 @@ import copy
 import sys
 from pathlib import Path
 
-from finetune.cli_common import (NF4_BLOCKSIZES, add_data_args, add_model_args, copy_tokenizer_files, directory_bytes,
+from finetune.cli_common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
+                                 directory_bytes,
                                  heldout_batches, non_negative_int, positive_int, read_qlora_record,
                                  resolve_model_dir)
 
@@ -40,6 +41,7 @@ def cmd_merge(args) -> int:
     from qlora.model import is_quantized_dir, load_quantized, quantize_model
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    check_out_dir(args.out, model_dir, args.original, *args.adapter)
     if is_gptq_dir(model_dir):
         raise ValueError(f"{model_dir} is a GPTQ model; merge adapters into the 16/32-bit or NF4 base they were "
                          "trained on")
@@ -142,10 +144,11 @@ def cmd_quantize(args) -> int:
     from qlora.model import is_quantized_dir, load_quantized, nf4_layers, quantized_nbytes, save_quantized
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    check_out_dir(args.out, model_dir)
     if is_quantized_dir(model_dir):
         raise ValueError(f"{model_dir} is already 4-bit (its config.json has a quantization_config)")
     model = load_quantized(model_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
-                           compute_dtype=args.compute_dtype, dtype=args.dtype or "fp32")
+                           compute_dtype=args.compute_dtype, dtype=args.dtype)
     out = save_quantized(model, args.out)
     copy_tokenizer_files(model_dir, out)
     size = quantized_nbytes(model)
@@ -198,7 +201,7 @@ def add_merge_parsers(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's linear layers to NF4 and save a 4-bit model "
                                         "(bitsandbytes/transformers layout)")
     add_model_args(p, dtype_help="dtype of the unquantized tensors and of the weights before quantization "
-                                   "(default fp32)")
+                                   "(default: --compute-dtype, as train --method qlora builds its base)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES, default=64,
                    help="NF4 block size (elements per absmax)")

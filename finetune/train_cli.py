@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.cli_common import (NF4_BLOCKSIZES, add_data_args, add_model_args, copy_tokenizer_files, non_negative_int,
+from finetune.cli_common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
+                                 non_negative_int,
                                  positive_float, positive_int, probability, resolve_model_dir, targets,
                                  write_qlora_record)
 
@@ -176,12 +177,16 @@ def _run_training(args, cfg, info) -> int:
     if args.resume is None and (ckpt_root / "latest").exists():
         raise ValueError(f"{out} already holds checkpoints of a run: continue it with --resume {out}, or choose "
                          "another --out")
+    if args.resume is None and (out / "metrics.jsonl").exists():
+        raise ValueError(f"{out} already holds a training run (metrics.jsonl); choose another --out, or delete it to "
+                         "train again there")
     resume = resolve_checkpoint(args.resume) if args.resume else None
     cfg.metrics_path = out / "metrics.jsonl"
     args.world_size = info.world_size
     args.dtype = _base_dtype(args)
     torch.manual_seed(args.seed)  # the same initialisation (e.g. LoRA A) on every rank
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    check_out_dir(out, model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     # The data before the weights: a data error should not wait for them.
     train_examples, held = build_datasets(tokenizer, args.data, seq_len=args.seq_len,

@@ -159,3 +159,25 @@ def test_a_plain_lora_adapter_merges_and_requantizes_too(tiny, tmp_path, requant
     merged_loss = float(text.split(" -> ")[1].split(" ")[0])
     assert main(["eval", "--model", str(merged), *data, "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == pytest.approx(merged_loss, rel=1e-3)
+
+
+def test_nothing_a_user_made_is_overwritten(tiny, trained, tmp_path, capsys):
+    out, _ = trained
+    model, _ = tiny
+    # a finished run's --out, even without checkpoints
+    assert main(train_args(tiny, tmp_path / "once", "--steps", "1", "--warmup", "0")) == 0
+    assert main(train_args(tiny, tmp_path / "once", "--steps", "1", "--warmup", "0")) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    # --out that is one of the inputs
+    assert main(["merge", "--model", str(model), "--adapter", str(out), "--out", str(model)]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(model), "--out", str(model)]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert (model / "config.json").is_file() and "quantization_config" not in (model / "config.json").read_text()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_rejects_a_temperature_that_is_not_a_finite_number_ge_0(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", "--temperature", value])
+    assert exc.value.code == 2 and "finite number >= 0" in capsys.readouterr().err or value == "-1"
