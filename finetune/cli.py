@@ -17,8 +17,8 @@ import argparse
 import json
 import sys
 
-from finetune.cli_common import (add_data_args, add_model_args, heldout_batches, load_inference_model, positive_int,
-                                 resolve_model_dir)
+from finetune.cli_common import (add_data_args, add_model_args, finite_non_negative, heldout_batches,
+                                 load_inference_model, positive_int, resolve_model_dir)
 
 EXIT_USAGE = 2
 INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
@@ -108,16 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_convert)
     return parser
-
-
-def finite_non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
 
 
 def _threads() -> int | None:

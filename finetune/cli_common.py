@@ -55,6 +55,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def finite_non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     try:
         value = float(text)
