@@ -18,7 +18,7 @@ import json
 import sys
 
 from finetune.cli_common import (add_data_args, add_model_args, finite_non_negative, heldout_batches,
-                                 load_inference_model, positive_int, resolve_model_dir)
+                                 load_inference_model, pick_threads, positive_int, resolve_model_dir)
 
 EXIT_USAGE = 2
 INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
@@ -111,16 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _threads() -> int | None:
-    """Torch threads for this run: torch's default less the cores other processes keep busy, unless the user set
-    OMP_NUM_THREADS. On a shared machine, OpenMP threads that wait for a busy core make small matmuls (LoRA's
-    rank-r products) 5-10x slower."""
+    """Torch threads for this run: ``pick_threads()``, unless the user set OMP_NUM_THREADS."""
     import os
 
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    from finetune.compare import pick_threads
-
-    return pick_threads()
+    return None if os.environ.get("OMP_NUM_THREADS") else pick_threads()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.cli_common import load_average, pick_threads
 from finetune.compare_report import environment, format_table, plot_curves
 from finetune.memory_tracker import TensorMemoryTracker, tensor_bytes
 
@@ -122,19 +123,6 @@ class CompareSettings:
             raise ValueError(f"--model {self.model_dir}: not a Hugging Face model directory (no config.json)")
         if self.regression_data is not None and not Path(self.regression_data).exists():
             raise ValueError(f"--regression-data {self.regression_data}: no such file or directory")
-
-
-def _load_average() -> float:
-    """1-minute load average: processes running or waiting for a core (0 where the platform has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return 0.0
-
-
-def pick_threads() -> int:
-    """torch's default thread count less the cores other processes keep busy (1-minute load average)."""
-    return max(1, torch.get_num_threads() - int(_load_average() + 0.5))
 
 
 def check_writable(out: str | Path) -> Path:
@@ -334,7 +322,7 @@ def compare(s: CompareSettings) -> dict:
     s = dataclasses.replace(s, threads=s.threads or pick_threads())
     print(f"compare: {', '.join(s.methods)}; {s.steps} updates x {s.batch_size} x {s.seq_len} tokens each, "
           f"precision {s.precision}, {s.threads} torch thread(s)", flush=True)
-    load_start, results = _load_average(), []
+    load_start, results = load_average(), []
     for method in s.methods:
         if s.isolate:
             results.append(_run_isolated(method, s))
@@ -345,7 +333,7 @@ def compare(s: CompareSettings) -> dict:
             finally:
                 torch.set_num_threads(threads)
     report = {"settings": dataclasses.asdict(s), "results": results,
-              "environment": {**environment(), "load_average_start": load_start, "load_average_end": _load_average()}}
+              "environment": {**environment(), "load_average_start": load_start, "load_average_end": load_average()}}
     (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "compare.md").write_text(format_table(report) + "\n")
     report["plot"] = plot_curves(results, out / "compare.png")
