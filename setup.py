@@ -1,13 +1,22 @@
-"""Packaging for the fine-tuning reference: ``pip install -e .`` (add ``[test]`` for the oracle libraries)."""
+"""Packaging for the fine-tuning reference: ``pip install -e .`` (add ``[test]`` for the oracle libraries).
 
-from setuptools import find_packages, setup
+Installing adds exactly one import name, ``finetune_ref``. The rooms of the project are folders at the top of the
+repository and become its sub-packages (``models/`` -> ``finetune_ref.models``, ...), so no generic name such as
+``models`` or ``kernels`` (Hugging Face's kernel hub is a PyPI package of that name) is installed.
+"""
+
+from setuptools import setup
+
+# Each room, in the order imports may point: a room imports only rooms before it (tests/test_layout.py).
+ROOMS = ["models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "cli"]
 
 setup(
     name="finetune-ref",
     version="0.1.0",
     description="Reference implementation of full fine-tuning, LoRA and QLoRA in PyTorch and Triton",
     python_requires=">=3.10",
-    packages=find_packages(include=["models", "lora", "qlora", "full", "kernels", "finetune"]),
+    packages=["finetune_ref"] + [f"finetune_ref.{room}" for room in ROOMS],
+    package_dir={"finetune_ref": "finetune_ref", **{f"finetune_ref.{room}": room for room in ROOMS}},
     install_requires=[
         # The README pins torch==2.13.0 (a CPU wheel); any recent torch works.
         "torch>=2.4",
@@ -30,5 +39,5 @@ setup(
         # forgetting score, and matplotlib for the loss-curve plot.
         "compare": ["chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["finetune = finetune.cli:main"]},
+    entry_points={"console_scripts": ["finetune = finetune_ref.cli.main:main"]},
 )

@@ -105,7 +105,7 @@ def make_weight(shape: tuple[int, int], device: Any, double_quant: bool = True, 
     (``qlora/nf4.py``, bitsandbytes' bytes), then moved to ``device``."""
     import torch
 
-    from kernels.testing import make_nf4_weight
+    from finetune_ref.kernels.testing import make_nf4_weight
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     w = torch.randn(shape, generator=g) * 0.02
@@ -135,7 +135,7 @@ def gpu_ceilings(device: Any, dry_run: bool, bench: Callable) -> dict[str, float
 def gpu_dequant(shapes, device, bench, copy_gbps) -> list[dict[str, Any]]:
     import torch
 
-    from kernels.nf4_dequant import dequantize_nf4_triton
+    from finetune_ref.kernels.nf4_dequant import dequantize_nf4_triton
 
     rows = []
     try:
@@ -164,9 +164,9 @@ def gpu_matmuls(shapes, ms, device, bench) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
-    from kernels.nf4_dequant import dequantize_nf4_triton
-    from kernels.nf4_matmul_backward import nf4_matmul_input_grad_triton
-    from kernels.nf4_matmul_forward import nf4_matmul_triton
+    from finetune_ref.kernels.nf4_dequant import dequantize_nf4_triton
+    from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad_triton
+    from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_triton
 
     rows = []
     for N, K, name in shapes:
@@ -198,10 +198,10 @@ def gpu_correctness(device, dry_run: bool) -> list[dict[str, Any]]:
     """Every kernel against an fp32 reference, bf16/fp16/fp32, odd shapes and > 2^31 elements."""
     import torch
 
-    from kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton
-    from kernels.nf4_matmul_backward import nf4_matmul_input_grad_triton
-    from kernels.nf4_matmul_forward import nf4_matmul_triton
-    from kernels.testing import TOLERANCES, nf4_row_slice, random_nf4_weight
+    from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton
+    from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad_triton
+    from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_triton
+    from finetune_ref.kernels.testing import TOLERANCES, nf4_row_slice, random_nf4_weight
 
     checks: list[dict[str, Any]] = []
 
@@ -292,8 +292,8 @@ def cpu_part(threads: int) -> dict[str, Any]:
     # One thread by default: on a shared machine a multi-threaded op waits for its slowest thread,
     # and a descheduled thread costs a whole scheduler slice (seen: 1 ms ops taking 100 ms).
     torch.set_num_threads(threads)
-    from kernels.nf4_dequant import dequantize_nf4_reference
-    from kernels.nf4_matmul_forward import nf4_matmul_reference
+    from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference
+    from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_reference
 
     t0 = time.time()
     load_before = os.getloadavg()[0]

@@ -85,10 +85,10 @@ def build_model(kind: str, shape: dict[str, Any]):
     "full" (fp32, everything trainable). Built on the CPU."""
     import torch
 
-    from lora import LoraConfig, inject_lora
-    from models.config import LlamaConfig
-    from models.llama import LlamaForCausalLM
-    from qlora.model import quantize_model
+    from finetune_ref.lora import LoraConfig, inject_lora
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
+    from finetune_ref.qlora.model import quantize_model
 
     torch.manual_seed(0)
     if kind == "full":
@@ -122,7 +122,7 @@ def measure_training(kind: str, shape: dict[str, Any], device, batch: tuple[int,
     """One row per optimizer configuration: peak/resident device memory, state bytes, paging, times."""
     import torch
 
-    from qlora.optimizers import build_optimizer
+    from finetune_ref.optim import build_optimizer
 
     rows = []
     for label, name, options in CONFIGS:
@@ -194,7 +194,7 @@ def measure_optimizer_only(device, steps: int) -> list[dict[str, Any]]:
     """``optimizer.step()`` alone on SmolLM2's LoRA r=64 adapter shapes (fp32, synthetic gradients)."""
     import torch
 
-    from qlora.optimizers import build_optimizer
+    from finetune_ref.optim import build_optimizer
 
     shapes = lora_shapes(SMOLLM2)
     rows = []

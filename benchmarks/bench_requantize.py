@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune.cli_common import directory_bytes  # noqa: E402
+from finetune_ref.cli.common import directory_bytes  # noqa: E402
 
 
 def finetune(*args: str) -> str:
-    """Run ``python -m finetune ARGS``; returns stdout; raises with stderr's tail on failure."""
-    proc = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True)
+    """Run ``python -m finetune_ref ARGS``; returns stdout; raises with stderr's tail on failure."""
+    proc = subprocess.run([sys.executable, "-m", "finetune_ref", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"finetune {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--compute-dtype", record["compute_dtype"], "--dtype", record["dtype"],
                  *([] if record["double_quant"] else ["--no-double-quant"]))
 
-    from models.default_model import default_model_dir
+    from finetune_ref.models.default_model import default_model_dir
 
     rows = [("base model, no fine-tuning", evaluate(), directory_bytes(default_model_dir())),
             ("QLoRA, unmerged (NF4 base + bf16 adapter)", evaluate("--adapter", str(adapter)),

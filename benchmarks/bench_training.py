@@ -65,8 +65,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
-from finetune.memory import MemorySettings, estimate_memory  # noqa: E402
-from finetune.memory_tracker import TensorMemoryTracker  # noqa: E402
+from finetune_ref.train.memory import MemorySettings, estimate_memory  # noqa: E402
+from finetune_ref.train.memory_tracker import TensorMemoryTracker  # noqa: E402
 
 RESULTS_MD = REPO / "benchmarks" / "RESULTS_TRAINING.md"
 METHODS = ("full", "lora", "qlora")
@@ -117,9 +117,9 @@ def text_batch(tokenizer, batch_size: int, seq_len: int) -> torch.Tensor:
 # The two sides of each comparison. Each builder returns (model, trainable parameters, extra tensors to count).
 # ---------------------------------------------------------------------------------------------------------
 def ours(method: str, model_dir: Path):
-    from full import prepare_full_finetuning
-    from lora import LoraConfig, inject_lora
-    from models.checkpoint import load_model
+    from finetune_ref.full import prepare_full_finetuning
+    from finetune_ref.lora import LoraConfig, inject_lora
+    from finetune_ref.models.checkpoint import load_model
 
     lora_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear")
     if method == "full":
@@ -128,7 +128,7 @@ def ours(method: str, model_dir: Path):
         model = load_model(model_dir, torch.float32)
         inject_lora(model, lora_config, adapter_dtype=torch.float32)
     else:
-        from qlora.model import quantize_model
+        from finetune_ref.qlora.model import quantize_model
 
         model = quantize_model(load_model(model_dir, torch.bfloat16), double_quant=True,
                                compute_dtype=torch.bfloat16)
@@ -258,7 +258,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 def _fused_forward(self, input_ids, attention_mask=None, position_ids=None, document_ids=None, labels=None,
                    num_items_in_batch=None, cache=None, logits_to_keep=0, chunk=256):
-    from models.llama import CausalLMOutput
+    from finetune_ref.models.llama import CausalLMOutput
 
     if labels is None or cache is not None or logits_to_keep:
         return type(self).forward(self, input_ids, attention_mask, position_ids, document_ids, labels,
@@ -275,7 +275,7 @@ def _fused_forward(self, input_ids, attention_mask=None, position_ids=None, docu
 
 
 def _gqa_attention_forward(self, x, cos, sin, mask, cache=None):
-    from models.rope import apply_rotary
+    from finetune_ref.models.rope import apply_rotary
 
     B, T, _ = x.shape
     # (B, T, heads * head_dim) -> (B, heads, T, head_dim), as Attention.forward
@@ -316,7 +316,7 @@ def _swiglu_mlp_forward(self, x):
 
 def apply_proposals(model, names: tuple[str, ...]) -> None:
     """Set (or, with an empty tuple, remove) the instance-level forwards of the chosen proposals."""
-    from models.llama import MLP, Attention
+    from finetune_ref.models.llama import MLP, Attention
 
     for module in model.modules():
         for cls, key, fn in ((Attention, "gqa-sdpa", _gqa_attention_forward), (MLP, "swiglu", _swiglu_mlp_forward)):
@@ -492,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size, --seq-len, --steps and --warmup must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models.default_model import default_model_dir
-    from models.tokenizer import Tokenizer
+    from finetune_ref.models.default_model import default_model_dir
+    from finetune_ref.models.tokenizer import Tokenizer
 
     model_dir = default_model_dir()
     env = environment(torch.get_num_threads())

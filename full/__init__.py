@@ -7,8 +7,8 @@
                     (Hugging Face directory from a plain, DDP or FSDP2 model)
 """
 
-from full.optimizer import MasterWeightAdamW, adamw_update_
-from full.prepare import export_full_model, full_state_dict, memory_breakdown, prepare_full_finetuning
+from finetune_ref.optim.master_adamw import MasterWeightAdamW, adamw_update_
+from finetune_ref.full.prepare import export_full_model, full_state_dict, memory_breakdown, prepare_full_finetuning
 
 __all__ = ["MasterWeightAdamW", "adamw_update_", "export_full_model", "full_state_dict", "memory_breakdown",
            "prepare_full_finetuning"]

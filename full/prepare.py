@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.checkpoint import SINGLE_FILE, atomic_save_safetensors, atomic_write_text
+from finetune_ref.models.checkpoint import SINGLE_FILE, atomic_save_safetensors, atomic_write_text
 
 TRAINABLE_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kernels.backend import (
+from finetune_ref.kernels.backend import (
     BACKENDS,
     get_backend,
     interpreter_enabled,
@@ -37,20 +37,20 @@ from kernels.backend import (
 
 # Public name -> submodule that defines it, imported on first access (PEP 562).
 _LAZY = {
-    "NF4_VALUES": "kernels.nf4_layout",
-    "NF4Weight": "kernels.nf4_layout",
-    "nf4_quant_map": "kernels.nf4_layout",
-    "dequantize_nf4": "kernels.nf4_dequant",
-    "dequantize_nf4_reference": "kernels.nf4_dequant",
-    "dequantize_nf4_triton": "kernels.nf4_dequant",
-    "nf4_matmul": "kernels.nf4_matmul_forward",
-    "nf4_matmul_reference": "kernels.nf4_matmul_forward",
-    "nf4_matmul_triton": "kernels.nf4_matmul_forward",
-    "nf4_matmul_input_grad": "kernels.nf4_matmul_backward",
-    "nf4_matmul_input_grad_reference": "kernels.nf4_matmul_backward",
-    "nf4_matmul_input_grad_triton": "kernels.nf4_matmul_backward",
-    "NF4MatmulFunction": "kernels.nf4_autograd",
-    "nf4_linear": "kernels.nf4_autograd",
+    "NF4_VALUES": "finetune_ref.kernels.nf4_layout",
+    "NF4Weight": "finetune_ref.kernels.nf4_layout",
+    "nf4_quant_map": "finetune_ref.kernels.nf4_layout",
+    "dequantize_nf4": "finetune_ref.kernels.nf4_dequant",
+    "dequantize_nf4_reference": "finetune_ref.kernels.nf4_dequant",
+    "dequantize_nf4_triton": "finetune_ref.kernels.nf4_dequant",
+    "nf4_matmul": "finetune_ref.kernels.nf4_matmul_forward",
+    "nf4_matmul_reference": "finetune_ref.kernels.nf4_matmul_forward",
+    "nf4_matmul_triton": "finetune_ref.kernels.nf4_matmul_forward",
+    "nf4_matmul_input_grad": "finetune_ref.kernels.nf4_matmul_backward",
+    "nf4_matmul_input_grad_reference": "finetune_ref.kernels.nf4_matmul_backward",
+    "nf4_matmul_input_grad_triton": "finetune_ref.kernels.nf4_matmul_backward",
+    "NF4MatmulFunction": "finetune_ref.kernels.nf4_autograd",
+    "nf4_linear": "finetune_ref.kernels.nf4_autograd",
 }
 
 __all__ = [

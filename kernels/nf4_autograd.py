@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from kernels.backend import resolve_backend
-from kernels.nf4_layout import NF4Weight
-from kernels.nf4_matmul_forward import check_matmul_inputs, nf4_matmul_reference, nf4_matmul_triton
-from kernels.nf4_matmul_backward import nf4_matmul_input_grad_reference, nf4_matmul_input_grad_triton
+from finetune_ref.kernels.backend import resolve_backend
+from finetune_ref.kernels.nf4_layout import NF4Weight
+from finetune_ref.kernels.nf4_matmul_forward import check_matmul_inputs, nf4_matmul_reference, nf4_matmul_triton
+from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad_reference, nf4_matmul_input_grad_triton
 
 
 class NF4MatmulFunction(torch.autograd.Function):

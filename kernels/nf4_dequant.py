@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from kernels.backend import import_triton, resolve_backend
-from kernels.nf4_layout import NF4Weight
+from finetune_ref.kernels.backend import import_triton, resolve_backend
+from finetune_ref.kernels.nf4_layout import NF4Weight
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -227,7 +227,7 @@ def dequantize_nf4_triton(
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
     check_dtype(dtype, "dtype")
-    from kernels.backend import interpreter_enabled
+    from finetune_ref.kernels.backend import interpreter_enabled
 
     if block_bytes is None:
         block_bytes = default_block_bytes(interpreter_enabled())

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from kernels import nf4_dequant
-from kernels.backend import import_triton, interpreter_enabled, resolve_backend
-from kernels.nf4_dequant import check_dtype, dequantize_nf4_reference, weight_kernel_args
-from kernels.nf4_layout import NF4Weight
-from kernels.nf4_matmul_forward import TileConfig, dot_precision, matmul_config
+from finetune_ref.kernels import nf4_dequant
+from finetune_ref.kernels.backend import import_triton, interpreter_enabled, resolve_backend
+from finetune_ref.kernels.nf4_dequant import check_dtype, dequantize_nf4_reference, weight_kernel_args
+from finetune_ref.kernels.nf4_layout import NF4Weight
+from finetune_ref.kernels.nf4_matmul_forward import TileConfig, dot_precision, matmul_config
 
 # Bound by _build() on first use (see kernels/nf4_dequant.py for why).
 triton: Any = None

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import nf4_dequant
-from kernels.backend import import_triton, interpreter_enabled, resolve_backend
-from kernels.nf4_dequant import check_dtype, dequantize_nf4_reference, weight_kernel_args
-from kernels.nf4_layout import NF4Weight
+from finetune_ref.kernels import nf4_dequant
+from finetune_ref.kernels.backend import import_triton, interpreter_enabled, resolve_backend
+from finetune_ref.kernels.nf4_dequant import check_dtype, dequantize_nf4_reference, weight_kernel_args
+from finetune_ref.kernels.nf4_layout import NF4Weight
 
 # Bound by _build() on first use (see kernels/nf4_dequant.py for why).
 triton: Any = None

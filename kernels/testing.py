@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.nf4_layout import NF4Weight
+from finetune_ref.kernels.nf4_layout import NF4Weight
 
 # Kernel vs reference, per output dtype. The kernels accumulate in fp32 like the reference, but
 # in another order (tiles), so fp32 sums differ by about K * 2^-24 * (sum of |terms|): with unit
@@ -53,7 +53,7 @@ def make_nf4_weight(w: torch.Tensor, blocksize: int = 64, double_quant: bool = T
         ImportError: neither ``qlora.nf4`` nor bitsandbytes can be imported.
     """
     try:
-        from qlora.nf4 import quantize_nf4
+        from finetune_ref.qlora.nf4 import quantize_nf4
     except ImportError:
         return quantize_with_bnb(w, blocksize, double_quant)
     packed, state = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)

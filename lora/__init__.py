@@ -8,13 +8,13 @@
     lora.peft_format  save_adapter / load_adapter / load_adapters in PEFT's file format
 """
 
-from lora.adapters import (adapter_names, delete_adapter, disable_adapters, format_trainable_parameters,
+from finetune_ref.lora.adapters import (adapter_names, delete_adapter, disable_adapters, format_trainable_parameters,
                            merge_adapters, merge_and_unload, print_trainable_parameters, set_adapter,
                            trainable_parameters, unload, unmerge_adapters)
-from lora.config import ALL_LINEAR, LoraConfig
-from lora.inject import find_target_modules, get_active_adapters, inject_lora, lora_layers
-from lora.layer import LoRALinear, lora_delta_weight, lora_forward, lora_scaling
-from lora.peft_format import load_adapter, load_adapters, read_adapter_config, save_adapter
+from finetune_ref.lora.config import ALL_LINEAR, LoraConfig
+from finetune_ref.lora.inject import find_target_modules, get_active_adapters, inject_lora, lora_layers
+from finetune_ref.lora.layer import LoRALinear, lora_delta_weight, lora_forward, lora_scaling
+from finetune_ref.lora.peft_format import load_adapter, load_adapters, read_adapter_config, save_adapter
 
 __all__ = [
     "ALL_LINEAR", "LoRALinear", "LoraConfig", "adapter_names", "delete_adapter", "disable_adapters",

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
+from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
                          mark_only_lora_trainable, set_submodule, tied_weight_owners)
-from lora.layer import LoRALinear, dense_weight
+from finetune_ref.lora.layer import LoRALinear, dense_weight
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -31,8 +31,8 @@ import re
 import torch
 from torch import nn
 
-from lora.config import ALL_LINEAR, LoraConfig
-from lora.layer import LoRALinear, check_adapter_name
+from finetune_ref.lora.config import ALL_LINEAR, LoraConfig
+from finetune_ref.lora.layer import LoRALinear, check_adapter_name
 
 LORA_CONFIGS_ATTR = "lora_configs"
 

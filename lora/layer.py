@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora.config import check_alpha, check_rank
+from finetune_ref.lora.config import check_alpha, check_rank
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -119,59 +117,48 @@ def init_lora_weights_(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_wei
         nn.init.zeros_(lora_B)
 
 
-# Bases whose weight is not a dense floating tensor (e.g. qlora.nf4_linear.NF4Linear, 4-bit packed) register
-# how to read a dense copy of it and how to store a merged dense weight back (for NF4: dequantize / requantize,
-# as PEFT's bnb.Linear4bit.merge does). Registered by the quantization package, so lora/ imports none of it.
-WeightReader = Callable[[nn.Module], torch.Tensor]
-WeightWriter = Callable[[nn.Module, torch.Tensor], None]
-_WEIGHT_ACCESSORS: dict[type, tuple[WeightReader, WeightWriter]] = {}
-
-
-def register_weight_accessor(base_type: type, read: WeightReader, write: WeightWriter) -> None:
-    """Teach merge/unmerge a non-dense base type: ``read(base)`` returns a new dense floating (out, in) tensor,
-    ``write(base, weight)`` stores a dense (out, in) tensor of that dtype back into ``base`` (e.g. re-quantizing)."""
-    if not isinstance(base_type, type) or not (callable(read) and callable(write)):
-        raise TypeError("register_weight_accessor(base_type, read, write) needs a class and two callables")
-    _WEIGHT_ACCESSORS[base_type] = (read, write)
-
-
-def _accessor(base_layer: nn.Module):
-    for cls in type(base_layer).__mro__:
-        if cls in _WEIGHT_ACCESSORS:
-            return _WEIGHT_ACCESSORS[cls]
-    return None
-
+# A base whose weight is not a dense floating tensor (e.g. qlora.nf4_linear.NF4Linear: packed 4-bit codes) takes
+# part in merging through two methods of its own, duck-typed so that merging works whatever was imported first:
+#     base.dequantize() -> a new dense floating (out_features, in_features) tensor
+#     base.requantize_(weight)   stores a dense (out, in) weight back (re-quantizing it: lossy)
+# as PEFT's bnb.Linear4bit.merge dequantizes, adds the delta and builds a new 4-bit weight (peft/tuners/lora/bnb.py).
 
 def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     """The base layer's weight as a dense floating (out_features, in_features) tensor, for merge/unmerge.
 
-    This is the single place that knows how to reach a base layer's weight; quantized bases plug in through
-    ``register_weight_accessor`` (their dense weight is then a new tensor, written back by ``write_dense_weight``).
+    This is the single place that knows how to reach a base layer's weight: ``base.dequantize()`` for a
+    quantized base (a new tensor, written back by ``write_dense_weight``), else its dense ``weight``.
 
     Raises:
-        TypeError: the base has no dense floating ``weight`` of shape (out_features, in_features), e.g. a
-            4-bit base whose weight is packed integers and whose type was not registered.
+        TypeError: the base has neither ``dequantize()`` nor a dense floating ``weight`` of shape
+            (out_features, in_features).
     """
-    accessor = _accessor(base_layer)
-    if accessor is not None:
-        return accessor[0](base_layer)
+    if callable(getattr(base_layer, "dequantize", None)):
+        return base_layer.dequantize()
     weight = getattr(base_layer, "weight", None)
     expected = (base_layer.out_features, base_layer.in_features)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or tuple(weight.shape) != expected:
         found = "none" if not isinstance(weight, torch.Tensor) else f"{weight.dtype} {tuple(weight.shape)}"
         raise TypeError(f"cannot merge LoRA into a {type(base_layer).__name__}: merging needs a dense floating "
                         f"weight of shape {expected}, found {found}. Merge into a model whose base layers are "
-                        f"plain nn.Linear (e.g. dequantize the base first), or register the base type with "
-                        f"lora.layer.register_weight_accessor")
+                        f"plain nn.Linear (e.g. dequantize the base first), or give the base layer dequantize() "
+                        f"and requantize_(weight) methods")
     return weight
 
 
 def write_dense_weight(base_layer: nn.Module, weight: torch.Tensor) -> None:
     """Store a merged dense weight into the base: in place for a dense base (the Parameter object survives),
-    through the registered writer for a quantized one."""
-    accessor = _accessor(base_layer)
-    if accessor is not None:
-        accessor[1](base_layer, weight)
+    through ``base.requantize_(weight)`` for a quantized one.
+
+    Raises:
+        TypeError: a base with ``dequantize()`` but no ``requantize_`` (it can be read, not written).
+    """
+    if callable(getattr(base_layer, "dequantize", None)):
+        requantize = getattr(base_layer, "requantize_", None)
+        if not callable(requantize):
+            raise TypeError(f"cannot merge LoRA into a {type(base_layer).__name__}: it has dequantize() but no "
+                            "requantize_(weight) to store the merged weight")
+        requantize(weight)
     else:
         dense_weight(base_layer).copy_(weight)
 

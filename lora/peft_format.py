@@ -31,9 +31,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora.adapters import set_adapter
-from lora.config import ALL_LINEAR, LoraConfig
-from lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
+from finetune_ref.lora.adapters import set_adapter
+from finetune_ref.lora.config import ALL_LINEAR, LoraConfig
+from finetune_ref.lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"

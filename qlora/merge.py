@@ -33,12 +33,12 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from lora.adapters import merge_and_unload, set_adapter
-from lora.inject import get_active_adapters, get_lora_configs, inject_lora, lora_layers
-from models.checkpoint import load_model, parse_dtype
-from models.llama import LlamaForCausalLM
-from qlora.model import nf4_layers, quantize_model
-from qlora.nf4 import quantize_nf4, unpack_nibbles
+from finetune_ref.lora.adapters import merge_and_unload, set_adapter
+from finetune_ref.lora.inject import get_active_adapters, get_lora_configs, inject_lora, lora_layers
+from finetune_ref.models.checkpoint import load_model, parse_dtype
+from finetune_ref.models.llama import LlamaForCausalLM
+from finetune_ref.qlora.model import nf4_layers, quantize_model
+from finetune_ref.qlora.nf4 import quantize_nf4, unpack_nibbles
 
 MERGE_BASES = ("nf4-dequant", "original")
 REQUANTIZE_CHOICES = ("none", "nf4")

@@ -40,15 +40,15 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from lora.layer import LoRALinear, register_weight_accessor
-from models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files,
+from finetune_ref.lora.layer import LoRALinear
+from finetune_ref.models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files,
                                parse_dtype, read_tensors)
-from models.config import LlamaConfig, read_config_json
-from models.llama import LlamaForCausalLM
-from qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict, to_bnb_state_dict
-from qlora.nf4 import quantize_nf4
-from qlora.nf4_linear import NF4Linear
-from qlora.quant_state import SUPPORTED_BLOCKSIZES
+from finetune_ref.models.config import LlamaConfig, read_config_json
+from finetune_ref.models.llama import LlamaForCausalLM
+from finetune_ref.qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict, to_bnb_state_dict
+from finetune_ref.qlora.nf4 import quantize_nf4
+from finetune_ref.qlora.nf4_linear import NF4Linear
+from finetune_ref.qlora.quant_state import SUPPORTED_BLOCKSIZES
 
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' and transformers' default (QLoRA section 3)
 DEFAULT_SKIP_MODULES = ("lm_head",)  # transformers leaves the output head unquantized
@@ -511,24 +511,9 @@ def prepare_qlora_model(model_dir: str | Path, *, lora_config, blocksize: Option
     Raises:
         As :func:`load_quantized` and ``lora.inject_lora``.
     """
-    from lora import inject_lora
+    from finetune_ref.lora import inject_lora
 
     model = load_quantized(model_dir, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
                            dtype=dtype, skip_modules=skip_modules)
     inject_lora(model, lora_config, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
     return model
-
-
-def _nf4_dense_weight(layer: NF4Linear) -> torch.Tensor:
-    return layer.dequantize()  # (out, in) in the state's dtype
-
-
-@torch.no_grad()
-def _nf4_write_weight(layer: NF4Linear, weight: torch.Tensor) -> None:
-    # Merging into a 4-bit base re-quantizes the merged weight with the layer's own settings, as PEFT's
-    # bnb Linear4bit.merge does; unmerging afterwards does not restore the original codes exactly.
-    packed, state = quantize_nf4(weight, blocksize=layer.blocksize, double_quant=layer.double_quant)
-    layer.load_state_dict(to_bnb_state_dict(packed, state, layer.bias), strict=True)
-
-
-register_weight_accessor(NF4Linear, _nf4_dense_weight, _nf4_write_weight)

@@ -44,8 +44,8 @@ from typing import Optional
 
 import torch
 
-from qlora.blockwise8 import check_float_input, create_dynamic_map, dequantize_blockwise, quantize_blockwise
-from qlora.quant_state import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, NF4QuantState
+from finetune_ref.optim.blockwise8 import check_float_input, create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from finetune_ref.qlora.quant_state import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, NF4QuantState
 
 # The NF4 table as stored by bitsandbytes (functional.get_4bit_type("nf4")); index = 4-bit code.
 NF4_CODE_VALUES = (

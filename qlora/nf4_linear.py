@@ -25,9 +25,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from qlora.bnb_format import check_bias, check_linear_state, check_packed, from_bnb_state_dict, to_bnb_state_dict
-from qlora.nf4 import dequantize_nf4, quantize_nf4
-from qlora.quant_state import SUPPORTED_DTYPES, NF4QuantState
+from finetune_ref.qlora.bnb_format import check_bias, check_linear_state, check_packed, from_bnb_state_dict, to_bnb_state_dict
+from finetune_ref.qlora.nf4 import dequantize_nf4, quantize_nf4
+from finetune_ref.qlora.quant_state import SUPPORTED_DTYPES, NF4QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "offset", "nested_absmax", "nested_quant_map")
 
@@ -139,6 +139,14 @@ class NF4Linear(nn.Module):
         """The dequantized weight ``(out_features, in_features)`` in ``dtype`` (default: the original dtype)."""
         return dequantize_nf4(self.weight, self.quant_state, dtype=dtype)
 
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the NF4 quantization of ``weight`` (out, in), with this layer's blocksize
+        and double quantization. Merging LoRA into a 4-bit base goes through here (``lora.layer.write_dense_weight``),
+        as PEFT's ``bnb.Linear4bit.merge`` does; it is lossy, so unmerging does not restore the original codes."""
+        packed, state = quantize_nf4(weight, blocksize=self.blocksize, double_quant=self.double_quant)
+        self.load_state_dict(to_bnb_state_dict(packed, state, self.bias), strict=True)
+
     def _apply(self, fn, recurse: bool = True):
         # model.to(torch.bfloat16) / .half() would cast the fp32 absmax, maps and offset and corrupt
         # the state. Let devices move but keep the state's dtypes (and exact values).
@@ -166,7 +174,7 @@ class NF4Linear(nn.Module):
         x_c = x.to(self.compute_dtype)
         # The path is chosen per call (kernels.set_backend / KERNELS_BACKEND): Triton's fused dequant-matmul for
         # CUDA tensors when Triton is installed, else the PyTorch reference below. Both save only packed bytes.
-        import kernels  # cheap: the package loads torch/triton parts only on first use
+        from finetune_ref import kernels  # cheap: the package loads torch/triton parts only on first use
 
         if kernels.resolve_backend(x_c, self.weight) == "triton":
             weight = kernels.NF4Weight.from_quant_state(self.weight, self.quant_state)

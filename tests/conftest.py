@@ -11,8 +11,15 @@ Tests that use the real 135M model are marked ``@pytest.mark.real_model`` (slow-
 """
 
 import pathlib
+import sys
 
 import pytest
+
+# The checkout's folders (models/, kernels/, ...) are sub-packages of the installed finetune_ref, not top-level
+# packages. `python -m pytest` puts the current directory on sys.path, where kernels/ would pass for Hugging
+# Face's kernel-hub package that bitsandbytes imports: keep only installed names importable, as for a user.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != ROOT]
 
 PYDOC_TOPIC = "naming"  # "Naming and binding": plain English prose, little code
 WINDOW_TOKENS = 256
@@ -37,7 +44,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smollm2_dir() -> pathlib.Path:
     """Hugging Face directory of SmolLM2-135M-Instruct (respects FINETUNE_CACHE_DIR)."""
-    from models.default_model import default_model_dir
+    from finetune_ref.models.default_model import default_model_dir
 
     return default_model_dir()
 

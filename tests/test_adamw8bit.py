@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch import nn
 
-from qlora.adamw8bit import BLOCKSIZE, MIN_8BIT_SIZE, AdamW8bit, PagedAdamW8bit
-from qlora.blockwise8 import create_dynamic_map
+from finetune_ref.optim.adamw8bit import BLOCKSIZE, MIN_8BIT_SIZE, AdamW8bit, PagedAdamW8bit
+from finetune_ref.optim.blockwise8 import create_dynamic_map
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -280,8 +280,8 @@ def test_loss_curve_of_a_tiny_llama_on_real_text_tracks_32bit_adamw():
     """
     from pydoc_data.topics import topics
 
-    from models.config import LlamaConfig
-    from models.llama import LlamaForCausalLM
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
 
     data = torch.tensor(list((topics["naming"] + topics["exceptions"]).encode("utf-8")), dtype=torch.long)
     g = torch.Generator().manual_seed(0)
@@ -311,8 +311,8 @@ def test_loss_curve_of_lora_on_smollm2_tracks_32bit_adamw(smollm2_dir, pydoc_tex
     Measured: 32-bit 3.5541 -> 1.9474, 8-bit 3.5541 -> 1.9476 (90 of 120 adapter matrices have 8-bit states;
     largest per-step gap 2e-4). Band asserted: every step within 0.01 nats.
     """
-    from lora import LoraConfig, inject_lora
-    from models.checkpoint import load_model
+    from finetune_ref.lora import LoraConfig, inject_lora
+    from finetune_ref.models.checkpoint import load_model
 
     x = pydoc_text_window[:, :64]  # (1, 64)
     curves = {}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.memory_tracker import TensorMemoryTracker
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.train.memory_tracker import TensorMemoryTracker
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
 

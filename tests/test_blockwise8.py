@@ -8,7 +8,7 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from qlora.blockwise8 import (LUT_SIZE, build_quantize_lut, create_dynamic_map, dequantize_blockwise,
+from finetune_ref.optim.blockwise8 import (LUT_SIZE, build_quantize_lut, create_dynamic_map, dequantize_blockwise,
                               quantize_blockwise)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -8,14 +8,14 @@ import signal
 import pytest
 import torch
 
-from finetune import checkpointing
-from finetune.checkpointing import Checkpointer, read_checkpoint_record, resolve_checkpoint
-from finetune.data import BatchIterator, pack_documents
-from finetune.trainer import TrainConfig, TrainingInterrupted, train
-from full import prepare_full_finetuning
-from lora import LoraConfig, inject_lora
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.train import checkpointing
+from finetune_ref.train.checkpointing import Checkpointer, read_checkpoint_record, resolve_checkpoint
+from finetune_ref.train.data import BatchIterator, pack_documents
+from finetune_ref.train.trainer import TrainConfig, TrainingInterrupted, train
+from finetune_ref.full import prepare_full_finetuning
+from finetune_ref.lora import LoraConfig, inject_lora
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 VOCAB = 64
 
@@ -59,7 +59,7 @@ def run(method, tmp, steps=6, resume=None, on_update=None, save_every=3, **kw):
     model, meta = setup(method)
     data = BatchIterator(examples(), batch_size=2, pad_token_id=0, seed=3)
     held = [next(BatchIterator(examples(seed=9), batch_size=4, pad_token_id=0))]
-    from finetune.trainer import evaluate
+    from finetune_ref.train.trainer import evaluate
 
     ckpt = Checkpointer(tmp, save_every=save_every, keep_last=0, metadata=meta)
     result = train(model, data, config(steps, bf16=method == "full-bf16", **kw),
@@ -242,7 +242,7 @@ def test_cli_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
     from tiny_model_dir import make_model_dir
 
     model_dir, corpus = make_model_dir(tmp_path, hidden=64, layers=4)
-    args = [sys.executable, "-m", "finetune", "train", "--method", "lora", "--dropout", "0.1", "--model",
+    args = [sys.executable, "-m", "finetune_ref", "train", "--method", "lora", "--dropout", "0.1", "--model",
             str(model_dir), "--data", str(corpus), "--seq-len", "64", "--batch-size", "4", "--steps", "40",
             "--lr", "3e-3", "--warmup", "2", "--no-progress", "--eval-fraction", "0.05"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -262,9 +262,9 @@ def test_cli_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
     stopped_at = read_checkpoint_record(run_a)["update"]
     assert 1 <= stopped_at < 40
     # The rest in this process (no interpreter start-up); the one_thread fixture matches OMP_NUM_THREADS=1.
-    from finetune.cli import main
+    from finetune_ref.cli.main import main
 
-    train_args = args[3:]  # drop "python -m finetune"
+    train_args = args[3:]  # drop "python -m finetune_ref"
     assert main([*train_args, "--out", str(run_a), "--resume", str(run_a)]) == 0
     assert main([*train_args, "--out", str(tmp_path / "b")]) == 0
     a = load_file(str(run_a / "adapter_model.safetensors"))

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from finetune.cli import main
+from finetune_ref.cli.main import main
 
 pytestmark = pytest.mark.real_model
 
 
 def run_cli(*args, cwd=None):
-    """Run ``python -m finetune`` as a user would; returns the completed process."""
-    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=cwd,
+    """Run ``python -m finetune_ref`` as a user would; returns the completed process."""
+    return subprocess.run([sys.executable, "-m", "finetune_ref", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600)
 
 

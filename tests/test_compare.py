@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.compare import (METHODS, CompareSettings, add_compare_parser, cmd_compare, compare, compare_main,
+from finetune_ref.cli.compare import (METHODS, CompareSettings, add_compare_parser, cmd_compare, compare, compare_main,
                               format_table, regression_documents, settings_from_args)
 
 

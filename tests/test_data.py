@@ -16,10 +16,10 @@ import torch
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from finetune.data import (IGNORE_INDEX, BatchIterator, build_datasets, collate, count_label_tokens,
+from finetune_ref.train.data import (IGNORE_INDEX, BatchIterator, build_datasets, collate, count_label_tokens,
                            default_documents, encode_conversations, holdout_split, iter_batches, load_examples,
                            num_held_out, pack_documents, read_jsonl, read_text_documents)
-from models.tokenizer import Tokenizer
+from finetune_ref.models.tokenizer import Tokenizer
 
 EOS = 2
 
@@ -58,7 +58,7 @@ def test_default_split_is_deterministic_and_by_topic():
     assert len(held) == round(0.1 * len(topics)) and len(train) + len(held) == len(topics)
     assert set(train).isdisjoint(held) and (train, held) == default_documents(0.1)
     # Independent of Python's per-process string hashing: a fresh interpreter with another seed agrees.
-    code = ("import json; from finetune.data import default_documents; "
+    code = ("import json; from finetune_ref.train.data import default_documents; "
             "print(json.dumps([len(d) for d in default_documents(0.1)[1]]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": "12345"})
@@ -102,8 +102,8 @@ def test_pack_documents_exact():
 
 def test_packing_has_no_cross_document_leakage():
     """A packed block gives every document the logits and loss it gets alone (needs models/llama.py)."""
-    from models.config import LlamaConfig
-    from models.llama import LlamaForCausalLM
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

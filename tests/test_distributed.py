@@ -19,15 +19,15 @@ from safetensors.torch import load_file, save_file
 
 from tiny_model_dir import make_model_dir
 
-from finetune.checkpointing import Checkpointer
-from finetune.data import BatchIterator, pack_documents
-from finetune.distributed import (DistInfo, ShardedBatches, destroy_distributed, init_distributed, shard_batch,
+from finetune_ref.train.checkpointing import Checkpointer
+from finetune_ref.train.data import BatchIterator, pack_documents
+from finetune_ref.train.distributed import (DistInfo, ShardedBatches, destroy_distributed, init_distributed, shard_batch,
                                   shard_model, unwrap_model, wrap_ddp)
-from finetune.trainer import TrainConfig, evaluate, train
-from full import full_state_dict, prepare_full_finetuning
-from lora import LoraConfig, inject_lora
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.train.trainer import TrainConfig, evaluate, train
+from finetune_ref.full import full_state_dict, prepare_full_finetuning
+from finetune_ref.lora import LoraConfig, inject_lora
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 WORLD = 2
 PER_RANK_BATCH = 2
@@ -241,14 +241,14 @@ def test_torchrun_fsdp2_cli_and_resume_on_one_process(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--rdzv-backend", "static", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
                 "--node-rank", "0"]
-    two = subprocess.run([*launcher, "-m", "finetune", "train", *common, "--parallel", "fsdp", "--batch-size", "2",
+    two = subprocess.run([*launcher, "-m", "finetune_ref", "train", *common, "--parallel", "fsdp", "--batch-size", "2",
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     before = float(two.stdout.split("held-out before: loss ")[1].split(",")[0])
     after = float(two.stdout.split("held-out after:  loss ")[1].split(",")[0])
     assert after < before
     # The same global batch (4) on one process (this one), continuing the 2-process checkpoint of update 2.
-    from finetune.cli import main
+    from finetune_ref.cli.main import main
 
     with pytest.warns(UserWarning, match="2 process"):
         assert main(["train", *common, "--batch-size", "4", "--out", str(tmp_path / "one"),

@@ -5,12 +5,12 @@ and (real model) a few bf16 full-fine-tuning updates of SmolLM2-135M lowering th
 import pytest
 import torch
 
-from finetune.data import BatchIterator, pack_documents
-from finetune.trainer import TrainConfig, build_optimizer, evaluate, train
-from full import MasterWeightAdamW, export_full_model, memory_breakdown, prepare_full_finetuning
-from models.checkpoint import load_model
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.train.data import BatchIterator, pack_documents
+from finetune_ref.train.trainer import TrainConfig, build_optimizer, evaluate, train
+from finetune_ref.full import MasterWeightAdamW, export_full_model, memory_breakdown, prepare_full_finetuning
+from finetune_ref.models.checkpoint import load_model
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 VOCAB = 64
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from finetune.generate import generate, sample_next
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.models.generate import generate, sample_next
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 
 def tiny_model():

@@ -20,8 +20,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from models import default_model
-from models.gguf_convert import convert_gguf, permute_qk, reverse_permute_qk
+from finetune_ref.models import default_model
+from finetune_ref.models.gguf_convert import convert_gguf, permute_qk, reverse_permute_qk
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
@@ -229,7 +229,7 @@ def test_existing_output_dir(tmp_path, tiny):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, tiny, monkeypatch):
-    from models import gguf_convert
+    from finetune_ref.models import gguf_convert
 
     _, path = tiny
 

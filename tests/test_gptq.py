@@ -14,7 +14,7 @@ as ratios with a stated margin.
 import pytest
 import torch
 
-from qlora.gptq import (HessianAccumulator, QuantizedWeight, find_params, gptq_quantize, output_error,
+from finetune_ref.gptq.gptq import (HessianAccumulator, QuantizedWeight, find_params, gptq_quantize, output_error,
                         quantize_to_codes, rtn_quantize)
 
 

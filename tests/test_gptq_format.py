@@ -10,10 +10,10 @@ installed.
 import pytest
 import torch
 
-from qlora.gptq import gptq_quantize, rtn_quantize
-from qlora.gptq_format import (GPTQConfig, check_gptq_tensors, dequantize_gptq, pack_codes, pack_gptq, unpack_codes,
+from finetune_ref.gptq.gptq import gptq_quantize, rtn_quantize
+from finetune_ref.gptq.format import (GPTQConfig, check_gptq_tensors, dequantize_gptq, pack_codes, pack_gptq, unpack_codes,
                                unpack_gptq)
-from qlora.gptq_linear import GPTQLinear
+from finetune_ref.gptq.linear import GPTQLinear
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

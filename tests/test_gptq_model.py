@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from finetune.data import collate
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
-from qlora.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
-from qlora.gptq_format import GPTQConfig
-from qlora.gptq_model import (calibration_examples, gptq_dequantize_model, gptq_layers, gptq_nbytes,
+from finetune_ref.train.data import collate
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
+from finetune_ref.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from finetune_ref.gptq.format import GPTQConfig
+from finetune_ref.gptq.model import (calibration_examples, gptq_dequantize_model, gptq_layers, gptq_nbytes,
                               gptq_quantize_model, is_gptq_dir, load_gptq_model, read_gptq_config, save_gptq_model)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -190,7 +190,7 @@ def test_bad_settings_raise_clearly():
         gptq_quantize_model(tiny_model(), None, GPTQConfig())
     with pytest.raises(TypeError, match="GPTQConfig"):
         gptq_quantize_model(tiny_model(), None, {"bits": 4})
-    import lora
+    from finetune_ref import lora
 
     with_lora = tiny_model()
     lora.inject_lora(with_lora, lora.LoraConfig(r=2, target_modules="all-linear"))
@@ -206,9 +206,9 @@ def test_bad_settings_raise_clearly():
 @pytest.mark.real_model
 def test_smollm2_calibration_and_two_layers(smollm2_dir, tmp_path):
     """The default calibration data (training split of the default corpus) and GPTQ on two real layers."""
-    from finetune.data import build_datasets
-    from models.checkpoint import load_model
-    from models.tokenizer import Tokenizer
+    from finetune_ref.train.data import build_datasets
+    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(smollm2_dir)
     calib = calibration_examples(tokenizer, num_samples=8, seq_len=128)

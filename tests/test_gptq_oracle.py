@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from qlora.gptq import gptq_quantize, rtn_quantize
-from qlora.gptq_format import pack_gptq
+from finetune_ref.gptq.gptq import gptq_quantize, rtn_quantize
+from finetune_ref.gptq.format import pack_gptq
 
 gptqmodel = pytest.importorskip("gptqmodel")
 
@@ -87,10 +87,10 @@ def test_gptqmodel_loads_our_directory(tmp_path, smollm2_dir, sym, desc_act):
 
     from gptqmodel import BACKEND, GPTQModel
 
-    from models.config import LlamaConfig
-    from models.llama import LlamaForCausalLM
-    from qlora.gptq_format import GPTQConfig
-    from qlora.gptq_model import gptq_layers, gptq_quantize_model, load_gptq_model, save_gptq_model
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
+    from finetune_ref.gptq.format import GPTQConfig
+    from finetune_ref.gptq.model import gptq_layers, gptq_quantize_model, load_gptq_model, save_gptq_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -5,11 +5,11 @@ dropout active (the recomputation replays the same dropout mask); fewer saved ac
 import pytest
 import torch
 
-from finetune.data import BatchIterator, collate, pack_documents
-from finetune.trainer import TrainConfig, train
-from lora import LoraConfig, inject_lora
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.train.data import BatchIterator, collate, pack_documents
+from finetune_ref.train.trainer import TrainConfig, train
+from finetune_ref.lora import LoraConfig, inject_lora
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 VOCAB = 64
 

@@ -1,19 +1,17 @@
-"""Our top-level ``kernels`` package shares its name with Hugging Face's kernel-hub package, which
-bitsandbytes and transformers try to import. These tests import everything together in fresh
-interpreters and check that nothing breaks and that ``kernels`` is ours.
+"""Installing the project adds one import name, ``finetune_ref``; its ``kernels`` sub-package must not be taken
+for Hugging Face's kernel-hub package of the same top-level name, which bitsandbytes and transformers try to import.
+These tests import everything together in fresh interpreters, outside the checkout (whose folders would otherwise be
+importable from the current directory), and check that nothing breaks.
 
-What the libraries do with a ``kernels`` that is not the hub package (bitsandbytes 0.50.2,
-transformers 5.x, read from their sources):
+What the libraries do about a ``kernels`` package (bitsandbytes 0.50.2, transformers 5.x, read from their sources):
 
 - bitsandbytes ``backends/cpu/ops.py``, at import time on CPUs with AVX512-BF16, runs
   ``from kernels import get_kernel`` inside ``try/except Exception`` and on failure logs a
-  warning and uses its built-in CPU code (``gemm_4bit_forward_kernel = None``). Ours has no
-  ``get_kernel``, so that import raises ImportError: same outcome as with no package at all.
+  warning and uses its built-in CPU code (``gemm_4bit_forward_kernel = None``). No top-level ``kernels`` is
+  installed by us, so that import fails: the same outcome as with no package at all.
   (``backends/mps/ops.py`` does the same on Apple GPUs only.)
-- transformers ``utils/import_utils.py``: ``is_kernels_available()`` finds the module, asks
-  package metadata for a version (none: we are not an installed distribution of that name) and
-  then reads ``kernels.__version__``; we define none, so it answers False and the hub code stays
-  off.
+- transformers ``utils/import_utils.py``: ``is_kernels_available()`` looks for a top-level ``kernels`` module
+  and its distribution's version; neither exists, so it answers False and the hub code stays off.
 """
 
 from __future__ import annotations
@@ -29,17 +27,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 CHEAP_IMPORT = f"""
 import sys
-import kernels
+from finetune_ref import kernels
 assert kernels.__file__ == {str(REPO / "kernels" / "__init__.py")!r}, kernels.__file__
 heavy = [m for m in ("torch", "triton", "bitsandbytes", "transformers") if m in sys.modules]
 assert not heavy, f"import kernels loaded {{heavy}}"
-assert not hasattr(kernels, "get_kernel") and not hasattr(kernels, "__version__")
-try:
-    from kernels import get_kernel
-except ImportError:
-    pass
-else:
-    raise AssertionError("from kernels import get_kernel must fail")
+assert kernels.__name__ == "finetune_ref.kernels"
+import importlib.util
+assert importlib.util.find_spec("kernels") is None, "the project must not install a top-level 'kernels'"
 print("OK")
 """
 
@@ -49,17 +43,20 @@ import sys
 
 OURS_FIRST = sys.argv[1] == "ours-first"
 if OURS_FIRST:
-    import kernels, models, lora, qlora, finetune
+    from finetune_ref import kernels, models, lora, qlora
 import bitsandbytes
 import bitsandbytes.functional as bnbf
 import peft
 import torch
-import models, lora, qlora, kernels, finetune
-import kernels.nf4_autograd, kernels.nf4_dequant, kernels.nf4_matmul_forward, kernels.nf4_matmul_backward
+from finetune_ref import kernels, models, lora, qlora
+import finetune_ref.kernels.nf4_autograd, finetune_ref.kernels.nf4_dequant  # noqa: F401
+import finetune_ref.kernels.nf4_matmul_forward, finetune_ref.kernels.nf4_matmul_backward  # noqa: F401
 
 assert kernels.__file__ == {str(REPO / "kernels" / "__init__.py")!r}, kernels.__file__
-for name in ("models", "lora", "qlora", "finetune"):
-    assert sys.modules[name].__file__.startswith({str(REPO)!r}), (name, sys.modules[name].__file__)
+# Only finetune_ref is ours at the top level: no generic name of the project was imported or is importable.
+import importlib.util
+for name in ("models", "lora", "qlora", "kernels", "full", "optim", "gptq", "train", "recipes", "cli", "finetune"):
+    assert importlib.util.find_spec(name) is None, (name, importlib.util.find_spec(name))
 
 # bitsandbytes took its built-in CPU path, not a hub kernel.
 import bitsandbytes.backends.cpu.ops as cpu_ops
@@ -93,10 +90,10 @@ import triton  # first, with the interpreter off, as bitsandbytes' import does
 assert not os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
-from kernels.testing import make_nf4_weight
-from kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton
-from kernels.nf4_matmul_forward import nf4_matmul_reference, nf4_matmul_triton
-from kernels.nf4_matmul_backward import nf4_matmul_input_grad_reference, nf4_matmul_input_grad_triton
+from finetune_ref.kernels.testing import make_nf4_weight
+from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton
+from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_reference, nf4_matmul_triton
+from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad_reference, nf4_matmul_input_grad_triton
 nw = make_nf4_weight(torch.randn(65, 67), 64, True)
 assert torch.equal(dequantize_nf4_triton(nw), dequantize_nf4_reference(nw))
 x, dy = torch.randn(3, 67), torch.randn(3, 65)
@@ -108,7 +105,8 @@ print("OK")
 
 
 def _run(code: str, *args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # only what is installed: the checkout's folders must not be on the path
     env.pop("KERNELS_BACKEND", None)
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run(

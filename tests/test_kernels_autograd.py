@@ -17,11 +17,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-import kernels  # noqa: E402
-from kernels import nf4_autograd  # noqa: E402
-from kernels.backend import interpreter_enabled, triton_available  # noqa: E402
-from kernels.nf4_dequant import dequantize_nf4_reference  # noqa: E402
-from kernels.testing import TOLERANCES, make_nf4_weight  # noqa: E402
+from finetune_ref import kernels  # noqa: E402
+from finetune_ref.kernels import nf4_autograd  # noqa: E402
+from finetune_ref.kernels.backend import interpreter_enabled, triton_available  # noqa: E402
+from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference  # noqa: E402
+from finetune_ref.kernels.testing import TOLERANCES, make_nf4_weight  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="the Triton path needs triton (pip install triton)")
 DEVICE = "cpu" if interpreter_enabled() else "cuda"
@@ -136,7 +136,7 @@ def test_nf4_linear_errors(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_nf4_linear_matches_qlora_nf4linear(backend):
     # How qlora.NF4Linear can call us: NF4Weight.from_quant_state(layer.weight, layer.quant_state).
-    nf4_linear_module = pytest.importorskip("qlora.nf4_linear", reason="qlora/nf4_linear.py is not written yet")
+    nf4_linear_module = pytest.importorskip("finetune_ref.qlora.nf4_linear", reason="qlora/nf4_linear.py is not written yet")
     torch.manual_seed(0)
     dense = torch.nn.Linear(67, 65)
     layer = nf4_linear_module.NF4Linear.from_linear(dense, compute_dtype=torch.float32).to(DEVICE)
@@ -155,7 +155,7 @@ def test_nf4_linear_matches_qlora_nf4linear(backend):
 
 def test_nf4linear_takes_the_triton_path_when_forced():
     """NF4Linear routes through kernels.nf4_linear when the backend resolves to Triton (interpreter here)."""
-    from qlora.nf4_linear import NF4Linear
+    from finetune_ref.qlora.nf4_linear import NF4Linear
 
     torch.manual_seed(0)
     layer = NF4Linear.from_linear(torch.nn.Linear(64, 48, bias=True), compute_dtype=torch.float32)

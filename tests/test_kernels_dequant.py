@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install triton)")
 
-from kernels.backend import interpreter_enabled  # noqa: E402
-from kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
-from kernels.testing import (  # noqa: E402
+from finetune_ref.kernels.backend import interpreter_enabled  # noqa: E402
+from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
+from finetune_ref.kernels.testing import (  # noqa: E402
     assert_guards_intact,
     guarded_empty,
     make_nf4_weight,

@@ -21,13 +21,13 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install triton)")
 
-from kernels.backend import interpreter_enabled  # noqa: E402
-from kernels.nf4_matmul_forward import TileConfig, matmul_config, nf4_matmul_reference, nf4_matmul_triton  # noqa: E402
-from kernels.nf4_matmul_backward import (  # noqa: E402
+from finetune_ref.kernels.backend import interpreter_enabled  # noqa: E402
+from finetune_ref.kernels.nf4_matmul_forward import TileConfig, matmul_config, nf4_matmul_reference, nf4_matmul_triton  # noqa: E402
+from finetune_ref.kernels.nf4_matmul_backward import (  # noqa: E402
     nf4_matmul_input_grad_reference,
     nf4_matmul_input_grad_triton,
 )
-from kernels.testing import TOLERANCES, assert_guards_intact, guarded_empty, make_nf4_weight  # noqa: E402
+from finetune_ref.kernels.testing import TOLERANCES, assert_guards_intact, guarded_empty, make_nf4_weight  # noqa: E402
 
 DEVICE = "cpu" if interpreter_enabled() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():

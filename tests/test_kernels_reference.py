@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import backend
-from kernels.nf4_dequant import dequantize_absmax_reference, dequantize_nf4, dequantize_nf4_reference
-from kernels.nf4_layout import NF4_VALUES, NF4Weight, nf4_quant_map
-from kernels.nf4_matmul_forward import nf4_matmul, nf4_matmul_reference
-from kernels.nf4_matmul_backward import nf4_matmul_input_grad, nf4_matmul_input_grad_reference
-from kernels.testing import nf4_row_slice, quantize_with_bnb, random_nf4_weight
+from finetune_ref import kernels
+from finetune_ref.kernels import backend
+from finetune_ref.kernels.nf4_dequant import dequantize_absmax_reference, dequantize_nf4, dequantize_nf4_reference
+from finetune_ref.kernels.nf4_layout import NF4_VALUES, NF4Weight, nf4_quant_map
+from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul, nf4_matmul_reference
+from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad, nf4_matmul_input_grad_reference
+from finetune_ref.kernels.testing import nf4_row_slice, quantize_with_bnb, random_nf4_weight
 
 bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the oracle for the NF4 layout")
 
@@ -103,7 +103,7 @@ def test_reference_dequant_equals_bitsandbytes(shape, double_quant):
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", ODD_SHAPES + ((7, 1000),))
 def test_reference_dequant_equals_qlora_nf4(shape, double_quant, dtype):
-    nf4 = pytest.importorskip("qlora.nf4", reason="the project quantizer qlora/nf4.py is not written yet")
+    nf4 = pytest.importorskip("finetune_ref.qlora.nf4", reason="the project quantizer qlora/nf4.py is not written yet")
     w = torch.randn(shape)
     packed, state = nf4.quantize_nf4(w, blocksize=64, double_quant=double_quant)
     nw = NF4Weight.from_quant_state(packed, state)
@@ -226,8 +226,8 @@ def test_dispatchers_use_reference_on_cpu(clean_backend):
     x = torch.randn(4, 70)
     dy = torch.randn(4, 9)
     for name in ("dequantize_nf4_triton", "nf4_matmul_triton", "nf4_matmul_input_grad_triton"):
-        module = {"dequantize_nf4_triton": "kernels.nf4_dequant", "nf4_matmul_triton": "kernels.nf4_matmul_forward",
-                  "nf4_matmul_input_grad_triton": "kernels.nf4_matmul_backward"}[name]
+        module = {"dequantize_nf4_triton": "finetune_ref.kernels.nf4_dequant", "nf4_matmul_triton": "finetune_ref.kernels.nf4_matmul_forward",
+                  "nf4_matmul_input_grad_triton": "finetune_ref.kernels.nf4_matmul_backward"}[name]
         clean_backend.setattr(f"{module}.{name}", _fail)
     assert torch.equal(dequantize_nf4(nw), dequantize_nf4_reference(nw))
     assert torch.equal(nf4_matmul(x, nw), nf4_matmul_reference(x, nw))

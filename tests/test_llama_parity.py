@@ -10,9 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.checkpoint import load_model, save_model  # noqa: E402
-from models.config import LlamaConfig  # noqa: E402
-from models.llama import KVCache, LlamaForCausalLM  # noqa: E402
+from finetune_ref.models.checkpoint import load_model, save_model  # noqa: E402
+from finetune_ref.models.config import LlamaConfig  # noqa: E402
+from finetune_ref.models.llama import KVCache, LlamaForCausalLM  # noqa: E402
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}

@@ -14,9 +14,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-import lora  # noqa: E402
-from lora.inject import rank_and_alpha  # noqa: E402
-from lora.layer import LoRALinear  # noqa: E402
+from finetune_ref import lora  # noqa: E402
+from finetune_ref.lora.inject import rank_and_alpha  # noqa: E402
+from finetune_ref.lora.layer import LoRALinear  # noqa: E402
 
 QV = ["q_proj", "v_proj"]
 
@@ -273,7 +273,7 @@ def test_merge_into_tied_lm_head_refuses_or_unties():
 # ---- our own model class ----
 
 def test_on_our_llama_model(tmp_path):
-    checkpoint = pytest.importorskip("models.checkpoint")
+    checkpoint = pytest.importorskip("finetune_ref.models.checkpoint")
     hf = tiny_llama(tie=True)
     hf.save_pretrained(tmp_path / "base")
     ours = checkpoint.load_model(tmp_path / "base", dtype=torch.float32)

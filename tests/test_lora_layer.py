@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora.layer import (LoRALinear, dense_weight, init_lora_weights_, lora_delta_weight, lora_forward,
+from finetune_ref.lora.layer import (LoRALinear, dense_weight, init_lora_weights_, lora_delta_weight, lora_forward,
                         lora_scaling, merged_weight)
 
 
@@ -271,39 +271,49 @@ def test_non_dense_base_runs_forward_but_refuses_merge():
     assert not layer.merged
 
 
-def test_registered_accessor_lets_a_non_dense_base_merge():
-    """A quantized base plugs into merge/unmerge by registering how to read and write its dense weight."""
-    from lora.layer import _WEIGHT_ACCESSORS, register_weight_accessor
+class HalfStoredBase(nn.Module):
+    """Stores W as fp16 in a buffer and computes in fp32: a stand-in for a quantized base."""
 
-    class HalfStoredBase(nn.Module):  # stores W as fp16 in a buffer, computes in fp32
-        def __init__(self):
-            super().__init__()
-            self.in_features, self.out_features = 8, 6
-            self.register_buffer("packed", torch.randn(6, 8).half())
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 8, 6
+        self.register_buffer("packed", torch.randn(6, 8).half())
 
-        def forward(self, x):
-            return x @ self.packed.float().T
+    def forward(self, x):
+        return x @ self.packed.float().T
 
-    def write(base, w):
-        base.packed.copy_(w.half())
+    def dequantize(self):
+        return self.packed.float()
 
-    register_weight_accessor(HalfStoredBase, lambda base: base.packed.float(), write)
-    try:
-        layer = LoRALinear(HalfStoredBase())
-        layer.add_adapter("default", r=2, lora_alpha=4, init_lora_weights=False)
-        layer.set_adapter("default")
-        x = torch.randn(3, 8)
-        before = layer(x)
-        stored = layer.base_layer.packed.clone()
+    def requantize_(self, w):
+        self.packed.copy_(w.half())
+
+
+def test_a_base_with_dequantize_and_requantize_merges():
+    """A quantized base takes part in merge/unmerge through its own dequantize() and requantize_(weight)
+    (duck-typed: nothing is registered, so it works whatever was imported first)."""
+    layer = LoRALinear(HalfStoredBase())
+    layer.add_adapter("default", r=2, lora_alpha=4, init_lora_weights=False)
+    layer.set_adapter("default")
+    x = torch.randn(3, 8)
+    before = layer(x)
+    stored = layer.base_layer.packed.clone()
+    layer.merge()
+    assert torch.equal(layer.base_layer.packed, (stored.float() + layer.get_delta_weight("default")).half())
+    assert_rel_close(layer(x), before, rel=1e-3)  # fp16 storage of W + dW
+    layer.unmerge()
+    assert not layer.merged
+
+
+def test_a_base_that_can_only_be_read_is_refused_on_merge():
+    class ReadOnlyBase(HalfStoredBase):
+        requantize_ = None
+
+    layer = LoRALinear(ReadOnlyBase())
+    layer.add_adapter("default", r=2, lora_alpha=4, init_lora_weights=False)
+    layer.set_adapter("default")
+    with pytest.raises(TypeError, match="no requantize_"):
         layer.merge()
-        assert torch.equal(layer.base_layer.packed, (stored.float() + layer.get_delta_weight("default")).half())
-        assert_rel_close(layer(x), before, rel=1e-3)  # fp16 storage of W + dW
-        layer.unmerge()
-        assert not layer.merged
-        with pytest.raises(TypeError, match="class and two callables"):
-            register_weight_accessor("not a type", None, None)
-    finally:
-        _WEIGHT_ACCESSORS.pop(HalfStoredBase, None)
 
 
 def test_switching_or_deleting_while_merged_is_refused():

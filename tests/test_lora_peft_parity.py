@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import lora  # noqa: E402
-from lora.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME  # noqa: E402
+from finetune_ref import lora  # noqa: E402
+from finetune_ref.lora.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME  # noqa: E402
 
 PREFIX = "base_model.model."
 
@@ -296,7 +296,7 @@ class OddNames(torch.nn.Module):
 
 
 def test_key_conversion_keeps_module_names_with_weight_or_lora(tmp_path):
-    from lora.peft_format import module_key_to_peft_key, peft_key_to_module_key
+    from finetune_ref.lora.peft_format import module_key_to_peft_key, peft_key_to_module_key
 
     torch.manual_seed(0)
     base = OddNames()

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qlora.bnb_format import bnb_linear_keys, bnb_linear_prefixes, from_bnb_state_dict, to_bnb_state_dict
-from qlora.nf4 import dequantize_nf4, quantize_nf4
-from qlora.nf4_linear import NF4Linear
+from finetune_ref.qlora.bnb_format import bnb_linear_keys, bnb_linear_prefixes, from_bnb_state_dict, to_bnb_state_dict
+from finetune_ref.qlora.nf4 import dequantize_nf4, quantize_nf4
+from finetune_ref.qlora.nf4_linear import NF4Linear
 
 COMPUTE_DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 

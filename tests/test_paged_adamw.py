@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from full.optimizer import MasterWeightAdamW
-from qlora.paged_adamw import DEFAULT_MIN_PAGED_SIZE, PagedAdamW, PagingStats, StatePager
+from finetune_ref.optim.master_adamw import MasterWeightAdamW
+from finetune_ref.optim.paged_adamw import DEFAULT_MIN_PAGED_SIZE, PagedAdamW, PagingStats, StatePager
 
 HOMES = ("device", "host", "unified")
 SHAPES = ((48, 40), (40,), (7, 3))  # 1920, 40 and 21 elements
@@ -262,8 +262,8 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_factory_builds_each_named_optimizer():
-    from qlora.adamw8bit import AdamW8bit, PagedAdamW8bit
-    from qlora.optimizers import OPTIMIZER_NAMES, build_optimizer, default_optimizer
+    from finetune_ref.optim.adamw8bit import AdamW8bit, PagedAdamW8bit
+    from finetune_ref.optim.optimizers import OPTIMIZER_NAMES, build_optimizer, default_optimizer
 
     expected = {"adamw": torch.optim.AdamW, "paged_adamw": PagedAdamW, "adamw8bit": AdamW8bit,
                 "paged_adamw8bit": PagedAdamW8bit}

@@ -14,14 +14,14 @@ import shutil
 import pytest
 import torch
 
-from finetune.cli import main
-from lora import LoraConfig, merge_and_unload, save_adapter, unmerge_adapters
-from lora.layer import LoRALinear, lora_delta_weight
-from models.checkpoint import load_model
-from qlora.merge import check_original_matches, dequantize_model, merge_qlora, merge_report
-from qlora.model import is_quantized_dir, load_quantized, nf4_layers, prepare_qlora_model
-from qlora.nf4 import quantize_nf4
-from qlora.nf4_linear import NF4Linear
+from finetune_ref.cli.main import main
+from finetune_ref.lora import LoraConfig, merge_and_unload, save_adapter, unmerge_adapters
+from finetune_ref.lora.layer import LoRALinear, lora_delta_weight
+from finetune_ref.models.checkpoint import load_model
+from finetune_ref.qlora.merge import check_original_matches, dequantize_model, merge_qlora, merge_report
+from finetune_ref.qlora.model import is_quantized_dir, load_quantized, nf4_layers, prepare_qlora_model
+from finetune_ref.qlora.nf4 import quantize_nf4
+from finetune_ref.qlora.nf4_linear import NF4Linear
 
 # One decoder layer keeps the many (re-)quantizations of these tests fast; GQA and every projection are there.
 CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,

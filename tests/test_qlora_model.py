@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qlora.model as qmodel
-from finetune.cli import main
-from lora import LoraConfig
-from models.config import LlamaConfig as OurConfig
-from models.llama import LlamaForCausalLM as OurLlama
-from qlora.model import (BnbQuantizationConfig, load_quantized, nf4_layers, prepare_qlora_model, quantize_model,
+import finetune_ref.qlora.model as qmodel
+from finetune_ref.cli.main import main
+from finetune_ref.lora import LoraConfig
+from finetune_ref.models.config import LlamaConfig as OurConfig
+from finetune_ref.models.llama import LlamaForCausalLM as OurLlama
+from finetune_ref.qlora.model import (BnbQuantizationConfig, load_quantized, nf4_layers, prepare_qlora_model, quantize_model,
                          quantized_nbytes, save_quantized)
-from qlora.nf4_linear import NF4Linear
+from finetune_ref.qlora.nf4_linear import NF4Linear
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                 "mlp.up_proj", "mlp.down_proj")
@@ -243,7 +243,7 @@ def test_measured_bytes_per_parameter(double_quant, nominal):
 
 
 def test_in_memory_quantization_equals_quantize_while_loading(fp_dir):
-    from models.checkpoint import load_model
+    from finetune_ref.models.checkpoint import load_model
 
     dense = load_model(fp_dir, dtype=torch.float32)
     quantized = quantize_model(dense, compute_dtype=torch.float32)

@@ -11,11 +11,11 @@ repacking weights on AVX512-BF16 CPUs, after which it silently loses input gradi
 import pytest
 import torch
 
-import lora
+from finetune_ref import lora
 
-from lora import LoraConfig, inject_lora, load_adapter, lora_layers, save_adapter
-from qlora.merge import merge_qlora, merge_report
-from qlora.model import load_quantized, nf4_layers
+from finetune_ref.lora import LoraConfig, inject_lora, load_adapter, lora_layers, save_adapter
+from finetune_ref.qlora.merge import merge_qlora, merge_report
+from finetune_ref.qlora.model import load_quantized, nf4_layers
 
 CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)

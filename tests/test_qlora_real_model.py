@@ -7,12 +7,12 @@ comparison with LoRA (tokens/s, peak memory, held-out loss after 30 updates) is 
 import pytest
 import torch
 
-from finetune.data import BatchIterator, build_datasets, iter_batches
-from finetune.trainer import TrainConfig, evaluate, train
-from lora import LoraConfig
-from models.checkpoint import load_model
-from models.tokenizer import Tokenizer
-from qlora.model import nf4_layers, prepare_qlora_model, quantized_nbytes
+from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
+from finetune_ref.train.trainer import TrainConfig, evaluate, train
+from finetune_ref.lora import LoraConfig
+from finetune_ref.models.checkpoint import load_model
+from finetune_ref.models.tokenizer import Tokenizer
+from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model, quantized_nbytes
 
 pytestmark = pytest.mark.real_model
 

@@ -18,7 +18,7 @@ import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from models.tokenizer import CHATML_TEMPLATE, IGNORE_INDEX, Tokenizer
+from finetune_ref.models.tokenizer import CHATML_TEMPLATE, IGNORE_INDEX, Tokenizer
 
 CORPUS = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:30])
 
@@ -314,7 +314,7 @@ def test_bad_inputs_raise(bpe_dir, tmp_path):
 @pytest.mark.real_model
 def test_smollm2_matches_autotokenizer(request):
     """Our Tokenizer on the converted SmolLM2 directory equals transformers.AutoTokenizer on it."""
-    if importlib.util.find_spec("models.default_model") is None:
+    if importlib.util.find_spec("finetune_ref.models.default_model") is None:
         pytest.skip("models/default_model.py (the SmolLM2 converter behind fixture smollm2_dir) is not there yet")
     path = request.getfixturevalue("smollm2_dir")
     ours = Tokenizer.from_dir(path)

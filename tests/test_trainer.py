@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from finetune.schedule import WarmupCosine, lr_at
-from finetune.trainer import TrainConfig, count_label_tokens, evaluate, param_groups, train
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.train.schedule import WarmupCosine, lr_at
+from finetune_ref.train.trainer import TrainConfig, count_label_tokens, evaluate, param_groups, train
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,8 +131,8 @@ def test_no_trainable_parameters_is_an_error():
 # ---------------------------------------------------------------------------------------------------------
 # Added with full fine-tuning / checkpointing (issue 6).
 # ---------------------------------------------------------------------------------------------------------
-from finetune.schedule import format_lr_table  # noqa: E402
-from finetune.trainer import build_optimizer, clip_grad_norm_  # noqa: E402
+from finetune_ref.train.schedule import format_lr_table  # noqa: E402
+from finetune_ref.train.trainer import build_optimizer, clip_grad_norm_  # noqa: E402
 
 
 def test_warmup_zero_first_update_uses_peak_lr_and_lr_table():
@@ -232,7 +232,7 @@ def test_config_errors(field, value, match):
 
 
 def test_cli_dry_run_prints_the_lr_table(capsys):
-    from finetune.cli import main
+    from finetune_ref.cli.main import main
 
     assert main(["train", "--method", "full", "--dry-run", "--steps", "5", "--warmup", "2", "--lr", "1e-3"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
 
 
 def make_model_dir(root, hidden=32, layers=2):
@@ -14,7 +14,7 @@ def make_model_dir(root, hidden=32, layers=2):
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from models.checkpoint import save_model
+    from finetune_ref.models.checkpoint import save_model
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

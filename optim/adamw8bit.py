@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import torch
 
-from full.optimizer import adamw_update_
-from qlora.blockwise8 import ROUNDING_RULES, create_dynamic_map, dequantize_blockwise, quantize_blockwise
-from qlora.paged_adamw import DEFAULT_MIN_PAGED_SIZE, LOW_PRECISION, PagedAdamW, StateLayout, fp32_target
+from finetune_ref.optim.master_adamw import adamw_update_
+from finetune_ref.optim.blockwise8 import ROUNDING_RULES, create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from finetune_ref.optim.paged_adamw import DEFAULT_MIN_PAGED_SIZE, LOW_PRECISION, PagedAdamW, StateLayout, fp32_target
 
 BLOCKSIZE = 256  # elements per absmax block of the optimizer states (bitsandbytes' blockwise optimizers)
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller parameters keep 32-bit states

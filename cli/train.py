@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.cli_common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
                                  non_negative_int,
                                  positive_float, positive_int, probability, resolve_model_dir, targets,
                                  write_qlora_record)
@@ -56,7 +56,7 @@ def _base_dtype(args) -> str:
 
 
 def _lora_config(args):
-    from lora import LoraConfig
+    from finetune_ref.lora import LoraConfig
 
     return LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets,
                       use_rslora=args.rslora)
@@ -68,9 +68,9 @@ def _lora_metadata(args) -> dict:
 
 
 def _train_lora(args, model_dir: Path, info) -> TrainMethod:
-    from finetune.distributed import unwrap_model
-    from lora import inject_lora, save_adapter
-    from models.checkpoint import load_model
+    from finetune_ref.train.distributed import unwrap_model
+    from finetune_ref.lora import inject_lora, save_adapter
+    from finetune_ref.models.checkpoint import load_model
 
     model = load_model(model_dir, dtype=args.dtype)
     inject_lora(model, _lora_config(args))
@@ -85,9 +85,9 @@ def _train_lora(args, model_dir: Path, info) -> TrainMethod:
 def _train_qlora(args, model_dir: Path, info) -> TrainMethod:
     """QLoRA (Dettmers et al. 2023, section 3): frozen NF4 base (double quantization by default), LoRA adapters
     in bf16 for --precision bf16 (fp32 otherwise), NF4 matmuls in --compute-dtype."""
-    from finetune.distributed import unwrap_model
-    from lora import save_adapter
-    from qlora.model import nf4_layers, prepare_qlora_model
+    from finetune_ref.train.distributed import unwrap_model
+    from finetune_ref.lora import save_adapter
+    from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model
 
     compute = args.compute_dtype or ("fp32" if args.precision == "fp32" else "bf16")
     adapter_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -108,8 +108,8 @@ def _train_qlora(args, model_dir: Path, info) -> TrainMethod:
 
 
 def _train_full(args, model_dir: Path, info) -> TrainMethod:
-    from full import export_full_model, prepare_full_finetuning
-    from models.checkpoint import load_model
+    from finetune_ref.full import export_full_model, prepare_full_finetuning
+    from finetune_ref.models.checkpoint import load_model
 
     model = load_model(model_dir, dtype=args.dtype)
     prepare_full_finetuning(model, next(model.parameters()).dtype)
@@ -127,9 +127,9 @@ TRAIN_METHODS = {"lora": _train_lora, "full": _train_full, "qlora": _train_qlora
 
 
 def cmd_train(args) -> int:
-    from finetune.schedule import format_lr_table
-    from finetune.trainer import TrainConfig
-    from qlora.optimizers import default_optimizer
+    from finetune_ref.train.schedule import format_lr_table
+    from finetune_ref.train.trainer import TrainConfig
+    from finetune_ref.optim.optimizers import default_optimizer
 
     args.precision = args.precision or DEFAULT_PRECISION[args.method]
     args.lr = args.lr or DEFAULT_LR[args.method]
@@ -151,7 +151,7 @@ def cmd_train(args) -> int:
               f"{cfg.lr:g}, min lr {cfg.lr * cfg.min_lr_ratio:g}")
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio))
         return 0
-    from finetune.distributed import destroy_distributed, init_distributed
+    from finetune_ref.train.distributed import destroy_distributed, init_distributed
 
     info = init_distributed()
     finished = False
@@ -164,12 +164,12 @@ def cmd_train(args) -> int:
 
 
 def _run_training(args, cfg, info) -> int:
-    from finetune.checkpointing import Checkpointer, resolve_checkpoint
-    from finetune.data import BatchIterator, build_datasets, iter_batches
-    from finetune.distributed import ShardedBatches, shard_model, wrap_ddp
-    from finetune.trainer import TrainingInterrupted, evaluate, train
-    from lora import format_trainable_parameters
-    from models.tokenizer import Tokenizer
+    from finetune_ref.train.checkpointing import Checkpointer, resolve_checkpoint
+    from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
+    from finetune_ref.train.distributed import ShardedBatches, shard_model, wrap_ddp
+    from finetune_ref.train.trainer import TrainingInterrupted, evaluate, train
+    from finetune_ref.lora import format_trainable_parameters
+    from finetune_ref.models.tokenizer import Tokenizer
 
     say = print if info.is_main else (lambda *a, **k: None)
     out = Path(args.out or f"runs/{args.method}")
@@ -249,8 +249,8 @@ def _run_training(args, cfg, info) -> int:
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """Register ``train`` on the ``finetune`` subcommands."""
-    from finetune.trainer import PRECISIONS
-    from qlora.optimizers import OPTIMIZER_NAMES
+    from finetune_ref.train.trainer import PRECISIONS
+    from finetune_ref.optim import OPTIMIZER_NAMES
 
     p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full) and save the adapter or model")
     p.add_argument("--method", default="lora", choices=sorted(TRAIN_METHODS), help="what to train")

@@ -62,9 +62,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.cli_common import load_average, pick_threads
-from finetune.compare_report import environment, format_table, plot_curves
-from finetune.memory_tracker import TensorMemoryTracker, tensor_bytes
+from finetune_ref.cli.common import load_average, pick_threads
+from finetune_ref.cli.compare_report import environment, format_table, plot_curves
+from finetune_ref.train.memory_tracker import TensorMemoryTracker, tensor_bytes
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "bf16")
@@ -143,7 +143,7 @@ def check_writable(out: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 def regression_documents(path: str | Path | None = None) -> tuple[str | None, list[str]]:
     """(corpus name, documents) of the second corpus; (None, []) when none is available (see module doc)."""
-    from finetune.data import read_text_documents
+    from finetune_ref.train.data import read_text_documents
 
     if path is not None:
         return str(path), read_text_documents(path)
@@ -174,10 +174,10 @@ def spread(examples: list, max_tokens: int) -> list:
 # ---------------------------------------------------------------------------------------------------------
 def build_method(method: str, s: CompareSettings, model_dir: Path):
     """(model, TrainConfig precision) for ``method``; the caller seeds torch first (LoRA's A init)."""
-    import lora
-    from full import prepare_full_finetuning
-    from models.checkpoint import load_model
-    from qlora.model import prepare_qlora_model
+    from finetune_ref import lora
+    from finetune_ref.full import prepare_full_finetuning
+    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.qlora.model import prepare_qlora_model
 
     dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
     config = lora.LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules="all-linear")
@@ -208,8 +208,8 @@ class PeakTracker(TensorMemoryTracker):
 
 def measure_step(model, optimizer, batch: dict, precision: str) -> dict:
     """Live tensor bytes of one training step (forward, backward, clip, optimizer step), as ``train`` runs it."""
-    from finetune.data import count_label_tokens
-    from finetune.trainer import autocast_context, clip_grad_norm_, model_inputs
+    from finetune_ref.train.data import count_label_tokens
+    from finetune_ref.train.trainer import autocast_context, clip_grad_norm_, model_inputs
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     tracker = PeakTracker(params)
@@ -240,13 +240,13 @@ def measure_step(model, optimizer, batch: dict, precision: str) -> dict:
 def run_method(method: str, s: CompareSettings) -> dict:
     """Train, evaluate, save and measure one method; returns its row of the table (plain JSON types)."""
     wall_start = time.perf_counter()
-    from finetune.data import BatchIterator, _text_examples, build_datasets, iter_batches
-    from finetune.memory import MemorySettings, estimate_memory, parameter_count
-    from finetune.trainer import TrainConfig, build_optimizer, evaluate, train
-    from full import export_full_model
-    from lora import save_adapter, trainable_parameters
-    from models.default_model import default_model_dir
-    from models.tokenizer import Tokenizer
+    from finetune_ref.train.data import BatchIterator, _text_examples, build_datasets, iter_batches
+    from finetune_ref.train.memory import MemorySettings, estimate_memory, parameter_count
+    from finetune_ref.train.trainer import TrainConfig, build_optimizer, evaluate, train
+    from finetune_ref.full import export_full_model
+    from finetune_ref.lora import save_adapter, trainable_parameters
+    from finetune_ref.models.default_model import default_model_dir
+    from finetune_ref.models.tokenizer import Tokenizer
 
     model_dir = Path(s.model_dir) if s.model_dir else default_model_dir()
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -341,7 +341,7 @@ def compare(s: CompareSettings) -> dict:
 
 
 def _run_isolated(method: str, s: CompareSettings) -> dict:
-    """``run_method`` in a fresh interpreter (``python -m finetune.compare --child``), so its max RSS is this
+    """``run_method`` in a fresh interpreter (``python -m finetune_ref.cli.compare --child``), so its max RSS is this
     method's alone and nothing is left over from the previous method. A subprocess rather than
     multiprocessing's spawn, which would re-run the caller's ``__main__`` script."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -349,7 +349,7 @@ def _run_isolated(method: str, s: CompareSettings) -> dict:
         settings.write_text(json.dumps(dataclasses.asdict(s)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                         os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "finetune.compare", "--child", method, str(settings),
+        proc = subprocess.run([sys.executable, "-m", "finetune_ref.cli.compare", "--child", method, str(settings),
                                str(result)], env=env)
         answer = json.loads(result.read_text()) if result.is_file() else {}
     if "error" in answer:  # re-raise what the child raised, so bad input still reads as one clear line
@@ -386,7 +386,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on a ``parser.add_subparsers()`` object; ``func=cmd_compare``."""
-    from finetune.cli_common import non_negative_int, positive_float, positive_int
+    from finetune_ref.cli.common import non_negative_int, positive_float, positive_int
 
     p = subparsers.add_parser("compare", help="full fine-tuning vs LoRA vs QLoRA on one base, data and budget",
                               description=__doc__.split("\n\n")[0])
@@ -442,7 +442,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def compare_main(argv: list[str] | None = None) -> int:
-    """``python -m finetune.compare [options]`` until ``finetune compare`` is registered: exit status 2 and one
+    """``python -m finetune_ref.cli.compare [options]`` until ``finetune compare`` is registered: exit status 2 and one
     line for bad input, as the ``finetune`` command does."""
     parser = argparse.ArgumentParser(prog="finetune")
     add_compare_parser(parser.add_subparsers(dest="command", required=True))

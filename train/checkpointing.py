@@ -48,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from finetune.distributed import DistInfo, barrier, unwrap_model
+from finetune_ref.train.distributed import DistInfo, barrier, unwrap_model
 
 FORMAT = "finetune-ref-training-checkpoint"
 VERSION = 1

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from finetune.cli_common import (add_data_args, add_model_args, finite_non_negative, heldout_batches,
+from finetune_ref.cli.common import (add_data_args, add_model_args, finite_non_negative, heldout_batches,
                                  load_inference_model, pick_threads, positive_int, resolve_model_dir)
 
 EXIT_USAGE = 2
@@ -25,8 +25,8 @@ INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with
 
 
 def cmd_eval(args) -> int:
-    from finetune.trainer import evaluate
-    from models.tokenizer import Tokenizer
+    from finetune_ref.train.trainer import evaluate
+    from finetune_ref.models.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -42,8 +42,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from finetune.generate import generate
-    from models.tokenizer import Tokenizer
+    from finetune_ref.models.generate import generate
+    from finetune_ref.models.tokenizer import Tokenizer
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -62,7 +62,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from models.gguf_convert import convert_gguf
+    from finetune_ref.models.gguf_convert import convert_gguf
 
     out = convert_gguf(args.file, args.out, overwrite=args.overwrite)
     print(f"converted {args.file} -> {out}")
@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from finetune.compare import add_compare_parser
-    from finetune.memory import add_memory_parser
-    from finetune.merge_cli import add_merge_parsers
-    from finetune.train_cli import add_train_parser
+    from finetune_ref.cli.compare import add_compare_parser
+    from finetune_ref.train.memory import add_memory_parser
+    from finetune_ref.cli.merge import add_merge_parsers
+    from finetune_ref.cli.train import add_train_parser
 
     add_train_parser(sub)
     p = sub.add_parser("eval", help="held-out loss and perplexity, optionally with adapters")

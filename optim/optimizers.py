@@ -74,14 +74,14 @@ def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, betas: tu
         params = [p for g in param_groups for p in (g["params"] if isinstance(g, dict) else [g])]
         if all(p.dtype == torch.float32 for p in params):
             return torch.optim.AdamW(param_groups, **hyper)
-        from full.optimizer import MasterWeightAdamW
+        from finetune_ref.optim.master_adamw import MasterWeightAdamW
 
         return MasterWeightAdamW(param_groups, **hyper)
     if name == "paged_adamw":
-        from qlora.paged_adamw import PagedAdamW
+        from finetune_ref.optim.paged_adamw import PagedAdamW
 
         return PagedAdamW(param_groups, **hyper, **kw)
-    from qlora.adamw8bit import AdamW8bit, PagedAdamW8bit
+    from finetune_ref.optim.adamw8bit import AdamW8bit, PagedAdamW8bit
 
     cls = AdamW8bit if name == "adamw8bit" else PagedAdamW8bit
     return cls(param_groups, **hyper, **kw)

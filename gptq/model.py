@@ -36,13 +36,13 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files, parse_dtype,
+from finetune_ref.models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files, parse_dtype,
                                read_tensors)
-from models.config import LlamaConfig, read_config_json
-from models.llama import LlamaForCausalLM, build_attention_mask
-from qlora.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
-from qlora.gptq_format import GPTQ_KEYS, GPTQConfig, check_gptq_tensors
-from qlora.gptq_linear import GPTQLinear
+from finetune_ref.models.config import LlamaConfig, read_config_json
+from finetune_ref.models.llama import LlamaForCausalLM, build_attention_mask
+from finetune_ref.gptq.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
+from finetune_ref.gptq.format import GPTQ_KEYS, GPTQConfig, check_gptq_tensors
+from finetune_ref.gptq.linear import GPTQLinear
 
 DEFAULT_NUM_SAMPLES = 128
 DEFAULT_SEQ_LEN = 256
@@ -64,7 +64,7 @@ def calibration_examples(tokenizer, data: str | Path | None = None, *, num_sampl
     Raises:
         ValueError: ``num_samples`` < 1, or no training example (data errors come from ``build_datasets``).
     """
-    from finetune.data import build_datasets
+    from finetune_ref.train.data import build_datasets
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -135,7 +135,7 @@ class _StopForward(Exception):
 
 def _embed_batches(model: LlamaForCausalLM, examples: list[dict], batch_size: int) -> list[dict]:
     """Per batch: the hidden states entering layer 0 and what every layer's forward needs (as LlamaModel)."""
-    from finetune.data import collate
+    from finetune_ref.train.data import collate
 
     device = model.model.embed_tokens.weight.device
     batches = []

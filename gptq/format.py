@@ -44,7 +44,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from qlora.gptq import (DEFAULT_DAMP_PERCENT, DEFAULT_GROUP_SIZE, SCALE_DTYPE, SUPPORTED_BITS, QuantizedWeight,
+from finetune_ref.gptq.gptq import (DEFAULT_DAMP_PERCENT, DEFAULT_GROUP_SIZE, SCALE_DTYPE, SUPPORTED_BITS, QuantizedWeight,
                         check_bits, check_group_size)
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")

@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from models.tokenizer import IGNORE_INDEX, Tokenizer, validate_messages
+from finetune_ref.models.tokenizer import IGNORE_INDEX, Tokenizer, validate_messages
 
 Example = dict[str, torch.Tensor]  # 1-D int64 tensors: input_ids, labels, position_ids, document_ids
 EXAMPLE_KEYS = ("input_ids", "labels", "position_ids", "document_ids")

@@ -62,8 +62,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.cli_common import positive_int
-from models.config import LlamaConfig
+from finetune_ref.cli.common import positive_int
+from finetune_ref.models.config import LlamaConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")

@@ -112,13 +112,13 @@ def add_data_args(p: argparse.ArgumentParser, batch_size: int = 4) -> None:
 # --------------------------------------------------------------------------------------------------------
 def resolve_model_dir(model: str | None, cache_dir: str | None) -> Path:
     """None -> the embedded default; a .gguf file -> converted once into the cache; else an HF directory."""
-    from models.default_model import default_cache_dir, default_model_dir
+    from finetune_ref.models.default_model import default_cache_dir, default_model_dir
 
     if model is None:
         return default_model_dir(cache_dir)
     path = Path(model)
     if path.suffix == ".gguf":
-        from models.gguf_convert import convert_gguf
+        from finetune_ref.models.gguf_convert import convert_gguf
 
         out = Path(cache_dir or default_cache_dir()) / path.stem
         if not (out / "config.json").is_file():
@@ -133,7 +133,7 @@ def resolve_model_dir(model: str | None, cache_dir: str | None) -> Path:
 
 def write_qlora_record(adapter_dir: Path, settings: dict) -> None:
     """Record beside a QLoRA adapter how its base was quantized (blocksize, double_quant, dtypes)."""
-    from models.checkpoint import atomic_write_text
+    from finetune_ref.models.checkpoint import atomic_write_text
 
     atomic_write_text(Path(adapter_dir) / QLORA_CONFIG_FILE, json.dumps({"quant_type": "nf4", **settings},
                                                                         indent=2) + "\n")
@@ -168,10 +168,10 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
     Raises:
         ValueError / FileNotFoundError: as the loaders; adapters on a GPTQ base.
     """
-    from lora import load_adapters
-    from models.checkpoint import load_model, parse_dtype
-    from qlora.gptq_model import is_gptq_dir, load_gptq_model
-    from qlora.model import is_quantized_dir, load_quantized
+    from finetune_ref.lora import load_adapters
+    from finetune_ref.models.checkpoint import load_model, parse_dtype
+    from finetune_ref.gptq.model import is_gptq_dir, load_gptq_model
+    from finetune_ref.qlora.model import is_quantized_dir, load_quantized
 
     record = read_qlora_record(adapter_dirs)
     if is_gptq_dir(model_dir):
@@ -196,7 +196,7 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
 
 def heldout_batches(args, tokenizer) -> list[dict]:
     """The held-out batches of ``--data``/``--eval-data`` (raises ValueError if there are none)."""
-    from finetune.data import build_datasets, iter_batches
+    from finetune_ref.train.data import build_datasets, iter_batches
 
     _, held = build_datasets(tokenizer, args.data, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
                              eval_data=args.eval_data)

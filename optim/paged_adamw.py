@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 import torch
 
-from full.optimizer import adamw_update_
+from finetune_ref.optim.master_adamw import adamw_update_
 
 STATE_HOMES = ("device", "host", "unified")
 # bitsandbytes pages the state of a parameter with >= 1e5 elements (Optimizer8bit.get_state_buffer).

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.gptq import QuantizedWeight, check_bits, check_group_size
-from qlora.gptq_format import CHECKPOINT_FORMATS, GPTQ_KEYS, check_gptq_tensors, pack_gptq, unpack_gptq
+from finetune_ref.gptq.gptq import QuantizedWeight, check_bits, check_group_size
+from finetune_ref.gptq.format import CHECKPOINT_FORMATS, GPTQ_KEYS, check_gptq_tensors, pack_gptq, unpack_gptq
 
 
 def _dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype) -> torch.Tensor:

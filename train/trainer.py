@@ -89,7 +89,7 @@ class TrainConfig:
                              "(--eval-every N) together with the patience")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        from qlora.optimizers import OPTIMIZER_NAMES
+        from finetune_ref.optim import OPTIMIZER_NAMES
 
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
@@ -146,7 +146,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """``cfg.optimizer`` over ``param_groups`` (see ``qlora.optimizers.build_optimizer``): for "adamw",
     ``torch.optim.AdamW`` if every trainable parameter is fp32, else ``full.MasterWeightAdamW`` (fp32 master
     copy and moments for the 16-bit ones); the paged and 8-bit ones keep fp32 master weights too."""
-    from qlora.optimizers import build_optimizer as build_named_optimizer
+    from finetune_ref.optim import build_optimizer as build_named_optimizer
 
     groups = param_groups(model, cfg.weight_decay)
     return build_named_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from models.llama import KVCache
+from finetune_ref.models.llama import KVCache
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

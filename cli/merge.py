@@ -24,7 +24,7 @@ import copy
 import sys
 from pathlib import Path
 
-from finetune.cli_common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
                                  directory_bytes,
                                  heldout_batches, non_negative_int, positive_int, read_qlora_record,
                                  resolve_model_dir)
@@ -33,12 +33,12 @@ REQUANTIZE = ("none", "nf4", "rtn4", "gptq4")
 
 
 def cmd_merge(args) -> int:
-    from lora import load_adapters, merge_and_unload
-    from models.checkpoint import load_model
-    from models.tokenizer import Tokenizer
-    from qlora.gptq_model import is_gptq_dir
-    from qlora.merge import merge_qlora, merge_report
-    from qlora.model import is_quantized_dir, load_quantized, quantize_model
+    from finetune_ref.lora import load_adapters, merge_and_unload
+    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.tokenizer import Tokenizer
+    from finetune_ref.gptq.model import is_gptq_dir
+    from finetune_ref.qlora.merge import merge_qlora, merge_report
+    from finetune_ref.qlora.model import is_quantized_dir, load_quantized, quantize_model
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     check_out_dir(args.out, model_dir, args.original, *args.adapter)
@@ -74,7 +74,7 @@ def cmd_merge(args) -> int:
                            compute_dtype=merged.model.embed_tokens.weight.dtype)
         what = "LoRA adapter(s)"
     if gptq_config is not None:
-        from qlora.gptq_model import gptq_quantize_model
+        from finetune_ref.gptq.model import gptq_quantize_model
 
         print(f"{gptq_config.method.upper()} 4-bit, group size {gptq_config.group_size}"
               + (f", {len(calibration)} calibration sequences" if calibration else ""), file=sys.stderr)
@@ -93,7 +93,7 @@ def cmd_merge(args) -> int:
 
 
 def _original_dir(args, base: str, model_dir: Path):
-    from qlora.model import is_quantized_dir
+    from finetune_ref.qlora.model import is_quantized_dir
 
     if base != "original":
         if args.original is not None:
@@ -112,7 +112,7 @@ def _gptq_config(args):
         if args.act_order or args.calibration_data:
             raise ValueError("--act-order and --calibration-data are for --requantize gptq4")
         return None
-    from qlora.gptq_format import GPTQConfig
+    from finetune_ref.gptq.format import GPTQConfig
 
     if args.requantize == "rtn4" and args.act_order:
         raise ValueError("--act-order orders GPTQ's columns by the Hessian; rtn4 has none (use gptq4)")
@@ -121,7 +121,7 @@ def _gptq_config(args):
 
 
 def _calibration(args, tokenizer) -> list[dict]:
-    from qlora.gptq_model import calibration_examples
+    from finetune_ref.gptq.model import calibration_examples
 
     return calibration_examples(tokenizer, args.calibration_data or args.data, num_samples=args.calibration_samples,
                                 seq_len=args.seq_len, eval_fraction=0.0 if args.calibration_data else
@@ -129,9 +129,9 @@ def _calibration(args, tokenizer) -> list[dict]:
 
 
 def _save(merged, args, gptq_config) -> Path:
-    from models.checkpoint import save_model
-    from qlora.gptq_model import save_gptq_model
-    from qlora.model import save_quantized
+    from finetune_ref.models.checkpoint import save_model
+    from finetune_ref.gptq.model import save_gptq_model
+    from finetune_ref.qlora.model import save_quantized
 
     if gptq_config is not None:
         return save_gptq_model(merged, args.out, gptq_config)
@@ -141,7 +141,7 @@ def _save(merged, args, gptq_config) -> Path:
 
 
 def cmd_quantize(args) -> int:
-    from qlora.model import is_quantized_dir, load_quantized, nf4_layers, quantized_nbytes, save_quantized
+    from finetune_ref.qlora.model import is_quantized_dir, load_quantized, nf4_layers, quantized_nbytes, save_quantized
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     check_out_dir(args.out, model_dir)
@@ -161,8 +161,8 @@ def cmd_quantize(args) -> int:
 
 def add_merge_parsers(sub) -> None:
     """Register ``merge`` and ``quantize`` on the ``finetune`` subcommands."""
-    from qlora.gptq import DEFAULT_GROUP_SIZE
-    from qlora.gptq_model import DEFAULT_NUM_SAMPLES
+    from finetune_ref.gptq.gptq import DEFAULT_GROUP_SIZE
+    from finetune_ref.gptq.model import DEFAULT_NUM_SAMPLES
 
     p = sub.add_parser("merge", help="merge LoRA or QLoRA adapters into the base; save it dense, NF4, RTN or "
                                      "GPTQ 4-bit")

@@ -1,5 +1,0 @@
-import sys
-
-from finetune.cli import main
-
-sys.exit(main())
