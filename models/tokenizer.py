@@ -5,48 +5,25 @@ the vocabulary size, and a chat template rendered exactly as ``transformers`` re
 for supervised chat fine-tuning (loss on the assistant's replies only). This file provides that and
 nothing else, on top of two well-kept libraries:
 
-* ``tokenizers`` for a ``tokenizer.json`` (byte-level BPE such as SmolLM2/GPT-2, Llama-3, ...). Encoding
-  and decoding are the library's own, so ids are identical to ``transformers.PreTrainedTokenizerFast``.
-* ``sentencepiece`` for a ``tokenizer.model`` (Llama-2 style). Plain text is encoded by sentencepiece
-  itself (the tokenizer the model was trained with); special tokens written in the text (``<s>``,
-  ``</s>``, ``<unk>``) are split out first as ``transformers`` does, and text that follows a special token
-  gets no dummy-prefix space (``transformers`` >= 5 ``LlamaTokenizer``, ``legacy=False``). One known
-  difference: for text that *starts* with a space, sentencepiece (and we) emit an extra ``▁`` piece that
-  the converted ``transformers`` tokenizer drops.
-
-Chat templates are Jinja2, rendered in a sandbox with the same settings and helpers as
-``transformers.utils.chat_template_utils`` (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``,
-``strftime_now``, a non-escaping ``tojson``, the ``{% generation %}`` tag, and the special-token strings as
-variables). A model without a template gets ChatML.
+* ``tokenizers`` for a ``tokenizer.json``, ``sentencepiece`` for a ``tokenizer.model``; how each is driven,
+  and the one known difference from ``transformers``, is in ``models.tokenizer_backends``.
+* Chat templates (Jinja2, rendered as ``transformers.utils.chat_template_utils`` does; ChatML when a model
+  has none) are in ``models.chat_template``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import sentencepiece
-import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from finetune_ref.models.chat_template import CHATML_TEMPLATE, compile_chat_template, validate_messages
+from finetune_ref.models.tokenizer_backends import SentencePieceBackend, TokenizersBackend
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross_entropy (and HF models) skip
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-# ChatML (the format SmolLM2, Qwen and many others use), our documented fallback for models that ship no
-# template. The end-of-turn marker <|im_end|> is what the assistant learns to emit.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 # transformers' `clean_up_tokenization_spaces` post-processing of decoded text (off for modern models,
 # honoured only when tokenizer_config.json turns it on).
@@ -57,238 +34,7 @@ _CLEANUP_REPLACEMENTS = (
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Backends: the same five operations over `tokenizers` and over `sentencepiece`.
-# ---------------------------------------------------------------------------------------------------------
-class _TokenizersBackend:
-    """A ``tokenizer.json`` loaded with the ``tokenizers`` library."""
-
-    def __init__(self, path: Path):
-        try:
-            self.tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as err:  # the Rust side raises a plain Exception on malformed files
-            raise ValueError(f"{path}: not a valid tokenizer.json ({err})") from err
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
-    def special_tokens(self) -> dict[str, int]:
-        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
-
-    def mark_special(self, content: str) -> None:
-        # transformers registers the tokens named in tokenizer_config.json as special added tokens, which
-        # makes them match as one token in text and get skipped by decode(skip_special_tokens=True).
-        if content not in self.special_tokens():
-            self.tok.add_special_tokens([tokenizers.AddedToken(content, special=True, normalized=False)])
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.tok.id_to_token(token_id)
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tok.encode(text, add_special_tokens=False)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated sentencepiece model (varint runs past the end)")
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _without_dummy_prefix(model_proto: bytes) -> bytes:
-    """The serialized sentencepiece ModelProto with ``normalizer_spec.add_dummy_prefix = False``.
-
-    sentencepiece re-serializes a NormalizerSpec with a flag changed (``SentencePieceNormalizer``) but
-    not a whole ModelProto, and we do not want the protobuf package at run time. ModelProto's top-level
-    fields are all length-delimited (sentencepiece_model.proto: 1 pieces, 2 trainer_spec,
-    3 normalizer_spec, 4 self_test_data, 5 denormalizer_spec), so we copy every field but 3 and append
-    the new field 3; protobuf accepts fields in any order.
-    """
-    spec = sentencepiece.SentencePieceNormalizer(
-        model_proto=model_proto, add_dummy_prefix=False
-    ).serialized_normalizer_spec()
-    out, pos = bytearray(), 0
-    while pos < len(model_proto):
-        tag, start = _read_varint(model_proto, pos)
-        if tag & 7 != 2:
-            raise ValueError(f"unexpected sentencepiece model layout (field {tag >> 3}, wire type {tag & 7})")
-        length, start = _read_varint(model_proto, start)
-        if tag >> 3 != 3:
-            out += model_proto[pos:start + length]
-        pos = start + length
-    return bytes(out + _varint((3 << 3) | 2) + _varint(len(spec)) + spec)
-
-
-class _SentencePieceBackend:
-    """A ``tokenizer.model`` loaded with ``sentencepiece``."""
-
-    def __init__(self, path: Path):
-        proto = path.read_bytes()
-        try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
-        except RuntimeError as err:
-            raise ValueError(f"{path}: not a valid sentencepiece model ({err})") from err
-        # A second processor for text that follows a special token: no dummy "▁" before it.
-        self.sp_no_prefix = sentencepiece.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
-        # Control pieces (<s>, </s>) and <unk> are the special tokens; sentencepiece never matches them
-        # in text, so we split them out ourselves (user-defined pieces it does match on its own).
-        n = self.sp.get_piece_size()
-        self._special = {self.sp.id_to_piece(i): i for i in range(n)
-                         if self.sp.is_control(i) or self.sp.is_unknown(i)}
-        self._split_re: re.Pattern | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def special_tokens(self) -> dict[str, int]:
-        return dict(self._special)
-
-    def mark_special(self, content: str) -> None:
-        token_id = self.token_to_id(content)
-        if token_id is None:
-            raise ValueError(f"special token {content!r} is not in the sentencepiece vocabulary; a tokenizer "
-                             "with added tokens needs a tokenizer.json")
-        self._special[content] = token_id
-        self._split_re = None
-
-    def token_to_id(self, token: str) -> int | None:
-        token_id = self.sp.piece_to_id(token)
-        # piece_to_id answers unk_id for unknown pieces; only "<unk>" itself really maps there.
-        return None if token_id == self.sp.unk_id() and token != self.sp.id_to_piece(token_id) else token_id
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        if self._split_re is None:  # longest first, so "<s>" never shadows a longer token it prefixes
-            alternatives = sorted(self._special, key=len, reverse=True)
-            self._split_re = re.compile("|".join(re.escape(s) for s in alternatives))
-        ids: list[int] = []
-        offsets: list[tuple[int, int]] = []
-        pos = 0
-        for match in [*self._split_re.finditer(text), None]:
-            end = match.start() if match else len(text)
-            if end > pos:
-                # Only text at the very start of the input gets sentencepiece's dummy prefix.
-                sp = self.sp if pos == 0 else self.sp_no_prefix
-                out = sp.encode(text[pos:end], return_type="offset_mapping")  # char offsets
-                ids += out["ids"]
-                offsets += [(pos + a, pos + b) for a, b in out["offsets"]]
-            if match:
-                ids.append(self._special[match.group()])
-                offsets.append((match.start(), match.end()))
-                pos = match.end()
-        return ids, offsets
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        special_ids = {i: s for s, i in self._special.items()}
-        if skip_special_tokens:
-            return self.sp.decode([i for i in ids if i not in special_ids])
-        # sentencepiece drops control pieces when decoding, so decode the runs between them separately;
-        # a run after a special token keeps its leading space (no dummy prefix to strip there).
-        parts, run, run_start = [], [], 0
-        for k, token_id in enumerate([*ids, None]):
-            if token_id is None or token_id in special_ids:
-                if run:
-                    parts.append((self.sp if run_start == 0 else self.sp_no_prefix).decode(run))
-                if token_id is not None:
-                    parts.append(special_ids[token_id])
-                run, run_start = [], k + 1
-            else:
-                run.append(token_id)
-        return "".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Chat templates, rendered like transformers.utils.chat_template_utils._compile_jinja_template.
-# ---------------------------------------------------------------------------------------------------------
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}``: transformers uses it to mark assistant text; we render
-    the body unchanged (our labels come from prefix rendering, see ``Tokenizer.encode_chat``)."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson HTML-escapes; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in a sandbox (untrusted code from a model repo).
-
-    Raises ValueError on a Jinja syntax error.
-    """
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as err:
-        raise ValueError(f"chat template has a syntax error on line {err.lineno}: {err.message}") from err
-
-
-def validate_messages(messages: Any, allow_empty: bool = False) -> list[dict]:
-    """Check a conversation: a list of ``{"role": one of CHAT_ROLES, "content": str}`` dicts.
-
-    Returns shallow copies (templates never see the caller's objects). Raises ValueError naming the
-    offending message.
-    """
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    if not messages and not allow_empty:
-        raise ValueError("messages is empty; a conversation needs at least one message")
-    out = []
-    for k, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"message {k} must be a dict with 'role' and 'content', got {type(message).__name__}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise ValueError(f"message {k} has no {key!r} key (keys: {sorted(message)})")
-        if message["role"] not in CHAT_ROLES:
-            raise ValueError(f"message {k} has unknown role {message['role']!r}; expected one of {CHAT_ROLES}")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"message {k} content must be a string, got {type(message['content']).__name__}")
-        out.append(dict(message))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The public interface.
+# Reading the model directory's JSON files (all optional).
 # ---------------------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
     if not path.is_file():
@@ -382,14 +128,14 @@ class Tokenizer:
             raise ValueError(f"{path} is not a directory; pass the model directory holding tokenizer.json "
                              "or tokenizer.model")
         if (path / "tokenizer.json").is_file():
-            backend = _TokenizersBackend(path / "tokenizer.json")
+            backend = TokenizersBackend(path / "tokenizer.json")
         elif (path / "tokenizer.model").is_file():
-            backend = _SentencePieceBackend(path / "tokenizer.model")
+            backend = SentencePieceBackend(path / "tokenizer.model")
         else:
             raise ValueError(f"{path} has neither tokenizer.json nor tokenizer.model")
         config = _read_json(path / "tokenizer_config.json")
         fallbacks = [_read_json(path / "generation_config.json"), _read_json(path / "config.json")]
-        if isinstance(backend, _SentencePieceBackend):
+        if isinstance(backend, SentencePieceBackend):
             sp = backend.sp
             fallbacks.append({"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(),
                               "pad_token_id": sp.pad_id(), "unk_token_id": sp.unk_id()})
