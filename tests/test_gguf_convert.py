@@ -21,7 +21,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from finetune_ref.models import default_model
-from finetune_ref.models.gguf_convert import convert_gguf, permute_qk, reverse_permute_qk
+from finetune_ref.models.gguf_convert import convert_gguf
+from finetune_ref.models.gguf_reader import permute_qk, reverse_permute_qk
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
