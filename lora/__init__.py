@@ -1,7 +1,9 @@
 """LoRA (Hu et al. 2021): low-rank adapters on frozen linear layers, interchangeable with Hugging Face PEFT.
 
     lora.config       LoraConfig (PEFT's fields) and adapter_config.json translation
-    lora.layer        the math (lora_scaling, lora_forward, lora_delta_weight, merged_weight) and LoRALinear
+    lora.functional   the math on tensors (lora_scaling, lora_forward, lora_delta_weight, merged_weight, init)
+    lora.base_weight  the base layer's dense weight for merging (dense or quantized: dequantize/requantize_)
+    lora.layer        LoRALinear, the module holding named adapters on one base layer
     lora.inject       target selection (names, regex, "all-linear", exclude, rank/alpha patterns), inject_lora
     lora.adapters     several named adapters: set_adapter, disable_adapters, delete_adapter, merge/unmerge,
                       merge_and_unload, unload, print_trainable_parameters
@@ -12,8 +14,9 @@ from finetune_ref.lora.adapters import (adapter_names, delete_adapter, disable_a
                            merge_adapters, merge_and_unload, print_trainable_parameters, set_adapter,
                            trainable_parameters, unload, unmerge_adapters)
 from finetune_ref.lora.config import ALL_LINEAR, LoraConfig
+from finetune_ref.lora.functional import lora_delta_weight, lora_forward, lora_scaling
 from finetune_ref.lora.inject import find_target_modules, get_active_adapters, inject_lora, lora_layers
-from finetune_ref.lora.layer import LoRALinear, lora_delta_weight, lora_forward, lora_scaling
+from finetune_ref.lora.layer import LoRALinear
 from finetune_ref.lora.peft_format import load_adapter, load_adapters, read_adapter_config, save_adapter
 
 __all__ = [

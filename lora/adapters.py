@@ -24,7 +24,8 @@ from torch import nn
 
 from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
                          mark_only_lora_trainable, set_submodule, tied_weight_owners)
-from finetune_ref.lora.layer import LoRALinear, dense_weight
+from finetune_ref.lora.base_weight import dense_weight
+from finetune_ref.lora.layer import LoRALinear
 
 
 def adapter_names(model: nn.Module) -> list[str]:

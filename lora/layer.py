@@ -1,166 +1,31 @@
-"""LoRA on one linear layer: the math as plain functions, and ``LoRALinear``, a module wrapping a frozen base.
+"""``LoRALinear``: a frozen base layer plus named LoRA adapters (Hu et al. 2021, section 4.1).
 
-Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1: keep the pre-trained weight
-W (out_features, in_features) frozen and learn a low-rank update dW = B A, with
+    h = x W^T + b + sum over active adapters of scaling * B(A(dropout(x)))
+    x: (..., in_features),  A: (r, in_features),  B: (out_features, r),  h: (..., out_features)
 
-    A: (r, in_features)    init kaiming-uniform(a=sqrt(5))   (or N(0, 1/r^2): PEFT's "gaussian")
-    B: (out_features, r)   init zeros, so that dW = 0 and training starts from the pre-trained model
-    h = x W^T + b + scaling * B(A(dropout(x)))          x: (..., in_features),  h: (..., out_features)
-    scaling = lora_alpha / r   (section 4.1),   or lora_alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)
-
-Dropout is inverted dropout on the adapter's input only (PEFT's ``lora_dropout``); the base path is never
-dropped. The adapter computes in its own dtype (e.g. bf16 adapters on an fp32 base, or fp32 adapters on a bf16
-or 4-bit base as in QLoRA) and the sum is returned in the base output's dtype, as PEFT's ``lora.Linear.forward``
-(peft/tuners/lora/layer.py) does.
-
-Section 4.2 ("no additional inference latency"): for deployment W is replaced by W + scaling * B A ("merge"),
-and subtracting the same product restores W ("unmerge"). Here the product and the sum are computed in fp32 and
-rounded once to W's dtype; in fp32 unmerge restores W up to fp32 rounding, in bf16/fp16 up to one unit in the
-last place of max(|W|, |W + dW|) (the sum W + dW was rounded once on the way in).
+The math is in ``lora.functional`` (plain functions on tensors: ``lora_scaling``, ``lora_forward``,
+``lora_delta_weight``, ``merged_weight``, ``init_lora_weights_``); this module holds the parameters and the
+bookkeeping around them.
 
 ``LoRALinear`` holds several named adapters (``nn.ModuleDict``s keyed by adapter name, as PEFT does, so that
 state-dict keys are ``<module>.lora_A.<adapter>.weight``), a list of active ones, and the list of those merged
 into the base weight. The base is any module with ``in_features``, ``out_features`` and a forward; merging needs
-a dense floating ``weight`` and is reached only through ``dense_weight`` below, the one place to extend for
-other bases (e.g. a 4-bit NF4 base).
+a dense floating ``weight`` and is reached only through ``lora.base_weight.dense_weight``, the one place to
+extend for other bases (e.g. a 4-bit NF4 base).
 """
 
 from __future__ import annotations
 
-import math
 import re
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from finetune_ref.lora.config import check_alpha, check_rank
+from finetune_ref.lora.base_weight import dense_weight, write_dense_weight
+from finetune_ref.lora.functional import (init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
+                                         merged_weight)
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The math, as plain functions on tensors
-# ---------------------------------------------------------------------------------------------------------
-
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """scaling = lora_alpha / r (Hu et al. 2021, 4.1), or lora_alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
-
-    Raises:
-        TypeError / ValueError: r not an int >= 1, or lora_alpha not a finite number > 0.
-    """
-    check_rank(r)
-    check_alpha(lora_alpha)
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                 dropout: float = 0.0, training: bool = False) -> torch.Tensor:
-    """The adapter's contribution scaling * B(A(dropout(x))).
-
-    Args:
-        x: (..., in_features), already in the adapter's dtype.
-        lora_A: (r, in_features).  lora_B: (out_features, r).  Same dtype as x.
-        scaling: see ``lora_scaling``.
-        dropout: probability of zeroing an input element when ``training`` (inverted dropout: kept elements
-            are multiplied by 1 / (1 - dropout)); identity when not training.
-
-    Returns:
-        (..., out_features) in x's dtype. The order of operations (dropout, A, B, then * scaling) is PEFT's, so
-        results are bitwise equal to ``peft.tuners.lora.Linear`` for the same inputs and RNG state.
-    """
-    if dropout > 0.0:
-        x = F.dropout(x, p=dropout, training=training)
-    return F.linear(F.linear(x, lora_A), lora_B) * scaling
-
-
-def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """dW = scaling * B @ A in fp32 (Hu et al. 2021, 4.2), shape (out_features, in_features).
-
-    fp32 whatever the adapter dtype, so that a merge into a 16-bit W rounds only once (see ``merged_weight``).
-    """
-    return (lora_B.float() @ lora_A.float()) * scaling  # (out, r) @ (r, in) -> (out, in)
-
-
-def merged_weight(weight: torch.Tensor, deltas: list[torch.Tensor], sign: int = 1) -> torch.Tensor:
-    """W +/- sum(deltas), accumulated in fp32 and rounded once to W's dtype. Returns a new tensor.
-
-    The deltas are added one after the other (not summed first) so that, in fp32, the result is bitwise what
-    PEFT's merge (``weight.data += delta`` per adapter) gives.
-    """
-    if sign not in (1, -1):
-        raise ValueError(f"sign must be +1 (merge) or -1 (unmerge), got {sign}")
-    acc = weight.detach().float()  # (out, in) fp32; the same tensor as W when W is fp32, so never in place
-    for delta in deltas:
-        acc = acc + delta if sign == 1 else acc - delta
-    if not deltas:
-        acc = acc.clone()  # always return a new tensor
-    return acc.to(weight.dtype)
-
-
-@torch.no_grad()
-def init_lora_weights_(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weights: bool | str, r: int) -> None:
-    """Initialise A and B in place, as PEFT's ``LoraLayer.reset_lora_parameters``.
-
-    True: A kaiming-uniform(a=sqrt(5)) (nn.Linear's default; Hu et al. use a random Gaussian, the reference
-    implementation microsoft/LoRA loralib/layers.py uses this), B = 0. "gaussian": A ~ N(0, std=1/r), B = 0.
-    False: A and B both kaiming-uniform(a=sqrt(5)), so the adapter is NOT a no-op (useful in tests).
-    """
-    if init_lora_weights is True or init_lora_weights is False:
-        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-    elif init_lora_weights == "gaussian":
-        nn.init.normal_(lora_A, std=1.0 / r)
-    else:
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
-    if init_lora_weights is False:
-        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
-    else:
-        nn.init.zeros_(lora_B)
-
-
-# A base whose weight is not a dense floating tensor (e.g. qlora.nf4_linear.NF4Linear: packed 4-bit codes) takes
-# part in merging through two methods of its own, duck-typed so that merging works whatever was imported first:
-#     base.dequantize() -> a new dense floating (out_features, in_features) tensor
-#     base.requantize_(weight)   stores a dense (out, in) weight back (re-quantizing it: lossy)
-# as PEFT's bnb.Linear4bit.merge dequantizes, adds the delta and builds a new 4-bit weight (peft/tuners/lora/bnb.py).
-
-def dense_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense floating (out_features, in_features) tensor, for merge/unmerge.
-
-    This is the single place that knows how to reach a base layer's weight: ``base.dequantize()`` for a
-    quantized base (a new tensor, written back by ``write_dense_weight``), else its dense ``weight``.
-
-    Raises:
-        TypeError: the base has neither ``dequantize()`` nor a dense floating ``weight`` of shape
-            (out_features, in_features).
-    """
-    if callable(getattr(base_layer, "dequantize", None)):
-        return base_layer.dequantize()
-    weight = getattr(base_layer, "weight", None)
-    expected = (base_layer.out_features, base_layer.in_features)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or tuple(weight.shape) != expected:
-        found = "none" if not isinstance(weight, torch.Tensor) else f"{weight.dtype} {tuple(weight.shape)}"
-        raise TypeError(f"cannot merge LoRA into a {type(base_layer).__name__}: merging needs a dense floating "
-                        f"weight of shape {expected}, found {found}. Merge into a model whose base layers are "
-                        f"plain nn.Linear (e.g. dequantize the base first), or give the base layer dequantize() "
-                        f"and requantize_(weight) methods")
-    return weight
-
-
-def write_dense_weight(base_layer: nn.Module, weight: torch.Tensor) -> None:
-    """Store a merged dense weight into the base: in place for a dense base (the Parameter object survives),
-    through ``base.requantize_(weight)`` for a quantized one.
-
-    Raises:
-        TypeError: a base with ``dequantize()`` but no ``requantize_`` (it can be read, not written).
-    """
-    if callable(getattr(base_layer, "dequantize", None)):
-        requantize = getattr(base_layer, "requantize_", None)
-        if not callable(requantize):
-            raise TypeError(f"cannot merge LoRA into a {type(base_layer).__name__}: it has dequantize() but no "
-                            "requantize_(weight) to store the merged weight")
-        requantize(weight)
-    else:
-        dense_weight(base_layer).copy_(weight)
 
 
 def _base_device(base_layer: nn.Module) -> torch.device:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_ref.lora.layer import (LoRALinear, dense_weight, init_lora_weights_, lora_delta_weight, lora_forward,
-                        lora_scaling, merged_weight)
+from finetune_ref.lora.base_weight import dense_weight
+from finetune_ref.lora.functional import init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling, merged_weight
+from finetune_ref.lora.layer import LoRALinear
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-6) -> None:
