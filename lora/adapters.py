@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
-                         mark_only_lora_trainable, set_submodule, tied_weight_owners)
+                                     mark_only_lora_trainable, set_active_adapters, set_submodule,
+                                     tied_weight_owners)
 from finetune_ref.lora.base_weight import dense_weight
 from finetune_ref.lora.layer import LoRALinear
 
@@ -59,9 +60,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     merged = {n for _, layer in lora_layers(model) for n in layer.merged_adapters}
     if merged and set(names) != set(get_active_adapters(model)):
         raise ValueError(f"cannot switch adapters while {sorted(merged)} are merged; call unmerge_adapters first")
-    for _, layer in lora_layers(model):
-        layer.set_adapter(names, strict=False)
-    mark_only_lora_trainable(model)
+    set_active_adapters(model, names)
 
 
 @contextlib.contextmanager

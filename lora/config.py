@@ -127,10 +127,6 @@ class LoraConfig:
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r} is not supported: only 'none' (no bias is trained)")
 
-    def scaling_for(self, r: int, lora_alpha: float) -> float:
-        """The scaling this config gives a module of rank r and alpha lora_alpha (see ``lora.layer``)."""
-        return lora_alpha / math.sqrt(r) if self.use_rslora else lora_alpha / r
-
     # ---- PEFT adapter_config.json ----
 
     def to_peft_dict(self, target_modules: list[str] | str | None = None) -> dict[str, Any]:
@@ -141,8 +137,7 @@ class LoraConfig:
                 used "all-linear" (PEFT itself writes the expanded list). Default: ``self.target_modules``.
         """
         targets = self.target_modules if target_modules is None else target_modules
-        if isinstance(targets, str) and targets.lower() == ALL_LINEAR or (
-                isinstance(targets, list) and ALL_LINEAR in [t.lower() for t in targets]):
+        if uses_all_linear(targets):
             raise ValueError("'all-linear' must be expanded to the list of adapted modules before saving; "
                              "pass target_modules=<the module names> (lora.peft_format.save_adapter does this)")
         return {
@@ -228,3 +223,10 @@ def check_alpha(alpha: Any, name: str = "lora_alpha") -> None:
         raise TypeError(f"{name} must be a positive number, got {alpha!r}")
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {alpha}")
+
+
+def uses_all_linear(target_modules: list[str] | str | None) -> bool:
+    """True when ``target_modules`` is "all-linear" or a list containing it (in any letter case, as PEFT)."""
+    if isinstance(target_modules, str):
+        return target_modules.lower() == ALL_LINEAR
+    return isinstance(target_modules, list) and any(t.lower() == ALL_LINEAR for t in target_modules)

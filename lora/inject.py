@@ -31,7 +31,7 @@ import re
 import torch
 from torch import nn
 
-from finetune_ref.lora.config import ALL_LINEAR, LoraConfig
+from finetune_ref.lora.config import ALL_LINEAR, LoraConfig, uses_all_linear
 from finetune_ref.lora.layer import LoRALinear, check_adapter_name
 
 LORA_CONFIGS_ATTR = "lora_configs"
@@ -89,9 +89,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig, strict_patterns: b
     config.validate()
     candidates = candidate_modules(model)
     targets = config.target_modules
-    all_linear = (isinstance(targets, str) and targets.lower() == ALL_LINEAR) or (
-        isinstance(targets, list) and any(t.lower() == ALL_LINEAR for t in targets))
-    if all_linear:
+    if uses_all_linear(targets):
         heads = output_layer_names(model)
         extra = [t for t in targets if t.lower() != ALL_LINEAR] if isinstance(targets, list) else []
         chosen = [n for n, m in candidates
@@ -222,11 +220,16 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     tied = tied_weight_owners(model)
     for name, layer in lora_layers(model):
         layer.shared_weight_with = tied.get(name, [])
-    active = [adapter_name] if not existing else previous_active
-    for _, layer in lora_layers(model):
-        layer.set_adapter(active, strict=False)
-    mark_only_lora_trainable(model)
+    set_active_adapters(model, [adapter_name] if not existing else previous_active)
     return names
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Copy the model-wide active list to every LoRALinear (each skips names it does not carry), then make only
+    the active adapters' A/B trainable. The caller has checked the names."""
+    for _, layer in lora_layers(model):
+        layer.set_adapter(names, strict=False)
+    mark_only_lora_trainable(model)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:

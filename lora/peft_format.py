@@ -15,25 +15,25 @@ themselves contain "weight" or "lora" survive unchanged.
 Loading is strict: the config is turned into the set of modules it targets on *this* model (``lora.inject``
 rules, the same as PEFT's), and the file must hold exactly an A and a B of the right shape for each of them.
 Missing or unexpected tensors and wrong shapes are reported together in one ValueError, before the model is
-touched. Files are written atomically (a temp file in the same directory, then ``os.replace``).
+touched. Files are written atomically (a temp file in the same directory, then ``os.replace``; the writers of
+``models.checkpoint``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from finetune_ref.lora.adapters import set_adapter
-from finetune_ref.lora.config import ALL_LINEAR, LoraConfig
+from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
+from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,25 +98,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return state
 
 
-# ---- atomic writes ----
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(obj: dict, tmp: str) -> None:
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 # ---- save ----
 
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default",
@@ -144,23 +125,17 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     tensors = adapter_state_dict(model, adapter_name)
     modules = sorted({parse_peft_key(k)[0] for k in tensors})
     targets = config.target_modules
-    if _uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
+    if uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
         targets = modules
     peft_dict = config.to_peft_dict(target_modules=targets)
     if base_model_name_or_path is not None:
         peft_dict["base_model_name_or_path"] = base_model_name_or_path
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / ADAPTER_CONFIG_NAME, lambda tmp: _write_json(peft_dict, tmp))
+    cpu = {k: v.to("cpu") for k, v in tensors.items()}
+    atomic_save_safetensors(cpu, out / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_text(out / ADAPTER_CONFIG_NAME, json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def _uses_all_linear(targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return targets.lower() == ALL_LINEAR
-    return any(t.lower() == ALL_LINEAR for t in targets)
 
 
 # ---- load ----
