@@ -1,4 +1,4 @@
-"""Benchmark of the paged and 8-bit AdamW optimizers (issue 7): device memory, state bytes and step time.
+"""Benchmark of the paged and 8-bit AdamW optimizers (optim/adamw.py): device memory, state bytes, step time.
 
 On a CUDA GPU, one run (a few minutes on an H200) measures a training step of SmolLM2-135M's shape
 (random weights: the figures do not depend on the values) with each optimizer and state home:
@@ -181,7 +181,7 @@ def run_steps(model, opt, x, device, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def state_bytes(opt) -> dict[str, Any]:
-    """State bytes by home (torch's AdamW and MasterWeightAdamW: everything on the device)."""
+    """State bytes by home (``optim.adamw.AdamW.state_bytes``; torch's AdamW: everything on the device)."""
     if hasattr(opt, "state_bytes"):
         homes = opt.state_bytes()
     else:

@@ -5,11 +5,11 @@ Precision (chosen with ``finetune train --precision``):
     fp32            fp32 weights, fp32 gradients, fp32 AdamW (torch.optim.AdamW): 4 + 4 + 8 = 16 bytes/param
     bf16-autocast   fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast``: 16 bytes/param
     bf16            bf16 weights and gradients, fp32 master copy and fp32 AdamW moments
-                    (``full.optimizer.MasterWeightAdamW``): 2 + 2 + 4 + 8 = 16 bytes/param, and the forward
+                    (``optim.adamw.MasterWeightAdamW``): 2 + 2 + 4 + 8 = 16 bytes/param, and the forward
                     and backward run at bf16 speed and activation size
 
 so pure bf16 does not save optimizer memory over fp32; it halves activations and weight traffic. Under FSDP2
-(``finetune.distributed.shard_model``) the bf16 setting keeps the sharded parameters in fp32 (they are the
+(``train.distributed.shard_model``) the bf16 setting keeps the sharded parameters in fp32 (they are the
 master copy) and all-gathers them as bf16 for compute (``MixedPrecisionPolicy``), so each rank holds
 (4 + 4 + 8) / world_size bytes per parameter plus one gathered bf16 block at a time.
 

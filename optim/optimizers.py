@@ -1,14 +1,16 @@
 """The optimizer names the CLI offers (``finetune train --optimizer ...``) and the one factory that builds them.
 
+Each name is a preset of the one :class:`optim.adamw.AdamW` (or torch's own AdamW):
+
 =================  =============================================================  ====================
 name               what                                                           state bytes/param
 =================  =============================================================  ====================
-adamw              ``torch.optim.AdamW`` (``full.MasterWeightAdamW`` when a        8 (+4 master)
-                   trainable parameter is 16-bit: fp32 master weights)
-paged_adamw        :class:`qlora.paged_adamw.PagedAdamW`, states in host memory    8 (+4), on the host
+adamw              ``torch.optim.AdamW`` (:class:`optim.adamw.MasterWeightAdamW`  8 (+4 master)
+                   when a trainable parameter is 16-bit: fp32 master weights)
+paged_adamw        :class:`optim.adamw.PagedAdamW`, states in host memory          8 (+4), on the host
                    (QLoRA section 3, "Paged Optimizers")
-adamw8bit          :class:`qlora.adamw8bit.AdamW8bit` (Dettmers et al. 2022)      2.03 (+4)
-paged_adamw8bit    :class:`qlora.adamw8bit.PagedAdamW8bit`                         2.03 (+4), on the host
+adamw8bit          :class:`optim.adamw.AdamW8bit` (Dettmers et al. 2022)           2.03 (+4)
+paged_adamw8bit    :class:`optim.adamw.PagedAdamW8bit`                             2.03 (+4), on the host
 =================  =============================================================  ====================
 
 (+4): an fp32 master copy, for 16-bit trainable parameters only. The QLoRA recipe (Dettmers et al. 2023,
@@ -22,7 +24,12 @@ from typing import Any, Iterable
 
 import torch
 
+from finetune_ref.optim.adamw import AdamW8bit, MasterWeightAdamW, PagedAdamW, PagedAdamW8bit
+
 OPTIMIZER_NAMES = ("adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit")
+# "adamw" is torch.optim.AdamW when every parameter is fp32 (build_optimizer); this preset otherwise.
+_PRESETS = {"adamw": MasterWeightAdamW, "paged_adamw": PagedAdamW, "adamw8bit": AdamW8bit,
+            "paged_adamw8bit": PagedAdamW8bit}
 QLORA_DEFAULT_OPTIMIZER = "paged_adamw"
 _PAGED_OPTIONS = ("state_home", "min_paged_size", "master_weights")
 _OPTIONS: dict[str, tuple[str, ...]] = {  # extra keyword arguments each optimizer accepts
@@ -44,7 +51,7 @@ def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, betas: tu
 
     Args:
         name: one of :data:`OPTIMIZER_NAMES`.
-        param_groups: parameters or param-group dicts (e.g. ``finetune.trainer.param_groups(model, wd)``, whose
+        param_groups: parameters or param-group dicts (e.g. ``train.trainer.param_groups(model, wd)``, whose
             groups carry their own ``weight_decay``).
         lr, betas, eps, weight_decay: AdamW hyperparameters (defaults for groups that do not set them).
         **kw: options of the chosen optimizer: ``state_home`` ("device"/"host"/"unified"), ``min_paged_size``,
@@ -52,7 +59,7 @@ def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, betas: tu
 
     Returns:
         The optimizer. For "adamw": ``torch.optim.AdamW`` if every parameter is fp32, else
-        ``full.MasterWeightAdamW``.
+        :class:`optim.adamw.MasterWeightAdamW`.
 
     Raises:
         ValueError: an unknown name (the message lists the names); bad hyperparameters or options; no
@@ -74,14 +81,4 @@ def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, betas: tu
         params = [p for g in param_groups for p in (g["params"] if isinstance(g, dict) else [g])]
         if all(p.dtype == torch.float32 for p in params):
             return torch.optim.AdamW(param_groups, **hyper)
-        from finetune_ref.optim.master_adamw import MasterWeightAdamW
-
-        return MasterWeightAdamW(param_groups, **hyper)
-    if name == "paged_adamw":
-        from finetune_ref.optim.paged_adamw import PagedAdamW
-
-        return PagedAdamW(param_groups, **hyper, **kw)
-    from finetune_ref.optim.adamw8bit import AdamW8bit, PagedAdamW8bit
-
-    cls = AdamW8bit if name == "adamw8bit" else PagedAdamW8bit
-    return cls(param_groups, **hyper, **kw)
+    return _PRESETS[name](param_groups, **hyper, **kw)

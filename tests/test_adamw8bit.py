@@ -1,4 +1,4 @@
-"""8-bit AdamW (qlora/adamw8bit.py) against bitsandbytes' AdamW8bit on the CPU and against 32-bit AdamW.
+"""8-bit AdamW (optim/adamw.py, optim_bits=8) against bitsandbytes' AdamW8bit on the CPU and against 32-bit AdamW.
 
 What is compared, with which tolerance:
 
@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_ref.optim.adamw8bit import BLOCKSIZE, MIN_8BIT_SIZE, AdamW8bit, PagedAdamW8bit
+from finetune_ref.optim.adamw import BLOCKSIZE, MIN_8BIT_SIZE, AdamW8bit, PagedAdamW8bit
 from finetune_ref.optim.blockwise8 import create_dynamic_map
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -207,7 +207,7 @@ def test_resume_through_torch_save_weights_only_is_bitwise_equal():
 
 
 def test_resume_through_distributed_checkpoint_state_dict_api():
-    """As finetune/checkpointing.py does: get_optimizer_state_dict on save; on load, set_optimizer_state_dict,
+    """As train/checkpointing.py does: get_optimizer_state_dict on save; on load, set_optimizer_state_dict,
     which first runs a zero-gradient lr=0 step on the fresh optimizer (quantizing zero states)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)

@@ -1,4 +1,4 @@
-"""Blockwise 8-bit quantization (qlora/blockwise8.py) against bitsandbytes 0.50 on CPU, bit for bit.
+"""Blockwise 8-bit quantization (optim/blockwise8.py) against bitsandbytes 0.50 on CPU, bit for bit.
 
 The oracle is ``torch.ops.bitsandbytes.quantize_blockwise`` / ``dequantize_blockwise`` (bitsandbytes' native
 CPU kernels). Exact equality is the claim, so tensors are compared with ``torch.equal``.
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune_ref.optim.blockwise8 import (LUT_SIZE, build_quantize_lut, create_dynamic_map, dequantize_blockwise,
-                              quantize_blockwise)
+                                           quantize_blockwise)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

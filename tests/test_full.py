@@ -7,7 +7,8 @@ import torch
 
 from finetune_ref.train.data import BatchIterator, pack_documents
 from finetune_ref.train.trainer import TrainConfig, build_optimizer, evaluate, train
-from finetune_ref.full import MasterWeightAdamW, export_full_model, memory_breakdown, prepare_full_finetuning
+from finetune_ref.full import export_full_model, memory_breakdown, prepare_full_finetuning
+from finetune_ref.optim import MasterWeightAdamW
 from finetune_ref.models.checkpoint import load_model
 from finetune_ref.models.config import LlamaConfig
 from finetune_ref.models.llama import LlamaForCausalLM

@@ -276,7 +276,7 @@ def test_predicted_peak_matches_measured_peak(config, settings):
 @pytest.mark.parametrize("method,dtype", [("full", "fp32"), ("qlora", "bf16")])
 def test_predicted_peak_of_a_plain_loop(method, dtype):
     """A loop that keeps only the loss, on unmasked batches (keeps_output=False, attention_mask=False)."""
-    from finetune_ref.optim.master_adamw import MasterWeightAdamW
+    from finetune_ref.optim import MasterWeightAdamW
     from finetune_ref.models.llama import LlamaForCausalLM
 
     settings = MemorySettings(method=method, dtype=dtype, batch_size=4, seq_len=128, attention_mask=False,

@@ -1,6 +1,6 @@
-"""PagedAdamW (qlora/paged_adamw.py): bitwise torch.optim.AdamW in every state home, page-in/page-out copies
+"""PagedAdamW (optim/adamw.py, states paged by optim/paging.py): bitwise torch.optim.AdamW in every state home, page-in/page-out copies
 counted on a CPU-only machine, frozen parameters untouched, state_dict round trips (torch.save with
-weights_only=True, torch.distributed.checkpoint's get/set_optimizer_state_dict as finetune/checkpointing.py uses
+weights_only=True, torch.distributed.checkpoint's get/set_optimizer_state_dict as train/checkpointing.py uses
 them) restoring into the optimizer's own home with a bitwise-equal resume, and the errors.
 
 Tolerance: none. Every comparison here is bitwise (torch.equal), as the issue asks for fp32.
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_ref.optim.master_adamw import MasterWeightAdamW
-from finetune_ref.optim.paged_adamw import DEFAULT_MIN_PAGED_SIZE, PagedAdamW, PagingStats, StatePager
+from finetune_ref.optim.adamw import MasterWeightAdamW, PagedAdamW
+from finetune_ref.optim.paging import DEFAULT_MIN_PAGED_SIZE, PagingStats, StatePager
 
 HOMES = ("device", "host", "unified")
 SHAPES = ((48, 40), (40,), (7, 3))  # 1920, 40 and 21 elements
@@ -35,7 +35,7 @@ def grads_for(params, steps, seed=1):
 
 
 def groups(params):
-    # Two groups with different weight decay, as finetune.trainer.param_groups builds them.
+    # Two groups with different weight decay, as train.trainer.param_groups builds them.
     return [{"params": params[::2], "weight_decay": 0.1}, {"params": params[1::2], "weight_decay": 0.0}]
 
 
@@ -159,7 +159,7 @@ def test_resume_from_torch_save_is_bitwise_equal(saved_home, loaded_home):
 
 
 def test_resume_through_distributed_checkpoint_state_dict_api():
-    """finetune/checkpointing.py saves get_optimizer_state_dict (tensors to safetensors, the rest to JSON) and
+    """train/checkpointing.py saves get_optimizer_state_dict (tensors to safetensors, the rest to JSON) and
     restores with set_optimizer_state_dict, which first runs a zero-gradient, lr=0 step on a fresh optimizer."""
     from safetensors.torch import load, save
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -262,7 +262,7 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_factory_builds_each_named_optimizer():
-    from finetune_ref.optim.adamw8bit import AdamW8bit, PagedAdamW8bit
+    from finetune_ref.optim.adamw import AdamW8bit, PagedAdamW8bit
     from finetune_ref.optim.optimizers import OPTIMIZER_NAMES, build_optimizer, default_optimizer
 
     expected = {"adamw": torch.optim.AdamW, "paged_adamw": PagedAdamW, "adamw8bit": AdamW8bit,

@@ -9,7 +9,7 @@ it counts the bytes of every tensor class a training step holds, and the peak:
     lora_parameters    A (r, in) and B (out, r) per adapted linear, in the adapter dtype
     gradients          one per trainable parameter, in its dtype
     optimizer_states   AdamW's two moments: 8 B/param in fp32; 2 B/param + fp32 absmax per 256 in 8-bit
-    master_weights     fp32 copy of each 16-bit trainable parameter (full.optimizer.MasterWeightAdamW)
+    master_weights     fp32 copy of each 16-bit trainable parameter (optim.adamw.MasterWeightAdamW)
     activations        tensors autograd saves for backward, counted op by op for models/llama.py
     logits_and_loss    the (B, T, vocab) logits and the fp32 cross-entropy chain (models/llama.causal_lm_loss)
     workspace          short-lived buffers of the peak moment (layer backward, optimizer temporaries)
@@ -20,9 +20,9 @@ section 3.1). LoRA trains r * (in + out) per adapted matrix (Hu et al. 2021, sec
 quantization: Dettmers et al. 2023 ("QLoRA", section 3: 4.5 vs 4.127 bits/param at blocksize 64, a saving of
 0.373 bits/param). 8-bit AdamW: Dettmers et al. 2022 ("8-bit Optimizers via Block-wise Quantization",
 section 2), with bitsandbytes' block size 256 and its rule that tensors under 4096 elements keep 32-bit
-states (``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state``; ``qlora/adamw8bit.py`` stores the
+states (``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state``; ``optim/adamw.py`` stores the
 same). Paged optimizers (QLoRA, section 3) keep the states of tensors of at least 1e5 elements off the device:
-this project's (``qlora/paged_adamw.py``, home "host") in host memory, one tensor's states visiting the device
+this project's (``optim/paging.py``, home "host") in host memory, one tensor's states visiting the device
 during its update; bitsandbytes' in unified memory evicted only under pressure. They count in ``peak`` (the
 estimate is of one memory, as on a CPU), and ``pageable`` says how much of it leaves a GPU. The fp32 master
 copy is kept for 16-bit trainable parameters whatever the optimizer, as this project's optimizers do
@@ -132,7 +132,7 @@ class MemorySettings:
     Attributes:
         method: "full" (every weight trains), "lora" (frozen base in ``dtype``), "qlora" (NF4 base).
         optimizer: "adamw" (fp32 states), "adamw8bit" (block-wise 8-bit states), "paged_adamw",
-            "paged_adamw8bit" (the same, paged off the device): the names of qlora/optimizers.py.
+            "paged_adamw8bit" (the same, paged off the device): the names of optim/optimizers.py.
         batch_size, seq_len: sequences per micro-batch and tokens per sequence.
         gradient_checkpointing: recompute each decoder layer in backward (models/llama.py).
         dtype: weights and activations of the unquantized model (full: bf16 means fp32 master weights).

@@ -17,7 +17,7 @@ Guarantees (each has a test in tests/test_trainer.py, test_checkpointing.py or t
   FSDP shards); the norm before clipping is logged. A non-finite norm stops training with an error before the
   update (the weights stay as they were).
 * **AdamW** (Loshchilov & Hutter 2019) without weight decay on biases and norm weights (ndim < 2) and without
-  state for frozen parameters. 16-bit trainable weights get ``full.MasterWeightAdamW`` (fp32 master + moments).
+  state for frozen parameters. 16-bit trainable weights get ``optim.MasterWeightAdamW`` (fp32 master + moments).
 * **Evaluation** every ``eval_every`` updates and after the last; the best held-out loss is tracked (and
   exported through the checkpointer); early stopping after ``early_stopping_patience`` evaluations without
   improvement.
@@ -143,8 +143,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` over ``param_groups`` (see ``qlora.optimizers.build_optimizer``): for "adamw",
-    ``torch.optim.AdamW`` if every trainable parameter is fp32, else ``full.MasterWeightAdamW`` (fp32 master
+    """``cfg.optimizer`` over ``param_groups`` (see ``optim.optimizers.build_optimizer``): for "adamw",
+    ``torch.optim.AdamW`` if every trainable parameter is fp32, else ``optim.MasterWeightAdamW`` (fp32 master
     copy and moments for the 16-bit ones); the paged and 8-bit ones keep fp32 master weights too."""
     from finetune_ref.optim import build_optimizer as build_named_optimizer
 
