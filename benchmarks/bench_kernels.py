@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+# The NF4 test data, tolerances and row slices are test helpers (tests/kernel_testing.py), not library code:
+# import them from the tests folder. The project itself is imported as installed (finetune_ref).
+sys.path.insert(0, str(REPO / "tests"))
 
 LLAMA7B_SHAPES = ((4096, 4096, "q/k/v/o_proj"), (11008, 4096, "gate/up_proj"), (4096, 11008, "down_proj"))
 GPU_MS = (1, 16, 128, 4096)
@@ -93,23 +94,24 @@ def versions() -> dict[str, str]:
 
 
 def nf4_read_bytes(weight: Any) -> int:
-    """Bytes a kernel must read for an NF4 weight: packed codes, absmax (codes), nested absmax."""
-    total = weight.packed.numel() + weight.absmax.numel() * weight.absmax.element_size()
-    if weight.double_quant:
-        total += weight.nested_absmax.numel() * 4
+    """Bytes a kernel must read for an NF4 weight ``(packed, state)``: packed codes, absmax (codes),
+    nested absmax."""
+    packed, state = weight
+    total = packed.numel() + state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        total += state.nested_absmax.numel() * 4
     return total
 
 
 def make_weight(shape: tuple[int, int], device: Any, double_quant: bool = True, seed: int = 0) -> Any:
-    """A realistic NF4 weight: N(0, 0.02) values quantized on the CPU by the project's quantizer
-    (``qlora/nf4.py``, bitsandbytes' bytes), then moved to ``device``."""
+    """A realistic NF4 weight ``(packed, state)``: N(0, 0.02) values quantized on the CPU by the
+    project's quantizer (``qlora/nf4.py``, bitsandbytes' bytes), then moved to ``device``."""
     import torch
-
-    from finetune_ref.kernels.testing import make_nf4_weight
+    from kernel_testing import make_nf4_weight
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     w = torch.randn(shape, generator=g) * 0.02
-    return make_nf4_weight(w, 64, double_quant).to(device)
+    return make_nf4_weight(w, 64, double_quant, device)
 
 
 # ------------------------------------------------------------------------------------ GPU part
@@ -146,7 +148,7 @@ def gpu_dequant(shapes, device, bench, copy_gbps) -> list[dict[str, Any]]:
         nw = make_weight((N, K), device)
         out = torch.empty((N, K), dtype=torch.bfloat16, device=device)
         moved = nf4_read_bytes(nw) + 2 * N * K
-        ours_ms = bench(lambda: dequantize_nf4_triton(nw, torch.bfloat16, out=out))
+        ours_ms = bench(lambda: dequantize_nf4_triton(*nw, torch.bfloat16, out=out))
         row = {"shape": f"{N}x{K}", "layer": name, "bytes": moved, "ours_ms": ours_ms,
                "ours_GBps": moved / ours_ms / 1e6, "bnb_ms": None, "bnb_GBps": None}
         row["ours_pct_copy"] = 100 * row["ours_GBps"] / copy_gbps
@@ -165,21 +167,20 @@ def gpu_matmuls(shapes, ms, device, bench) -> list[dict[str, Any]]:
     import torch.nn.functional as F
 
     from finetune_ref.kernels.nf4_dequant import dequantize_nf4_triton
-    from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad_triton
-    from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_triton
+    from finetune_ref.kernels.nf4_matmul import nf4_matmul_input_grad_triton, nf4_matmul_triton
 
     rows = []
     for N, K, name in shapes:
         nw = make_weight((N, K), device)
-        dense = dequantize_nf4_triton(nw, torch.bfloat16)  # (N, K) bf16, same values as the NF4 weight
+        dense = dequantize_nf4_triton(*nw, torch.bfloat16)  # (N, K) bf16, same values as the NF4 weight
         w_bytes = nf4_read_bytes(nw)
         for M in ms:
             x = torch.randn(M, K, device=device).to(torch.bfloat16)
             dy = torch.randn(M, N, device=device).to(torch.bfloat16)
-            fused = bench(lambda: nf4_matmul_triton(x, nw))
-            dq_mm = bench(lambda: F.linear(x, dequantize_nf4_triton(nw, torch.bfloat16)))
+            fused = bench(lambda: nf4_matmul_triton(x, *nw))
+            dq_mm = bench(lambda: F.linear(x, dequantize_nf4_triton(*nw, torch.bfloat16)))
             linear = bench(lambda: F.linear(x, dense))
-            bwd_fused = bench(lambda: nf4_matmul_input_grad_triton(dy, nw))
+            bwd_fused = bench(lambda: nf4_matmul_input_grad_triton(dy, *nw))
             bwd_dense = bench(lambda: dy @ dense)
             flops = 2 * M * N * K
             rows.append({
@@ -198,10 +199,11 @@ def gpu_correctness(device, dry_run: bool) -> list[dict[str, Any]]:
     """Every kernel against an fp32 reference, bf16/fp16/fp32, odd shapes and > 2^31 elements."""
     import torch
 
-    from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton
-    from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad_triton
-    from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_triton
-    from finetune_ref.kernels.testing import TOLERANCES, nf4_row_slice, random_nf4_weight
+    from kernel_testing import TOLERANCES, nf4_row_slice, random_nf4_weight
+
+    from finetune_ref.kernels.nf4_dequant import dequantize_nf4_triton
+    from finetune_ref.kernels.nf4_matmul import nf4_matmul_input_grad_triton, nf4_matmul_triton
+    from finetune_ref.kernels.reference import dequantize_nf4
 
     checks: list[dict[str, Any]] = []
 
@@ -221,10 +223,10 @@ def gpu_correctness(device, dry_run: bool) -> list[dict[str, Any]]:
         for dq in (False, True):
             nw = make_weight(shape, device, dq)
             for dtype in dtypes:
-                w32 = dequantize_nf4_reference(nw, dtype).float()  # the weight as the kernels see it
+                w32 = dequantize_nf4(*nw, dtype).float()  # the weight as the kernels see it
                 # Exact up to one fused multiply-add in the double-quant scale (GPU): compare as close.
-                record("dequant", shape, dtype, dq, None, dequantize_nf4_triton(nw, dtype),
-                       dequantize_nf4_reference(nw, dtype), exact=dq is False)
+                record("dequant", shape, dtype, dq, None, dequantize_nf4_triton(*nw, dtype),
+                       dequantize_nf4(*nw, dtype), exact=dq is False)
                 for M in (1, 3, 17, 64) + (() if dry_run else (4096,)):
                     g = torch.Generator().manual_seed(M)
                     x = torch.randn(M, shape[1], generator=g).to(device, dtype)
@@ -232,29 +234,29 @@ def gpu_correctness(device, dry_run: bool) -> list[dict[str, Any]]:
                     # fp32 references: products of the rounded inputs, summed in fp32 (fp64 on CPU).
                     ref_y = (x.double() @ w32.double().T).float()
                     ref_dx = (dy.double() @ w32.double()).float()
-                    record("forward", shape, dtype, dq, M, nf4_matmul_triton(x, nw), ref_y)
-                    record("input_grad", shape, dtype, dq, M, nf4_matmul_input_grad_triton(dy, nw), ref_dx)
+                    record("forward", shape, dtype, dq, M, nf4_matmul_triton(x, *nw), ref_y)
+                    record("input_grad", shape, dtype, dq, M, nf4_matmul_input_grad_triton(dy, *nw), ref_dx)
     if not dry_run:
         # > 2^31 elements: rows from 65536 on start on a nested-block boundary (see nf4_row_slice).
         rows, cols = 65539, 32832
         for dq in (False, True):
             big = random_nf4_weight((rows, cols), dq, device)
-            out = dequantize_nf4_triton(big, torch.bfloat16)
-            tail = nf4_row_slice(big, 65536, rows)
+            out = dequantize_nf4_triton(*big, torch.bfloat16)
+            tail = nf4_row_slice(*big, 65536, rows)
             record("dequant>2^31", (rows, cols), torch.bfloat16, dq, None, out[65536:],
-                   dequantize_nf4_reference(tail, torch.bfloat16), exact=not dq)
+                   dequantize_nf4(*tail, torch.bfloat16), exact=not dq)
             del out
             x = torch.randn(2, cols, device=device).to(torch.bfloat16)
-            y = nf4_matmul_triton(x, big)
-            w_tail = dequantize_nf4_reference(tail, torch.bfloat16).double()
+            y = nf4_matmul_triton(x, *big)
+            w_tail = dequantize_nf4(*tail, torch.bfloat16).double()
             record("forward>2^31", (rows, cols), torch.bfloat16, dq, 2, y[:, 65536:],
                    (x.double() @ w_tail.T).float())
             dy = torch.randn(2, rows, device=device).to(torch.bfloat16)
-            dx = nf4_matmul_input_grad_triton(dy, big)
+            dx = nf4_matmul_input_grad_triton(dy, *big)
             ref = torch.zeros(2, cols, dtype=torch.float64, device=device)
             for start in range(0, rows, 4096):
                 stop = min(rows, start + 4096)
-                part = dequantize_nf4_reference(nf4_row_slice(big, start, stop), torch.bfloat16).double()
+                part = dequantize_nf4(*nf4_row_slice(*big, start, stop), torch.bfloat16).double()
                 ref += dy[:, start:stop].double() @ part
             record("input_grad>2^31", (rows, cols), torch.bfloat16, dq, 2, dx, ref.float())
             del big
@@ -292,8 +294,7 @@ def cpu_part(threads: int) -> dict[str, Any]:
     # One thread by default: on a shared machine a multi-threaded op waits for its slowest thread,
     # and a descheduled thread costs a whole scheduler slice (seen: 1 ms ops taking 100 ms).
     torch.set_num_threads(threads)
-    from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference
-    from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_reference
+    from finetune_ref.kernels.reference import dequantize_nf4, nf4_matmul
 
     t0 = time.time()
     load_before = os.getloadavg()[0]
@@ -311,7 +312,7 @@ def cpu_part(threads: int) -> dict[str, Any]:
     for N, K, name in SMOLLM2_SHAPES:
         nw = make_weight((N, K), "cpu")
         moved = nf4_read_bytes(nw) + 4 * N * K  # to fp32
-        ref_ms = bench_cpu(lambda: dequantize_nf4_reference(nw, torch.float32))
+        ref_ms = bench_cpu(lambda: dequantize_nf4(*nw, torch.float32))
         row = {"shape": f"{N}x{K}", "layer": name, "reference_ms": ref_ms, "reference_GBps": moved / ref_ms / 1e6,
                "bnb_ms": None}
         if bnbf is not None:
@@ -319,10 +320,10 @@ def cpu_part(threads: int) -> dict[str, Any]:
             packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             row["bnb_ms"] = bench_cpu(lambda: bnbf.dequantize_4bit(packed, state))
         dequant.append(row)
-        dense = dequantize_nf4_reference(nw, torch.float32)
+        dense = dequantize_nf4(*nw, torch.float32)
         for M in CPU_MS:
             x = torch.randn(M, K)
-            ref = bench_cpu(lambda: nf4_matmul_reference(x, nw))
+            ref = bench_cpu(lambda: nf4_matmul(x, *nw))
             lin = bench_cpu(lambda: F.linear(x, dense))
             matmuls.append({"shape": f"{N}x{K}", "layer": name, "M": M, "reference_ms": ref, "fp32_linear_ms": lin,
                             "slowdown_vs_fp32_linear": ref / lin})
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(r))
         return 0
     if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel is built
+        os.environ["TRITON_INTERPRET"] = "1"  # before the first Triton kernel module is imported
 
     import torch
 

@@ -1,19 +1,22 @@
-"""NF4 kernels for QLoRA: a dequantize kernel and fused dequantize-matmul kernels in Triton,
-each next to the pure-PyTorch reference it must equal, and the autograd function NF4Linear uses.
+"""NF4 kernels for QLoRA: a dequantize kernel and fused dequantize-matmul kernels in Triton, the
+pure-PyTorch references they must equal, and the autograd op NF4Linear uses.
 
 Modules (one concept each; ``kernels/README.md`` walks through them):
 
-- ``kernels.backend``              which implementation runs, chosen at call time
-- ``kernels.nf4_layout``           ``NF4Weight``: bitsandbytes' NF4 (+ double quant) tensors, checked
-- ``kernels.nf4_dequant``          dequantize: reference, Triton kernel, shared tile helper
-- ``kernels.nf4_matmul_forward``   forward y = x @ dequant(W)^T (+ bias), fused
-- ``kernels.nf4_matmul_backward``  input gradient dx = dy @ dequant(W), fused
-- ``kernels.nf4_autograd``         ``nf4_linear`` / ``NF4MatmulFunction``
-- ``kernels.testing``              helpers for tests and the benchmark
+- ``kernels.backend``       which implementation runs, chosen at call time
+- ``kernels.reference``     the PyTorch definitions (dequantize, matmul, input gradient) and input checks
+- ``kernels.nf4_dequant``   Triton: the tile helpers and the dequantize kernel
+- ``kernels.nf4_matmul``    Triton: forward y = x @ dequant(W)^T (+ bias) and dx = dy @ dequant(W), fused
+- ``kernels.nf4_autograd``  ``nf4_linear`` / ``NF4MatmulFunction``: the op, on either backend
+
+Every function takes a weight as ``(packed, state)``: the uint8 codes and an NF4QuantState
+(finetune_ref.qlora.quant_state), used duck-typed. This room imports nothing of the project.
 
 Importing this package is cheap and harmless on purpose: it loads only ``kernels.backend``
 (standard library); everything else, torch and Triton included, loads on first attribute
-access. bitsandbytes runs ``from kernels import get_kernel`` at its own import time, meaning
+access, and the Triton modules only when a call resolves to the "triton" backend (so a CPU-only
+install works without Triton, and ``TRITON_INTERPRET=1`` may be set until the first such import).
+bitsandbytes runs ``from kernels import get_kernel`` at its own import time, meaning
 Hugging Face's kernel-hub package of the same name. That import must fail with ImportError
 (which bitsandbytes catches, falling back to its built-in CPU code), so this package defines
 neither ``get_kernel`` nor ``__version__`` (transformers reads the latter to decide whether the
@@ -35,20 +38,14 @@ from finetune_ref.kernels.backend import (
     use_backend,
 )
 
-# Public name -> submodule that defines it, imported on first access (PEP 562).
+# Public name -> submodule that defines it, imported on first access (PEP 562). The matmul references are
+# reached as kernels.reference.nf4_matmul / nf4_matmul_input_grad (kernels.nf4_matmul is the Triton module).
 _LAZY = {
-    "NF4_VALUES": "finetune_ref.kernels.nf4_layout",
-    "NF4Weight": "finetune_ref.kernels.nf4_layout",
-    "nf4_quant_map": "finetune_ref.kernels.nf4_layout",
-    "dequantize_nf4": "finetune_ref.kernels.nf4_dequant",
-    "dequantize_nf4_reference": "finetune_ref.kernels.nf4_dequant",
+    "dequantize_absmax": "finetune_ref.kernels.reference",
+    "dequantize_nf4": "finetune_ref.kernels.reference",
     "dequantize_nf4_triton": "finetune_ref.kernels.nf4_dequant",
-    "nf4_matmul": "finetune_ref.kernels.nf4_matmul_forward",
-    "nf4_matmul_reference": "finetune_ref.kernels.nf4_matmul_forward",
-    "nf4_matmul_triton": "finetune_ref.kernels.nf4_matmul_forward",
-    "nf4_matmul_input_grad": "finetune_ref.kernels.nf4_matmul_backward",
-    "nf4_matmul_input_grad_reference": "finetune_ref.kernels.nf4_matmul_backward",
-    "nf4_matmul_input_grad_triton": "finetune_ref.kernels.nf4_matmul_backward",
+    "nf4_matmul_triton": "finetune_ref.kernels.nf4_matmul",
+    "nf4_matmul_input_grad_triton": "finetune_ref.kernels.nf4_matmul",
     "NF4MatmulFunction": "finetune_ref.kernels.nf4_autograd",
     "nf4_linear": "finetune_ref.kernels.nf4_autograd",
 }

@@ -92,8 +92,9 @@ def triton_available() -> bool:
 def interpreter_enabled() -> bool:
     """True if Triton's CPU interpreter is switched on (``TRITON_INTERPRET`` truthy).
 
-    Triton reads this variable when a ``@triton.jit`` decorator runs; our kernels are built on
-    first use (see ``kernels/nf4_dequant.py``), so it must be set before the first kernel call.
+    Triton reads this variable when a ``@triton.jit`` decorator runs, i.e. when a kernel module
+    (``kernels/nf4_dequant.py``, ``kernels/nf4_matmul.py``) is first imported, which happens on the
+    first call that resolves to "triton": it must be set before then.
     """
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
@@ -127,19 +128,3 @@ def resolve_backend(*tensors: Any) -> str:
         )
     return "triton"
 
-
-def import_triton() -> tuple[Any, Any]:
-    """Import and return ``(triton, triton.language)``.
-
-    Raises:
-        ImportError: with an install hint, if Triton is not installed.
-    """
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as exc:
-        raise ImportError(
-            "the NF4 Triton kernels need the triton package (pip install triton); the PyTorch "
-            "reference path (set_backend('torch')) works without it"
-        ) from exc
-    return triton, tl

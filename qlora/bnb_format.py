@@ -24,6 +24,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from finetune_ref.kernels.reference import check_packed  # the one packed-bytes check (also public here)
 from finetune_ref.qlora.quant_state import PACKED_STATE_KEY, NF4QuantState
 
 WEIGHT = "weight"
@@ -122,17 +123,6 @@ def check_linear_state(state: NF4QuantState, name: str = "quantized weight") -> 
         raise TypeError(f"{name}: expected an NF4QuantState, got {type(state).__name__}")
     if len(state.shape) != 2:
         raise ValueError(f"{name} has shape {tuple(state.shape)}; a linear weight is 2-D (out_features, in_features)")
-
-
-def check_packed(packed: torch.Tensor, state: NF4QuantState, name: str = "packed weight") -> None:
-    """Raise TypeError/ValueError unless ``packed`` is uint8 with as many bytes as ``state`` packs into."""
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise TypeError(f"{name} must be a uint8 tensor of packed NF4 codes, "
-                        f"got {getattr(packed, 'dtype', type(packed))} "
-                        f"(other bitsandbytes quant_storage dtypes are not supported)")
-    if packed.numel() != state.packed_shape[0]:
-        raise ValueError(f"{name} has {packed.numel()} bytes but shape {tuple(state.shape)} packs into "
-                         f"{state.packed_shape[0]}")
 
 
 def check_bias(bias: Optional[torch.Tensor], state: NF4QuantState, name: str = "bias") -> None:

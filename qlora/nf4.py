@@ -8,7 +8,7 @@ QLoRA (Dettmers et al. 2023, arXiv:2305.14314), section 3:
   ``blocksize`` consecutive elements (blocks may straddle rows; the last may be partial). Each block
   is scaled by the reciprocal of its absmax and each value takes the nearest NF4 code.
 * Double quantization: the fp32 absmax values are centred by their mean and quantized again with the
-  signed 8-bit dynamic map in blocks of 256 (:mod:`qlora.blockwise8`).
+  signed 8-bit dynamic map in blocks of 256 (:mod:`optim.blockwise8`).
 
 What "byte-for-byte" covers, checked against bitsandbytes 0.50.2 on CPU (``tests/test_nf4.py``): packed
 bytes, absmax, 8-bit absmax codes, nested absmax, offset and both maps, for float32 / bfloat16 / float16
@@ -26,12 +26,13 @@ input, blocksizes 32..4096 and any element count. The rules we replicate (bitsan
   summation order is PyTorch's. Bit equality of the offset therefore assumes the same PyTorch build
   and, for very large tensors (whose reduction PyTorch may split over threads), the same thread count;
 * the 8-bit step follows bitsandbytes' CPU lookup-table rule, not nearest rounding (see
-  :mod:`qlora.blockwise8`). bitsandbytes' CUDA kernel is not reproduced.
+  :mod:`optim.blockwise8`). bitsandbytes' CUDA kernel is not reproduced.
 
 Dequantization computes ``quant_map[code] * absmax`` in fp32 and casts once to the output dtype, with
 ``absmax = nested_quant_map[q] * nested_absmax + offset`` (two fp32 roundings) under double
-quantization, exactly as bitsandbytes' pure-PyTorch path. (bitsandbytes' native CPU dequantize is
-wrong for some shapes; see ``tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented``.)
+quantization, exactly as bitsandbytes' pure-PyTorch path; the one implementation of it is the kernels'
+reference (``kernels/reference.py``), which :func:`dequantize_nf4` checks its inputs for and calls.
+(bitsandbytes' native CPU dequantize is wrong for some shapes; see ``tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented``.)
 
 Bad input: NaN/inf anywhere raise ValueError (we refuse rather than let one value poison its block);
 fp64, integer, fp8 and uint8 (already packed) inputs raise TypeError; all-zero blocks dequantize to
@@ -44,8 +45,11 @@ from typing import Optional
 
 import torch
 
-from finetune_ref.optim.blockwise8 import check_float_input, create_dynamic_map, dequantize_blockwise, quantize_blockwise
-from finetune_ref.qlora.quant_state import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES, NF4QuantState
+from finetune_ref.kernels import reference
+from finetune_ref.kernels.reference import check_dtype, check_packed
+from finetune_ref.kernels.reference import dequantize_absmax  # noqa: F401 (public here: qlora.nf4.dequantize_absmax)
+from finetune_ref.optim.blockwise8 import check_float_input, create_dynamic_map, quantize_blockwise
+from finetune_ref.qlora.quant_state import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, NF4QuantState
 
 # The NF4 table as stored by bitsandbytes (functional.get_4bit_type("nf4")); index = 4-bit code.
 NF4_CODE_VALUES = (
@@ -178,24 +182,13 @@ def _block_absmax_and_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.T
     return absmax, scaled
 
 
-def dequantize_absmax(state: NF4QuantState) -> torch.Tensor:
-    """The fp32 per-block absmax of ``state``: stored directly, or rebuilt from double quantization.
-
-    Returns:
-        fp32 (num_blocks,): ``nested_quant_map[q] * nested_absmax[i // 256] + offset`` when nested.
-    """
-    if not state.nested:
-        return state.absmax
-    centred = dequantize_blockwise(state.absmax, state.nested_absmax, state.nested_quant_map,
-                                   state.nested_blocksize, torch.float32)
-    return centred + state.offset
-
-
 def dequantize_nf4(packed: torch.Tensor, state: NF4QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Inverse of :func:`quantize_nf4`: ``quant_map[code] * absmax`` in fp32, cast once to ``dtype``.
 
-    Equal bit for bit to bitsandbytes' pure-PyTorch ``dequantize_4bit`` (and to its native CPU kernel
-    on the shapes where that kernel is right).
+    Checks its inputs, then runs the one dequantize reference (``kernels/reference.py``:
+    ``dequantize_nf4``), equal bit for bit to bitsandbytes' pure-PyTorch ``dequantize_4bit`` (and to its
+    native CPU kernel on the shapes where that kernel is right). :func:`dequantize_absmax` (the fp32
+    per-block absmax, rebuilt from double quantization when nested) comes from there too.
 
     Args:
         packed: uint8 packed codes, ``((numel + 1) // 2, 1)`` (any shape with that many bytes is accepted).
@@ -211,26 +204,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4QuantState, dtype: Optional[t
     """
     if not isinstance(state, NF4QuantState):
         raise TypeError(f"dequantize_nf4: state must be an NF4QuantState, got {type(state).__name__}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise TypeError(f"dequantize_nf4: packed must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
-    dtype = state.dtype if dtype is None else dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dequantize_nf4: dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
-    n, nb, bs = state.numel, state.num_blocks, state.blocksize
-    if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"dequantize_nf4: a tensor of shape {tuple(state.shape)} packs into {(n + 1) // 2} bytes, "
-                         f"got {packed.numel()} (packed data and state do not belong together)")
-    if packed.device != state.device:
-        raise ValueError(f"dequantize_nf4: packed is on {packed.device} but the state on {state.device}")
-    absmax = dequantize_absmax(state)  # (nb,) fp32
-    code = state.quant_map
-    # Byte b decodes to the fp32 pair (code[b >> 4], code[b & 15]). Gathering each pair as one 8-byte
-    # word (index_select on an int64 view of the (256, 2) table) is ~20x faster on CPU than
-    # advanced indexing; the bytes are only copied, so the values are unchanged.
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2) fp32
-    words = torch.index_select(pairs.view(torch.int64).view(256), 0, packed.reshape(-1).to(torch.int32))  # (m,)
-    values = words.view(torch.float32)[:n]  # (2m,) -> (n,) fp32
-    if nb * bs != n:
-        values = torch.nn.functional.pad(values, (0, nb * bs - n))  # (nb * bs,)
-    out = (values.view(nb, bs) * absmax.view(nb, 1)).view(-1)[:n]  # fp32 product, rounded once
-    return out.to(dtype).view(state.shape)
+    check_packed(packed, state, "dequantize_nf4: packed")
+    if dtype is not None:
+        check_dtype(dtype, "dequantize_nf4: dtype")
+    return reference.dequantize_nf4(packed, state, dtype)

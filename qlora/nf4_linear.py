@@ -2,10 +2,17 @@
 
 QLoRA (Dettmers et al. 2023), section 3, eq. (5)-(6): the base weight is stored as NF4 with double
 quantization and dequantized on the fly to the compute dtype (bf16 by default) for each matmul:
-``Y = X_bf16 @ doubleDequant(c1, c2, W_nf4)^T``. Only the input gradient flows through the base
-(the weight is frozen), and it is computed by dequantizing again in backward, so the only tensor
-kept for backward is the packed 4-bit weight: no dequantized copy stays alive between forward and
-backward. This is what bitsandbytes' ``MatMul4Bit`` does (``autograd/_functions.py``).
+``Y = X_bf16 @ doubleDequant(c1, c2, W_nf4)^T``. The matmul is the kernels' autograd op
+(``kernels/nf4_autograd.py``: ``NF4MatmulFunction``; Triton's fused kernels for CUDA tensors, the PyTorch
+reference otherwise). Only the input gradient flows through the base (the weight is frozen), and it is
+computed by dequantizing again in backward, so the only tensor kept for backward is the packed 4-bit
+weight: no dequantized copy stays alive between forward and backward, as in bitsandbytes' ``MatMul4Bit``
+(``autograd/_functions.py``).
+
+The quantization state's tensors are non-persistent buffers (so ``.to(device)``, FSDP and friends move
+them), and the :class:`NF4QuantState` over them is built once: at construction, ``load_state_dict`` and
+``requantize_``, and again in ``_apply`` only when a device move replaced the buffers. ``forward``
+re-validates nothing; it asserts that the input is floating with ``in_features`` features.
 
 Dtypes: the input is cast to ``compute_dtype``, the matmul and bias add run there, and the output
 is cast back to the input dtype (as ``bnb.nn.Linear4bit`` and ``nn.Linear`` do), so the layer is a
@@ -20,45 +27,19 @@ State dict: ``state_dict()`` writes bitsandbytes' keys (``weight``, ``weight.abs
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import dataclasses
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
+from finetune_ref.kernels.backend import resolve_backend
+from finetune_ref.kernels.nf4_autograd import NF4MatmulFunction
 from finetune_ref.qlora.bnb_format import check_bias, check_linear_state, check_packed, from_bnb_state_dict, to_bnb_state_dict
 from finetune_ref.qlora.nf4 import dequantize_nf4, quantize_nf4
 from finetune_ref.qlora.quant_state import SUPPORTED_DTYPES, NF4QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "offset", "nested_absmax", "nested_quant_map")
-
-
-class NF4LinearFunction(torch.autograd.Function):
-    """``y = x @ dequant(W)^T + b`` with a frozen NF4 weight; backward dequantizes W again.
-
-    forward(x, packed, state, bias): x (..., in) in the compute dtype, packed uint8, bias (out,) in the
-    compute dtype or None. Returns (..., out) in the compute dtype. Saves only ``packed`` (plus a
-    reference to the small, immutable quantization state).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: NF4QuantState,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-        weight = dequantize_nf4(packed, state, dtype=x.dtype)  # (out, in), freed when forward returns
-        ctx.save_for_backward(packed)
-        ctx.state = state
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):
-        (packed,) = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight = dequantize_nf4(packed, ctx.state, dtype=grad_out.dtype)  # (out, in)
-            grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (N, out) -> (out,)
-        return grad_x, None, None, grad_bias
 
 
 class NF4Linear(nn.Module):
@@ -72,7 +53,8 @@ class NF4Linear(nn.Module):
 
     Attributes:
         in_features, out_features (int), blocksize (int), double_quant (bool), compute_dtype,
-        weight (the packed uint8 buffer), bias (Parameter or None), quant_state (property).
+        weight (the packed uint8 buffer), bias (Parameter or None), quant_state (the cached
+        :class:`NF4QuantState`, whose tensors are this module's buffers).
 
     Raises:
         TypeError / ValueError: inconsistent weight, state or bias, or an unsupported compute dtype.
@@ -121,23 +103,21 @@ class NF4Linear(nn.Module):
 
     # ------------------------------------------------------------------------------ state
     def _set_state(self, state: NF4QuantState) -> None:
-        self._shape, self._dtype = state.shape, state.dtype
         self.blocksize, self.double_quant = state.blocksize, state.nested
         tensors = state.tensors()
         for name in _STATE_BUFFERS:
             # Non-persistent: _save_to_state_dict writes them under bitsandbytes' key names.
             self.register_buffer(name, tensors.get(name), persistent=False)
+        self._quant_state = state  # its tensors are the buffers just registered
 
     @property
     def quant_state(self) -> NF4QuantState:
-        """The quantization state, rebuilt from the module's buffers (so ``.to(device)`` moves it)."""
-        return NF4QuantState(shape=self._shape, dtype=self._dtype, blocksize=self.blocksize, absmax=self.absmax,
-                             quant_map=self.quant_map, offset=self.offset, nested_absmax=self.nested_absmax,
-                             nested_quant_map=self.nested_quant_map)
+        """The quantization state over this module's buffers (built once, not per call; see the module docstring)."""
+        return self._quant_state
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dequantized weight ``(out_features, in_features)`` in ``dtype`` (default: the original dtype)."""
-        return dequantize_nf4(self.weight, self.quant_state, dtype=dtype)
+        return dequantize_nf4(self.weight, self._quant_state, dtype=dtype)
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
@@ -156,6 +136,10 @@ class NF4Linear(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        buffers = {name: self._buffers[name] for name in self._quant_state.tensors()}
+        if any(buffers[name] is not t for name, t in self._quant_state.tensors().items()):
+            # A device move made new tensors: the state is rebuilt over them (and checked) once, here.
+            self._quant_state = dataclasses.replace(self._quant_state, **buffers)
         return result
 
     # ------------------------------------------------------------------------------ forward
@@ -172,14 +156,9 @@ class NF4Linear(nn.Module):
             raise ValueError(f"NF4Linear: input last dimension must be {self.in_features}, got shape {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         x_c = x.to(self.compute_dtype)
-        # The path is chosen per call (kernels.set_backend / KERNELS_BACKEND): Triton's fused dequant-matmul for
-        # CUDA tensors when Triton is installed, else the PyTorch reference below. Both save only packed bytes.
-        from finetune_ref import kernels  # cheap: the package loads torch/triton parts only on first use
-
-        if kernels.resolve_backend(x_c, self.weight) == "triton":
-            weight = kernels.NF4Weight.from_quant_state(self.weight, self.quant_state)
-            return kernels.nf4_linear(x_c, weight, bias).to(x.dtype)
-        out = NF4LinearFunction.apply(x_c, self.weight, self.quant_state, bias)
+        # The inputs of the op were checked when the layer was built; only the backend is chosen per call
+        # (kernels.set_backend / KERNELS_BACKEND: Triton for CUDA tensors when installed, else the reference).
+        out = NF4MatmulFunction.apply(x_c, self.weight, self._quant_state, bias, resolve_backend(x_c, self.weight))
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -188,7 +167,7 @@ class NF4Linear(nn.Module):
 
     # ------------------------------------------------------------------------------ state dict (bitsandbytes layout)
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        entries = to_bnb_state_dict(self.weight, self.quant_state, self.bias, prefix)
+        entries = to_bnb_state_dict(self.weight, self._quant_state, self.bias, prefix)
         for key, value in entries.items():
             destination[key] = value if keep_vars else value.detach()
 

@@ -67,9 +67,12 @@ class NF4QuantState:
         nested_quant_map: fp32 ``(256,)``, the signed dynamic 8-bit map (double quant only).
         nested_blocksize: blocks per nested group, 256 (the only value bitsandbytes writes).
 
+    The one representation of an NF4 weight's state in the project: ``kernels`` (which imports nothing
+    of ours) reads it duck-typed, by these attribute names, next to the packed codes.
+
     Raises:
-        TypeError / ValueError (at construction): a field has the wrong type, dtype or length, or the
-        double-quant fields are only partly given.
+        TypeError / ValueError (at construction): a field has the wrong type, dtype or length, the
+        double-quant fields are only partly given, or the tensors are on several devices.
     """
 
     shape: torch.Size
@@ -99,6 +102,7 @@ class NF4QuantState:
         nested_fields = (self.offset, self.nested_absmax, self.nested_quant_map)
         if all(t is None for t in nested_fields):
             _check_tensor("absmax", self.absmax, torch.float32, (nb,))
+            _check_one_device(self.tensors())
             return
         if any(t is None for t in nested_fields):
             raise ValueError("NF4QuantState: double quantization needs offset, nested_absmax and nested_quant_map "
@@ -111,6 +115,7 @@ class NF4QuantState:
         _check_tensor("offset", self.offset, torch.float32, ())
         _check_tensor("nested_absmax", self.nested_absmax, torch.float32, (num_blocks(nb, self.nested_blocksize),))
         _check_tensor("nested_quant_map", self.nested_quant_map, torch.float32, (256,))
+        _check_one_device(self.tensors())
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -285,3 +290,11 @@ def _check_tensor(name: str, t: Any, dtype: torch.dtype, shape: tuple[int, ...])
         raise TypeError(f"NF4QuantState: {name} must be {dtype}, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"NF4QuantState: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_one_device(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless the state's tensors share one device (a kernel reads them together)."""
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"NF4QuantState: tensors must all be on one device, got "
+                         f"{ {name: str(t.device) for name, t in tensors.items()} }; move the state with .to(device)")

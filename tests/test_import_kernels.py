@@ -49,8 +49,8 @@ import bitsandbytes.functional as bnbf
 import peft
 import torch
 from finetune_ref import kernels, models, lora, qlora
-import finetune_ref.kernels.nf4_autograd, finetune_ref.kernels.nf4_dequant  # noqa: F401
-import finetune_ref.kernels.nf4_matmul_forward, finetune_ref.kernels.nf4_matmul_backward  # noqa: F401
+import finetune_ref.kernels.nf4_autograd, finetune_ref.kernels.reference  # noqa: F401
+import finetune_ref.kernels.nf4_dequant, finetune_ref.kernels.nf4_matmul  # noqa: F401
 
 assert kernels.__file__ == {str(REPO / "kernels" / "__init__.py")!r}, kernels.__file__
 # Only finetune_ref is ours at the top level: no generic name of the project was imported or is importable.
@@ -69,10 +69,11 @@ assert not is_kernels_available()
 # bitsandbytes, peft and our kernels still work side by side.
 w = torch.randn(64, 128)
 packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-nw = kernels.NF4Weight.from_quant_state(packed, state)
-assert torch.equal(kernels.dequantize_nf4(nw), bnbf.dequantize_4bit(packed, state))
+from finetune_ref.qlora.quant_state import NF4QuantState
+ours = NF4QuantState.from_dict(state.as_dict(packed=True))
+assert torch.equal(kernels.dequantize_nf4(packed, ours), bnbf.dequantize_4bit(packed, state))
 x = torch.randn(3, 128, requires_grad=True)
-kernels.nf4_linear(x, nw).sum().backward()
+kernels.nf4_linear(x, packed, ours).sum().backward()
 assert x.grad is not None and x.grad.shape == (3, 128)
 model = torch.nn.Sequential(torch.nn.Linear(8, 8))
 lora_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0"]))
@@ -82,23 +83,23 @@ print("OK")
 
 
 # bitsandbytes imports Triton at its own import, so in a test process Triton may be imported
-# before TRITON_INTERPRET=1 is set. Our kernels must still run in the interpreter then (they are
-# built on first call and use only Triton builtins; see kernels/nf4_matmul_forward.py).
+# before TRITON_INTERPRET=1 is set. Our kernels must still run in the interpreter then (their modules
+# are imported after it is set, and they use only Triton builtins; see kernels/nf4_dequant.py).
 INTERPRETER_AFTER_TRITON = """
 import os
 import triton  # first, with the interpreter off, as bitsandbytes' import does
 assert not os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
-from finetune_ref.kernels.testing import make_nf4_weight
-from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton
-from finetune_ref.kernels.nf4_matmul_forward import nf4_matmul_reference, nf4_matmul_triton
-from finetune_ref.kernels.nf4_matmul_backward import nf4_matmul_input_grad_reference, nf4_matmul_input_grad_triton
-nw = make_nf4_weight(torch.randn(65, 67), 64, True)
-assert torch.equal(dequantize_nf4_triton(nw), dequantize_nf4_reference(nw))
+from finetune_ref.qlora.nf4 import quantize_nf4
+from finetune_ref.kernels import reference
+from finetune_ref.kernels.nf4_dequant import dequantize_nf4_triton
+from finetune_ref.kernels.nf4_matmul import nf4_matmul_input_grad_triton, nf4_matmul_triton
+nw = quantize_nf4(torch.randn(65, 67), 64, True)  # (packed, state)
+assert torch.equal(dequantize_nf4_triton(*nw), reference.dequantize_nf4(*nw))
 x, dy = torch.randn(3, 67), torch.randn(3, 65)
-torch.testing.assert_close(nf4_matmul_triton(x, nw), nf4_matmul_reference(x, nw), atol=1e-4, rtol=1e-5)
-torch.testing.assert_close(nf4_matmul_input_grad_triton(dy, nw), nf4_matmul_input_grad_reference(dy, nw),
+torch.testing.assert_close(nf4_matmul_triton(x, *nw), reference.nf4_matmul(x, *nw), atol=1e-4, rtol=1e-5)
+torch.testing.assert_close(nf4_matmul_input_grad_triton(dy, *nw), reference.nf4_matmul_input_grad(dy, *nw),
                            atol=1e-4, rtol=1e-5)
 print("OK")
 """

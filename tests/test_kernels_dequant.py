@@ -1,11 +1,12 @@
 """The Triton NF4 dequantize kernel against its PyTorch reference, under Triton's interpreter.
 
-Run on CPU with ``TRITON_INTERPRET=1`` (set below, before the first kernel is built; the kernels
-build on first call). With ``TRITON_INTERPRET=0`` on a CUDA machine the same tests run natively.
+Run on CPU with ``TRITON_INTERPRET=1`` (set below, before the kernel module is first imported:
+``@triton.jit`` reads it when the kernels are defined). With ``TRITON_INTERPRET=0`` on a CUDA machine
+the same tests run natively.
 
 Tolerance: the kernel computes ``quant_map[code] * absmax`` in fp32 exactly like the reference,
 so fp32 and fp16 outputs must be *bit-identical*. bf16: the interpreter truncates fp32 -> bf16
-instead of rounding to nearest (GUIDE section 1), so there we allow 1 bf16 ulp (2^-7 relative);
+instead of rounding to nearest, so there we allow 1 bf16 ulp (2^-7 relative);
 ``benchmarks/bench_kernels.py`` checks bf16 exactly on a GPU.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit (built lazily)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a Triton kernel module
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,12 +22,14 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install triton)")
 
 from finetune_ref.kernels.backend import interpreter_enabled  # noqa: E402
-from finetune_ref.kernels.nf4_dequant import dequantize_nf4_reference, dequantize_nf4_triton  # noqa: E402
-from finetune_ref.kernels.testing import (  # noqa: E402
+from finetune_ref.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
+from finetune_ref.kernels.reference import dequantize_nf4  # noqa: E402
+from kernel_testing import (  # noqa: E402
     assert_guards_intact,
     guarded_empty,
     make_nf4_weight,
     nf4_row_slice,
+    nf4_tensors,
     random_nf4_weight,
 )
 
@@ -39,15 +42,15 @@ SHAPES = ((1, 1), (3, 5), (65, 67), (100, 300))
 
 def _weight(shape, double_quant, blocksize=64, seed=0):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    return make_nf4_weight(w, blocksize, double_quant).to(DEVICE)
+    return make_nf4_weight(w, blocksize, double_quant, DEVICE)  # (packed, state)
 
 
 def _snapshot(nw):
-    return [t.clone() for t in nw.tensors()]
+    return [t.clone() for t in nf4_tensors(*nw)]
 
 
 def _assert_unchanged(nw, before):
-    for t, old in zip(nw.tensors(), before):
+    for t, old in zip(nf4_tensors(*nw), before):
         assert torch.equal(t, old), "the kernel modified one of its inputs"
 
 
@@ -59,9 +62,9 @@ def test_dequant_kernel_equals_reference(shape, double_quant, dtype):
     before = _snapshot(nw)
     # Guarded contiguous output: sentinels on both sides of the flat range.
     buffer, out = guarded_empty(shape, dtype, DEVICE)
-    result = dequantize_nf4_triton(nw, dtype, out=out)
+    result = dequantize_nf4_triton(*nw, dtype, out=out)
     assert result is out
-    assert torch.equal(out, dequantize_nf4_reference(nw, dtype))
+    assert torch.equal(out, dequantize_nf4(*nw, dtype))
     assert_guards_intact(buffer, out)
     _assert_unchanged(nw, before)
 
@@ -69,8 +72,8 @@ def test_dequant_kernel_equals_reference(shape, double_quant, dtype):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_dequant_kernel_bf16_within_interpreter_truncation(double_quant):
     nw = _weight((100, 300), double_quant)
-    got = dequantize_nf4_triton(nw, torch.bfloat16).float()
-    want = dequantize_nf4_reference(nw, torch.bfloat16).float()
+    got = dequantize_nf4_triton(*nw, torch.bfloat16).float()
+    want = dequantize_nf4(*nw, torch.bfloat16).float()
     if interpreter_enabled():
         torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
     else:
@@ -83,8 +86,8 @@ def test_dequant_kernel_many_programs_and_tails(block_bytes):
     # with small programs the program boundaries fall inside absmax blocks.
     nw = _weight((65, 67), double_quant=True)
     buffer, out = guarded_empty((65, 67), torch.float32, DEVICE, guard=33)
-    dequantize_nf4_triton(nw, out=out, block_bytes=block_bytes)
-    assert torch.equal(out, dequantize_nf4_reference(nw))
+    dequantize_nf4_triton(*nw, out=out, block_bytes=block_bytes)
+    assert torch.equal(out, dequantize_nf4(*nw))
     assert_guards_intact(buffer, out)
 
 
@@ -92,20 +95,20 @@ def test_dequant_kernel_many_programs_and_tails(block_bytes):
 def test_dequant_kernel_other_blocksizes(blocksize):
     # 300 * 130 / 32 = 1219 blocks: five nested (256-block) groups, the last partial.
     nw = _weight((300, 130), double_quant=True, blocksize=blocksize)
-    assert torch.equal(dequantize_nf4_triton(nw, torch.float16), dequantize_nf4_reference(nw, torch.float16))
+    assert torch.equal(dequantize_nf4_triton(*nw, torch.float16), dequantize_nf4(*nw, torch.float16))
 
 
 def test_dequant_kernel_rejects_bad_out():
     nw = _weight((4, 64), double_quant=False)
     with pytest.raises(ValueError, match="out must be torch.float16 of shape"):
-        dequantize_nf4_triton(nw, torch.float16, out=torch.empty(4, 64, device=DEVICE))
+        dequantize_nf4_triton(*nw, torch.float16, out=torch.empty(4, 64, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
-        dequantize_nf4_triton(nw, out=torch.empty(64, 4, device=DEVICE).t())
+        dequantize_nf4_triton(*nw, out=torch.empty(64, 4, device=DEVICE).t())
     for bad in (48, 0, 2**20):
         with pytest.raises(ValueError, match="power of two from 1 to 2"):
-            dequantize_nf4_triton(nw, block_bytes=bad)
+            dequantize_nf4_triton(*nw, block_bytes=bad)
     with pytest.raises(TypeError, match="dtype must be one of"):
-        dequantize_nf4_triton(nw, torch.int8)
+        dequantize_nf4_triton(*nw, torch.int8)
 
 
 @pytest.mark.skipif(
@@ -119,6 +122,6 @@ def test_dequant_kernel_past_int32_offsets(double_quant):
     rows, cols = 65539, 32832
     assert rows * cols > 2**31
     nw = random_nf4_weight((rows, cols), double_quant, DEVICE)
-    out = dequantize_nf4_triton(nw, torch.float16, block_bytes=1 << 19)
-    tail = nf4_row_slice(nw, 65536, rows)
-    assert torch.equal(out[65536:], dequantize_nf4_reference(tail, torch.float16))
+    out = dequantize_nf4_triton(*nw, torch.float16, block_bytes=1 << 19)
+    tail = nf4_row_slice(*nw, 65536, rows)
+    assert torch.equal(out[65536:], dequantize_nf4(*tail, torch.float16))

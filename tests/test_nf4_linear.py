@@ -15,6 +15,7 @@ from torch import nn
 from finetune_ref.qlora.bnb_format import bnb_linear_keys, bnb_linear_prefixes, from_bnb_state_dict, to_bnb_state_dict
 from finetune_ref.qlora.nf4 import dequantize_nf4, quantize_nf4
 from finetune_ref.qlora.nf4_linear import NF4Linear
+from finetune_ref.qlora.quant_state import NF4QuantState
 
 COMPUTE_DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 
@@ -138,6 +139,22 @@ def test_model_dtype_casts_keep_the_quantization_state():
     assert layer.offset.dtype == torch.float32 and layer.nested_absmax.dtype == torch.float32
     assert torch.equal(layer.absmax, absmax_before) and layer.bias.dtype == torch.float16
     torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-2)  # only the bias rounding (bf16 compute) changes
+
+
+def test_quant_state_is_built_once_over_the_buffers(monkeypatch):
+    layer = NF4Linear.from_linear(make_linear(64, 16))
+    state = layer.quant_state
+    assert layer.quant_state is state  # cached, not rebuilt per access
+    assert all(getattr(layer, name) is t for name, t in state.tensors().items())
+    layer.to(torch.float16)  # no device move: the state's tensors stay the buffers
+    assert layer.quant_state is state
+    monkeypatch.setattr(NF4QuantState, "__post_init__", lambda self: pytest.fail("state rebuilt in forward"))
+    layer(torch.randn(2, 64)).sum()
+    monkeypatch.undo()
+    layer.to("meta")  # a device move replaces the buffers: the state is rebuilt over the new ones
+    moved = layer.quant_state
+    assert moved is not state and moved.device.type == "meta"
+    assert all(getattr(layer, name) is t for name, t in moved.tensors().items())
 
 
 def test_bad_input_raises():

@@ -1,0 +1,158 @@
+"""The pure-PyTorch definitions of the NF4 ops, which every Triton kernel must equal, and the checks of
+their inputs.
+
+The layout is bitsandbytes' (``bitsandbytes/functional.py``: ``quantize_4bit``; QLoRA paper, Dettmers
+et al. 2023, section 3). A weight W of ``state.shape`` is flattened row-major (n elements) and cut into
+blocks of ``state.blocksize`` consecutive flat elements (blocks may straddle rows; the last may be
+partial). Each element is a 4-bit code, two per byte of ``packed`` (flat element 2i in the HIGH nibble
+of byte i, 2i+1 in the low one; ``packed`` is uint8 ``((n + 1) // 2, 1)``), and
+
+    W[f] = quant_map[code[f]] * absmax[f // blocksize]          (fp32, then one cast)
+
+With double quantization (QLoRA section 3, "Double Quantization") ``absmax`` holds uint8 codes and
+
+    absmax[b] = nested_quant_map[absmax_code[b]] * nested_absmax[b // nested_blocksize] + offset
+
+(fp32, in that order, as ``bitsandbytes.functional.dequantize_4bit`` computes it).
+
+Every function here takes ``(packed, state)``: state: an NF4QuantState (finetune_ref.qlora.quant_state),
+used duck-typed through its attributes ``shape``, ``dtype``, ``blocksize``, ``absmax``, ``quant_map``,
+``nested``, ``offset``, ``nested_absmax``, ``nested_quant_map``, ``nested_blocksize``, ``numel`` and
+``num_blocks``. This room imports nothing of the project, so it never imports the class.
+
+The references do no checking: they are the CPU hot path of ``NF4Linear``, whose inputs were checked
+once when the layer was built. The ``check_*`` functions below are called where inputs enter: the
+autograd op ``kernels.nf4_linear``, the Triton wrappers (their "check constraints" step) and
+``qlora.nf4.dequantize_nf4``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# References
+# --------------------------------------------------------------------------------------------
+def dequantize_absmax(state: Any) -> torch.Tensor:
+    """The fp32 absmax per block, shape ``(num_blocks,)``: stored directly, or rebuilt from double
+    quantization (``nested_quant_map[code] * nested_absmax[group] + offset``, two fp32 roundings)."""
+    if not state.nested:
+        return state.absmax
+    nb, group = state.num_blocks, state.nested_blocksize
+    groups = state.nested_absmax.numel()
+    centred = torch.index_select(state.nested_quant_map, 0, state.absmax.reshape(-1).to(torch.int32))  # (nb,)
+    centred = F.pad(centred, (0, groups * group - nb)).view(groups, group)  # (groups, nested_blocksize)
+    return (centred * state.nested_absmax.view(groups, 1)).view(-1)[:nb] + state.offset  # (nb,) fp32
+
+
+def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W from its packed codes: ``quant_map[code] * absmax`` in fp32, cast once to ``dtype``.
+
+    Equal bit for bit to bitsandbytes' pure-PyTorch path (``bitsandbytes/backends/default/ops.py``:
+    ``_dequantize_4bit_compute``, the absmax rebuilt as in ``functional.dequantize_4bit``).
+
+    Args:
+        packed: uint8, ``(numel + 1) // 2`` bytes (any shape), on the state's device.
+        state: an NF4QuantState (finetune_ref.qlora.quant_state).
+        dtype: output dtype (float32, float16, bfloat16); default ``state.dtype``.
+
+    Returns:
+        Tensor of ``state.shape`` and ``dtype`` on ``packed``'s device.
+    """
+    dtype = state.dtype if dtype is None else dtype
+    n, nb, bs = state.numel, state.num_blocks, state.blocksize
+    absmax = dequantize_absmax(state)  # (nb,) fp32
+    code = state.quant_map
+    # Byte b decodes to the fp32 pair (code[b >> 4], code[b & 15]). Gathering each pair as one 8-byte
+    # word (index_select on an int64 view of the (256, 2) table) is ~20x faster on CPU than
+    # advanced indexing; the bytes are only copied, so the values are unchanged.
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2) fp32
+    words = torch.index_select(pairs.view(torch.int64).view(256), 0, packed.reshape(-1).to(torch.int32))  # (m,)
+    values = words.view(torch.float32)[:n]  # (2m,) -> (n,) fp32
+    if nb * bs != n:
+        values = F.pad(values, (0, nb * bs - n))  # (nb * bs,)
+    out = (values.view(nb, bs) * absmax.view(nb, 1)).view(-1)[:n]  # fp32 product, rounded once
+    return out.to(dtype).view(state.shape)
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(W)^T + bias: dequantize W to x's dtype, then ``F.linear``.
+
+    Shapes: x (..., K), W (N, K), bias (N,) -> y (..., N), x's dtype.
+    """
+    return F.linear(x, dequantize_nf4(packed, state, x.dtype), bias)
+
+
+def nf4_matmul_input_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """dx = grad_y @ dequant(W), W dequantized to grad_y's dtype.
+
+    Shapes: grad_y (..., N), W (N, K) -> dx (..., K), grad_y's dtype.
+    """
+    return grad_y @ dequantize_nf4(packed, state, grad_y.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (where inputs enter, never on the hot path)
+# --------------------------------------------------------------------------------------------
+def check_dtype(dtype: Any, what: str) -> None:
+    """Raise TypeError unless ``dtype`` is fp32, fp16 or bf16."""
+    if dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"{what} must be one of {OUTPUT_DTYPES}, got {dtype}")
+
+
+def check_packed(packed: Any, state: Any, name: str = "packed weight") -> None:
+    """Raise TypeError / ValueError unless ``packed`` is uint8, holds as many bytes as ``state.shape``
+    packs into, and sits on the state's device."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"{name} must be a uint8 tensor of packed NF4 codes, "
+                        f"got {getattr(packed, 'dtype', type(packed))} "
+                        f"(other bitsandbytes quant_storage dtypes are not supported)")
+    n_bytes = (state.numel + 1) // 2
+    if packed.numel() != n_bytes:
+        raise ValueError(f"{name} has {packed.numel()} bytes but shape {tuple(state.shape)} packs into {n_bytes} "
+                         f"(packed data and state do not belong together)")
+    if packed.device != state.absmax.device:
+        raise ValueError(f"{name} is on {packed.device} but the quantization state on {state.absmax.device}")
+
+
+def _check_weight(packed: Any, state: Any) -> None:
+    check_packed(packed, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"the weight must be 2-D (out_features, in_features), got shape {tuple(state.shape)}")
+
+
+def check_matmul_inputs(x: Any, packed: Any, state: Any, bias: Any) -> None:
+    """Raise TypeError / ValueError unless x (..., K) and bias (N,) fit the NF4 weight (N, K)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_dtype(x.dtype, "x.dtype")
+    _check_weight(packed, state)
+    N, K = state.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must be in_features={K}, got x of shape {tuple(x.shape)}")
+    if x.device != packed.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {packed.device}; move one of them")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (N,):
+            raise ValueError(f"bias must be a tensor of shape ({N},), got {getattr(bias, 'shape', bias)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias must be {x.dtype} on {x.device} like x, got {bias.dtype} on {bias.device}")
+
+
+def check_input_grad_inputs(grad_y: Any, packed: Any, state: Any) -> None:
+    """Raise TypeError / ValueError unless grad_y (..., N) fits the NF4 weight (N, K)."""
+    if not isinstance(grad_y, torch.Tensor):
+        raise TypeError(f"grad_y must be a torch.Tensor, got {type(grad_y).__name__}")
+    check_dtype(grad_y.dtype, "grad_y.dtype")
+    _check_weight(packed, state)
+    if grad_y.dim() < 1 or grad_y.shape[-1] != state.shape[0]:
+        raise ValueError(f"grad_y's last dimension must be out_features={state.shape[0]}, "
+                         f"got shape {tuple(grad_y.shape)}")
+    if grad_y.device != packed.device:
+        raise ValueError(f"grad_y is on {grad_y.device} but the weight is on {packed.device}")
