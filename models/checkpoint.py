@@ -178,16 +178,17 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     files = checkpoint_files(model_dir)
+    present = set(files)
     built: dict[str, list[str]] = {}  # linear name -> the tensors the builder makes it from
     for name, module in model.named_modules():
-        keys = builder.keys(name, module, set(files)) if type(module) is nn.Linear else None
+        keys = builder.keys(name, module, present) if type(module) is nn.Linear else None
         if keys is not None:
             if not all(k.startswith(name + ".") for k in keys):
                 raise ValueError(f"{type(builder).__name__}: the tensors of {name} must be named {name}.*: {keys}")
             built[name] = list(keys)
     if config.tie_word_embeddings and "lm_head" in built:
         raise ValueError("lm_head is tied to the input embedding and cannot be quantized; keep it in skip_modules")
-    _check_keys(model_dir, model, built, set(files), builder)
+    _check_keys(model_dir, model, built, present, builder)
 
     # One group per decoder layer, then everything else: at most one layer's tensors as stored are alive at once.
     groups: dict[str, list[str]] = {}
