@@ -24,19 +24,24 @@ import copy
 import sys
 from pathlib import Path
 
+import torch
+
 from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
                                  directory_bytes,
                                  heldout_batches, non_negative_int, positive_int, read_qlora_record,
                                  resolve_model_dir)
 
 REQUANTIZE = ("none", "nf4", "rtn4", "gptq4")
+DEFAULT_NUM_SAMPLES = 128  # GPTQ calibration sequences (the GPTQ paper's 128 random segments)
+DEFAULT_SEQ_LEN = 256
+CALIBRATION_BATCH_SIZE = 8  # sequences per calibration forward
 
 
 def cmd_merge(args) -> int:
     from finetune_ref.lora import load_adapters, merge_and_unload
     from finetune_ref.models.checkpoint import load_model
     from finetune_ref.models.tokenizer import Tokenizer
-    from finetune_ref.gptq.model import is_gptq_dir
+    from finetune_ref.gptq.checkpoint import is_gptq_dir
     from finetune_ref.qlora.merge import merge_qlora, merge_report
     from finetune_ref.qlora.model import is_quantized_dir, load_quantized, quantize_model
 
@@ -78,7 +83,8 @@ def cmd_merge(args) -> int:
 
         print(f"{gptq_config.method.upper()} 4-bit, group size {gptq_config.group_size}"
               + (f", {len(calibration)} calibration sequences" if calibration else ""), file=sys.stderr)
-        gptq_quantize_model(merged, calibration, gptq_config, progress=lambda line: print(line, file=sys.stderr))
+        gptq_quantize_model(merged, calibration_batches(calibration) if calibration else None, gptq_config,
+                            progress=lambda line: print(line, file=sys.stderr))
     print(f"merged {len(args.adapter)} {what}" + ("" if args.requantize == "none" else
                                                    f", re-quantized ({args.requantize})"))
     if batches:
@@ -121,16 +127,44 @@ def _gptq_config(args):
 
 
 def _calibration(args, tokenizer) -> list[dict]:
-    from finetune_ref.gptq.model import calibration_examples
-
     return calibration_examples(tokenizer, args.calibration_data or args.data, num_samples=args.calibration_samples,
                                 seq_len=args.seq_len, eval_fraction=0.0 if args.calibration_data else
                                 args.eval_fraction)
 
 
+def calibration_examples(tokenizer, data: str | Path | None = None, *, num_samples: int = DEFAULT_NUM_SAMPLES,
+                         seq_len: int = DEFAULT_SEQ_LEN, eval_fraction: float = 0.1, seed: int = 0) -> list[dict]:
+    """GPTQ calibration data: up to ``num_samples`` training examples of ``build_datasets(tokenizer, data, seq_len,
+    eval_fraction)`` (so the held-out split never calibrates), drawn without replacement with ``seed`` and kept
+    in their original order (all of them if there are fewer). Packed text keeps its document ids and positions.
+
+    Raises:
+        ValueError: ``num_samples`` < 1, or no training example (data errors come from ``build_datasets``).
+    """
+    from finetune_ref.train.data import build_datasets
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    train, _ = build_datasets(tokenizer, data, seq_len=seq_len, eval_fraction=eval_fraction)
+    if not train:
+        raise ValueError("the calibration data gave no training example; give more text or a lower seq_len")
+    if num_samples >= len(train):
+        return list(train)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return [train[i] for i in sorted(chosen.tolist())]
+
+
+def calibration_batches(examples: list[dict], batch_size: int = CALIBRATION_BATCH_SIZE) -> list[dict]:
+    """``examples`` in order, ``batch_size`` at a time, padded by ``train.data.collate`` (``attention_mask`` 0
+    at padding, which gptq.model keeps out of every Hessian): the ``calibration`` of ``gptq_quantize_model``."""
+    from finetune_ref.train.data import collate
+
+    return [collate(examples[i:i + batch_size], pad_token_id=0) for i in range(0, len(examples), batch_size)]
+
+
 def _save(merged, args, gptq_config) -> Path:
     from finetune_ref.models.checkpoint import save_model
-    from finetune_ref.gptq.model import save_gptq_model
+    from finetune_ref.gptq.checkpoint import save_gptq_model
     from finetune_ref.qlora.model import save_quantized
 
     if gptq_config is not None:
@@ -162,7 +196,6 @@ def cmd_quantize(args) -> int:
 def add_merge_parsers(sub) -> None:
     """Register ``merge`` and ``quantize`` on the ``finetune`` subcommands."""
     from finetune_ref.gptq.gptq import DEFAULT_GROUP_SIZE
-    from finetune_ref.gptq.model import DEFAULT_NUM_SAMPLES
 
     p = sub.add_parser("merge", help="merge LoRA or QLoRA adapters into the base; save it dense, NF4, RTN or "
                                      "GPTQ 4-bit")

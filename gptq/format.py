@@ -44,8 +44,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from finetune_ref.gptq.gptq import (DEFAULT_DAMP_PERCENT, DEFAULT_GROUP_SIZE, SCALE_DTYPE, SUPPORTED_BITS, QuantizedWeight,
-                        check_bits, check_group_size)
+from finetune_ref.gptq.gptq import (DEFAULT_DAMP_PERCENT, DEFAULT_GROUP_SIZE, SCALE_DTYPE, SUPPORTED_BITS,
+                                     QuantizedWeight, check_bits, check_group_size)
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
@@ -135,7 +135,7 @@ def pack_gptq(q: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, 
     _check_packable(out_f, q.bits, "out_features")
     scales = q.scales.to(SCALE_DTYPE)
     if not torch.equal(scales.float(), q.scales.float()):
-        raise ValueError("scales are not exactly representable in fp16 (quantize with qlora.gptq, which rounds them)")
+        raise ValueError("scales are not exactly representable in fp16 (quantize with gptq.gptq, which rounds them)")
     zeros = q.zeros.to(torch.int64)
     if checkpoint_format == "gptq":
         zeros = (zeros - 1) & maxq  # v1 stores zero - 1 (mod 2^bits)

@@ -28,7 +28,7 @@ The grid ("asymmetric min-max", the reference code's ``quant.py``): for each out
 
 or, with ``sym=True``, ``scale = 2 max|w| / maxq`` and ``zero = (maxq + 1) / 2`` (the reference grid: it can
 represent -(maxq+1)/2 * scale .. (maxq-1)/2 * scale). The scale is rounded to fp16 *before* the codes are chosen,
-because the checkpoint stores it in fp16 (:mod:`qlora.gptq_format`): the error GPTQ compensates is then the
+because the checkpoint stores it in fp16 (:mod:`gptq.format`): the error GPTQ compensates is then the
 error of the weights that are actually served. Group parameters are fitted on the group's current
 (already error-compensated) weights when its first column comes up, as the reference does; every group start
 is made a block boundary so those weights are up to date.
@@ -66,7 +66,7 @@ _FP16_TINY = torch.finfo(torch.float16).tiny  # smallest normal fp16: the smalle
 # --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class QuantizedWeight:
-    """A weight quantized on a per-group asymmetric integer grid (unpacked; see :mod:`qlora.gptq_format`).
+    """A weight quantized on a per-group asymmetric integer grid (unpacked; see :mod:`gptq.format`).
 
     Attributes:
         codes: (out, in) uint8, integer codes in [0, 2^bits - 1], in the original column order.

@@ -1,11 +1,11 @@
 """GPTQLinear: a frozen linear layer stored in the GPTQ checkpoint layout, dequantized on the fly.
 
 The layer holds ``qweight``, ``qzeros``, ``scales`` and ``g_idx`` as buffers under exactly those names (the
-layout of :mod:`qlora.gptq_format`), so ``state_dict()`` writes what AutoGPTQ / GPTQModel / transformers
+layout of :mod:`gptq.format`), so ``state_dict()`` writes what AutoGPTQ / GPTQModel / transformers
 write and ``load_state_dict()`` reads it. Each forward dequantizes the weight to the input's dtype and calls
 ``F.linear`` (the weight-only "dequantize then matmul" of the torch kernels in AutoGPTQ and GPTQModel);
 no dense copy is kept between calls. Backward recomputes the dense weight for the input gradient, so only
-the packed tensors are saved for it (as :class:`qlora.nf4_linear.NF4Linear` does): adapters can be trained
+the packed tensors are saved for it (as NF4Linear in qlora/nf4_linear.py does): adapters can be trained
 on top of a GPTQ base. The weight itself is frozen.
 """
 
@@ -182,3 +182,8 @@ class GPTQLinear(nn.Module):
                 self.qzeros = torch.zeros(tuple(tensors["qzeros"].shape), dtype=torch.int32, device=self.qzeros.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def gptq_layers(model: nn.Module) -> list[tuple[str, GPTQLinear]]:
+    """(name, layer) of every GPTQLinear in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GPTQLinear)]

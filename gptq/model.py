@@ -1,4 +1,4 @@
-"""Whole-model GPTQ: calibration data, layer-by-layer quantization, and GPTQ model directories.
+"""Whole-model GPTQ: layer-by-layer quantization of a model in memory (and RTN, its baseline).
 
 Quantizing (GPTQ paper, section 5 and the reference ``llama.py``'s ``llama_sequential``): the calibration
 sequences are embedded once, then the decoder layers are processed in order. For each layer the inputs are
@@ -11,43 +11,32 @@ three layer forwards per layer, plus one to produce the next layer's inputs. Pad
 Hessian. ``lm_head`` (tied to the embedding in SmolLM2) stays unquantized, as in the paper and in GPTQ
 checkpoints on the Hub.
 
-Calibration data (:func:`calibration_examples`): by default a random sample (fixed seed) of the *training*
-examples that :func:`finetune.data.build_datasets` makes from the default corpus, so the held-out split never
-calibrates; or the training split of a user's ``.txt`` / folder / ``.jsonl`` file (``eval_fraction=0`` to use
-all of a dedicated calibration file). Packed text carries document ids and positions, and the calibration
-forward uses them exactly as training does.
-
-Files (:func:`save_gptq_model` / :func:`load_gptq_model`): ``config.json`` with a ``quantization_config``
-(:class:`qlora.gptq_format.GPTQConfig`), the same object in ``quantize_config.json``, and ``model.safetensors``
-holding ``<layer>.qweight/.qzeros/.scales/.g_idx`` for each quantized linear and the other tensors
-(embedding, norms) dense, in fp16 by default, as GPTQ checkpoints are. HF tensor names throughout. The loader
-also reads older AutoGPTQ directories whose settings live only in ``quantize_config.json``.
-:func:`gptq_dequantize_model` turns the GPTQ layers back into plain ``nn.Linear`` with the same numbers, for
-fast CPU generation (GPTQLinear unpacks its weight at every forward).
+Calibration data is the caller's: a (N, T) token tensor, or batches as ``train.data.collate`` makes them
+(``input_ids`` with ``attention_mask``, ``position_ids`` and ``document_ids``), so packed text calibrates with
+the document ids and positions training uses. ``finetune merge --requantize gptq4`` draws them from the
+training split (``cli/merge.py``, ``calibration_examples``). Directories: :mod:`gptq.checkpoint` (its names are
+re-exported here). :func:`gptq_dequantize_model` turns the GPTQ layers back into plain ``nn.Linear`` with the
+same numbers, for fast CPU generation (GPTQLinear unpacks its weight at every forward).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
-from finetune_ref.models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files, parse_dtype,
-                               read_tensors)
-from finetune_ref.models.config import LlamaConfig, read_config_json
+from finetune_ref.models.checkpoint import dequantize_linears, module_matches
 from finetune_ref.models.llama import LlamaForCausalLM, build_attention_mask
+from finetune_ref.gptq.checkpoint import (QUANTIZE_CONFIG_FILE, is_gptq_dir, load_gptq_model, read_gptq_config,
+                                          save_gptq_model)
 from finetune_ref.gptq.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
-from finetune_ref.gptq.format import GPTQ_KEYS, GPTQConfig, check_gptq_tensors
-from finetune_ref.gptq.linear import GPTQLinear
+from finetune_ref.gptq.format import GPTQ_KEYS, GPTQConfig
+from finetune_ref.gptq.linear import GPTQLinear, gptq_layers
 
-DEFAULT_NUM_SAMPLES = 128
-DEFAULT_SEQ_LEN = 256
 DEFAULT_SKIP_MODULES = ("lm_head",)
-QUANTIZE_CONFIG_FILE = "quantize_config.json"  # AutoGPTQ's / GPTQModel's copy of the quantization settings
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "document_ids")
 # The order of true-sequential quantization inside a decoder layer (the reference llama.py's `sequential`).
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -56,50 +45,40 @@ SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 # --------------------------------------------------------------------------------------------------------
 # Calibration data
 # --------------------------------------------------------------------------------------------------------
-def calibration_examples(tokenizer, data: str | Path | None = None, *, num_samples: int = DEFAULT_NUM_SAMPLES,
-                         seq_len: int = DEFAULT_SEQ_LEN, eval_fraction: float = 0.1, seed: int = 0) -> list[dict]:
-    """Up to ``num_samples`` training examples of ``build_datasets(tokenizer, data, seq_len, eval_fraction)``,
-    drawn without replacement with ``seed`` and kept in their original order (all of them if there are fewer).
-
-    Raises:
-        ValueError: ``num_samples`` < 1, or no training example (data errors come from ``build_datasets``).
-    """
-    from finetune_ref.train.data import build_datasets
-
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    train, _ = build_datasets(tokenizer, data, seq_len=seq_len, eval_fraction=eval_fraction)
-    if not train:
-        raise ValueError("the calibration data gave no training example; give more text or a lower seq_len")
-    if num_samples >= len(train):
-        return list(train)
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return [train[i] for i in sorted(chosen.tolist())]
-
-
-def _as_examples(calibration: Any) -> list[dict]:
-    """Examples (dicts of 1-D int64 tensors) from a (N, T) token tensor or a list of examples."""
+def _as_batches(calibration: Any, batch_size: int) -> list[dict]:
+    """(B, T) int64 ``input_ids``, ``attention_mask`` (0 at padding), ``position_ids``, ``document_ids`` per
+    batch, from a (N, T) token tensor (cut into batches of ``batch_size`` rows) or a list of batches (a missing
+    key gets what a row of real tokens, one document, would have)."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype.is_floating_point or calibration.numel() == 0:
             raise ValueError(f"calibration tokens must be a non-empty (num_samples, seq_len) integer tensor, got "
                              f"{calibration.dtype} {tuple(calibration.shape)}")
-        T = calibration.shape[1]
-        return [{"input_ids": row.long(), "labels": row.long(), "position_ids": torch.arange(T),
-                 "document_ids": torch.zeros(T, dtype=torch.int64)} for row in calibration]
-    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(e, dict) for e in calibration):
-        return list(calibration)
-    raise TypeError("calibration must be a (num_samples, seq_len) token tensor or a non-empty list of examples "
-                    "(calibration_examples / finetune.data.build_datasets)")
+        calibration = [{"input_ids": rows} for rows in calibration.long().split(batch_size)]  # (B, T) each
+    if not (isinstance(calibration, (list, tuple)) and calibration
+            and all(isinstance(b, dict) and "input_ids" in b for b in calibration)):
+        raise TypeError("calibration must be a (num_samples, seq_len) token tensor or a non-empty list of batches "
+                        "(dicts of (B, T) input_ids and optionally attention_mask, position_ids, document_ids, as "
+                        "train.data.collate makes them)")
+    batches = []
+    for i, b in enumerate(calibration):
+        ids = b["input_ids"]
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.numel() == 0:
+            raise ValueError(f"calibration batch {i}: input_ids must be a non-empty (B, T) integer tensor, got "
+                             f"{ids.dtype} {tuple(ids.shape)}")
+        B, T = ids.shape
+        full = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.int64),
+                "position_ids": torch.arange(T).repeat(B, 1), "document_ids": torch.zeros(B, T, dtype=torch.int64)}
+        full.update({k: b[k] for k in BATCH_KEYS if k in b})
+        wrong = [k for k in BATCH_KEYS if tuple(full[k].shape) != (B, T) or full[k].dtype.is_floating_point]
+        if wrong:
+            raise ValueError(f"calibration batch {i}: {wrong} must be ({B}, {T}) integer tensors like input_ids")
+        batches.append(full)
+    return batches
 
 
 # --------------------------------------------------------------------------------------------------------
 # Which layers
 # --------------------------------------------------------------------------------------------------------
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    # A pattern names a module by its full name or by a suffix of whole components ("lm_head", "mlp.down_proj").
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def target_linear_names(model: nn.Module, skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES) -> list[str]:
     """Names of the ``nn.Linear`` modules GPTQ replaces: all but ``skip_modules``, in model order.
 
@@ -111,7 +90,7 @@ def target_linear_names(model: nn.Module, skip_modules: Iterable[str] = DEFAULT_
     if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
         raise ValueError("the model carries LoRA adapters; merge them first (lora.merge_and_unload or "
                          "qlora.merge.merge_qlora), then quantize")
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not module_matches(n, skip)]
     outside = [n for n in names if not n.startswith("model.layers.")]
     if outside:
         raise ValueError(f"cannot quantize {outside}: only linear layers inside model.layers are supported; add "
@@ -121,11 +100,6 @@ def target_linear_names(model: nn.Module, skip_modules: Iterable[str] = DEFAULT_
     return names
 
 
-def gptq_layers(model: nn.Module) -> list[tuple[str, GPTQLinear]]:
-    """(name, layer) of every GPTQLinear in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, GPTQLinear)]
-
-
 # --------------------------------------------------------------------------------------------------------
 # Quantizing a model
 # --------------------------------------------------------------------------------------------------------
@@ -133,20 +107,18 @@ class _StopForward(Exception):
     """Raised by a forward pre-hook once every input a calibration step needs has been seen."""
 
 
-def _embed_batches(model: LlamaForCausalLM, examples: list[dict], batch_size: int) -> list[dict]:
+def _embed_batches(model: LlamaForCausalLM, batches: list[dict]) -> list[dict]:
     """Per batch: the hidden states entering layer 0 and what every layer's forward needs (as LlamaModel)."""
-    from finetune_ref.train.data import collate
-
     device = model.model.embed_tokens.weight.device
-    batches = []
-    for i in range(0, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_token_id=0).items()}
-        B, T = b["input_ids"].shape
+    out = []
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        T = b["input_ids"].shape[1]
         h = model.model.embed_tokens(b["input_ids"])  # (B, T, hidden)
         cos, sin = model.model.rotary_emb(b["position_ids"], h.dtype)
         mask = build_attention_mask(T, T, b["attention_mask"], b["document_ids"], device)
-        batches.append({"h": h, "cos": cos, "sin": sin, "mask": mask, "tokens": b["attention_mask"].bool()})
-    return batches
+        out.append({"h": h, "cos": cos, "sin": sin, "mask": mask, "tokens": b["attention_mask"].bool()})
+    return out
 
 
 def _collect_hessians(layer: nn.Module, prefix: str, names: list[str], batches: list[dict]) -> dict[str, Any]:
@@ -207,10 +179,13 @@ def gptq_quantize_model(model: LlamaForCausalLM, calibration: Any = None, config
 
     Args:
         model: our ``LlamaForCausalLM`` (any float dtype, CPU or GPU; calibration runs where it lives).
-        calibration: ``config.method == "gptq"``: examples (:func:`calibration_examples`) or a (N, T) token
-            tensor. Ignored (may be None) for "rtn".
+        calibration: ``config.method == "gptq"``: a list of batches (dicts of (B, T) ``input_ids`` and
+            optionally ``attention_mask``, ``position_ids``, ``document_ids``: ``train.data.collate``'s output;
+            positions where ``attention_mask`` is 0 never enter a Hessian), or a (N, T) token tensor. Ignored
+            (may be None) for "rtn".
         config: bits, group size, symmetric or not, act order, dampening, true-sequential, format, method.
-        blocksize: GPTQ's lazy-batch width. batch_size: calibration sequences per forward.
+        blocksize: GPTQ's lazy-batch width. batch_size: rows of a token tensor per forward (batches are run as
+            given).
         skip_modules: linears left dense (full names or name suffixes); ``lm_head`` by default.
         stats: if given, filled with ``{layer name: {"error_gptq", "error_rtn", "energy", "tokens"}}`` (the
             layer objective tr(dW H dW^T)/2 for GPTQ's and RTN's result and tr(W H W^T)/2, all on the
@@ -223,7 +198,7 @@ def gptq_quantize_model(model: LlamaForCausalLM, calibration: Any = None, config
             cannot pack (named), or a singular Hessian (raise ``config.damp_percent``).
     """
     if not isinstance(config, GPTQConfig):
-        raise TypeError(f"config must be a qlora.gptq_format.GPTQConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a gptq.format.GPTQConfig, got {type(config).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     start = time.perf_counter()
@@ -243,8 +218,7 @@ def gptq_quantize_model(model: LlamaForCausalLM, calibration: Any = None, config
         model.train(was_training)
         return model
 
-    examples = _as_examples(calibration)
-    batches = _embed_batches(model, examples, batch_size)
+    batches = _embed_batches(model, _as_batches(calibration, batch_size))
     target_set = set(targets)
     last = max(int(n.split(".")[2]) for n in targets)  # later layers need no calibration inputs
     for idx, layer in enumerate(model.model.layers[:last + 1]):
@@ -289,147 +263,6 @@ def gptq_quantize_model(model: LlamaForCausalLM, calibration: Any = None, config
     return model
 
 
-# --------------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------------
-def _read_config_json(model_dir: Path) -> dict[str, Any]:
-    return read_config_json(model_dir / "config.json")
-
-
-def _gptq_entry(model_dir: Path) -> Optional[dict]:
-    """The GPTQ settings object: ``config.json``'s ``quantization_config`` if it is GPTQ, else (older AutoGPTQ
-    directories) ``quantize_config.json`` when config.json has no quantization_config at all."""
-    q = _read_config_json(model_dir).get("quantization_config")
-    if q is not None:
-        return q if isinstance(q, dict) and q.get("quant_method") == "gptq" else None
-    path = model_dir / QUANTIZE_CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return d if isinstance(d, dict) and d.get("quant_method", "gptq") == "gptq" and "bits" in d else None
-
-
-def read_gptq_config(model_dir: str | Path) -> Optional[GPTQConfig]:
-    """The GPTQ settings of a model directory (see :func:`_gptq_entry`), or None for a checkpoint that is not
-    GPTQ. Raises ValueError for a malformed GPTQ entry, FileNotFoundError without config.json."""
-    q = _gptq_entry(Path(model_dir))
-    return None if q is None else GPTQConfig.from_dict(q)
-
-
-def is_gptq_dir(model_dir: str | Path) -> bool:
-    """True when the directory declares a GPTQ checkpoint (``quant_method: "gptq"`` in config.json's
-    ``quantization_config``, or an AutoGPTQ ``quantize_config.json``)."""
-    return _gptq_entry(Path(model_dir)) is not None
-
-
-def save_gptq_model(model: LlamaForCausalLM, out_dir: str | Path, config: GPTQConfig,
-                    dtype: torch.dtype | str = torch.float16) -> Path:
-    """Write a GPTQ model directory: ``config.json`` (+ ``quantization_config``), ``quantize_config.json``,
-    ``model.safetensors`` (GPTQ tensors as they are; other floating tensors in ``dtype``, fp16 by default;
-    ``lm_head.weight`` omitted when tied). Each file is written atomically. Returns the directory.
-
-    Raises:
-        ValueError: the model has no GPTQLinear, or a layer's bits / group size / format differ from ``config``.
-    """
-    dtype = parse_dtype(dtype)
-    layers = gptq_layers(model)
-    if not layers:
-        raise ValueError("the model has no GPTQLinear layer; run gptq_quantize_model first")
-    for name, layer in layers:
-        if (layer.bits, layer.group_size, layer.checkpoint_format) != (config.bits, config.group_size,
-                                                                       config.checkpoint_format):
-            raise ValueError(f"{name} is {layer.bits}-bit, group_size {layer.group_size}, format "
-                             f"{layer.checkpoint_format}; the config says {config.bits}, {config.group_size}, "
-                             f"{config.checkpoint_format}")
-    packed = {f"{name}.{key}" for name, _ in layers for key in GPTQ_KEYS}
-    state = {k: (v if k in packed or not v.is_floating_point() else v.to(dtype)).detach().cpu().contiguous()
-             for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    out_dir = Path(out_dir)
-    hf_config = model.config.to_dict()
-    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    hf_config["quantization_config"] = config.to_dict()
-    atomic_save_safetensors(state, out_dir / SINGLE_FILE, metadata={"format": "pt"})
-    atomic_write_text(out_dir / QUANTIZE_CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
-    return out_dir
-
-
-def load_gptq_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32) -> LlamaForCausalLM:
-    """Build a ``LlamaForCausalLM`` with GPTQLinear layers from a GPTQ model directory (ours, or AutoGPTQ /
-    GPTQModel output for a Llama with the same tensor names, v1 or v2 format, no ``lm_head`` quantization).
-
-    Args:
-        model_dir: directory with ``config.json`` (GPTQ ``quantization_config``) and safetensors weights.
-        dtype: dtype of the dense tensors and biases (the GPTQ layers dequantize to their input's dtype).
-    Raises:
-        FileNotFoundError: missing directory or files. ValueError: not a GPTQ checkpoint, missing, unexpected,
-        or wrongly shaped tensors (named), unreadable files. TypeError: unsupported dtype.
-    """
-    dtype = parse_dtype(dtype)
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    qconfig = read_gptq_config(model_dir)
-    if qconfig is None:
-        raise ValueError(f"{model_dir} has no GPTQ quantization_config (config.json) or quantize_config.json; "
-                         "load it with models.checkpoint.load_model (16/32-bit) or qlora.model.load_quantized (NF4)")
-    config = LlamaConfig.from_json_file(model_dir / "config.json")
-    files = checkpoint_files(model_dir)
-    tensors = read_tensors(files, list(files))
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    quantized = sorted({k[:-len(".qweight")] for k in tensors if k.endswith(".qweight")})
-    if not quantized:
-        raise ValueError(f"{model_dir} declares GPTQ but holds no '*.qweight' tensor")
-    for name in quantized:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{model_dir} has GPTQ tensors for {name!r}, which is not a module of this model") \
-                from None
-        if type(linear) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(linear).__name__}, not a linear layer; it cannot be GPTQ")
-        own = {k: tensors.pop(f"{name}.{k}") for k in GPTQ_KEYS if f"{name}.{k}" in tensors}
-        out_f, in_f, _ = check_gptq_tensors(own, qconfig.bits, name)
-        if (out_f, in_f) != (linear.out_features, linear.in_features):
-            raise ValueError(f"{name}: the checkpoint layer is ({out_f}, {in_f}), the config implies "
-                             f"({linear.out_features}, {linear.in_features})")
-        has_bias = f"{name}.bias" in tensors
-        if has_bias != (linear.bias is not None):
-            raise ValueError(f"{name}: bias {'present' if has_bias else 'missing'} in the checkpoint but the config "
-                             f"says {'a' if linear.bias is not None else 'no'} bias")
-        layer = GPTQLinear(in_f, out_f, qconfig.bits, qconfig.group_size, qconfig.checkpoint_format, bias=has_bias)
-        if has_bias:
-            own["bias"] = tensors.pop(f"{name}.bias").to(dtype)
-        layer.load_state_dict(own, strict=True)
-        model.set_submodule(name, layer)
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if not any(k.startswith(name + ".") for name in quantized)}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-        tensors.pop("lm_head.weight", None)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{model_dir} does not match its config: missing tensors {missing[:10]}, unexpected "
-                         f"tensors {unexpected[:10]}")
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise ValueError(f"tensor {name!r} in {model_dir} has shape {tuple(tensors[name].shape)}, the config "
-                             f"implies {tuple(shape)}")
-    dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    model.load_state_dict(dense, strict=False, assign=True)  # the GPTQ layers are already filled
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.reset_inv_freq("cpu")
-    return model.eval()
-
-
-@torch.no_grad()
 def gptq_dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replace, in place, every GPTQLinear by an ``nn.Linear`` holding its dequantized weight (frozen), in
     ``dtype`` (default: the model's embedding dtype). The numbers are those GPTQLinear computes with; the point
@@ -437,13 +270,7 @@ def gptq_dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None)
     CPU. Returns ``model``."""
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     dtype = dtype or (emb.weight.dtype if emb is not None else torch.float32)
-    for name, layer in gptq_layers(model):
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)  # (out, in)
-        if layer.bias is not None:
-            linear.bias = nn.Parameter(layer.bias.detach().to(dtype).clone(), requires_grad=False)
-        model.set_submodule(name, linear)
-    return model
+    return dequantize_linears(model, gptq_layers(model), dtype)
 
 
 def gptq_nbytes(model: nn.Module) -> dict[str, float]:
@@ -454,6 +281,6 @@ def gptq_nbytes(model: nn.Module) -> dict[str, float]:
     return {"parameters": weights, "bytes": nbytes, "bits_per_parameter": 8 * nbytes / weights if weights else 0.0}
 
 
-__all__ = ["DEFAULT_NUM_SAMPLES", "DEFAULT_SEQ_LEN", "QUANTIZE_CONFIG_FILE", "SEQUENTIAL_GROUPS",
-           "calibration_examples", "gptq_dequantize_model", "gptq_layers", "gptq_nbytes", "gptq_quantize_model",
-           "is_gptq_dir", "load_gptq_model", "read_gptq_config", "save_gptq_model", "target_linear_names"]
+__all__ = ["QUANTIZE_CONFIG_FILE", "SEQUENTIAL_GROUPS", "gptq_dequantize_model", "gptq_layers", "gptq_nbytes",
+           "gptq_quantize_model", "is_gptq_dir", "load_gptq_model", "read_gptq_config", "save_gptq_model",
+           "target_linear_names"]

@@ -1,11 +1,25 @@
-"""Load and save Hugging Face-format model directories (``config.json`` + safetensors).
+"""Hugging Face model directories (``config.json`` + safetensors): reading, writing, and the one model loader.
 
 A directory holds ``config.json`` and either one ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json`` (``{"weight_map": {tensor name: file name}}``), the layout transformers'
-``save_pretrained`` writes. Loading is all-or-nothing: every tensor is read and checked (name, shape, finite
-file) before the model is returned, so a bad checkpoint raises an error naming the tensor or file and never
-yields a half-loaded model. The model is built on the meta device and the loaded tensors are assigned in place,
-so peak memory is one copy of the weights in the requested dtype.
+``save_pretrained`` writes; tensors carry HF names.
+
+:func:`load_model` is the only code that builds a ``LlamaForCausalLM`` from a directory. The NF4 loader
+(``qlora.model.load_quantized``) and the GPTQ loader (``gptq.model.load_gptq_model``) are this function plus a
+:class:`LinearBuilder`, which says how to build some of the linear layers. In order, it:
+
+1. reads ``config.json`` and builds the model on the meta device (no memory is allocated);
+2. asks the builder, for every ``nn.Linear``, which checkpoint tensors it is made of, and compares all the
+   expected names with the checkpoint's, naming every missing and unexpected one before any weight is read
+   (with tied embeddings, ``lm_head.weight`` may be present and must equal ``model.embed_tokens.weight``);
+3. reads one decoder layer at a time, then the rest (embeddings, final norm, head). Each file is opened for
+   the group and closed again, and nothing read is kept as a view of the file's memory map, so the pages read
+   do not stay resident. The builder's layers are built as soon as their tensors are read; every other tensor
+   is shape-checked and copied in ``dtype``. Peak memory: the model being built plus one decoder layer as
+   stored (an NF4 model is never whole in 16/32-bit);
+4. restores the tied head, rebuilds the RoPE buffer, and refuses to return anything left on the meta device.
+
+A bad checkpoint raises one error naming the tensor or file; no half-loaded model is returned.
 """
 
 from __future__ import annotations
@@ -14,23 +28,26 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable, Optional, Set
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import LlamaConfig
 from .llama import LlamaForCausalLM
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}  # config.json's
+SUPPORTED_DTYPES = tuple(DTYPE_NAMES)
+_SHORT_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """'fp32'/'float32'/'bf16'/'bfloat16'/'fp16'/'float16' or a torch dtype -> torch dtype (TypeError otherwise)."""
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    names = {**_SHORT_NAMES, **{name: dt for dt, name in DTYPE_NAMES.items()}}
     if isinstance(dtype, str):
         if dtype not in names:
             raise TypeError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
@@ -40,6 +57,15 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+def module_matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when a pattern names module ``name`` in full or as a suffix of whole components ("lm_head",
+    "mlp.down_proj"): the rule of transformers' ``llm_int8_skip_modules`` and of GPTQ's skip lists."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file holding it. Raises FileNotFoundError / ValueError."""
     single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
@@ -63,8 +89,9 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
 
 
 def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors ``names`` from their files (``checkpoint_files``); each file is opened for this call only, so
-    its memory map is released afterwards. Raises ValueError for an unreadable (truncated, corrupt) file."""
+    """The tensors ``names`` from their files (``checkpoint_files``), as safetensors returns them (possibly views
+    of the file's memory map: copy what you keep). Each file is opened for this call only, so its memory map is
+    released afterwards. Raises ValueError for an unreadable (truncated, corrupt) file or an absent tensor."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
@@ -72,6 +99,9 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     for path, keys in by_file.items():
         try:
             with safe_open(path, framework="pt") as f:
+                absent = sorted(set(keys) - set(f.keys()))
+                if absent:
+                    raise ValueError(f"tensors {absent[:5]} are listed in the index but absent from {path.name}")
                 for key in keys:
                     out[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
@@ -79,76 +109,176 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return out
 
 
-
-
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Read every tensor of a checkpoint directory, cast to ``dtype`` (floating tensors only)."""
-    model_dir = Path(model_dir)
-    files = checkpoint_files(model_dir)
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    state = {}
-    for path, names in by_file.items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise ValueError(f"tensor {name!r} is listed in the index but absent from {path.name}")
-                    t = f.get_tensor(name)
-                    state[name] = t.to(dtype) if t.is_floating_point() else t
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    return state
+    files = checkpoint_files(Path(model_dir))
+    return {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in read_tensors(files, list(files)).items()}
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32) -> LlamaForCausalLM:
-    """Build a ``LlamaForCausalLM`` from a Hugging Face directory.
+# --------------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------------
+class LinearBuilder:
+    """How :func:`load_model` builds some of the model's ``nn.Linear`` layers itself (quantized layers).
+
+    The loader asks about every ``nn.Linear`` of the meta-built model, in module order:
+
+    ``keys(name, linear, present) -> list of tensor names, or None``
+        ``None``: not this builder's layer; the loader fills ``<name>.weight`` (and ``.bias``) like any other
+        tensor, in the load dtype. Otherwise: the checkpoint tensors this layer is made of, all named
+        ``<name>.*`` (NF4: ``weight``, ``weight.absmax``, ...; GPTQ: ``qweight``, ``qzeros``, ``scales``,
+        ``g_idx``). ``linear`` is the meta ``nn.Linear`` (``in_features``, ``out_features``, ``bias``);
+        ``present`` holds every tensor name of the checkpoint, for a builder that recognises its layers by
+        their entries (GPTQ's ``qweight``).
+    ``build(name, linear, tensors) -> nn.Module``
+        The module replacing ``linear``, from ``tensors``: exactly the names ``keys`` gave, read from the file.
+        They may be views of its memory map: keep copies, never the tensors themselves. Check them against
+        ``linear`` and raise ValueError naming the tensor.
+    ``hint(missing, unexpected) -> str or None``
+        Optional: a sentence for the loader's error when the checkpoint's names do not match.
+
+    This base class builds no layer: every linear is dense.
+    """
+
+    def keys(self, name: str, linear: nn.Linear, present: Set[str]) -> Optional[list[str]]:
+        return None
+
+    def build(self, name: str, linear: nn.Linear, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} claimed {name} but cannot build it")
+
+    def hint(self, missing: list[str], unexpected: list[str]) -> Optional[str]:
+        return None
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, *,
+               linear_builder: Optional[LinearBuilder] = None) -> LlamaForCausalLM:
+    """Build a ``LlamaForCausalLM`` from a Hugging Face directory (the steps are in the module docstring).
 
     Args:
         model_dir: directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
-        dtype: float32, bfloat16 or float16 (or 'fp32'/'bf16'/'fp16'); every floating tensor is cast to it.
+        dtype: float32, bfloat16 or float16 (or 'fp32'/'bf16'/'fp16'); every floating tensor not built by
+            ``linear_builder`` is cast to it.
+        linear_builder: builds some linear layers itself (:class:`LinearBuilder`); None: all dense.
+
+    Returns:
+        The model in eval mode, on the CPU.
 
     Raises:
         FileNotFoundError: directory, config or a weight file is missing.
         ValueError: unsupported config field; missing, unexpected or wrongly-shaped tensors (all named);
-            unreadable file.
+            unreadable file; a tied ``lm_head`` claimed by the builder; what the builder raises.
         TypeError: unsupported dtype.
     """
     dtype = parse_dtype(dtype)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    builder = LinearBuilder() if linear_builder is None else linear_builder
     config = LlamaConfig.from_json_file(model_dir / "config.json")
-    state = load_state_dict(model_dir, dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    files = checkpoint_files(model_dir)
+    present = set(files)
+    built: dict[str, list[str]] = {}  # linear name -> the tensors the builder makes it from
+    for name, module in model.named_modules():
+        keys = builder.keys(name, module, present) if type(module) is nn.Linear else None
+        if keys is not None:
+            if not all(k.startswith(name + ".") for k in keys):
+                raise ValueError(f"{type(builder).__name__}: the tensors of {name} must be named {name}.*: {keys}")
+            built[name] = list(keys)
+    if config.tie_word_embeddings and "lm_head" in built:
+        raise ValueError("lm_head is tied to the input embedding and cannot be quantized; keep it in skip_modules")
+    _check_keys(model_dir, model, built, present, builder)
+
+    # One group per decoder layer, then everything else: at most one layer's tensors as stored are alive at once.
+    groups: dict[str, list[str]] = {}
+    for name in files:
+        groups.setdefault(_group_of(name), []).append(name)
+    for group in sorted(groups, key=lambda g: (g == "", int(g.split(".")[2]) if g else 0)):
+        tensors = read_tensors(files, groups[group])
+        for name in [n for n in built if _group_of(n + ".") == group]:
+            own = {k: tensors.pop(k) for k in built[name]}
+            model.set_submodule(name, builder.build(name, model.get_submodule(name), own))
+            del own
+        _assign_plain(model, tensors, dtype, config.tie_word_embeddings, model_dir)
+        del tensors
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
-        extra = state.pop("lm_head.weight", None)
-        emb = state.get("model.embed_tokens.weight")
-        if extra is not None and emb is not None and not torch.equal(extra, emb):
-            raise ValueError("config says tie_word_embeddings=true but the checkpoint's lm_head.weight differs "
-                             "from model.embed_tokens.weight; set tie_word_embeddings=false in config.json")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {model_dir} does not match its config: missing tensors {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''}, unexpected tensors {unexpected[:10]}"
-                         f"{' ...' if len(unexpected) > 10 else ''}")
-    for name, shape in expected.items():
-        if state[name].shape != shape:
-            raise ValueError(f"tensor {name!r} in {model_dir} has shape {tuple(state[name].shape)}, "
-                             f"the config implies {tuple(shape)}")
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
+        model.lm_head.weight = model.model.embed_tokens.weight  # assigning the embedding broke the tie; restore it
     model.model.rotary_emb.reset_inv_freq("cpu")
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # cannot happen after _check_keys; a guard against silently uninitialised weights
+        raise ValueError(f"{model_dir}: tensors {leftover[:5]} were not loaded")
     return model.eval()
 
 
+def _group_of(tensor_name: str) -> str:
+    """"model.layers.3." for a tensor of decoder layer 3, "" for the rest (embeddings, final norm, head)."""
+    parts = tensor_name.split(".")
+    return ".".join(parts[:3]) + "." if tensor_name.startswith("model.layers.") and len(parts) > 3 else ""
+
+
+def _check_keys(model_dir: Path, model: nn.Module, built: dict[str, list[str]], present: set[str],
+                builder: LinearBuilder) -> None:
+    """Raise naming every missing and unexpected tensor (tied ``lm_head.weight`` allowed; compared when read)."""
+    expected = set(model.state_dict())
+    for name, keys in built.items():
+        expected -= {name + ".weight", name + ".bias"}
+        expected |= set(keys)
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        present = present - {"lm_head.weight"}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if not missing and not unexpected:
+        return
+    hint = builder.hint(missing, unexpected)
+    raise ValueError(f"checkpoint {model_dir} does not match its config: missing tensors {missing[:8]}"
+                     f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors {unexpected[:8]}"
+                     f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})" + (f"; {hint}" if hint else ""))
+
+
+def _assign_plain(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, tied: bool,
+                  model_dir: Path) -> None:
+    """Put the tensors no builder took (embeddings, norms, dense linears) into the meta model, in ``dtype``."""
+    head = tensors.pop("lm_head.weight", None) if tied else None
+    for name, t in tensors.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, attr)
+        if tuple(t.shape) != tuple(current.shape):
+            raise ValueError(f"tensor {name!r} in {model_dir} has shape {tuple(t.shape)}, the config implies "
+                             f"{tuple(current.shape)}")
+        # A copy even when the dtype already matches: a view of the file's memory map would keep every page of
+        # the file touched so far resident.
+        t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+        if isinstance(current, nn.Parameter):
+            setattr(module, attr, nn.Parameter(t, requires_grad=current.requires_grad))
+        else:
+            module.register_buffer(attr, t)
+    if head is not None and not torch.equal(head.to(dtype), model.model.embed_tokens.weight):
+        raise ValueError("config says tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
+                         "model.embed_tokens.weight; set tie_word_embeddings=false in config.json")
+
+
+@torch.no_grad()
+def dequantize_linears(model: nn.Module, layers: Iterable[tuple[str, nn.Module]],
+                       dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The way back from a builder's layers: replace, in place, each ``(name, layer)`` of ``model`` (a quantized
+    linear with ``dequantize(dtype)``, ``in_features``, ``out_features``, ``bias``: NF4Linear, GPTQLinear) by a
+    frozen ``nn.Linear`` holding its dequantized weight, in ``dtype`` (None: the layer's default). Returns
+    ``model``."""
+    for name, layer in list(layers):
+        weight = layer.dequantize(dtype)  # (out, in)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.detach().to(weight.dtype).clone(), requires_grad=False)
+        model.set_submodule(name, linear)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """safetensors ``save_file`` into a temp file in the same directory, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

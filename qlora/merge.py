@@ -16,8 +16,8 @@ A QLoRA adapter was trained against the *dequantized* NF4 weights W_nf4 (QLoRA, 
     nf4-dequant base this is what PEFT's ``merge_and_unload`` on a bitsandbytes 4-bit model gives (same
     bytes; layers without an adapter keep their codes), and it can erase the adapter: W_nf4 sits exactly on the
     NF4 grid, so an update smaller than half a step rounds straight back to the old codes (on SmolLM2 after 30
-    updates, 3e-7 of the codes changed and the held-out gain was lost; qlora/README_SECTION.md). Quantizing
-    ``original`` + update instead keeps most of the gain.
+    updates, 3e-7 of the codes changed and the held-out gain was lost; README.md, "Merging a QLoRA adapter").
+    Quantizing ``original`` + update instead keeps most of the gain.
 
 :func:`merge_report` measures, on held-out batches, the largest absolute logit difference and the held-out
 loss change of a merged model against the unmerged QLoRA model.
@@ -35,7 +35,7 @@ from torch import nn
 
 from finetune_ref.lora.adapters import merge_and_unload, set_adapter
 from finetune_ref.lora.inject import get_active_adapters, get_lora_configs, inject_lora, lora_layers
-from finetune_ref.models.checkpoint import load_model, parse_dtype
+from finetune_ref.models.checkpoint import dequantize_linears, load_model, parse_dtype
 from finetune_ref.models.llama import LlamaForCausalLM
 from finetune_ref.qlora.model import nf4_layers, quantize_model
 from finetune_ref.qlora.nf4 import quantize_nf4, unpack_nibbles
@@ -47,14 +47,7 @@ REQUANTIZE_CHOICES = ("none", "nf4")
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replace, in place, every NF4Linear (LoRA base layers included) by an ``nn.Linear`` with its dequantized
     weight (frozen), in ``dtype`` (default: each layer's original dtype). Returns ``model``."""
-    for name, layer in nf4_layers(model):
-        weight = layer.dequantize(dtype)  # (out, in)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if layer.bias is not None:
-            linear.bias = nn.Parameter(layer.bias.detach().to(weight.dtype).clone(), requires_grad=False)
-        model.set_submodule(name, linear)
-    return model
+    return dequantize_linears(model, nf4_layers(model), dtype)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -111,7 +104,7 @@ def merge_qlora(model: LlamaForCausalLM, *, base: str = "nf4-dequant",
 
     if base == "nf4-dequant" and requantize == "nf4":
         # PEFT's 4-bit merge: adapted layers are dequantized, merged and re-quantized with their own settings
-        # (lora.layer.write_dense_weight -> qlora.model's NF4 writer); other layers keep their codes.
+        # (lora.layer.write_dense_weight -> NF4Linear.requantize_); other layers keep their codes.
         merged = merge_and_unload(copy.deepcopy(model), names, untie_tied=untie_tied)
         return _to_dtype(merged, dtype).eval()
     if base == "nf4-dequant":
@@ -203,7 +196,7 @@ def merge_report(reference: nn.Module, merged: nn.Module, batches: Iterable[dict
     Args:
         reference: the unmerged QLoRA model. merged: the result of :func:`merge_qlora`.
         batches: dicts with ``input_ids`` and ``labels`` (B, T) and optional ``attention_mask``,
-            ``position_ids``, ``document_ids`` (``finetune.data.iter_batches``).
+            ``position_ids``, ``document_ids`` (``train.data.iter_batches``).
 
     Returns:
         ``logits_max_abs``: max |logits_merged - logits_reference| over real (non-padding) positions, fp32;

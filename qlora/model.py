@@ -1,15 +1,13 @@
-"""Whole-model NF4 quantization: quantize while loading, save and load 4-bit directories, prepare QLoRA.
+"""Whole-model NF4: quantize while loading, save and load 4-bit directories, prepare QLoRA.
 
 QLoRA (Dettmers et al. 2023, section 3): every linear layer of the transformer blocks is stored as NF4 with
 double quantization and dequantized on the fly; embeddings, norms and the output head stay in 16/32-bit
 (transformers' ``get_keys_to_not_convert`` leaves ``lm_head`` out the same way). Here each such
 ``nn.Linear`` becomes a :class:`qlora.nf4_linear.NF4Linear`.
 
-Quantize while loading. :func:`load_quantized` builds the model on the meta device and reads the
-safetensors checkpoint one decoder layer at a time (the file is opened, that layer's tensors are read, the
-file is closed again so its memory map does not keep the pages resident). Each linear weight is quantized
-as soon as it is read and its dense copy dropped, so peak memory is the quantized model plus one layer in
-16/32-bit, never the whole model (measured for SmolLM2 in ``qlora/README_SECTION.md``).
+Quantize while loading: :func:`load_quantized` is ``models.checkpoint.load_model`` with an :class:`NF4Builder`:
+the checkpoint is read one decoder layer at a time and each linear weight quantized as soon as it is read, so
+peak memory is the quantized model plus one layer in 16/32-bit, never the whole model.
 
 Dtypes, explicitly (QLoRA section 3, "QLoRA has one storage data type (NF4) and a computation data type"):
 
@@ -25,9 +23,8 @@ Dtypes, explicitly (QLoRA section 3, "QLoRA has one storage data type (NF4) and 
 On disk (bitsandbytes/transformers layout): each quantized linear ``p`` is stored as ``p.weight`` (packed
 uint8), ``p.weight.absmax``, ``p.weight.quant_map``, ``p.weight.nested_absmax``,
 ``p.weight.nested_quant_map``, ``p.weight.quant_state.bitsandbytes__nf4`` (see :mod:`qlora.bnb_format`),
-and ``config.json`` carries a ``quantization_config`` object spelled as transformers'
-``BitsAndBytesConfig.to_dict()`` writes it. Loading is strict: every linear that should be quantized must
-carry all of its quantization entries, and nothing may be left over.
+and ``config.json`` carries a ``quantization_config`` object (:mod:`qlora.bnb_config`). Loading is strict:
+every linear that should be quantized must carry all of its quantization entries, and nothing may be left over.
 """
 
 from __future__ import annotations
@@ -35,118 +32,30 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from finetune_ref.lora.layer import LoRALinear
-from finetune_ref.models.checkpoint import (SINGLE_FILE, atomic_save_safetensors, atomic_write_text, checkpoint_files,
-                               parse_dtype, read_tensors)
-from finetune_ref.models.config import LlamaConfig, read_config_json
+from finetune_ref.models.checkpoint import (DTYPE_NAMES, SINGLE_FILE, LinearBuilder, atomic_save_safetensors,
+                                            atomic_write_text, load_model, module_matches, parse_dtype)
+from finetune_ref.models.config import read_config_json
 from finetune_ref.models.llama import LlamaForCausalLM
-from finetune_ref.qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict, to_bnb_state_dict
+from finetune_ref.qlora.bnb_config import (QUANTIZATION_CONFIG_KEY, BnbQuantizationConfig,  # noqa: F401
+                                           is_quantized_dir, read_quantization_config)  # (re-exported here too)
+from finetune_ref.qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict
 from finetune_ref.qlora.nf4 import quantize_nf4
 from finetune_ref.qlora.nf4_linear import NF4Linear
 from finetune_ref.qlora.quant_state import SUPPORTED_BLOCKSIZES
 
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' and transformers' default (QLoRA section 3)
 DEFAULT_SKIP_MODULES = ("lm_head",)  # transformers leaves the output head unquantized
-QUANTIZATION_CONFIG_KEY = "quantization_config"
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-# --------------------------------------------------------------------------------------------------------
-# quantization_config in config.json (transformers' BitsAndBytesConfig.to_dict() spelling)
-# --------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class BnbQuantizationConfig:
-    """The part of transformers' ``BitsAndBytesConfig`` a 4-bit NF4 checkpoint needs.
-
-    Attributes:
-        double_quant: ``bnb_4bit_use_double_quant``.
-        compute_dtype: ``bnb_4bit_compute_dtype`` (informational on load: the caller picks the compute dtype).
-        skip_modules: ``llm_int8_skip_modules``: linear layers left unquantized (None: transformers' default,
-            the output head).
-    """
-
-    double_quant: bool = True
-    compute_dtype: torch.dtype = torch.bfloat16
-    skip_modules: Optional[tuple[str, ...]] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The object transformers 5.x writes under ``quantization_config`` for a 4-bit NF4 model."""
-        return {
-            "_load_in_4bit": True,
-            "_load_in_8bit": False,
-            "bnb_4bit_compute_dtype": _DTYPE_NAMES[self.compute_dtype],
-            "bnb_4bit_quant_storage": "uint8",
-            "bnb_4bit_quant_type": "nf4",
-            "bnb_4bit_use_double_quant": self.double_quant,
-            "llm_int8_enable_fp32_cpu_offload": False,
-            "llm_int8_has_fp16_weight": False,
-            "llm_int8_skip_modules": None if self.skip_modules is None else list(self.skip_modules),
-            "llm_int8_threshold": 6.0,
-            "load_in_4bit": True,
-            "load_in_8bit": False,
-            "quant_method": "bitsandbytes",
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "BnbQuantizationConfig":
-        """Read a ``quantization_config`` object; anything but bitsandbytes 4-bit NF4 in uint8 is refused.
-
-        Raises:
-            ValueError: another quantization method, 8-bit, fp4, a non-uint8 quant storage, or a malformed field.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"quantization_config must be a JSON object, got {type(d).__name__}")
-        if d.get("quant_method") != "bitsandbytes":
-            raise ValueError(f"quantization_config.quant_method is {d.get('quant_method')!r}; only 'bitsandbytes' "
-                             "4-bit NF4 checkpoints can be loaded")
-        if not (d.get("load_in_4bit") or d.get("_load_in_4bit")) or d.get("load_in_8bit") or d.get("_load_in_8bit"):
-            raise ValueError("quantization_config is not 4-bit (load_in_4bit must be true, load_in_8bit false); "
-                             "8-bit bitsandbytes checkpoints are not supported")
-        if d.get("bnb_4bit_quant_type", "fp4") != "nf4":
-            raise ValueError(f"quantization_config.bnb_4bit_quant_type is {d.get('bnb_4bit_quant_type', 'fp4')!r}; "
-                             "only 'nf4' is supported")
-        if d.get("bnb_4bit_quant_storage", "uint8") != "uint8":
-            raise ValueError(f"quantization_config.bnb_4bit_quant_storage is {d['bnb_4bit_quant_storage']!r}; "
-                             "only 'uint8' is supported")
-        double_quant = d.get("bnb_4bit_use_double_quant", False)
-        if not isinstance(double_quant, bool):
-            raise ValueError(f"quantization_config.bnb_4bit_use_double_quant must be true/false, got {double_quant!r}")
-        compute = d.get("bnb_4bit_compute_dtype") or "float32"  # transformers' default when unset
-        try:
-            compute_dtype = parse_dtype(str(compute).removeprefix("torch."))
-        except TypeError as e:
-            raise ValueError(f"quantization_config.bnb_4bit_compute_dtype: {e}") from e
-        skip = d.get("llm_int8_skip_modules")
-        if skip is not None and (not isinstance(skip, list) or not all(isinstance(s, str) and s for s in skip)):
-            raise ValueError(f"quantization_config.llm_int8_skip_modules must be null or a list of names, got {skip!r}")
-        return cls(double_quant=double_quant, compute_dtype=compute_dtype,
-                   skip_modules=None if skip is None else tuple(skip))
-
-
-def read_quantization_config(config: dict[str, Any]) -> Optional[BnbQuantizationConfig]:
-    """The 4-bit settings of a ``config.json`` object, or None for a 16/32-bit checkpoint. Raises as ``from_dict``."""
-    q = config.get(QUANTIZATION_CONFIG_KEY)
-    return None if q is None else BnbQuantizationConfig.from_dict(q)
-
-
-def is_quantized_dir(model_dir: str | Path) -> bool:
-    """True when ``model_dir/config.json`` declares a bitsandbytes 4-bit checkpoint."""
-    return read_quantization_config(read_config_json(Path(model_dir) / "config.json")) is not None
 
 
 # --------------------------------------------------------------------------------------------------------
 # Which layers, and in-memory quantization
 # --------------------------------------------------------------------------------------------------------
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    # A pattern names a module by its full name or by a suffix of whole components ("lm_head", "mlp.down_proj").
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def quantizable_linear_names(model: nn.Module, skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES) -> list[str]:
     """Full names of the ``nn.Linear`` modules that quantization replaces: all except ``skip_modules``.
 
@@ -157,7 +66,7 @@ def quantizable_linear_names(model: nn.Module, skip_modules: Iterable[str] = DEF
         raise ValueError("the model carries LoRA adapters; quantize the base model first and inject LoRA after "
                          "(qlora.model.prepare_qlora_model does both in that order)")
     skip = _skip_tuple(skip_modules)
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not module_matches(n, skip)]
 
 
 def _skip_tuple(skip_modules: Iterable[str] | str) -> tuple[str, ...]:
@@ -213,13 +122,74 @@ def _shared_weight_names(model: nn.Module) -> dict[str, list[str]]:
 def _check_settings(blocksize: int, compute_dtype: torch.dtype) -> None:
     if isinstance(blocksize, bool) or blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
-    if compute_dtype not in _DTYPE_NAMES:
-        raise TypeError(f"compute_dtype must be one of {list(_DTYPE_NAMES)}, got {compute_dtype!r}")
+    if compute_dtype not in DTYPE_NAMES:
+        raise TypeError(f"compute_dtype must be one of {list(DTYPE_NAMES)}, got {compute_dtype!r}")
 
 
 # --------------------------------------------------------------------------------------------------------
 # Loading (16/32-bit checkpoints are quantized while loading; 4-bit ones are read as they are)
 # --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NF4Builder(LinearBuilder):
+    """Builds every linear not in ``skip_modules`` as an NF4Linear: quantized from its 16/32-bit ``weight``
+    (cast to ``dtype`` first) as soon as it is read, or, with ``stored=True``, read from the bitsandbytes
+    entries of a 4-bit checkpoint (``blocksize`` None: as stored; otherwise it must match)."""
+
+    skip_modules: tuple[str, ...]
+    blocksize: Optional[int]
+    double_quant: bool
+    compute_dtype: torch.dtype
+    dtype: torch.dtype
+    stored: bool
+
+    def keys(self, name, linear, present):
+        if module_matches(name, self.skip_modules):
+            return None
+        bias = linear.bias is not None
+        if self.stored:
+            return bnb_linear_keys(name + ".", double_quant=self.double_quant, bias=bias)
+        return [name + ".weight"] + ([name + ".bias"] if bias else [])
+
+    def build(self, name, linear, tensors):
+        shape = (linear.out_features, linear.in_features)
+        if self.stored:
+            # Copies: safetensors returns tensors backed by the file's memory map, which must not outlive loading.
+            packed, state, bias = from_bnb_state_dict({k: v.clone() for k, v in tensors.items()}, name + ".")
+            if tuple(state.shape) != shape:
+                raise ValueError(f"{name}.weight has shape {tuple(state.shape)} in the checkpoint; the config "
+                                 f"implies {shape}")
+            if state.nested != self.double_quant:
+                raise ValueError(f"{name}.weight: double quantization is {state.nested} but quantization_config "
+                                 f"says {self.double_quant}")
+            if self.blocksize is not None and state.blocksize != self.blocksize:
+                raise ValueError(f"{name} is stored with blocksize {state.blocksize}, not the requested "
+                                 f"{self.blocksize} (omit blocksize to use the stored one)")
+        else:
+            weight = tensors[name + ".weight"]
+            if tuple(weight.shape) != shape:
+                raise ValueError(f"{name}.weight has shape {tuple(weight.shape)} in the checkpoint; the config "
+                                 f"implies {shape}")
+            try:
+                packed, state = quantize_nf4(weight.to(self.dtype), blocksize=self.blocksize,
+                                             double_quant=self.double_quant)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{name}.weight: {e}") from e
+            bias = tensors.get(name + ".bias")
+        if bias is not None:
+            if tuple(bias.shape) != (linear.out_features,):
+                raise ValueError(f"{name}.bias has shape {tuple(bias.shape)}, expected ({linear.out_features},)")
+            bias = bias.to(self.dtype, copy=True)
+        return NF4Linear(packed, state, bias, compute_dtype=self.compute_dtype)
+
+    def hint(self, missing, unexpected):
+        if self.stored and any(".weight." in k for k in missing):
+            return ("a quantized linear lacks quantization entries (every 4-bit weight needs absmax, quant_map, "
+                    "the quant_state JSON and, with double quantization, nested_absmax and nested_quant_map)")
+        if not self.stored and any(".weight." in k for k in unexpected):
+            return "the checkpoint holds 4-bit entries but config.json has no quantization_config"
+        return None
+
+
 def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, double_quant: Optional[bool] = None,
                    compute_dtype: torch.dtype | str = torch.bfloat16, dtype: torch.dtype | str | None = None,
                    skip_modules: Optional[Iterable[str]] = None) -> LlamaForCausalLM:
@@ -256,8 +226,7 @@ def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, do
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    raw_config = read_config_json(model_dir / "config.json")
-    qconfig = read_quantization_config(raw_config)
+    qconfig = read_quantization_config(read_config_json(model_dir / "config.json"))
     if qconfig is not None:
         if double_quant is not None and double_quant != qconfig.double_quant:
             raise ValueError(f"{model_dir} is stored with double_quant={qconfig.double_quant}; it cannot be loaded "
@@ -269,145 +238,16 @@ def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, do
     double_quant = True if double_quant is None else double_quant
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-    skip_modules = _skip_tuple(DEFAULT_SKIP_MODULES if skip_modules is None else skip_modules)
     if blocksize is not None:
         _check_settings(blocksize, compute_dtype)
-
-    config = LlamaConfig.from_dict(raw_config)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    targets = quantizable_linear_names(model, skip_modules)
-    if config.tie_word_embeddings and "lm_head" in targets:
-        raise ValueError("lm_head is tied to the input embedding and cannot be quantized; keep it in skip_modules")
-    files = checkpoint_files(model_dir)
-    expected = _expected_keys(model, targets, quantized=qconfig is not None, double_quant=double_quant)
-    _check_keys(model_dir, set(files), expected, config.tie_word_embeddings, qconfig is not None)
-
-    # One group per decoder layer, then everything else (embeddings, final norm, head): at most one layer's
-    # source tensors are alive at a time, and each is dropped as soon as its NF4 layer is built.
-    groups: dict[str, list[str]] = {}
-    for name in files:
-        groups.setdefault(_group_of(name), []).append(name)
-    for key in sorted(groups, key=lambda k: (k == "", int(k.split(".")[2]) if k else 0)):
-        tensors = read_tensors(files, groups[key])
-        for name in [t for t in targets if _group_of(t + ".weight") == key]:
-            layer = _load_linear(model, name, tensors, qconfig, blocksize, double_quant, compute_dtype, dtype)
-            if blocksize is not None and layer.blocksize != blocksize:
-                raise ValueError(f"{name} is stored with blocksize {layer.blocksize}, not the requested {blocksize} "
-                                 "(omit blocksize to use the stored one)")
-            model.set_submodule(name, layer)
-            for k in [k for k in tensors if k.startswith(name + ".")]:
-                del tensors[k]
-        _assign_plain(model, tensors, dtype, config.tie_word_embeddings, model_dir)
-        del tensors
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.reset_inv_freq("cpu")
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:  # cannot happen after _check_keys; a guard against silently uninitialised weights
-        raise ValueError(f"{model_dir}: tensors {leftover[:5]} were not loaded")
-    return model.eval()
-
-
-def _group_of(tensor_name: str) -> str:
-    """"model.layers.3." for a tensor of decoder layer 3, "" for the rest (embeddings, final norm, head)."""
-    parts = tensor_name.split(".")
-    return ".".join(parts[:3]) + "." if tensor_name.startswith("model.layers.") and len(parts) > 3 else ""
-
-
-def _expected_keys(model: nn.Module, targets: list[str], quantized: bool, double_quant: bool) -> set[str]:
-    """Every tensor name the checkpoint must hold (tied ``lm_head.weight`` excluded)."""
-    keys = set(model.state_dict().keys())
-    for name in targets:
-        linear = model.get_submodule(name)
-        keys.discard(name + ".weight")
-        keys.discard(name + ".bias")
-        if quantized:
-            keys.update(bnb_linear_keys(name + ".", double_quant=double_quant, bias=linear.bias is not None))
-        else:
-            keys.add(name + ".weight")
-            if linear.bias is not None:
-                keys.add(name + ".bias")
-    if getattr(model.config, "tie_word_embeddings", False):
-        keys.discard("lm_head.weight")
-    return keys
-
-
-def _check_keys(model_dir: Path, present: set[str], expected: set[str], tied: bool, quantized: bool) -> None:
-    if tied:
-        present = present - {"lm_head.weight"}  # allowed; compared with the embedding when read
-    missing = sorted(expected - present)
-    unexpected = sorted(present - expected)
-    if not missing and not unexpected:
-        return
-    hints = []
-    if quantized and any(".weight." in k for k in missing):
-        hints.append("a quantized linear lacks quantization entries (every 4-bit weight needs absmax, quant_map, "
-                     "the quant_state JSON and, with double quantization, nested_absmax and nested_quant_map)")
-    if not quantized and any(".weight." in k for k in unexpected):
-        hints.append("the checkpoint holds 4-bit entries but config.json has no quantization_config")
-    raise ValueError(f"checkpoint {model_dir} does not match its config: missing tensors {missing[:8]}"
-                     f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors {unexpected[:8]}"
-                     f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
-                     + (f"; {'; '.join(hints)}" if hints else ""))
-
-
-def _load_linear(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], qconfig, blocksize, double_quant,
-                 compute_dtype: torch.dtype, dtype: torch.dtype) -> NF4Linear:
-    meta = model.get_submodule(name)
-    shape = (meta.out_features, meta.in_features)
-    if qconfig is not None:
-        # Copies: safetensors returns tensors backed by the file's memory map, which must not outlive this layer.
-        own = {k: v.clone() for k, v in tensors.items() if k.startswith(name + ".")}
-        packed, state, bias = from_bnb_state_dict(own, name + ".")
-        if tuple(state.shape) != shape:
-            raise ValueError(f"{name}.weight has shape {tuple(state.shape)} in the checkpoint; the config implies "
-                             f"{shape}")
-        if state.nested != double_quant:
-            raise ValueError(f"{name}.weight: double quantization is {state.nested} but quantization_config says "
-                             f"{double_quant}")
-    else:
-        weight = tensors[name + ".weight"]
-        if tuple(weight.shape) != shape:
-            raise ValueError(f"{name}.weight has shape {tuple(weight.shape)} in the checkpoint; the config implies "
-                             f"{shape}")
-        try:
-            packed, state = quantize_nf4(weight.to(dtype), blocksize=blocksize, double_quant=double_quant)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{name}.weight: {e}") from e
-        bias = tensors.get(name + ".bias")
-    if bias is not None:
-        if tuple(bias.shape) != (meta.out_features,):
-            raise ValueError(f"{name}.bias has shape {tuple(bias.shape)}, expected ({meta.out_features},)")
-        bias = bias.to(dtype, copy=True)
-    return NF4Linear(packed, state, bias, compute_dtype=compute_dtype)
-
-
-def _assign_plain(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, tied: bool,
-                  model_dir: Path) -> None:
-    """Put the unquantized tensors (embeddings, norms, head) into the meta model, cast to ``dtype``."""
-    head = tensors.pop("lm_head.weight", None) if tied else None
-    for name, t in tensors.items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        current = getattr(module, attr)
-        if tuple(t.shape) != tuple(current.shape):
-            raise ValueError(f"tensor {name!r} in {model_dir} has shape {tuple(t.shape)}, the config implies "
-                             f"{tuple(current.shape)}")
-        # A copy even when the dtype already matches: safetensors' tensors are views of the file's memory map,
-        # and keeping one would keep every page of the file touched so far resident.
-        t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
-        if isinstance(current, nn.Parameter):
-            setattr(module, attr, nn.Parameter(t, requires_grad=current.requires_grad))
-        else:
-            module.register_buffer(attr, t)
-    if head is not None and not torch.equal(head.to(dtype), model.model.embed_tokens.weight):
-        raise ValueError("config says tie_word_embeddings=true but the checkpoint's lm_head.weight differs from "
-                         "model.embed_tokens.weight; set tie_word_embeddings=false in config.json")
+    builder = NF4Builder(skip_modules=_skip_tuple(DEFAULT_SKIP_MODULES if skip_modules is None else skip_modules),
+                         blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
+                         stored=qconfig is not None)
+    return load_model(model_dir, dtype, linear_builder=builder)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Saving
+# Saving, measuring, QLoRA
 # --------------------------------------------------------------------------------------------------------
 def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
     """(name, layer) of every NF4Linear in ``model`` (inside LoRA wrappers too), in module order."""
@@ -464,10 +304,6 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(ptr)
     return out
 
-
-# --------------------------------------------------------------------------------------------------------
-# Memory, QLoRA, and merging into an NF4 base
-# --------------------------------------------------------------------------------------------------------
 def quantized_nbytes(model: nn.Module) -> dict[str, float]:
     """Measured storage of the NF4 layers: every byte of their packed weights and states (tensors shared
     between layers counted once), against the number of weights they hold.
@@ -506,7 +342,7 @@ def prepare_qlora_model(model_dir: str | Path, *, lora_config, blocksize: Option
         Others: see :func:`load_quantized`; ``adapter_name`` as ``lora.inject_lora``.
 
     Returns:
-        The model (eval mode; ``finetune.trainer.train`` switches it to train mode).
+        The model (eval mode; ``train.trainer.train`` switches it to train mode).
 
     Raises:
         As :func:`load_quantized` and ``lora.inject_lora``.

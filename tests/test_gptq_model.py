@@ -1,4 +1,5 @@
-"""Whole-model GPTQ (qlora/gptq_model.py): layer-by-layer calibration, RTN, save/load, calibration data.
+"""Whole-model GPTQ (gptq/model.py, gptq/checkpoint.py; calibration data from cli/merge.py): layer-by-layer
+calibration, RTN, save/load, calibration data.
 
 The layer-by-layer property is checked directly: after quantization, every layer's Hessian is collected again
 from the *quantized* model (plain forward hooks, same batches) and GPTQ is re-run on the *original* weight;
@@ -20,8 +21,9 @@ from finetune_ref.models.config import LlamaConfig
 from finetune_ref.models.llama import LlamaForCausalLM
 from finetune_ref.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from finetune_ref.gptq.format import GPTQConfig
-from finetune_ref.gptq.model import (calibration_examples, gptq_dequantize_model, gptq_layers, gptq_nbytes,
-                              gptq_quantize_model, is_gptq_dir, load_gptq_model, read_gptq_config, save_gptq_model)
+from finetune_ref.cli.merge import calibration_batches, calibration_examples
+from finetune_ref.gptq.model import (gptq_dequantize_model, gptq_layers, gptq_nbytes, gptq_quantize_model, is_gptq_dir,
+                                     load_gptq_model, read_gptq_config, save_gptq_model)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5)
@@ -75,7 +77,7 @@ def test_layer_by_layer_through_quantized_layers(desc_act, bits):
     examples = ragged_examples()
     config = GPTQConfig(bits=bits, group_size=32, desc_act=desc_act)
     stats = {}
-    assert gptq_quantize_model(model, examples, config, batch_size=5, stats=stats) is model
+    assert gptq_quantize_model(model, calibration_batches(examples, 5), config, stats=stats) is model
     names = [name for name, _ in gptq_layers(model)]
     assert names == [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS]
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
@@ -95,8 +97,9 @@ def test_layer_by_layer_through_quantized_layers(desc_act, bits):
 def test_without_true_sequential_a_layer_is_calibrated_on_its_unquantized_self():
     original = tiny_model()
     examples = ragged_examples(6)
-    seq = gptq_quantize_model(copy.deepcopy(original), examples, GPTQConfig(group_size=32))
-    flat = gptq_quantize_model(copy.deepcopy(original), examples, GPTQConfig(group_size=32, true_sequential=False))
+    seq = gptq_quantize_model(copy.deepcopy(original), calibration_batches(examples), GPTQConfig(group_size=32))
+    flat = gptq_quantize_model(copy.deepcopy(original), calibration_batches(examples),
+                               GPTQConfig(group_size=32, true_sequential=False))
     codes = {name: [dict(gptq_layers(m))[name].quantized_weight().codes for m in (seq, flat)]
              for name, _ in gptq_layers(seq)}
     for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):  # same inputs either way
@@ -226,7 +229,7 @@ def test_smollm2_calibration_and_two_layers(smollm2_dir, tmp_path):
     model = load_model(smollm2_dir, dtype=torch.float32)
     skip = [f"model.layers.{i}.{n}" for i in range(2, model.config.num_hidden_layers) for n in LINEARS]
     stats = {}
-    gptq_quantize_model(model, calib, GPTQConfig(), skip_modules=["lm_head", *skip], stats=stats)
+    gptq_quantize_model(model, calibration_batches(calib), GPTQConfig(), skip_modules=["lm_head", *skip], stats=stats)
     assert len(gptq_layers(model)) == 14
     for name, s in stats.items():
         if name != "seconds":

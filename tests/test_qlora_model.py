@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import finetune_ref.qlora.model as qmodel
+import finetune_ref.models.checkpoint as checkpoint
 from finetune_ref.cli.main import main
 from finetune_ref.lora import LoraConfig
 from finetune_ref.models.config import LlamaConfig as OurConfig
 from finetune_ref.models.llama import LlamaForCausalLM as OurLlama
-from finetune_ref.qlora.model import (BnbQuantizationConfig, load_quantized, nf4_layers, prepare_qlora_model, quantize_model,
-                         quantized_nbytes, save_quantized)
+from finetune_ref.qlora.model import (BnbQuantizationConfig, load_quantized, nf4_layers, prepare_qlora_model,
+                                      quantize_model, quantized_nbytes, save_quantized)
 from finetune_ref.qlora.nf4_linear import NF4Linear
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -207,7 +207,7 @@ def test_loading_reads_one_layer_at_a_time_and_keeps_no_file_tensor(fp_dir, monk
     """Peak memory: never the whole model in 16/32-bit. Each read is one decoder layer (or the rest), and no
     tensor read from the file (a view of its memory map) survives in the model."""
     reads, refs = [], []
-    original = qmodel.read_tensors
+    original = checkpoint.read_tensors
 
     def spy(files, names):
         out = original(files, names)
@@ -215,7 +215,7 @@ def test_loading_reads_one_layer_at_a_time_and_keeps_no_file_tensor(fp_dir, monk
         refs.extend(weakref.ref(t) for t in out.values())
         return out
 
-    monkeypatch.setattr(qmodel, "read_tensors", spy)
+    monkeypatch.setattr(checkpoint, "read_tensors", spy)
     model = load_quantized(fp_dir, dtype=torch.float32)
     assert len(reads) == TINY["num_hidden_layers"] + 1
     for i in range(TINY["num_hidden_layers"]):

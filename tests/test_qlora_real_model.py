@@ -1,7 +1,7 @@
 """QLoRA on the real SmolLM2-135M: quantize while loading, check size and quality, train a few steps.
 
 Slow-ish (quantizing 210 linear layers dominates), so everything shares one quantized model. The full
-comparison with LoRA (tokens/s, peak memory, held-out loss after 30 updates) is in qlora/README_SECTION.md.
+comparison with LoRA (tokens/s, peak memory, held-out loss after 30 updates) is in README.md (QLoRA section).
 """
 
 import pytest
