@@ -1,26 +1,16 @@
-"""What the ``finetune`` commands share: argument types, finding and loading the model, held-out batches.
-
-Loading for inference (:func:`load_inference_model`) reads the base the way it was trained or saved:
-
-* a GPTQ directory (``finetune merge --requantize gptq4|rtn4``) -> ``qlora.gptq_model.load_gptq_model``;
-* a bitsandbytes 4-bit directory (``finetune quantize``, or transformers + bitsandbytes) -> ``load_quantized``;
-* a 16/32-bit directory with a QLoRA adapter (one whose folder holds ``qlora_config.json``, written by
-  ``finetune train --method qlora``) -> quantized to NF4 while loading, with the blocksize, double
-  quantization and dtypes it was trained with, so the adapter runs on the weights it was trained against;
-* otherwise a plain ``load_model``.
+"""What the ``finetune`` commands share: argument types, the model and data flags, finding the model directory,
+held-out batches, checks of ``--out``. (Loading a model for inference is ``recipes/inference.py``.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
 
-QLORA_CONFIG_FILE = "qlora_config.json"  # beside adapter_config.json: how the QLoRA base was quantized
+from finetune_ref.recipes.base import RunConfig
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -57,6 +47,14 @@ def probability(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def show_number(value) -> str:
+    """A default as ``--help`` shows it: 1e-3, 2e-5, 0.1, 16."""
+    if isinstance(value, float) and value and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def load_average() -> float:
     """1-minute load average: processes running or waiting for a core (0 where the platform has none)."""
     try:
@@ -73,13 +71,13 @@ def pick_threads() -> int:
     return max(1, torch.get_num_threads() - int(load_average() + 0.5))
 
 
-def targets(text: str) -> list[str] | str:
+def targets(text: str) -> tuple[str, ...] | str:
     """'all-linear', a comma-separated list of module-name suffixes, or 're:<regex>'."""
     if text.startswith("re:"):
         return text[3:]
     if text == "all-linear":
         return text
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
     if not names:
         raise argparse.ArgumentTypeError("expected 'all-linear', names like q_proj,v_proj, or re:<regex>")
     return names
@@ -88,22 +86,42 @@ def targets(text: str) -> list[str] | str:
 NF4_BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]  # bitsandbytes' supported blocksizes
 
 
-def add_model_args(p: argparse.ArgumentParser, dtype_help: str = "dtype of the base weights (default fp32)") -> None:
-    p.add_argument("--model", help="Hugging Face model directory or .gguf file (default: the embedded "
-                                   "SmolLM2-135M-Instruct)")
-    p.add_argument("--cache-dir", help="where converted models are kept (default: $FINETUNE_CACHE_DIR or "
-                                       "~/.cache/finetune-ref)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help=dtype_help)
+def _default(value, given_only: bool):
+    """``value``, or for ``given_only`` argparse's SUPPRESS: a flag left out sets no attribute."""
+    return argparse.SUPPRESS if given_only else value
 
 
-def add_data_args(p: argparse.ArgumentParser, batch_size: int = 4) -> None:
-    p.add_argument("--data", help=".txt file, folder of .txt files, or .jsonl (instruction/output or chat "
-                                  "messages); default: Python's reference docs (pydoc_data.topics)")
-    p.add_argument("--eval-data", help="separate held-out file (then all of --data trains)")
-    p.add_argument("--eval-fraction", type=probability, default=0.1,
-                   help="share of --data held out for evaluation (default 0.1)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+def add_model_args(p: argparse.ArgumentParser, dtype_help: str = "dtype of the base weights (default fp32)",
+                   given_only: bool = False) -> None:
+    """``--model``, ``--cache-dir``, ``--dtype``; ``given_only`` as for ``add_data_args``."""
+    p.add_argument("--model", default=_default(None, given_only),
+                   help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", default=_default(None, given_only),
+                   help="where converted models are kept (default: $FINETUNE_CACHE_DIR or ~/.cache/finetune-ref)")
+    p.add_argument("--dtype", default=_default(None, given_only), choices=["fp32", "bf16", "fp16"], help=dtype_help)
+
+
+def run_default(name: str):
+    """The default of a field every method shares (``recipes.base.RunConfig``), e.g. "seq_len" -> 256."""
+    return next(f.default for f in dataclasses.fields(RunConfig) if f.name == name)
+
+
+def add_data_args(p: argparse.ArgumentParser, batch_size: int | None = None, given_only: bool = False) -> None:
+    """``--data``, ``--eval-data``, ``--eval-fraction``, ``--seq-len``, ``--batch-size``, with the defaults of
+    ``finetune train`` (``RunConfig``), so that eval finds the held-out split train used. ``given_only``: a flag
+    left out sets no attribute (``finetune train`` gives its recipe only the flags given)."""
+    batch_size = run_default("batch_size") if batch_size is None else batch_size
+    eval_fraction, seq_len = run_default("eval_fraction"), run_default("seq_len")
+    p.add_argument("--data", default=_default(None, given_only),
+                   help=".txt file, folder of .txt files, or .jsonl (instruction/output or chat "
+                        "messages); default: Python's reference docs (pydoc_data.topics)")
+    p.add_argument("--eval-data", default=_default(None, given_only),
+                   help="separate held-out file (then all of --data trains)")
+    p.add_argument("--eval-fraction", type=probability, default=_default(eval_fraction, given_only),
+                   help=f"share of --data held out for evaluation (default {eval_fraction})")
+    p.add_argument("--seq-len", type=positive_int, default=_default(seq_len, given_only),
+                   help=f"tokens per sequence (default {seq_len})")
+    p.add_argument("--batch-size", type=positive_int, default=_default(batch_size, given_only),
                    help=f"sequences per micro-batch (default {batch_size})")
 
 
@@ -131,69 +149,6 @@ def resolve_model_dir(model: str | None, cache_dir: str | None) -> Path:
     return path
 
 
-def write_qlora_record(adapter_dir: Path, settings: dict) -> None:
-    """Record beside a QLoRA adapter how its base was quantized (blocksize, double_quant, dtypes)."""
-    from finetune_ref.models.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(adapter_dir) / QLORA_CONFIG_FILE, json.dumps({"quant_type": "nf4", **settings},
-                                                                        indent=2) + "\n")
-
-
-def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
-    """The QLoRA settings of the first adapter that has them (None: plain LoRA adapters).
-
-    Raises:
-        ValueError: unreadable record, or adapters trained on differently quantized bases.
-    """
-    records = []
-    for d in adapter_dirs or []:
-        path = Path(d) / QLORA_CONFIG_FILE
-        if path.is_file():
-            try:
-                record = json.loads(path.read_text())
-                records.append({k: record[k] for k in ("blocksize", "double_quant", "compute_dtype", "dtype")})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}: not a valid QLoRA record ({e}); it is written by `finetune train "
-                                 "--method qlora`") from None
-    if any(r != records[0] for r in records):
-        raise ValueError(f"the adapters were trained on differently quantized bases: {records}")
-    return records[0] if records else None
-
-
-def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Sequence[str] | None = None):
-    """The model for eval/generate: dense, NF4 or GPTQ base as stored (see the module docstring), plus adapters.
-
-    ``dtype`` None means fp32, or for a QLoRA adapter the dtypes it was trained with.
-
-    Raises:
-        ValueError / FileNotFoundError: as the loaders; adapters on a GPTQ base.
-    """
-    from finetune_ref.lora import load_adapters
-    from finetune_ref.models.checkpoint import load_model, parse_dtype
-    from finetune_ref.gptq.model import is_gptq_dir, load_gptq_model
-    from finetune_ref.qlora.model import is_quantized_dir, load_quantized
-
-    record = read_qlora_record(adapter_dirs)
-    if is_gptq_dir(model_dir):
-        if adapter_dirs:
-            raise ValueError(f"{model_dir} is a GPTQ model (already merged for serving); adapters go on a 16/32-bit "
-                             "or NF4 base")
-        model = load_gptq_model(model_dir, dtype=dtype or "fp32")
-    elif is_quantized_dir(model_dir):
-        compute = dtype or (record or {}).get("compute_dtype", "fp32")
-        model = load_quantized(model_dir, compute_dtype=compute, dtype=dtype or (record or {}).get("dtype", compute))
-    elif record is not None:
-        model = load_quantized(model_dir, blocksize=record["blocksize"], double_quant=record["double_quant"],
-                               compute_dtype=dtype or record["compute_dtype"], dtype=dtype or record["dtype"])
-    else:
-        model = load_model(model_dir, dtype=dtype or "fp32")
-    if adapter_dirs:
-        adapter_dtype = model.model.embed_tokens.weight.dtype
-        load_adapters(model, adapter_dirs, adapter_dtype=adapter_dtype if adapter_dtype.is_floating_point
-                      else parse_dtype("fp32"))
-    return model
-
-
 def heldout_batches(args, tokenizer) -> list[dict]:
     """The held-out batches of ``--data``/``--eval-data`` (raises ValueError if there are none)."""
     from finetune_ref.train.data import build_datasets, iter_batches
@@ -203,15 +158,6 @@ def heldout_batches(args, tokenizer) -> list[dict]:
     if not held:
         raise ValueError("no held-out data: use --eval-fraction > 0 or --eval-data FILE")
     return list(iter_batches(held, args.batch_size, tokenizer.pad_token_id))
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer and generation files of a model directory, so ``dst`` is a complete model."""
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
-                 "special_tokens_map.json"):
-        source, target = src / name, dst / name
-        if source.is_file() and not (target.exists() and target.samefile(source)):
-            shutil.copyfile(source, target)
 
 
 def check_out_dir(out: str | Path, *inputs: str | Path | None) -> Path:

@@ -1,4 +1,4 @@
-"""The report of ``finetune compare`` (finetune/compare.py): the Markdown table, the loss-curve plot, and the
+"""The report of ``finetune compare`` (cli/compare.py): the Markdown table, the loss-curve plot, and the
 machine it ran on."""
 
 from __future__ import annotations

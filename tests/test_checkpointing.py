@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from finetune_ref.train import checkpointing
+from finetune_ref.train import checkpoint_files, checkpointing
 from finetune_ref.train.checkpointing import Checkpointer, read_checkpoint_record, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, pack_documents
 from finetune_ref.train.trainer import TrainConfig, TrainingInterrupted, train
@@ -50,7 +50,7 @@ def setup(method, seed=0):
 
 def config(steps=6, **kw):
     base = dict(steps=steps, lr=5e-3, warmup_steps=2, grad_accum=2, progress=False, weight_decay=0.01,
-                eval_every=2, precision="bf16" if kw.pop("bf16", False) else "fp32")
+                eval_every=2, precision="bf16" if kw.pop("bf16", False) else "fp32", optimizer="adamw")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -85,8 +85,8 @@ def test_resume_is_bitwise_identical(tmp_path, method):
         assert straight.lm_head.weight is straight.model.embed_tokens.weight  # still tied after training
     # The resumed run's final checkpoint equals the straight run's, file for file (optimizer state included).
     for name in ("model.safetensors", "optimizer.safetensors"):
-        a = checkpointing._read_tensors(tmp_path / "a" / "checkpoint-000006" / name)
-        b = checkpointing._read_tensors(tmp_path / "b" / "checkpoint-000006" / name)
+        a = checkpoint_files.read_tensors(tmp_path / "a" / "checkpoint-000006" / name)
+        b = checkpoint_files.read_tensors(tmp_path / "b" / "checkpoint-000006" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
@@ -119,7 +119,7 @@ def test_checkpoint_contents_and_keep_last(tmp_path):
     assert record["update"] == 4 and record["data"]["index"] == data.state_dict()["index"]
     assert record["scheduler"]["update"] == 4 and record["optimizer"]["class"] == "AdamW"
     # Tied embedding stored once, under its first name; no lm_head.weight key.
-    tensors = checkpointing._read_tensors(tmp_path / "checkpoint-000004" / "model.safetensors")
+    tensors = checkpoint_files.read_tensors(tmp_path / "checkpoint-000004" / "model.safetensors")
     assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors
     assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)
 
@@ -227,7 +227,7 @@ def test_early_stopping_and_best_tracking(tmp_path):
     assert best == {"update": 2, "eval_loss": 2.0}
     assert (tmp_path / "best" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="eval_every"):
-        config(early_stopping_patience=2, eval_every=0).validate()
+        config(early_stopping_patience=2, eval_every=0)
 
 
 def test_cli_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):

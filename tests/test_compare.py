@@ -1,4 +1,4 @@
-"""``finetune compare`` (finetune/compare.py) on a tiny random Llama: the table, the files, the errors.
+"""``finetune compare`` (cli/compare.py) on a tiny random Llama: the table, the files, the errors.
 
 The real SmolLM2 run is documented in finetune/README_COMPARE.md; here every method trains a few updates of a
 2-layer model so the whole file takes seconds.
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from finetune_ref.cli.compare import (METHODS, CompareSettings, add_compare_parser, cmd_compare, compare, compare_main,
-                              format_table, regression_documents, settings_from_args)
+                                      format_table, settings_from_args)
+from finetune_ref.cli.compare_settings import regression_documents
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for finetune/data.py: splits, packing, JSONL masking, errors, collation, the batch iterator.
+"""Tests for train/data.py and train/readers.py: splits, packing, JSONL masking, errors, collation, the batch iterator.
 
 A tiny byte-level BPE tokenizer with ChatML special tokens is trained here (no chat template, so the
 ChatML fallback is used). Packing is checked on hand-made token lists with exact expected tensors, and
@@ -17,8 +17,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from finetune_ref.train.data import (IGNORE_INDEX, BatchIterator, build_datasets, collate, count_label_tokens,
-                           default_documents, encode_conversations, holdout_split, iter_batches, load_examples,
-                           num_held_out, pack_documents, read_jsonl, read_text_documents)
+                                     encode_conversations, iter_batches, load_examples, pack_documents)
+from finetune_ref.train.readers import default_documents, holdout_split, num_held_out, read_jsonl, read_text_documents
 from finetune_ref.models.tokenizer import Tokenizer
 
 EOS = 2
@@ -58,7 +58,7 @@ def test_default_split_is_deterministic_and_by_topic():
     assert len(held) == round(0.1 * len(topics)) and len(train) + len(held) == len(topics)
     assert set(train).isdisjoint(held) and (train, held) == default_documents(0.1)
     # Independent of Python's per-process string hashing: a fresh interpreter with another seed agrees.
-    code = ("import json; from finetune_ref.train.data import default_documents; "
+    code = ("import json; from finetune_ref.train.readers import default_documents; "
             "print(json.dumps([len(d) for d in default_documents(0.1)[1]]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": "12345"})

@@ -61,7 +61,7 @@ def eval_batches():
 def config(steps=STEPS, **kw):
     # clipping active (small max norm) so the cross-rank norm matters
     return TrainConfig(steps=steps, lr=3e-3, warmup_steps=1, grad_accum=2, max_grad_norm=0.5, weight_decay=0.01,
-                       progress=False, **kw)
+                       progress=False, precision="fp32", optimizer="adamw", **kw)
 
 
 def method(name):

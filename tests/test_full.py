@@ -104,7 +104,7 @@ def test_tied_embedding_gets_both_gradients_and_one_update():
     torch.testing.assert_close(tied.model.embed_tokens.weight.grad, both, atol=1e-6, rtol=1e-5)
 
     prepare_full_finetuning(tied, torch.bfloat16)
-    opt = build_optimizer(tied, TrainConfig(lr=1e-2))
+    opt = build_optimizer(tied, TrainConfig(lr=1e-2, precision="fp32", optimizer="adamw"))
     params = [p for g in opt.param_groups for p in g["params"]]
     assert len(params) == len({id(p) for p in params}) == len(list(tied.parameters()))  # the tie appears once
     before = tied.model.embed_tokens.weight.detach().float().clone()
@@ -121,7 +121,7 @@ def test_tied_embedding_gets_both_gradients_and_one_update():
 @pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, (2, 2, 8, 4)), (torch.float32, (4, 4, 8, 0))])
 def test_memory_is_16_bytes_per_parameter(dtype, expected):
     model = prepare_full_finetuning(tiny_model(), dtype)
-    opt = build_optimizer(model, TrainConfig())
+    opt = build_optimizer(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
     model(**next(data())).loss.backward()
     opt.step()
     mem = memory_breakdown(model, opt)
@@ -140,17 +140,18 @@ def test_prepare_full_finetuning_and_errors():
     with pytest.raises(TypeError, match="loss scaling"):
         prepare_full_finetuning(tiny_model(), torch.float16)
     with pytest.raises(ValueError, match="precision 'fp32'"):
-        train(model, data(), TrainConfig(steps=1, warmup_steps=0, progress=False, precision="fp32"))
+        train(model, data(), TrainConfig(steps=1, lr=2e-4, warmup_steps=0, progress=False, precision="fp32",
+                                         optimizer="adamw"))
     with pytest.raises(ValueError, match="lr"):
         MasterWeightAdamW(model.parameters(), lr=-1.0)
 
 
 def test_optimizer_state_dict_round_trip_keeps_fp32():
     model = prepare_full_finetuning(tiny_model(), torch.bfloat16)
-    opt = build_optimizer(model, TrainConfig())
+    opt = build_optimizer(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
     model(**next(data())).loss.backward()
     opt.step()
-    fresh = build_optimizer(model, TrainConfig())
+    fresh = build_optimizer(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
     fresh.load_state_dict(opt.state_dict())
     for p in model.parameters():
         for key in ("master", "exp_avg", "exp_avg_sq"):
@@ -167,7 +168,8 @@ def test_full_training_lowers_loss_and_exports(tmp_path, precision):
     model = prepare_full_finetuning(tiny_model(), torch.bfloat16 if precision == "bf16" else torch.float32)
     held = [next(data(seed=4))]
     before = evaluate(model, held, precision=precision)["loss"]
-    result = train(model, data(), TrainConfig(steps=8, lr=1e-2, warmup_steps=1, progress=False, precision=precision),
+    result = train(model, data(), TrainConfig(steps=8, lr=1e-2, warmup_steps=1, progress=False, precision=precision,
+                                              optimizer="adamw"),
                    eval_fn=lambda: evaluate(model, held, precision=precision))
     assert result["eval"]["loss"] < before
     out = export_full_model(model, tmp_path / "model", model.config)
@@ -185,7 +187,7 @@ def test_real_model_bf16_full_finetuning_step(smollm2_dir, pydoc_text_window):
     ids = pydoc_text_window[:, :128]
     batch = {"input_ids": ids, "labels": ids}
     before = evaluate(model, [batch])["loss"]
-    cfg = TrainConfig(steps=3, lr=1e-4, warmup_steps=0, progress=False, precision="bf16")
+    cfg = TrainConfig(steps=3, lr=1e-4, warmup_steps=0, progress=False, precision="bf16", optimizer="adamw")
     opt = build_optimizer(model, cfg)
     train(model, iter(lambda: batch, None), cfg, optimizer=opt)
     after = evaluate(model, [batch])["loss"]

@@ -115,7 +115,8 @@ def test_checkpointing_off_in_eval_and_same_training_trajectory():
         m = tiny_model()
         m.model.gradient_checkpointing = flag
         data = BatchIterator(pack_documents([list(range(3, 60))] * 4, 16, eos_token_id=2), 2, pad_token_id=0)
-        train(m, data, TrainConfig(steps=3, lr=1e-3, warmup_steps=0, grad_accum=2, progress=False))
+        train(m, data, TrainConfig(steps=3, lr=1e-3, warmup_steps=0, grad_accum=2, progress=False, precision="fp32",
+                                   optimizer="adamw"))
         return m
 
     a, b = run(False), run(True)

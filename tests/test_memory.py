@@ -17,8 +17,9 @@ import json
 import pytest
 import torch
 
-from finetune_ref.train.memory import (LINEAR_NAMES, PRESETS, MemorySettings, estimate_memory, load_config, memory_main,
-                             nf4_bytes, optimizer_state_bytes, parameter_count, preset_config)
+from finetune_ref.cli.memory import memory_main
+from finetune_ref.train.memory import (LINEAR_NAMES, PRESETS, MemorySettings, estimate_memory, load_config,
+                                       nf4_bytes, optimizer_state_bytes, parameter_count, preset_config)
 from finetune_ref.train.memory_tracker import TensorMemoryTracker, tensor_bytes
 from finetune_ref.models.config import LlamaConfig
 
@@ -235,7 +236,7 @@ def measured_peak(model, settings: MemorySettings) -> int:
     from finetune_ref.train.trainer import TrainConfig, train
 
     cfg = TrainConfig(steps=2, warmup_steps=0, progress=False, lr=1e-4,
-                      precision="fp32" if settings.dtype == "fp32" else "bf16")
+                      precision="fp32" if settings.dtype == "fp32" else "bf16", optimizer="adamw")
     batches = _batches(model.config.vocab_size, settings.batch_size, settings.seq_len)
     with TensorMemoryTracker() as tracker:
         tracker.track(model)

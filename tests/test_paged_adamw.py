@@ -263,7 +263,9 @@ def test_bad_arguments_raise_clear_errors():
 
 def test_factory_builds_each_named_optimizer():
     from finetune_ref.optim.adamw import AdamW8bit, PagedAdamW8bit
-    from finetune_ref.optim.optimizers import OPTIMIZER_NAMES, build_optimizer, default_optimizer
+    from finetune_ref.optim.optimizers import OPTIMIZER_NAMES, build_optimizer
+    from finetune_ref.recipes.lora import LoraRecipe
+    from finetune_ref.recipes.qlora import QLoraRecipe
 
     expected = {"adamw": torch.optim.AdamW, "paged_adamw": PagedAdamW, "adamw8bit": AdamW8bit,
                 "paged_adamw8bit": PagedAdamW8bit}
@@ -280,7 +282,7 @@ def test_factory_builds_each_named_optimizer():
                           min_8bit_size=1000)
     assert (opt.pager.min_paged_size, opt.rounding, opt.min_8bit_size) == (10, "lut", 1000)
     assert type(build_optimizer("adamw", make_params(torch.bfloat16), lr=1e-3)) is MasterWeightAdamW
-    assert default_optimizer("qlora") == "paged_adamw" and default_optimizer("lora") == "adamw"
+    assert QLoraRecipe().optimizer == "paged_adamw" and LoraRecipe().optimizer == "adamw"  # the defaults
     with pytest.raises(ValueError, match="paged_adamw8bit"):
         build_optimizer("sgd", make_params(), lr=1e-3)
     with pytest.raises(TypeError, match="rounding"):

@@ -52,7 +52,7 @@ def test_qlora_smollm2_quantizes_to_0516_bytes_keeps_quality_and_trains(smollm2_
     torch.manual_seed(0)
     result = train(model, BatchIterator(train_examples, 4, tokenizer.pad_token_id, seed=1),
                    # bf16 adapters: precision "bf16" keeps fp32 master weights and moments in the optimizer.
-                   TrainConfig(steps=6, lr=3e-3, warmup_steps=1, progress=False, precision="bf16"),
+                   TrainConfig(steps=6, lr=3e-3, warmup_steps=1, progress=False, precision="bf16", optimizer="adamw"),
                    eval_fn=lambda: evaluate(model, eval_batches))
     assert result["eval"]["loss"] < before, (before, result["eval"]["loss"])
     assert torch.equal(layers[0][1].weight, codes)  # the NF4 base never changes

@@ -90,7 +90,7 @@ def test_scheduler_advances_once_per_update(tmp_path):
     model = tiny_model()
     batch = padded_batch([[1, 2, 3, 4, 5, 6]])
     cfg = TrainConfig(steps=3, lr=1e-3, warmup_steps=3, grad_accum=4, progress=False,
-                      metrics_path=tmp_path / "m.jsonl")
+                      metrics_path=tmp_path / "m.jsonl", precision="fp32", optimizer="adamw")
     train(model, iter(lambda: batch, None), cfg)
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
@@ -106,7 +106,8 @@ def test_frozen_parameters_untouched_and_excluded():
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
     batch = padded_batch([[1, 2, 3, 4, 5, 6]])
     before = evaluate(model, [batch])["loss"]
-    train(model, iter(lambda: batch, None), TrainConfig(steps=5, lr=1e-2, progress=False, weight_decay=0.1))
+    train(model, iter(lambda: batch, None), TrainConfig(steps=5, lr=1e-2, progress=False, weight_decay=0.1,
+                                                        precision="fp32", optimizer="adamw"))
     for k, v in frozen.items():
         assert torch.equal(model.state_dict()[k], v), k
     assert evaluate(model, [batch])["loss"] < before
@@ -116,7 +117,8 @@ def test_clipping_bounds_the_update_norm():
     model = tiny_model()
     batch = padded_batch([[1, 2, 3, 4, 5, 6]])
     seen = []
-    train(model, iter(lambda: batch, None), TrainConfig(steps=1, lr=1e-3, warmup_steps=0, max_grad_norm=1e-3, progress=False),
+    train(model, iter(lambda: batch, None), TrainConfig(steps=1, lr=1e-3, warmup_steps=0, max_grad_norm=1e-3,
+                                                        progress=False, precision="fp32", optimizer="adamw"),
           on_update=lambda i, m: seen.append(m["grad_norm"]))
     assert seen[0] > 1e-3  # the logged norm is the one before clipping
 
@@ -140,7 +142,7 @@ def test_warmup_zero_first_update_uses_peak_lr_and_lr_table():
     batch = padded_batch([[1, 2, 3, 4, 5, 6]])
     seen = []
     train(model, iter(lambda: batch, None), TrainConfig(steps=4, lr=1e-3, warmup_steps=0, min_lr_ratio=0.1,
-                                                        progress=False),
+                                                        progress=False, precision="fp32", optimizer="adamw"),
           on_update=lambda i, m: seen.append(m["lr"]))
     assert seen[0] == pytest.approx(1e-3) and seen[-1] == pytest.approx(lr_at(3, 4, 1e-3, 0, 1e-4))
     table = format_lr_table(4, 1e-3, warmup=2, min_lr=1e-4).splitlines()
@@ -163,7 +165,7 @@ def test_no_weight_decay_on_biases_and_norms():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1, lr=2e-4, precision="fp32", optimizer="adamw"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -191,7 +193,7 @@ def test_non_finite_gradient_stops_before_the_update():
     model.model.norm.weight.register_hook(lambda g: g * float("nan"))
     with pytest.raises(FloatingPointError, match="not applied"):
         train(model, iter(lambda: padded_batch([[1, 2, 3, 4]]), None),
-              TrainConfig(steps=2, warmup_steps=0, progress=False))
+              TrainConfig(steps=2, warmup_steps=0, progress=False, lr=2e-4, precision="fp32", optimizer="adamw"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -202,7 +204,8 @@ def test_update_without_label_tokens_changes_nothing_and_logs_no_nan(tmp_path):
     empty["labels"][:] = -100
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train(model, iter(lambda: empty, None), TrainConfig(steps=2, warmup_steps=0, progress=False,
-                                                                 weight_decay=0.1, metrics_path=tmp_path / "m.jsonl"))
+                                                                 weight_decay=0.1, metrics_path=tmp_path / "m.jsonl",
+                                                                 lr=2e-4, precision="fp32", optimizer="adamw"))
     assert result["loss"] is None and result["label_tokens"] == 0 and result["grad_norm"] == 0.0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -228,7 +231,7 @@ def test_evaluate_counts_label_tokens_only_and_rejects_empty():
 ])
 def test_config_errors(field, value, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**{field: value}).validate()
+        TrainConfig(**{"lr": 2e-4, "precision": "fp32", "optimizer": "adamw", field: value})
 
 
 def test_cli_dry_run_prints_the_lr_table(capsys):

@@ -29,7 +29,7 @@ copy is kept for 16-bit trainable parameters whatever the optimizer, as this pro
 (bitsandbytes' own would update 16-bit weights without one); paged optimizers page it with the moments.
 
 Activations and the peak are those of *this* project's implementation (``models/llama.py``, the training loop
-``finetune/trainer.py``), measured op by op with ``torch.autograd.graph.saved_tensors_hooks``; per decoder
+``train/trainer.py``), measured op by op with ``torch.autograd.graph.saved_tensors_hooks``; per decoder
 layer and token, on the gradient path:
 
     RMSNorm (x2)     fp32 input (or its fp32 copy for 16-bit models) H * 4, and 1/rms 4 bytes;
@@ -43,7 +43,7 @@ layer and token, on the gradient path:
 
 The peak is the largest of the moments of a steady-state step (the second one; optimizer states exist):
 end of forward with the loss, start of backward (the fp32 log-softmax chain), the first and the last decoder
-layer in backward, end of backward, and the optimizer step. ``finetune/trainer.py`` keeps the step's output
+layer in backward, end of backward, and the optimizer step. ``train/trainer.py`` keeps the step's output
 (and so the logits) alive until the next forward returns, so by default the logits count in every moment
 (``keeps_output``). The kernels are those measured on CPU: the flash SDPA kernel, the single-tensor AdamW
 (on a GPU torch's AdamW defaults to its foreach path, whose temporaries span all moments at once: not
@@ -51,197 +51,34 @@ modelled; ``MasterWeightAdamW``, used for bf16 weights, works one tensor at a ti
 
 Not modelled: ``precision="bf16-autocast"``, KV-cache generation, distributed sharding, the CUDA context and
 allocator fragmentation (add ~0.5-1 GB and ~5-10% on a GPU).
+
+Beside this file: the model shapes and presets (``memory_shapes.py``), the settings and the result
+(``memory_settings.py``); the ``finetune memory`` command is ``cli/memory.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
-from pathlib import Path
-from typing import Any
-
-from finetune_ref.cli.common import positive_int
 from finetune_ref.models.config import LlamaConfig
+from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
+from finetune_ref.train.memory_shapes import (DEFAULT_PRESET, LINEAR_NAMES, PRESETS, linear_shapes, load_config,
+                                              parameter_count, preset_config)
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["DEFAULT_PRESET", "DTYPE_BYTES", "LINEAR_NAMES", "METHODS", "OPTIMIZERS", "PRESETS", "MemoryEstimate",
+           "MemorySettings", "estimate_memory", "linear_shapes", "load_config", "nf4_bytes",
+           "optimizer_state_bytes", "parameter_count", "preset_config"]
+
 BNB_OPTIM_BLOCKSIZE = 256  # bitsandbytes/optim/optimizer.py, Optimizer2State.init_state (block_wise=True)
 BNB_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size default)
 BNB_MIN_PAGED_SIZE = 100_000  # smaller tensors' states are not paged (bitsandbytes Optimizer8bit.get_state_buffer)
 # Bytes per element of one tensor that an optimizer step allocates while it updates that tensor, for (fp32,
-# 16-bit) parameters, measured with finetune.memory_tracker on this project's optimizers (qlora/optimizers.py):
+# 16-bit) parameters, measured with train/memory_tracker.py on this project's optimizers (optim/):
 # torch AdamW's single-tensor path makes sqrt(v) and its quotient (2 x 4 B); MasterWeightAdamW also an fp32
 # copy of the gradient; the paged ones also page the states (and master) in; the 8-bit ones dequantize both
 # moments to fp32 and re-quantize them. bitsandbytes' fused GPU kernels need none of this.
 STEP_TEMPORARY_BYTES = {"adamw": (8, 12), "paged_adamw": (16, 24), "adamw8bit": (22, 26),
                         "paged_adamw8bit": (24, 32)}
 NESTED_BLOCKSIZE = 256  # double quantization: one fp32 scale per 256 8-bit absmax values (QLoRA, section 3)
-BATCH_TENSORS = 5  # input_ids, attention_mask, labels, position_ids, document_ids (finetune/data.collate), int64
-
-# Published shapes (the config.json of each checkpoint on the Hugging Face hub; LLaMA-65B: Touvron et al. 2023,
-# table 2, FFN size from the released weights). Parameter counts are checked against transformers in the tests.
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE),
-    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                          rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE),
-    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=64, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                         rope_theta=100000.0, tie_word_embeddings=True),
-}
-DEFAULT_PRESET = "smollm2-135m"  # the shape of the project's embedded default model
-
-
-def preset_config(name: str) -> LlamaConfig:
-    """The ``LlamaConfig`` of a preset. Raises ValueError listing the presets for an unknown name."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return LlamaConfig(**PRESETS[name])
-
-
-def load_config(model: str | Path) -> LlamaConfig:
-    """A ``LlamaConfig`` from a model directory (its ``config.json``) or a ``config.json`` path.
-
-    Raises:
-        FileNotFoundError: no such file; ValueError: not a supported Llama config (the field is named).
-    """
-    path = Path(model)
-    return LlamaConfig.from_json_file(path / "config.json" if path.is_dir() else path)
-
-
-@dataclasses.dataclass(frozen=True)
-class MemorySettings:
-    """One training setup. Sizes in tokens; dtypes as "fp32"/"bf16"/"fp16".
-
-    Attributes:
-        method: "full" (every weight trains), "lora" (frozen base in ``dtype``), "qlora" (NF4 base).
-        optimizer: "adamw" (fp32 states), "adamw8bit" (block-wise 8-bit states), "paged_adamw",
-            "paged_adamw8bit" (the same, paged off the device): the names of optim/optimizers.py.
-        batch_size, seq_len: sequences per micro-batch and tokens per sequence.
-        gradient_checkpointing: recompute each decoder layer in backward (models/llama.py).
-        dtype: weights and activations of the unquantized model (full: bf16 means fp32 master weights).
-        adapter_dtype: LoRA A/B dtype; None means ``dtype``.
-        rank: LoRA r; target_modules: which of q/k/v/o/gate/up/down_proj carry adapters (all-linear default).
-        double_quant, blocksize: QLoRA's NF4 settings.
-        attention_mask: the batches carry an attention mask / document ids (finetune/data.collate does, so the
-            training loop passes one); then SDPA saves a float (B, 1, T, T) mask per layer. False: plain causal.
-        keeps_output: the loop holds the step's output, and so its logits, until the next forward returns
-            (finetune/trainer.py keeps ``out``); False for a loop that keeps only the loss.
-    """
-
-    method: str = "lora"
-    optimizer: str = "adamw"
-    batch_size: int = 1
-    seq_len: int = 512
-    gradient_checkpointing: bool = False
-    dtype: str = "bf16"
-    adapter_dtype: str | None = None
-    rank: int = 8
-    target_modules: tuple[str, ...] = LINEAR_NAMES
-    double_quant: bool = True
-    blocksize: int = 64
-    attention_mask: bool = True
-    keeps_output: bool = True
-
-    def validate(self) -> None:
-        """Raise ValueError naming the bad field and the accepted values."""
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("batch_size", "seq_len", "rank", "blocksize"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("dtype", "adapter_dtype"):
-            value = getattr(self, name)
-            if value is not None and value not in DTYPE_BYTES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
-        if self.method == "full" and self.dtype == "fp16":
-            raise ValueError("full fine-tuning in fp16 needs loss scaling, which this project does not implement; "
-                             "use dtype 'bf16' or 'fp32'")
-        unknown = [t for t in self.target_modules if t not in LINEAR_NAMES]
-        if unknown or not self.target_modules:
-            raise ValueError(f"target_modules must be a non-empty subset of {LINEAR_NAMES}, got "
-                             f"{tuple(self.target_modules)!r}")
-        if self.method == "qlora" and self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"blocksize must be a power of two in [32, 4096], got {self.blocksize}")
-
-
-@dataclasses.dataclass
-class MemoryEstimate:
-    """Bytes per class (see the module docstring), the peak of a training step and where it happens.
-
-    Each class holds its largest size during the step: ``activations`` at the end of the forward,
-    ``logits_and_loss`` and ``workspace`` at their own largest moment, ``gradients`` all of them. They are not
-    all live at once (a full fine-tune frees activations while its gradients appear), so the peak is not their
-    sum: ``phases`` maps each moment of the step to {class: bytes live then}; ``peak`` is the largest total,
-    reached in ``peak_phase``, and ``live_at_peak`` is that moment's composition.
-    """
-
-    parameters: int
-    trainable_parameters: int
-    weights: int
-    quant_constants: int
-    lora_parameters: int
-    gradients: int
-    optimizer_states: int
-    master_weights: int
-    activations: int
-    logits_and_loss: int
-    workspace: int
-    pageable: int
-    peak: int
-    peak_phase: str
-    live_at_peak: dict[str, int]
-    phases: dict[str, dict[str, int]]
-
-    @property
-    def before_activations(self) -> int:
-        """Weights, constants, adapters, gradients, optimizer states and master weights (the "16 B/param")."""
-        return (self.weights + self.quant_constants + self.lora_parameters + self.gradients
-                + self.optimizer_states + self.master_weights)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "before_activations": self.before_activations}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Parameters, quantized storage and optimizer states.
-# ---------------------------------------------------------------------------------------------------------
-def linear_shapes(c: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each linear of one decoder layer (models/llama.py Attention, MLP)."""
-    h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \
-        c.num_key_value_heads * c.head_dim
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-
-
-def parameter_count(c: LlamaConfig) -> int:
-    """Parameters of ``LlamaForCausalLM(c)`` (a tied lm_head counted once; no biases unless configured)."""
-    per_layer = sum(o * i for o, i in linear_shapes(c).values()) + 2 * c.hidden_size
-    if c.attention_bias:
-        per_layer += sum(linear_shapes(c)[n][0] for n in LINEAR_NAMES[:4])
-    if c.mlp_bias:
-        per_layer += sum(linear_shapes(c)[n][0] for n in LINEAR_NAMES[4:])
-    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return embeddings + c.num_hidden_layers * per_layer + c.hidden_size
+BATCH_TENSORS = 5  # input_ids, attention_mask, labels, position_ids, document_ids (train/data.collate), int64
 
 
 def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> tuple[int, int]:
@@ -443,123 +280,3 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         pageable=sum(optimizer_state_bytes(x, s.optimizer) + (4 * x if master else 0) for x in trainable
                      if x >= BNB_MIN_PAGED_SIZE) if s.optimizer.startswith("paged") else 0,
         peak=totals[peak_phase], peak_phase=peak_phase, live_at_peak=phases[peak_phase], phases=phases)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The `finetune memory` command.
-# ---------------------------------------------------------------------------------------------------------
-_ROWS = (("weights", "weights"), ("quant_constants", "quantization constants"),
-         ("lora_parameters", "LoRA parameters"), ("gradients", "gradients"),
-         ("optimizer_states", "optimizer states"), ("master_weights", "fp32 master weights"),
-         ("activations", "activations (saved for backward)"), ("logits_and_loss", "logits and loss"),
-         ("workspace", "workspace at the peak"))
-
-
-def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings) -> str:
-    """A plain-text table: one row per class (GB = 1e9 bytes, GiB = 2**30, bytes per model parameter)."""
-    s, est = settings, estimate
-    adapter = f", LoRA r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
-        if s.method != "full" else ""
-    quant = f", NF4 blocksize {s.blocksize}{' + double quant' if s.double_quant else ''}" \
-        if s.method == "qlora" else ""
-    lines = [f"model {model_name}: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable "
-             f"({100 * est.trainable_parameters / est.parameters:.3g}%)",
-             f"method {s.method} ({s.dtype}{quant}{adapter}), optimizer {s.optimizer}, batch {s.batch_size} x "
-             f"{s.seq_len} tokens, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}", ""]
-    base = est.parameters - (est.trainable_parameters if s.method != "full" else 0)
-    lines.append(f"{'':34s} {'GB':>10s} {'GiB':>10s} {'B/param':>9s}")
-    for key, label in _ROWS:
-        value = getattr(est, key)
-        lines.append(f"{label:34s} {value / 1e9:10.3f} {value / 2**30:10.3f} {value / base:9.3f}")
-    lines.append(f"{'before activations':34s} {est.before_activations / 1e9:10.3f} "
-                 f"{est.before_activations / 2**30:10.3f} {est.before_activations / base:9.3f}")
-    lines.append(f"{'estimated peak':34s} {est.peak / 1e9:10.3f} {est.peak / 2**30:10.3f} {est.peak / base:9.3f}")
-    lines.append("")
-    lines.append(f"The peak is reached at: {est.peak_phase}. Activations and gradients are not all live at once, "
-                 "so the peak is not the sum of the rows.")
-    if est.pageable:
-        lines.append(f"Paged optimizer: {est.pageable / 1e9:.3f} GB of states (and master weights) live off a GPU "
-                     f"(host or unified memory); device peak without them: {(est.peak - est.pageable) / 1e9:.3f} GB.")
-    lines.append("Tensor bytes only: a GPU adds its CUDA context (~0.5-1 GB) and allocator fragmentation.")
-    return "\n".join(lines)
-
-
-def _targets(text: str) -> tuple[str, ...]:
-    if text == "all-linear":
-        return LINEAR_NAMES
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in LINEAR_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected 'all-linear' or a comma-separated subset of {LINEAR_NAMES}, "
-                                         f"got {text!r}")
-    return names
-
-
-def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``finetune memory`` options to ``p``; ``p.set_defaults(func=cmd_memory)``."""
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR|config.json", help="a Hugging Face model directory or its config.json")
-    src.add_argument("--preset", choices=sorted(PRESETS),
-                     help=f"a published model shape (default without --model: {DEFAULT_PRESET}, the embedded model)")
-    p.add_argument("--method", choices=METHODS, default="lora", help="what trains")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="AdamW's state format")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in backward")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16",
-                   help="weights and activations (full bf16 keeps fp32 master weights)")
-    p.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES), default=None,
-                   help="LoRA A/B dtype (default: --dtype)")
-    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
-    p.add_argument("--targets", type=_targets, default=LINEAR_NAMES,
-                   help="'all-linear' or a comma-separated subset of q_proj,...,down_proj")
-    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
-    p.add_argument("--blocksize", type=int, default=64, help="QLoRA NF4 block size")
-    p.add_argument("--no-mask", action="store_true",
-                   help="batches without attention mask / document ids (plain causal attention; the training "
-                        "loop's packed batches carry them)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=cmd_memory)
-    return p
-
-
-def add_memory_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``memory`` on a ``parser.add_subparsers()`` object (as ``finetune/cli.py`` builds its commands)."""
-    p = subparsers.add_parser("memory", help="estimate the memory of full, LoRA or QLoRA fine-tuning",
-                              description=__doc__.split("\n\n")[0])
-    return configure_parser(p)
-
-
-def cmd_memory(args: argparse.Namespace) -> int:
-    """Run ``finetune memory``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
-    if args.model is not None:
-        config, name = load_config(args.model), str(args.model)
-    else:
-        name = args.preset or DEFAULT_PRESET
-        config = preset_config(name)
-    settings = MemorySettings(method=args.method, optimizer=args.optimizer, batch_size=args.batch_size,
-                              seq_len=args.seq_len, gradient_checkpointing=args.grad_checkpointing,
-                              dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
-                              target_modules=tuple(args.targets), double_quant=not args.no_double_quant,
-                              blocksize=args.blocksize, attention_mask=not args.no_mask)
-    estimate = estimate_memory(config, settings)
-    if args.json:
-        print(json.dumps({"model": name, "settings": dataclasses.asdict(settings), **estimate.to_dict()}, indent=2))
-    else:
-        print(format_table(estimate, name, settings))
-    return 0
-
-
-def memory_main(argv: list[str] | None = None) -> int:
-    """``finetune memory`` as a standalone entry point: returns the exit status (2 with a one-line error)."""
-    parser = configure_parser(argparse.ArgumentParser(prog="finetune memory", description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return cmd_memory(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"finetune memory: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(memory_main())

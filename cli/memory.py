@@ -1,0 +1,135 @@
+"""``finetune memory``: the analytic memory estimate (``train/memory.py``) of a model shape and training setup,
+as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from finetune_ref.cli.common import positive_int
+from finetune_ref.train import memory
+from finetune_ref.train.memory import (DEFAULT_PRESET, DTYPE_BYTES, LINEAR_NAMES, METHODS, OPTIMIZERS, PRESETS,
+                                       MemoryEstimate, MemorySettings, estimate_memory, load_config, preset_config)
+
+DESCRIPTION = memory.__doc__.split("\n\n")[0]
+
+_ROWS = (("weights", "weights"), ("quant_constants", "quantization constants"),
+         ("lora_parameters", "LoRA parameters"), ("gradients", "gradients"),
+         ("optimizer_states", "optimizer states"), ("master_weights", "fp32 master weights"),
+         ("activations", "activations (saved for backward)"), ("logits_and_loss", "logits and loss"),
+         ("workspace", "workspace at the peak"))
+
+
+def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings) -> str:
+    """A plain-text table: one row per class (GB = 1e9 bytes, GiB = 2**30, bytes per model parameter)."""
+    s, est = settings, estimate
+    adapter = f", LoRA r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
+        if s.method != "full" else ""
+    quant = f", NF4 blocksize {s.blocksize}{' + double quant' if s.double_quant else ''}" \
+        if s.method == "qlora" else ""
+    lines = [f"model {model_name}: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable "
+             f"({100 * est.trainable_parameters / est.parameters:.3g}%)",
+             f"method {s.method} ({s.dtype}{quant}{adapter}), optimizer {s.optimizer}, batch {s.batch_size} x "
+             f"{s.seq_len} tokens, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}", ""]
+    base = est.parameters - (est.trainable_parameters if s.method != "full" else 0)
+    lines.append(f"{'':34s} {'GB':>10s} {'GiB':>10s} {'B/param':>9s}")
+    for key, label in _ROWS:
+        value = getattr(est, key)
+        lines.append(f"{label:34s} {value / 1e9:10.3f} {value / 2**30:10.3f} {value / base:9.3f}")
+    lines.append(f"{'before activations':34s} {est.before_activations / 1e9:10.3f} "
+                 f"{est.before_activations / 2**30:10.3f} {est.before_activations / base:9.3f}")
+    lines.append(f"{'estimated peak':34s} {est.peak / 1e9:10.3f} {est.peak / 2**30:10.3f} {est.peak / base:9.3f}")
+    lines.append("")
+    lines.append(f"The peak is reached at: {est.peak_phase}. Activations and gradients are not all live at once, "
+                 "so the peak is not the sum of the rows.")
+    if est.pageable:
+        lines.append(f"Paged optimizer: {est.pageable / 1e9:.3f} GB of states (and master weights) live off a GPU "
+                     f"(host or unified memory); device peak without them: {(est.peak - est.pageable) / 1e9:.3f} GB.")
+    lines.append("Tensor bytes only: a GPU adds its CUDA context (~0.5-1 GB) and allocator fragmentation.")
+    return "\n".join(lines)
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    if text == "all-linear":
+        return LINEAR_NAMES
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in LINEAR_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected 'all-linear' or a comma-separated subset of {LINEAR_NAMES}, "
+                                         f"got {text!r}")
+    return names
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``finetune memory`` options to ``p``; ``p.set_defaults(func=cmd_memory)``."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR|config.json", help="a Hugging Face model directory or its config.json")
+    src.add_argument("--preset", choices=sorted(PRESETS),
+                     help=f"a published model shape (default without --model: {DEFAULT_PRESET}, the embedded model)")
+    d = MemorySettings()  # the defaults shown and used are the estimator's
+    p.add_argument("--method", choices=METHODS, default=d.method, help=f"what trains (default {d.method})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help=f"AdamW's state format (default {d.optimizer})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help=f"sequences per micro-batch (default {d.batch_size})")
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in backward")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype,
+                   help=f"weights and activations (full bf16 keeps fp32 master weights; default {d.dtype})")
+    p.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES), default=d.adapter_dtype,
+                   help="LoRA A/B dtype (default: --dtype)")
+    p.add_argument("--rank", type=positive_int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
+    p.add_argument("--targets", type=_targets, default=d.target_modules,
+                   help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
+    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
+    p.add_argument("--blocksize", type=int, default=d.blocksize, help=f"QLoRA NF4 block size (default {d.blocksize})")
+    p.add_argument("--no-mask", action="store_true",
+                   help="batches without attention mask / document ids (plain causal attention; the training "
+                        "loop's packed batches carry them)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_memory)
+    return p
+
+
+def add_memory_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``memory`` on a ``parser.add_subparsers()`` object (as ``cli/main.py`` builds its commands)."""
+    p = subparsers.add_parser("memory", help="estimate the memory of full, LoRA or QLoRA fine-tuning",
+                              description=DESCRIPTION)
+    return configure_parser(p)
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Run ``finetune memory``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
+    if args.model is not None:
+        config, name = load_config(args.model), str(args.model)
+    else:
+        name = args.preset or DEFAULT_PRESET
+        config = preset_config(name)
+    settings = MemorySettings(method=args.method, optimizer=args.optimizer, batch_size=args.batch_size,
+                              seq_len=args.seq_len, gradient_checkpointing=args.grad_checkpointing,
+                              dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
+                              target_modules=tuple(args.targets), double_quant=not args.no_double_quant,
+                              blocksize=args.blocksize, attention_mask=not args.no_mask)
+    estimate = estimate_memory(config, settings)
+    if args.json:
+        print(json.dumps({"model": name, "settings": dataclasses.asdict(settings), **estimate.to_dict()}, indent=2))
+    else:
+        print(format_table(estimate, name, settings))
+    return 0
+
+
+def memory_main(argv: list[str] | None = None) -> int:
+    """``finetune memory`` as a standalone entry point: returns the exit status (2 with a one-line error)."""
+    parser = configure_parser(argparse.ArgumentParser(prog="finetune memory", description=DESCRIPTION))
+    args = parser.parse_args(argv)
+    try:
+        return cmd_memory(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"finetune memory: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(memory_main())

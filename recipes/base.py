@@ -1,0 +1,88 @@
+"""What every method's recipe shares: the settings of a run beyond the loop's (``RunConfig``) and what a recipe's
+``build`` gives the loop (``Trainable``).
+
+A recipe (``full.py``, ``lora.py``, ``qlora.py``) is one frozen dataclass: ``RunConfig`` plus the method's own
+settings, with the method's defaults, and a ``build(model_dir, info)`` that loads the base the way the method
+trains it. ``finetune train`` makes one with ``dataclasses.replace(Recipe(), **the flags given)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from torch import nn
+
+from finetune_ref.train.config import TrainConfig
+from finetune_ref.train.distributed import DistInfo
+
+DTYPES = ("fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """What a recipe's ``build`` returns to the run."""
+
+    model: nn.Module                              # the model to train (the base loaded as the method trains it)
+    metadata: dict                                # what a resume must match (checked by the Checkpointer)
+    export: Callable[[nn.Module, Path], object]   # writes the result into a directory; called on every rank
+    what: str                                     # what the result is called ("adapter", "model", ...)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig(TrainConfig):
+    """One run of ``finetune train``: the loop's settings (``TrainConfig``), and where the model, data and output
+    are, how the data is cut into batches, checkpoints and parallelism.
+
+    Raises:
+        ValueError: on construction, naming the bad field.
+    """
+
+    method: ClassVar[str]                # the recipe's name (``--method``)
+    shards: ClassVar[bool] = False       # whether FSDP2 may shard it (``--parallel fsdp``)
+
+    model: str | None = None             # HF directory or .gguf file; None: the embedded SmolLM2-135M-Instruct
+    cache_dir: str | None = None         # where converted models are kept; None: $FINETUNE_CACHE_DIR or ~/.cache
+    dtype: str | None = None             # the unquantized base weights; None: what the precision implies
+    data: str | None = None              # .txt file, folder or .jsonl; None: Python's docs (pydoc_data.topics)
+    eval_data: str | None = None         # a separate held-out set (then all of ``data`` trains)
+    eval_fraction: float = 0.1           # share of ``data`` held out (train/data.py says which part)
+    seq_len: int = 256                   # tokens per sequence
+    batch_size: int = 4                  # sequences per micro-batch, per process
+    out: str | None = None               # the result, metrics.jsonl and checkpoints/; None: runs/<method>
+    grad_checkpointing: bool = False     # recompute each decoder layer in backward (models/llama.py)
+    save_every: int = 0                  # updates between checkpoints (0: only at the end and on Ctrl-C)
+    keep_last: int = 2                   # checkpoints kept (0: all)
+    resume: str | None = None            # a checkpoint, or the out directory of an interrupted run
+    parallel: str = "ddp"                # under torchrun: replicate (ddp) or shard with FSDP2 (fsdp)
+    seed: int = 0                        # initialisation (LoRA's A) and data order
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} or None, got {self.dtype!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.parallel == "fsdp" and not self.shards:
+            raise ValueError(f"--parallel fsdp shards full fine-tuning only; {self.method} trains with DDP "
+                             "(the default)")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.method}")
+
+    def trained_dtype(self, world_size: int = 1) -> str:
+        """The dtype the precision trains: bf16 for "bf16", except under FSDP on several processes, whose fp32
+        shards are the master copy (FSDP2 casts them to bf16 for compute); else fp32."""
+        sharded = self.parallel == "fsdp" and world_size > 1
+        return "bf16" if self.precision == "bf16" and not sharded else "fp32"
+
+    def base_dtype(self, world_size: int = 1) -> str:
+        """The dtype to load the unquantized base weights in: ``dtype``, else ``trained_dtype``."""
+        return self.dtype or self.trained_dtype(world_size)
+
+    def build(self, model_dir: Path, info: DistInfo) -> Trainable:
+        """Load ``model_dir`` the way the method trains it; see the recipes."""
+        raise NotImplementedError

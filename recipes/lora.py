@@ -1,0 +1,58 @@
+"""LoRA (Hu et al. 2021): a frozen 16/32-bit base, trainable low-rank adapters A (r, in) and B (out, r) on its
+linear layers, saved as a PEFT adapter (adapter_config.json, adapter_model.safetensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+from finetune_ref.lora import LoraConfig, inject_lora, save_adapter
+from finetune_ref.models.checkpoint import load_model
+from finetune_ref.train.distributed import DistInfo, unwrap_model
+
+from .base import RunConfig, Trainable
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraRecipe(RunConfig):
+    """``finetune train --method lora``: the run's settings, LoRA's adapter and its defaults."""
+
+    method: ClassVar[str] = "lora"
+
+    # Adapters take large steps: 1e-3 is what the README's runs measured; the LoRA paper's experiments
+    # (Hu et al. 2021) used 2e-4 to 2e-3.
+    lr: float = 1e-3
+    precision: str = "fp32"            # fp32 base and adapters (PEFT's adapter dtype); bf16 halves the base
+    optimizer: str = "adamw"
+    rank: int = 8                      # r
+    alpha: float = 16.0                # scaling = alpha / r = 2
+    dropout: float = 0.0               # on the adapter's input only
+    # Every linear layer of the blocks, not only q/v as Hu et al. 2021: adapting all of them is what matches
+    # full fine-tuning (Dettmers et al. 2023, section 4).
+    targets: tuple[str, ...] | str = "all-linear"
+    rslora: bool = False               # scaling alpha / sqrt(r) (Kalajdzievski 2023)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.lora_config()  # LoraConfig checks r, alpha, dropout and targets
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.targets, use_rslora=self.rslora)
+
+    def lora_metadata(self) -> dict:
+        """The adapter settings a resume must match."""
+        return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "target_modules": self.targets, "use_rslora": self.rslora}
+
+    def build(self, model_dir: Path, info: DistInfo) -> Trainable:
+        """The dense base in ``base_dtype``, adapters on ``targets``; the result is a PEFT adapter."""
+        model = load_model(model_dir, dtype=self.base_dtype(info.world_size))
+        inject_lora(model, self.lora_config())
+
+        def export(m, directory):
+            if info.is_main:
+                save_adapter(unwrap_model(m), directory, base_model_name_or_path=str(model_dir))
+
+        return Trainable(model, {"method": "lora", "lora": self.lora_metadata()}, export, "adapter")

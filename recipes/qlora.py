@@ -1,0 +1,57 @@
+"""QLoRA (Dettmers et al. 2023): LoRA on a frozen NF4 base, quantized while loading (layer by layer, so the
+16/32-bit model is never whole in memory), saved as a PEFT adapter plus qlora_config.json (how the base was
+quantized, so eval, generate and merge rebuild the same base)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from finetune_ref.lora import save_adapter
+from finetune_ref.qlora.adapter_record import write_qlora_record
+from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model
+from finetune_ref.train.distributed import DistInfo, unwrap_model
+
+from .base import Trainable
+from .lora import LoraRecipe
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QLoraRecipe(LoraRecipe):
+    """``finetune train --method qlora``: LoRA's settings, the NF4 base's, and QLoRA's own defaults."""
+
+    method: ClassVar[str] = "qlora"
+
+    # bf16 adapters and bf16 compute over the NF4 weights (Dettmers et al. 2023, section 3, eq. 5); the
+    # optimizer keeps fp32 master weights of the bf16 adapters.
+    precision: str = "bf16"
+    optimizer: str = "paged_adamw"     # paged optimizer states (Dettmers et al. 2023, section 3)
+    # NF4 with blocksize 64 and double quantization (Dettmers et al. 2023, section 3: 4.127 instead of 4.5
+    # bits per weight); None keeps what a 4-bit --model was saved with, else these.
+    blocksize: int | None = None       # None: 64
+    double_quant: bool | None = None   # None: on
+    compute_dtype: str | None = None   # the NF4 matmuls; None: fp32 for precision fp32, else bf16
+
+    def build(self, model_dir: Path, info: DistInfo) -> Trainable:
+        """The NF4 base (its other weights in ``base_dtype``), adapters on ``targets``; the result is a PEFT
+        adapter and its qlora_config.json."""
+        compute = self.compute_dtype or ("fp32" if self.precision == "fp32" else "bf16")
+        dtype = self.base_dtype(info.world_size)
+        model = prepare_qlora_model(model_dir, lora_config=self.lora_config(), blocksize=self.blocksize,
+                                    double_quant=self.double_quant, compute_dtype=compute,
+                                    adapter_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32,
+                                    dtype=dtype)
+        layer = nf4_layers(model)[0][1]  # every layer shares the settings (a 4-bit --model: those it was saved with)
+        settings = {"blocksize": layer.blocksize, "double_quant": layer.double_quant, "compute_dtype": compute,
+                    "dtype": dtype}
+
+        def export(m, directory):
+            if info.is_main:
+                save_adapter(unwrap_model(m), directory, base_model_name_or_path=str(model_dir))
+                write_qlora_record(directory, settings)
+
+        return Trainable(model, {"method": "qlora", "lora": self.lora_metadata(), "qlora": settings}, export,
+                         "QLoRA adapter")

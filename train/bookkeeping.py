@@ -1,0 +1,126 @@
+"""What the training loop records and how it is stopped: its resumable state, the metrics log (JSON lines), the
+progress bar, and Ctrl-C / SIGTERM turned into a clean stop after the update in flight."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop itself must remember across a resume (saved in every checkpoint, as JSON)."""
+
+    update: int = 0                 # optimizer updates done
+    tokens_seen: int = 0            # input positions processed, all ranks
+    elapsed_s: float = 0.0          # training time (evaluation included), all sessions
+    best_loss: float | None = None  # lowest held-out loss so far
+    best_update: int | None = None
+    evals_since_best: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during ``train``: the update in flight finished and ``checkpoint`` was written."""
+
+    def __init__(self, update: int, checkpoint: Path | None):
+        super().__init__(f"interrupted after update {update}" + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        self.update, self.checkpoint = update, checkpoint
+
+
+class StopSignal:
+    """While active, SIGINT/SIGTERM set ``requested`` instead of raising; a second Ctrl-C raises at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: give up on the clean stop
+        self.requested = True
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed so a crash loses nothing already logged."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """One session of the loop as the user sees it: the metrics log, the progress bar (main rank, unless
+    ``cfg.progress`` is off) and the training clock, which goes on from the resumed state's ``elapsed_s``."""
+
+    def __init__(self, cfg: TrainConfig, state: TrainState, log: MetricsLog, info: DistInfo):
+        self.log, self.info = log, info
+        self.bar = _progress_bar(cfg, state.update) if info.is_main else None
+        self.start, self.elapsed_before = time.perf_counter(), state.elapsed_s
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+    def record_update(self, state: TrainState, micro: list[dict], loss_sum: float, n_label: int, lr: float,
+                      grad_norm: float) -> dict:
+        """Count the update in ``state`` and log it; returns its metrics (loss summed over ranks)."""
+        local_tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        loss_total, tokens = all_reduce_sum([loss_sum, float(local_tokens)], self.info)
+        state.update += 1
+        state.tokens_seen += int(tokens)
+        state.elapsed_s = self.elapsed_before + time.perf_counter() - self.start
+        metrics = {"update": state.update, "loss": loss_total if n_label else None, "lr": lr, "grad_norm": grad_norm,
+                   "label_tokens": n_label, "tokens_per_s": state.tokens_seen / max(state.elapsed_s, 1e-9),
+                   "elapsed_s": state.elapsed_s}
+        self.log.write({"type": "train", **metrics})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            self.bar.update(1)
+        return metrics
+
+    def record_eval(self, update: int, ev: dict) -> None:
+        self.log.write({"type": "eval", "update": update, **ev})
+        if self.bar is not None:
+            self.bar.write(f"update {update}: held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})")
+
+
+def _progress_bar(cfg: TrainConfig, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=initial, desc="train", unit="update", dynamic_ncols=True)

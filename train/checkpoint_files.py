@@ -1,0 +1,142 @@
+"""A training checkpoint on disk: its file names, writing files atomically, and finding and verifying one.
+
+Integrity: every file of a checkpoint is fsync'ed, the directory is renamed into place (``replace_dir``) and
+``latest`` rewritten by temp file + rename (``atomic_write_text``), so a crash leaves the previous checkpoint or
+the new one, never a half-written one under a final name. ``read_checkpoint_record`` checks the format, and
+every file's size and SHA-256 against what was recorded when it was written, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+FORMAT = "finetune-ref-training-checkpoint"
+VERSION = 1
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+LATEST_FILE = "latest"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move directory ``tmp`` to ``final``; an existing ``final`` is moved aside first and then deleted."""
+    trash = None
+    if final.exists():
+        trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from ``path``: the directory itself, or the one its ``latest`` file names
+    (``path`` may be the checkpoint root or a run directory holding ``checkpoints/``).
+
+    Raises:
+        FileNotFoundError: nothing that looks like a checkpoint there.
+    """
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+        latest = candidate / LATEST_FILE
+        if latest.is_file():
+            target = candidate / latest.read_text().strip()
+            if not (target / STATE_FILE).is_file():
+                raise FileNotFoundError(f"{latest} names {target.name}, which has no {STATE_FILE} (deleted?)")
+            return target
+    raise FileNotFoundError(f"no training checkpoint at {path}: expected a directory with {STATE_FILE}, or a "
+                            f"checkpoint root (or run directory with checkpoints/) holding a '{LATEST_FILE}' file")
+
+
+def read_checkpoint_record(path: str | Path, verify: bool = True) -> dict:
+    """The checkpoint's ``trainer_state.json`` (with ``"path"`` added), after checking its files.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: unreadable JSON, another format or version, or a file missing, truncated or altered
+            (its size or SHA-256 differs from what was recorded when it was written).
+    """
+    ckpt = resolve_checkpoint(path)
+    try:
+        record = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ckpt / STATE_FILE} is not valid JSON (corrupt checkpoint): {e}") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{ckpt} is not a training checkpoint of this project (format {FORMAT!r} expected)")
+    if record.get("version") != VERSION:
+        raise ValueError(f"{ckpt} has checkpoint format version {record.get('version')!r}; this code reads "
+                         f"version {VERSION}")
+    for key in ("update", "train_state", "scheduler", "data", "optimizer", "trainable", "files", "world_size"):
+        if key not in record:
+            raise ValueError(f"{ckpt / STATE_FILE} lacks {key!r} (corrupt or hand-edited checkpoint)")
+    if verify:
+        for name, expected in record["files"].items():
+            file = ckpt / name
+            if not file.is_file():
+                raise ValueError(f"corrupt checkpoint {ckpt}: {name} is missing")
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                raise ValueError(f"corrupt checkpoint {ckpt}: {name} has {size} bytes, {expected['bytes']} were "
+                                 "written (truncated copy?)")
+            if sha256_file(file) != expected["sha256"]:
+                raise ValueError(f"corrupt checkpoint {ckpt}: {name} does not match the SHA-256 recorded when "
+                                 "it was written")
+    record["path"] = str(ckpt)
+    return record
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt checkpoint?): {e}") from e

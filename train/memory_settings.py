@@ -1,0 +1,110 @@
+"""What the memory estimator (``memory.py``) takes and gives: one training setup (``MemorySettings``) and the
+bytes it needs (``MemoryEstimate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from finetune_ref.train.memory_shapes import LINEAR_NAMES
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySettings:
+    """One training setup. Sizes in tokens; dtypes as "fp32"/"bf16"/"fp16".
+
+    Attributes:
+        method: "full" (every weight trains), "lora" (frozen base in ``dtype``), "qlora" (NF4 base).
+        optimizer: "adamw" (fp32 states), "adamw8bit" (block-wise 8-bit states), "paged_adamw",
+            "paged_adamw8bit" (the same, paged off the device): the names of optim/optimizers.py.
+        batch_size, seq_len: sequences per micro-batch and tokens per sequence.
+        gradient_checkpointing: recompute each decoder layer in backward (models/llama.py).
+        dtype: weights and activations of the unquantized model (full: bf16 means fp32 master weights).
+        adapter_dtype: LoRA A/B dtype; None means ``dtype``.
+        rank: LoRA r; target_modules: which of q/k/v/o/gate/up/down_proj carry adapters (all-linear default).
+        double_quant, blocksize: QLoRA's NF4 settings.
+        attention_mask: the batches carry an attention mask / document ids (train/data.collate does, so the
+            training loop passes one); then SDPA saves a float (B, 1, T, T) mask per layer. False: plain causal.
+        keeps_output: the loop holds the step's output, and so its logits, until the next forward returns
+            (train/trainer.py keeps ``out``); False for a loop that keeps only the loss.
+    """
+
+    method: str = "lora"
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    seq_len: int = 512
+    gradient_checkpointing: bool = False
+    dtype: str = "bf16"
+    adapter_dtype: str | None = None
+    rank: int = 8
+    target_modules: tuple[str, ...] = LINEAR_NAMES
+    double_quant: bool = True
+    blocksize: int = 64
+    attention_mask: bool = True
+    keeps_output: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the accepted values."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("batch_size", "seq_len", "rank", "blocksize"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("dtype", "adapter_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPE_BYTES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
+        if self.method == "full" and self.dtype == "fp16":
+            raise ValueError("full fine-tuning in fp16 needs loss scaling, which this project does not implement; "
+                             "use dtype 'bf16' or 'fp32'")
+        unknown = [t for t in self.target_modules if t not in LINEAR_NAMES]
+        if unknown or not self.target_modules:
+            raise ValueError(f"target_modules must be a non-empty subset of {LINEAR_NAMES}, got "
+                             f"{tuple(self.target_modules)!r}")
+        if self.method == "qlora" and self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"blocksize must be a power of two in [32, 4096], got {self.blocksize}")
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    """Bytes per class (see the module docstring), the peak of a training step and where it happens.
+
+    Each class holds its largest size during the step: ``activations`` at the end of the forward,
+    ``logits_and_loss`` and ``workspace`` at their own largest moment, ``gradients`` all of them. They are not
+    all live at once (a full fine-tune frees activations while its gradients appear), so the peak is not their
+    sum: ``phases`` maps each moment of the step to {class: bytes live then}; ``peak`` is the largest total,
+    reached in ``peak_phase``, and ``live_at_peak`` is that moment's composition.
+    """
+
+    parameters: int
+    trainable_parameters: int
+    weights: int
+    quant_constants: int
+    lora_parameters: int
+    gradients: int
+    optimizer_states: int
+    master_weights: int
+    activations: int
+    logits_and_loss: int
+    workspace: int
+    pageable: int
+    peak: int
+    peak_phase: str
+    live_at_peak: dict[str, int]
+    phases: dict[str, dict[str, int]]
+
+    @property
+    def before_activations(self) -> int:
+        """Weights, constants, adapters, gradients, optimizer states and master weights (the "16 B/param")."""
+        return (self.weights + self.quant_constants + self.lora_parameters + self.gradients
+                + self.optimizer_states + self.master_weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "before_activations": self.before_activations}
