@@ -88,25 +88,27 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
 
 
+def read_safetensors(path: Path, keys: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` (default: all) of one safetensors file, as safetensors returns them (possibly views of
+    the file's memory map: copy what you keep). The file is open for this call only, so its memory map is released
+    afterwards. Raises ValueError for an unreadable (truncated, corrupt) file or an absent tensor."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys()) if keys is None else list(keys)
+            absent = sorted(set(keys) - set(f.keys()))
+            if absent:
+                raise ValueError(f"tensors {absent[:5]} are listed in the index but absent from {Path(path).name}")
+            return {key: f.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
 def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors ``names`` from their files (``checkpoint_files``), as safetensors returns them (possibly views
-    of the file's memory map: copy what you keep). Each file is opened for this call only, so its memory map is
-    released afterwards. Raises ValueError for an unreadable (truncated, corrupt) file or an absent tensor."""
+    """The tensors ``names`` from their files (``checkpoint_files``), each file read by ``read_safetensors``."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
-    out = {}
-    for path, keys in by_file.items():
-        try:
-            with safe_open(path, framework="pt") as f:
-                absent = sorted(set(keys) - set(f.keys()))
-                if absent:
-                    raise ValueError(f"tensors {absent[:5]} are listed in the index but absent from {path.name}")
-                for key in keys:
-                    out[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    return out
+    return {k: v for path, keys in by_file.items() for k, v in read_safetensors(path, keys).items()}
 
 
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -293,11 +295,15 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) into a temp file in the same directory, fsync it, then rename it over ``path``: a
+    crash leaves either the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from finetune_ref.models.checkpoint import read_safetensors
 from finetune_ref.train import checkpoint_files, checkpointing
 from finetune_ref.train.checkpointing import Checkpointer, read_checkpoint_record, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, pack_documents
@@ -85,8 +86,8 @@ def test_resume_is_bitwise_identical(tmp_path, method):
         assert straight.lm_head.weight is straight.model.embed_tokens.weight  # still tied after training
     # The resumed run's final checkpoint equals the straight run's, file for file (optimizer state included).
     for name in ("model.safetensors", "optimizer.safetensors"):
-        a = checkpoint_files.read_tensors(tmp_path / "a" / "checkpoint-000006" / name)
-        b = checkpoint_files.read_tensors(tmp_path / "b" / "checkpoint-000006" / name)
+        a = read_safetensors(tmp_path / "a" / "checkpoint-000006" / name)
+        b = read_safetensors(tmp_path / "b" / "checkpoint-000006" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
@@ -119,7 +120,7 @@ def test_checkpoint_contents_and_keep_last(tmp_path):
     assert record["update"] == 4 and record["data"]["index"] == data.state_dict()["index"]
     assert record["scheduler"]["update"] == 4 and record["optimizer"]["class"] == "AdamW"
     # Tied embedding stored once, under its first name; no lm_head.weight key.
-    tensors = checkpoint_files.read_tensors(tmp_path / "checkpoint-000004" / "model.safetensors")
+    tensors = read_safetensors(tmp_path / "checkpoint-000004" / "model.safetensors")
     assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors
     assert torch.equal(tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight)
 

@@ -1,4 +1,5 @@
-"""A training checkpoint on disk: its file names, writing files atomically, and finding and verifying one.
+"""A training checkpoint on disk: its file names, fsync, and finding and verifying one (files are written with
+models.checkpoint.atomic_write_text and safetensors).
 
 Integrity: every file of a checkpoint is fsync'ed, the directory is renamed into place (``replace_dir``) and
 ``latest`` rewritten by temp file + rename (``atomic_write_text``), so a crash leaves the previous checkpoint or
@@ -12,11 +13,8 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
 
 FORMAT = "finetune-ref-training-checkpoint"
 VERSION = 1
@@ -41,19 +39,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -132,11 +117,3 @@ def read_checkpoint_record(path: str | Path, verify: bool = True) -> dict:
                                  "it was written")
     record["path"] = str(ckpt)
     return record
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (corrupt checkpoint?): {e}") from e

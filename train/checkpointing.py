@@ -47,10 +47,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from finetune_ref.models.checkpoint import atomic_write_text, read_safetensors
 from finetune_ref.train.checkpoint_files import (BEST_DIR, BEST_FILE, CHECKPOINT_PREFIX, FORMAT, LATEST_FILE,
                                                  MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, VERSION,
-                                                 atomic_write_text, fsync_file, read_checkpoint_record,
-                                                 read_tensors, replace_dir, resolve_checkpoint, sha256_file)
+                                                 fsync_file, read_checkpoint_record, replace_dir,
+                                                 resolve_checkpoint, sha256_file)
 from finetune_ref.train.checkpoint_state import (dcp_state_dict, describe, flatten_optimizer, full_options,
                                                  gather_optimizer_state, gather_rng, gather_trainable_state,
                                                  optimizer_param_names, set_local_state, set_rng_state_tensors,
@@ -204,11 +205,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     scheduler.load_state_dict(record["scheduler"])
     data.load_state_dict(record["data"])
 
-    model_state = read_tensors(ckpt / MODEL_FILE)
+    model_state = read_safetensors(ckpt / MODEL_FILE)
     if set(model_state) != set(record["trainable"]):
         raise ValueError(f"corrupt checkpoint {ckpt}: {MODEL_FILE} keys differ from {STATE_FILE}")
-    optim_tensors = read_tensors(ckpt / OPTIMIZER_FILE)
-    rng = read_tensors(ckpt / RNG_FILE)
+    optim_tensors = read_safetensors(ckpt / OPTIMIZER_FILE)
+    rng = read_safetensors(ckpt / RNG_FILE)
     osd = unflatten_optimizer(optim_tensors, opt_meta)
     if is_sharded(model):
         dcp = dcp_state_dict()
