@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune_ref.models.checkpoint import read_safetensors
-from finetune_ref.train import checkpoint_files, checkpointing
+from finetune_ref.train import checkpointing
 from finetune_ref.train.checkpointing import Checkpointer, read_checkpoint_record, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, pack_documents
 from finetune_ref.train.trainer import TrainConfig, TrainingInterrupted, train
