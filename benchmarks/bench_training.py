@@ -65,7 +65,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
-from finetune_ref.train.memory import MemorySettings, estimate_memory  # noqa: E402
+from finetune_ref.train.memory_settings import MemorySettings  # noqa: E402
+from finetune_ref.train.memory import estimate_memory  # noqa: E402
 from finetune_ref.train.memory_tracker import TensorMemoryTracker  # noqa: E402
 
 RESULTS_MD = REPO / "benchmarks" / "RESULTS_TRAINING.md"

@@ -82,7 +82,9 @@ def run_method(method: str, s: CompareSettings) -> dict:
     from finetune_ref.train.data import BatchIterator, _text_examples, build_datasets, iter_batches
     from finetune_ref.train.distributed import DistInfo
     from finetune_ref.train.evaluation import evaluate
-    from finetune_ref.train.memory import MemorySettings, estimate_memory, parameter_count
+    from finetune_ref.train.memory_settings import MemorySettings
+    from finetune_ref.train.memory import estimate_memory
+    from finetune_ref.train.memory_shapes import parameter_count
     from finetune_ref.train.step import build_optimizer
     from finetune_ref.train.trainer import train
 

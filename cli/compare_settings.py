@@ -83,7 +83,7 @@ def check_writable(out: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 def regression_documents(path: str | Path | None = None) -> tuple[str | None, list[str]]:
     """(corpus name, documents) of the second corpus; (None, []) when none is available (see module doc)."""
-    from finetune_ref.train.data import read_text_documents
+    from finetune_ref.train.readers import read_text_documents
 
     if path is not None:
         return str(path), read_text_documents(path)

@@ -10,8 +10,9 @@ import sys
 
 from finetune_ref.cli.common import positive_int
 from finetune_ref.train import memory
-from finetune_ref.train.memory import (DEFAULT_PRESET, DTYPE_BYTES, LINEAR_NAMES, METHODS, OPTIMIZERS, PRESETS,
-                                       MemoryEstimate, MemorySettings, estimate_memory, load_config, preset_config)
+from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, load_config, preset_config
+from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
+from finetune_ref.train.memory import estimate_memory
 
 DESCRIPTION = memory.__doc__.split("\n\n")[0]
 

@@ -43,7 +43,8 @@ def cmd_merge(args) -> int:
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.gptq.checkpoint import is_gptq_dir
     from finetune_ref.qlora.merge import merge_qlora, merge_report
-    from finetune_ref.qlora.model import is_quantized_dir, load_quantized, quantize_model
+    from finetune_ref.qlora.bnb_config import is_quantized_dir
+    from finetune_ref.qlora.model import load_quantized, quantize_model
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     check_out_dir(args.out, model_dir, args.original, *args.adapter)
@@ -99,7 +100,7 @@ def cmd_merge(args) -> int:
 
 
 def _original_dir(args, base: str, model_dir: Path):
-    from finetune_ref.qlora.model import is_quantized_dir
+    from finetune_ref.qlora.bnb_config import is_quantized_dir
 
     if base != "original":
         if args.original is not None:
@@ -175,7 +176,8 @@ def _save(merged, args, gptq_config) -> Path:
 
 
 def cmd_quantize(args) -> int:
-    from finetune_ref.qlora.model import is_quantized_dir, load_quantized, nf4_layers, quantized_nbytes, save_quantized
+    from finetune_ref.qlora.bnb_config import is_quantized_dir
+    from finetune_ref.qlora.model import load_quantized, nf4_layers, quantized_nbytes, save_quantized
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     check_out_dir(args.out, model_dir)

@@ -14,8 +14,8 @@ checkpoints on the Hub.
 Calibration data is the caller's: a (N, T) token tensor, or batches as ``train.data.collate`` makes them
 (``input_ids`` with ``attention_mask``, ``position_ids`` and ``document_ids``), so packed text calibrates with
 the document ids and positions training uses. ``finetune merge --requantize gptq4`` draws them from the
-training split (``cli/merge.py``, ``calibration_examples``). Directories: :mod:`gptq.checkpoint` (its names are
-re-exported here). :func:`gptq_dequantize_model` turns the GPTQ layers back into plain ``nn.Linear`` with the
+training split (``cli/merge.py``, ``calibration_examples``). Directories (saving, loading): :mod:`gptq.checkpoint`.
+:func:`gptq_dequantize_model` turns the GPTQ layers back into plain ``nn.Linear`` with the
 same numbers, for fast CPU generation (GPTQLinear unpacks its weight at every forward).
 """
 
@@ -29,8 +29,6 @@ from torch import nn
 
 from finetune_ref.models.checkpoint import dequantize_linears, module_matches
 from finetune_ref.models.llama import LlamaForCausalLM, build_attention_mask
-from finetune_ref.gptq.checkpoint import (QUANTIZE_CONFIG_FILE, is_gptq_dir, load_gptq_model, read_gptq_config,
-                                          save_gptq_model)
 from finetune_ref.gptq.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
 from finetune_ref.gptq.format import GPTQ_KEYS, GPTQConfig
 from finetune_ref.gptq.linear import GPTQLinear, gptq_layers
@@ -281,6 +279,4 @@ def gptq_nbytes(model: nn.Module) -> dict[str, float]:
     return {"parameters": weights, "bytes": nbytes, "bits_per_parameter": 8 * nbytes / weights if weights else 0.0}
 
 
-__all__ = ["QUANTIZE_CONFIG_FILE", "SEQUENTIAL_GROUPS", "gptq_dequantize_model", "gptq_layers", "gptq_nbytes",
-           "gptq_quantize_model", "is_gptq_dir", "load_gptq_model", "read_gptq_config", "save_gptq_model",
-           "target_linear_names"]
+__all__ = ["SEQUENTIAL_GROUPS", "gptq_dequantize_model", "gptq_nbytes", "gptq_quantize_model", "target_linear_names"]

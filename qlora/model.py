@@ -42,8 +42,7 @@ from finetune_ref.models.checkpoint import (DTYPE_NAMES, SINGLE_FILE, LinearBuil
                                             atomic_write_text, load_model, module_matches, parse_dtype)
 from finetune_ref.models.config import read_config_json
 from finetune_ref.models.llama import LlamaForCausalLM
-from finetune_ref.qlora.bnb_config import (QUANTIZATION_CONFIG_KEY, BnbQuantizationConfig,  # noqa: F401
-                                           is_quantized_dir, read_quantization_config)  # (re-exported here too)
+from finetune_ref.qlora.bnb_config import QUANTIZATION_CONFIG_KEY, BnbQuantizationConfig, read_quantization_config
 from finetune_ref.qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict
 from finetune_ref.qlora.nf4 import quantize_nf4
 from finetune_ref.qlora.nf4_linear import NF4Linear

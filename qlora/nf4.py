@@ -47,7 +47,6 @@ import torch
 
 from finetune_ref.kernels import reference
 from finetune_ref.kernels.reference import check_dtype, check_packed
-from finetune_ref.kernels.reference import dequantize_absmax  # noqa: F401 (public here: qlora.nf4.dequantize_absmax)
 from finetune_ref.optim.blockwise8 import check_float_input, create_dynamic_map, quantize_blockwise
 from finetune_ref.qlora.quant_state import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, NF4QuantState
 
@@ -187,7 +186,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4QuantState, dtype: Optional[t
 
     Checks its inputs, then runs the one dequantize reference (``kernels/reference.py``:
     ``dequantize_nf4``), equal bit for bit to bitsandbytes' pure-PyTorch ``dequantize_4bit`` (and to its
-    native CPU kernel on the shapes where that kernel is right). :func:`dequantize_absmax` (the fp32
+    native CPU kernel on the shapes where that kernel is right). ``kernels.reference.dequantize_absmax`` (the fp32
     per-block absmax, rebuilt from double quantization when nested) comes from there too.
 
     Args:

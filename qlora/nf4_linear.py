@@ -35,7 +35,8 @@ from torch import nn
 
 from finetune_ref.kernels.backend import resolve_backend
 from finetune_ref.kernels.nf4_autograd import NF4MatmulFunction
-from finetune_ref.qlora.bnb_format import check_bias, check_linear_state, check_packed, from_bnb_state_dict, to_bnb_state_dict
+from finetune_ref.qlora.bnb_format import check_bias, check_linear_state, from_bnb_state_dict, to_bnb_state_dict
+from finetune_ref.kernels.reference import check_packed
 from finetune_ref.qlora.nf4 import dequantize_nf4, quantize_nf4
 from finetune_ref.qlora.quant_state import SUPPORTED_DTYPES, NF4QuantState
 

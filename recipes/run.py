@@ -17,7 +17,8 @@ import torch
 
 from finetune_ref.lora import format_trainable_parameters
 from finetune_ref.models.tokenizer import Tokenizer
-from finetune_ref.train.checkpointing import Checkpointer, resolve_checkpoint
+from finetune_ref.train.checkpointing import Checkpointer
+from finetune_ref.train.checkpoint_files import resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
 from finetune_ref.train.distributed import DistInfo, ShardedBatches, shard_model, wrap_ddp
 from finetune_ref.train.evaluation import evaluate

@@ -23,7 +23,8 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_ref.optim.adamw import BLOCKSIZE, MIN_8BIT_SIZE, AdamW8bit, PagedAdamW8bit
+from finetune_ref.optim.functional import BLOCKSIZE
+from finetune_ref.optim.adamw import MIN_8BIT_SIZE, AdamW8bit, PagedAdamW8bit
 from finetune_ref.optim.blockwise8 import create_dynamic_map
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -10,9 +10,12 @@ import torch
 
 from finetune_ref.models.checkpoint import read_safetensors
 from finetune_ref.train import checkpointing
-from finetune_ref.train.checkpointing import Checkpointer, read_checkpoint_record, resolve_checkpoint
+from finetune_ref.train.checkpointing import Checkpointer
+from finetune_ref.train.checkpoint_files import read_checkpoint_record, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, pack_documents
-from finetune_ref.train.trainer import TrainConfig, TrainingInterrupted, train
+from finetune_ref.train.config import TrainConfig
+from finetune_ref.train.bookkeeping import TrainingInterrupted
+from finetune_ref.train.trainer import train
 from finetune_ref.full import prepare_full_finetuning
 from finetune_ref.lora import LoraConfig, inject_lora
 from finetune_ref.models.config import LlamaConfig
@@ -60,7 +63,7 @@ def run(method, tmp, steps=6, resume=None, on_update=None, save_every=3, **kw):
     model, meta = setup(method)
     data = BatchIterator(examples(), batch_size=2, pad_token_id=0, seed=3)
     held = [next(BatchIterator(examples(seed=9), batch_size=4, pad_token_id=0))]
-    from finetune_ref.train.trainer import evaluate
+    from finetune_ref.train.evaluation import evaluate
 
     ckpt = Checkpointer(tmp, save_every=save_every, keep_last=0, metadata=meta)
     result = train(model, data, config(steps, bf16=method == "full-bf16", **kw),

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune_ref.cli.main import main
-from finetune_ref.gptq.model import is_gptq_dir
+from finetune_ref.gptq.checkpoint import is_gptq_dir
 
 CONFIG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)

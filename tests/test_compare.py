@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_ref.cli.compare import (METHODS, CompareSettings, add_compare_parser, cmd_compare, compare, compare_main,
-                                      format_table, settings_from_args)
+from finetune_ref.cli.compare_settings import METHODS, CompareSettings
+from finetune_ref.cli.compare import add_compare_parser, cmd_compare, compare, compare_main, settings_from_args
+from finetune_ref.cli.compare_report import format_table
 from finetune_ref.cli.compare_settings import regression_documents
 
 

@@ -16,8 +16,9 @@ import torch
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from finetune_ref.train.data import (IGNORE_INDEX, BatchIterator, build_datasets, collate, count_label_tokens,
-                                     encode_conversations, iter_batches, load_examples, pack_documents)
+from finetune_ref.models.tokenizer import IGNORE_INDEX
+from finetune_ref.train.data import (BatchIterator, build_datasets, collate, count_label_tokens, encode_conversations,
+                                     iter_batches, load_examples, pack_documents)
 from finetune_ref.train.readers import default_documents, holdout_split, num_held_out, read_jsonl, read_text_documents
 from finetune_ref.models.tokenizer import Tokenizer
 

@@ -23,7 +23,9 @@ from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.train.data import BatchIterator, pack_documents
 from finetune_ref.train.distributed import (DistInfo, ShardedBatches, destroy_distributed, init_distributed, shard_batch,
                                   shard_model, unwrap_model, wrap_ddp)
-from finetune_ref.train.trainer import TrainConfig, evaluate, train
+from finetune_ref.train.config import TrainConfig
+from finetune_ref.train.evaluation import evaluate
+from finetune_ref.train.trainer import train
 from finetune_ref.full import full_state_dict, prepare_full_finetuning
 from finetune_ref.lora import LoraConfig, inject_lora
 from finetune_ref.models.config import LlamaConfig

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from finetune_ref.train.data import BatchIterator, pack_documents
-from finetune_ref.train.trainer import TrainConfig, build_optimizer, evaluate, train
+from finetune_ref.train.config import TrainConfig
+from finetune_ref.train.step import build_optimizer
+from finetune_ref.train.evaluation import evaluate
+from finetune_ref.train.trainer import train
 from finetune_ref.full import export_full_model, memory_breakdown, prepare_full_finetuning
 from finetune_ref.optim import MasterWeightAdamW
 from finetune_ref.models.checkpoint import load_model

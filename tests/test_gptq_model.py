@@ -22,8 +22,9 @@ from finetune_ref.models.llama import LlamaForCausalLM
 from finetune_ref.gptq.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
 from finetune_ref.gptq.format import GPTQConfig
 from finetune_ref.cli.merge import calibration_batches, calibration_examples
-from finetune_ref.gptq.model import (gptq_dequantize_model, gptq_layers, gptq_nbytes, gptq_quantize_model, is_gptq_dir,
-                                     load_gptq_model, read_gptq_config, save_gptq_model)
+from finetune_ref.gptq.model import gptq_dequantize_model, gptq_nbytes, gptq_quantize_model
+from finetune_ref.gptq.linear import gptq_layers
+from finetune_ref.gptq.checkpoint import is_gptq_dir, load_gptq_model, read_gptq_config, save_gptq_model
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5)

@@ -90,7 +90,9 @@ def test_gptqmodel_loads_our_directory(tmp_path, smollm2_dir, sym, desc_act):
     from finetune_ref.models.config import LlamaConfig
     from finetune_ref.models.llama import LlamaForCausalLM
     from finetune_ref.gptq.format import GPTQConfig
-    from finetune_ref.gptq.model import gptq_layers, gptq_quantize_model, load_gptq_model, save_gptq_model
+    from finetune_ref.gptq.linear import gptq_layers
+    from finetune_ref.gptq.model import gptq_quantize_model
+    from finetune_ref.gptq.checkpoint import load_gptq_model, save_gptq_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from finetune_ref.train.data import BatchIterator, collate, pack_documents
-from finetune_ref.train.trainer import TrainConfig, train
+from finetune_ref.train.config import TrainConfig
+from finetune_ref.train.trainer import train
 from finetune_ref.lora import LoraConfig, inject_lora
 from finetune_ref.models.config import LlamaConfig
 from finetune_ref.models.llama import LlamaForCausalLM

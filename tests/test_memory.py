@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from finetune_ref.cli.memory import memory_main
-from finetune_ref.train.memory import (LINEAR_NAMES, PRESETS, MemorySettings, estimate_memory, load_config,
-                                       nf4_bytes, optimizer_state_bytes, parameter_count, preset_config)
+from finetune_ref.train.memory_shapes import LINEAR_NAMES, PRESETS, load_config, parameter_count, preset_config
+from finetune_ref.train.memory_settings import MemorySettings
+from finetune_ref.train.memory import estimate_memory, nf4_bytes, optimizer_state_bytes
 from finetune_ref.train.memory_tracker import TensorMemoryTracker, tensor_bytes
 from finetune_ref.models.config import LlamaConfig
 
@@ -233,7 +234,8 @@ def prepare(model, settings: MemorySettings):
 
 def measured_peak(model, settings: MemorySettings) -> int:
     """Peak tensor bytes over two updates of finetune.trainer.train (the second one has optimizer states)."""
-    from finetune_ref.train.trainer import TrainConfig, train
+    from finetune_ref.train.config import TrainConfig
+    from finetune_ref.train.trainer import train
 
     cfg = TrainConfig(steps=2, warmup_steps=0, progress=False, lr=1e-4,
                       precision="fp32" if settings.dtype == "fp32" else "bf16", optimizer="adamw")

@@ -21,8 +21,9 @@ from finetune_ref.cli.main import main
 from finetune_ref.lora import LoraConfig
 from finetune_ref.models.config import LlamaConfig as OurConfig
 from finetune_ref.models.llama import LlamaForCausalLM as OurLlama
-from finetune_ref.qlora.model import (BnbQuantizationConfig, load_quantized, nf4_layers, prepare_qlora_model,
-                                      quantize_model, quantized_nbytes, save_quantized)
+from finetune_ref.qlora.bnb_config import BnbQuantizationConfig
+from finetune_ref.qlora.model import (load_quantized, nf4_layers, prepare_qlora_model, quantize_model, quantized_nbytes,
+                                      save_quantized)
 from finetune_ref.qlora.nf4_linear import NF4Linear
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
-from finetune_ref.train.trainer import TrainConfig, evaluate, train
+from finetune_ref.train.config import TrainConfig
+from finetune_ref.train.evaluation import evaluate
+from finetune_ref.train.trainer import train
 from finetune_ref.lora import LoraConfig
 from finetune_ref.models.checkpoint import load_model
 from finetune_ref.models.tokenizer import Tokenizer

@@ -18,7 +18,8 @@ import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from finetune_ref.models.tokenizer import CHATML_TEMPLATE, IGNORE_INDEX, Tokenizer
+from finetune_ref.models.chat_template import CHATML_TEMPLATE
+from finetune_ref.models.tokenizer import IGNORE_INDEX, Tokenizer
 
 CORPUS = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:30])
 

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from finetune_ref.train.schedule import WarmupCosine, lr_at
-from finetune_ref.train.trainer import TrainConfig, count_label_tokens, evaluate, param_groups, train
+from finetune_ref.train.config import TrainConfig
+from finetune_ref.train.data import count_label_tokens
+from finetune_ref.train.evaluation import evaluate
+from finetune_ref.train.step import param_groups
+from finetune_ref.train.trainer import train
 from finetune_ref.models.config import LlamaConfig
 from finetune_ref.models.llama import LlamaForCausalLM
 
@@ -134,7 +138,7 @@ def test_no_trainable_parameters_is_an_error():
 # Added with full fine-tuning / checkpointing (issue 6).
 # ---------------------------------------------------------------------------------------------------------
 from finetune_ref.train.schedule import format_lr_table  # noqa: E402
-from finetune_ref.train.trainer import build_optimizer, clip_grad_norm_  # noqa: E402
+from finetune_ref.train.step import build_optimizer, clip_grad_norm_  # noqa: E402
 
 
 def test_warmup_zero_first_update_uses_peak_lr_and_lr_table():

@@ -49,17 +49,15 @@ from torch import nn
 
 from finetune_ref.models.checkpoint import atomic_write_text, read_safetensors
 from finetune_ref.train.checkpoint_files import (BEST_DIR, BEST_FILE, CHECKPOINT_PREFIX, FORMAT, LATEST_FILE,
-                                                 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, VERSION,
-                                                 fsync_file, read_checkpoint_record, replace_dir,
-                                                 resolve_checkpoint, sha256_file)
+                                                 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, VERSION, fsync_file,
+                                                 read_checkpoint_record, replace_dir, sha256_file)
 from finetune_ref.train.checkpoint_state import (dcp_state_dict, describe, flatten_optimizer, full_options,
                                                  gather_optimizer_state, gather_rng, gather_trainable_state,
                                                  optimizer_param_names, set_local_state, set_rng_state_tensors,
                                                  trainable_parameters, unflatten_optimizer)
 from finetune_ref.train.distributed import DistInfo, barrier, is_sharded
 
-__all__ = ["Checkpointer", "export_trainable", "load_checkpoint", "read_checkpoint_record", "resolve_checkpoint",
-           "save_checkpoint", "trainable_parameters"]
+__all__ = ["Checkpointer", "export_trainable", "load_checkpoint", "save_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------------------

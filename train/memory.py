@@ -59,13 +59,10 @@ Beside this file: the model shapes and presets (``memory_shapes.py``), the setti
 from __future__ import annotations
 
 from finetune_ref.models.config import LlamaConfig
-from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
-from finetune_ref.train.memory_shapes import (DEFAULT_PRESET, LINEAR_NAMES, PRESETS, linear_shapes, load_config,
-                                              parameter_count, preset_config)
+from finetune_ref.train.memory_settings import DTYPE_BYTES, MemoryEstimate, MemorySettings
+from finetune_ref.train.memory_shapes import LINEAR_NAMES, linear_shapes, parameter_count
 
-__all__ = ["DEFAULT_PRESET", "DTYPE_BYTES", "LINEAR_NAMES", "METHODS", "OPTIMIZERS", "PRESETS", "MemoryEstimate",
-           "MemorySettings", "estimate_memory", "linear_shapes", "load_config", "nf4_bytes",
-           "optimizer_state_bytes", "parameter_count", "preset_config"]
+__all__ = ["estimate_memory", "nf4_bytes", "optimizer_state_bytes"]
 
 BNB_OPTIM_BLOCKSIZE = 256  # bitsandbytes/optim/optimizer.py, Optimizer2State.init_state (block_wise=True)
 BNB_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size default)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from finetune_ref.models.tokenizer import validate_messages
+from finetune_ref.models.chat_template import validate_messages
 
 
 # ---------------------------------------------------------------------------------------------------------

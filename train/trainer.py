@@ -43,17 +43,14 @@ import torch
 from torch import nn
 
 from .bookkeeping import MetricsLog, Progress, StopSignal, TrainingInterrupted, TrainState
-from .config import PRECISIONS, TrainConfig
-from .data import count_label_tokens
+from .config import TrainConfig
 from .distributed import DistInfo, any_rank
-from .evaluation import evaluate, evaluate_if_due, track_best
+from .evaluation import evaluate_if_due, track_best
 from .schedule import WarmupCosine
-from .step import (accumulate_gradients, autocast_context, build_optimizer, check_finite, check_precision,
-                   clip_grad_norm_, model_inputs, param_groups, update_label_tokens)
+from .step import (accumulate_gradients, build_optimizer, check_finite, check_precision, clip_grad_norm_,
+                   update_label_tokens)
 
-__all__ = ["PRECISIONS", "TrainConfig", "TrainState", "TrainingInterrupted", "accumulate_gradients",
-           "autocast_context", "build_optimizer", "check_precision", "clip_grad_norm_", "count_label_tokens",
-           "evaluate", "model_inputs", "param_groups", "train"]
+__all__ = ["train"]
 
 
 def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
