@@ -79,7 +79,7 @@ def run_method(method: str, s: CompareSettings) -> dict:
     from finetune_ref.lora import trainable_parameters
     from finetune_ref.models.default_model import default_model_dir
     from finetune_ref.models.tokenizer import Tokenizer
-    from finetune_ref.train.data import BatchIterator, _text_examples, build_datasets, iter_batches
+    from finetune_ref.train.data import BatchIterator, text_examples, build_datasets, iter_batches
     from finetune_ref.train.distributed import DistInfo
     from finetune_ref.train.evaluation import evaluate
     from finetune_ref.train.memory_settings import MemorySettings
@@ -94,7 +94,7 @@ def run_method(method: str, s: CompareSettings) -> dict:
     eval_sets = {"heldout": spread(held, s.eval_tokens)}
     reg_name, reg_docs = regression_documents(s.regression_data)
     if reg_docs:
-        eval_sets["regression"] = spread(_text_examples(tokenizer, reg_docs, s.seq_len), s.eval_tokens)
+        eval_sets["regression"] = spread(text_examples(tokenizer, reg_docs, s.seq_len), s.eval_tokens)
     batches_of = {k: list(iter_batches(v, s.batch_size, tokenizer.pad_token_id)) for k, v in eval_sets.items()}
     torch.manual_seed(s.seed)  # the same LoRA A initialisation for LoRA and QLoRA
     cfg = method_recipe(method, s)

@@ -31,15 +31,15 @@ from typing import Any, Optional
 
 import torch
 
+from finetune_ref.models.checkpoint import DTYPE_NAMES, SUPPORTED_DTYPES
+
 QUANT_TYPE = "nf4"
 PACKED_STATE_KEY = "quant_state.bitsandbytes__nf4"  # bitsandbytes QuantState.as_dict(packed=True)
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantize_4bit(compress_statistics=True) always uses 256
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes quantize_4bit
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # JSON dtype names as bitsandbytes writes them (str(torch.bfloat16) without the "torch." prefix).
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_NAME_DTYPES = {name: dt for dt, name in _DTYPE_NAMES.items()}
+_NAME_DTYPES = {name: dt for dt, name in DTYPE_NAMES.items()}
 
 _TENSOR_KEYS_PLAIN = ("absmax", "quant_map")
 _TENSOR_KEYS_NESTED = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -188,7 +188,7 @@ class NF4QuantState:
         meta: dict[str, Any] = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES[self.dtype],
+            "dtype": DTYPE_NAMES[self.dtype],
             "shape": list(self.shape),
         }
         if self.nested:

@@ -129,7 +129,7 @@ def _eos(tokenizer: Tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def _text_examples(tokenizer: Tokenizer, documents: list[str], seq_len: int) -> list[Example]:
+def text_examples(tokenizer: Tokenizer, documents: list[str], seq_len: int) -> list[Example]:
     return pack_documents([tokenizer.encode(doc) for doc in documents], seq_len, _eos(tokenizer))
 
 
@@ -143,7 +143,7 @@ def load_examples(tokenizer: Tokenizer, path: str | Path, seq_len: int) -> list[
     """All examples of one data path (``.txt``, folder or ``.jsonl``), without any split."""
     path = Path(path)
     if data_kind(path) == "text":
-        return _text_examples(tokenizer, read_text_documents(path), seq_len)
+        return text_examples(tokenizer, read_text_documents(path), seq_len)
     return _jsonl_examples(tokenizer, read_jsonl(path), path, seq_len)
 
 
@@ -164,16 +164,16 @@ def build_datasets(tokenizer: Tokenizer, data: str | Path | None = None, seq_len
         data too short for one sequence.
     """
     if eval_data is not None:
-        train = _text_examples(tokenizer, default_documents(0.0)[0], seq_len) if data is None \
+        train = text_examples(tokenizer, default_documents(0.0)[0], seq_len) if data is None \
             else load_examples(tokenizer, data, seq_len)
         return train, load_examples(tokenizer, eval_data, seq_len)
     if data is None:
         train_docs, eval_docs = default_documents(eval_fraction)
-        return (_text_examples(tokenizer, train_docs, seq_len),
-                _text_examples(tokenizer, eval_docs, seq_len) if eval_docs else [])
+        return (text_examples(tokenizer, train_docs, seq_len),
+                text_examples(tokenizer, eval_docs, seq_len) if eval_docs else [])
     data = Path(data)
     if data_kind(data) == "text":
-        blocks = _text_examples(tokenizer, read_text_documents(data), seq_len)
+        blocks = text_examples(tokenizer, read_text_documents(data), seq_len)
         n_eval = num_held_out(len(blocks), eval_fraction, what=f"block(s) of seq_len={seq_len}")
         return blocks[:len(blocks) - n_eval], blocks[len(blocks) - n_eval:]
     records = read_jsonl(data)

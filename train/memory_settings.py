@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.train.memory_shapes import LINEAR_NAMES
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+OPTIMIZERS = OPTIMIZER_NAMES  # the names finetune train --optimizer takes (optim/optimizers.py)
 
 
 @dataclasses.dataclass(frozen=True)
