@@ -1,4 +1,4 @@
-"""Benchmark of the NF4 kernels against the roofline, and their bf16 correctness on a GPU (issue 5).
+"""Benchmark of the NF4 kernels against the roofline, and their bf16 correctness on a GPU.
 
 One run measures, on a CUDA GPU (a few minutes on an H200):
 
@@ -12,7 +12,7 @@ One run measures, on a CUDA GPU (a few minutes on an H200):
 - bf16 (and fp16/fp32) correctness of every kernel against an fp32 reference, on odd shapes and
   on a weight of more than 2^31 elements (int64 offsets).
 
-It prints one table with ratios and the issue's targets, saves JSON and CSV, and writes the
+It prints one table with ratios and the targets set for them, saves JSON and CSV, and writes the
 results into ``benchmarks/RESULTS.md`` and the table in ``kernels/README.md`` (between
 ``<!-- BEGIN ... -->`` / ``<!-- END ... -->`` markers; the GPU and CPU sections are kept apart).
 
@@ -55,7 +55,7 @@ CPU_MS = (1, 16, 128)
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 README_MD = REPO / "kernels" / "README.md"
 
-# Targets of issue 5.
+# The targets set for the kernels (kernels/README.md, section 5).
 TARGET_DEQUANT_OF_COPY = 0.85
 TARGET_DECODE_SPEEDUP = 2.5
 TARGET_TRAIN_SLOWDOWN = 1.10
@@ -379,7 +379,7 @@ def render_gpu(r: dict[str, Any]) -> str:
                  f"{m['fused_speedup_vs_dequant_matmul']:.2f}x", f"{m['fused_GBps']:.0f}", f"{m['fused_TFLOPs']:.1f}",
                  f"{m['bwd_fused_ms']:.4f}", f"{m['bwd_bf16_ms']:.4f}", f"{m['bwd_speedup_vs_bf16']:.2f}x"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", "Targets (issue 5):", ""] + [f"- {t}" for t in targets(r)]
+    lines += ["", "Targets:", ""] + [f"- {t}" for t in targets(r)]
     bad = [k for k in r["correctness"] if not k["ok"]]
     lines += ["", f"Correctness: {len(r['correctness']) - len(bad)}/{len(r['correctness'])} checks pass "
               "(kernels vs fp32 reference; bf16, fp16, fp32; odd shapes; > 2^31 elements)."]
@@ -475,7 +475,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 RESULTS_HEAD = """# Kernel benchmark results
 
-Written by `benchmarks/bench_kernels.py` (issue 5). Shapes: Llama-7B layers 4096x4096 (q/k/v/o),
+Written by `benchmarks/bench_kernels.py`. Shapes: Llama-7B layers 4096x4096 (q/k/v/o),
 11008x4096 (gate/up), 4096x11008 (down) on a GPU; SmolLM2-135M layers on the CPU. GPU times are
 medians from Triton's `do_bench` (L2 flushed before each call); CPU times are the fastest of
 several runs.

@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
-SECTION_TITLE = "## Paged and 8-bit optimizers (issue 7)"
+SECTION_TITLE = "## Paged and 8-bit optimizers"
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
                tie_word_embeddings=True, max_position_embeddings=8192)

@@ -1,4 +1,4 @@
-"""After a QLoRA fine-tune: held-out loss and bytes on disk of the ways to serve it (issue: merge and re-quantize).
+"""After a QLoRA fine-tune: held-out loss and bytes on disk of the ways to serve it.
 
 Runs, with the ``finetune`` command as a user would (each step a subprocess, so peak memory is per step):
 

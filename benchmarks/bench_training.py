@@ -1,4 +1,4 @@
-"""Training-step benchmark against the tools people use (issue 8): ours vs transformers + PEFT (+ bitsandbytes).
+"""Training-step benchmark against the tools people use: ours vs transformers + PEFT (+ bitsandbytes).
 
 In one process, on the real default model (SmolLM2-135M-Instruct, loaded from the same converted directory
 by both sides, so the weights and the first losses are the same), with the same batch of real text, sequence
@@ -73,7 +73,7 @@ RESULTS_MD = REPO / "benchmarks" / "RESULTS_TRAINING.md"
 METHODS = ("full", "lora", "qlora")
 LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 LORA_R, LORA_ALPHA = 8, 16
-TARGET_SPEEDUP, TARGET_MEMORY = 1.25, 0.6  # issue 8: >= 1.25x tokens/s, <= 0.6x peak memory
+TARGET_SPEEDUP, TARGET_MEMORY = 1.25, 0.6  # targets: >= 1.25x tokens/s, <= 0.6x peak memory
 PROPOSALS = ("fused-ce", "gqa-sdpa", "swiglu")
 
 
@@ -167,7 +167,7 @@ def bnb_quant_state_tensors(model) -> list[torch.Tensor]:
     """bitsandbytes keeps absmax/maps in a QuantState object, not in buffers: collect them for the tracker.
 
     Also switches off the AVX512-BF16 weight repacking that makes bnb's CPU Linear4bit drop input gradients
-    after a no-grad forward (see the project's GUIDE, section 5)."""
+    after a no-grad forward (see tests/test_qlora_peft_parity.py)."""
     tensors = []
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -426,7 +426,7 @@ def render(env: dict, results: list[dict], args) -> str:
             loss = r["first_loss"].get(name, float("nan"))
             lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {row['median_step_s']:.2f} | "
                          f"{row['peak_bytes'] / 1e6:.0f} | {speed:.2f}x | {mem:.2f}x | {loss:.4f} |")
-    lines += ["", f"Targets (issue 8): >= {TARGET_SPEEDUP}x the tokens/s and <= {TARGET_MEMORY}x the peak memory of "
+    lines += ["", f"Targets: >= {TARGET_SPEEDUP}x the tokens/s and <= {TARGET_MEMORY}x the peak memory of "
               "transformers at equal settings.", ""]
     for r in results:
         ours_row = r["rows"]["ours"]
@@ -458,7 +458,7 @@ def render(env: dict, results: list[dict], args) -> str:
 
 def write_results(text: str, path: Path) -> None:
     header = ("# Training-step benchmark: ours vs transformers + PEFT (+ bitsandbytes)\n\n"
-              "Written by `benchmarks/bench_training.py` (issue 8). Rerun it to refresh this file.\n\n")
+              "Written by `benchmarks/bench_training.py`. Rerun it to refresh this file.\n\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(header + text + "\n")
     os.replace(tmp, path)

@@ -388,7 +388,7 @@ def test_real_model_loads_cleanly(smollm2):
 @pytest.mark.real_model
 def test_real_model_nll_on_prose(smollm2, pydoc_text_window):
     # Measured: 3.29 with the right q/k layout, 5.25 with llama.cpp's interleaved layout left in place.
-    # (GUIDE quotes ~4.3 vs ~5.5 on an unspecified window; the band below separates both layouts.)
+    # (About 4.3 vs 5.5 was seen on another window; the band below separates both layouts.)
     model, _, _, _ = smollm2
     ids = pydoc_text_window  # (1, 256)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Oracle parity: our Llama against transformers' LlamaForCausalLM on tiny random models saved to disk.
 
-Tolerance: fp32 logits within 1e-5 max abs (issue 2).
+Tolerance: fp32 logits within 1e-5 max abs.
 """
 
 import json

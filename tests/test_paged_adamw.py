@@ -3,7 +3,7 @@ counted on a CPU-only machine, frozen parameters untouched, state_dict round tri
 weights_only=True, torch.distributed.checkpoint's get/set_optimizer_state_dict as train/checkpointing.py uses
 them) restoring into the optimizer's own home with a bitwise-equal resume, and the errors.
 
-Tolerance: none. Every comparison here is bitwise (torch.equal), as the issue asks for fp32.
+Tolerance: none. Every comparison here is bitwise (torch.equal), as a reference must be in fp32.
 """
 
 import io

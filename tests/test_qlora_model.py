@@ -4,7 +4,7 @@ Oracle: transformers loading the same tiny random checkpoint with a ``BitsAndByt
 quant) on CPU. Both sides quantize the same tensors with the same rules, so packed bytes, absmax, nested
 absmax, offset and the JSON quant state are compared exactly, and logits (fp32 compute) with zero tolerance
 except where noted. Every ``in_features`` is a multiple of 64, where bitsandbytes' native CPU dequantize is
-right (GUIDE section 5; it is wrong e.g. for (128, 96)), and ``support_avx512bf16_for_cpu = False`` keeps
+right (it is wrong e.g. for (128, 96): tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented), and ``support_avx512bf16_for_cpu = False`` keeps
 bitsandbytes from repacking weights on AVX512-BF16 CPUs.
 """
 
@@ -132,7 +132,7 @@ def test_transformers_4bit_directory_loads_into_ours_and_resaves_identically(hf_
 
 def test_blocksize_and_double_quant_settings_round_trip_and_conflicts_are_errors(fp_dir, tmp_path):
     # blocksize 32 (not 128): bitsandbytes' native CPU dequantize is wrong when in_features (64 here) is not a
-    # multiple of the blocksize (GUIDE section 5), so a 128 block would make transformers, not us, differ.
+    # multiple of the blocksize (tests/test_nf4.py), so a 128 block would make transformers, not us, differ.
     ours = load_quantized(fp_dir, blocksize=32, double_quant=False, compute_dtype=torch.float32, dtype=torch.float32)
     assert all(layer.blocksize == 32 and not layer.double_quant for _, layer in nf4_layers(ours))
     out = save_quantized(ours, tmp_path / "plain")

@@ -4,7 +4,7 @@ Both sides hold the same NF4 bytes (each quantizes the same fp32 checkpoint; che
 same adapter weights (PEFT's, made non-zero with ``init_lora_weights=False``, copied into ours). With fp32
 compute and fp32 adapters the loss and every LoRA gradient agree to fp32 rounding (tolerances below).
 Shapes keep ``in_features`` a multiple of 64 so that bitsandbytes' native CPU dequantize is right (it is wrong
-e.g. for (128, 96), GUIDE section 5), and ``support_avx512bf16_for_cpu = False`` stops bitsandbytes from
+e.g. for (128, 96), tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented), and ``support_avx512bf16_for_cpu = False`` stops bitsandbytes from
 repacking weights on AVX512-BF16 CPUs, after which it silently loses input gradients.
 """
 

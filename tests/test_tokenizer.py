@@ -1,7 +1,7 @@
 """Tests for models/tokenizer.py: parity with transformers on tiny tokenizers trained here.
 
 A byte-level BPE ``tokenizer.json`` (built like SmolLM2's: digits split, ByteLevel, ChatML specials) and a
-sentencepiece BPE ``tokenizer.model`` (GUIDE section 2 options) are trained in the test on Python's own
+sentencepiece BPE ``tokenizer.model`` (identity normalization, no whitespace folding, byte fallback) are trained in the test on Python's own
 docs. Oracles: ``transformers.PreTrainedTokenizerFast`` / ``AutoTokenizer`` / ``LlamaTokenizer`` for ids,
 text and chat rendering; ``return_assistant_tokens_mask`` with a ``{% generation %}`` template for labels.
 """

@@ -135,7 +135,7 @@ def test_no_trainable_parameters_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Added with full fine-tuning / checkpointing (issue 6).
+# Added with full fine-tuning / checkpointing.
 # ---------------------------------------------------------------------------------------------------------
 from finetune_ref.train.schedule import format_lr_table  # noqa: E402
 from finetune_ref.train.step import build_optimizer, clip_grad_norm_  # noqa: E402
