@@ -48,7 +48,7 @@ class TileConfig:
     BLOCK_K: int
     GROUP_M: int = 8
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         for name, least in (("BLOCK_M", 16), ("BLOCK_N", 16), ("BLOCK_K", 16), ("GROUP_M", 1)):
