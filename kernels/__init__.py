@@ -16,11 +16,12 @@ Importing this package is cheap and harmless on purpose: it loads only ``kernels
 (standard library); everything else, torch and Triton included, loads on first attribute
 access, and the Triton modules only when a call resolves to the "triton" backend (so a CPU-only
 install works without Triton, and ``TRITON_INTERPRET=1`` may be set until the first such import).
-bitsandbytes runs ``from kernels import get_kernel`` at its own import time, meaning
-Hugging Face's kernel-hub package of the same name. That import must fail with ImportError
-(which bitsandbytes catches, falling back to its built-in CPU code), so this package defines
-neither ``get_kernel`` nor ``__version__`` (transformers reads the latter to decide whether the
-hub package is installed). ``tests/test_import_kernels.py`` holds both to that.
+Installed, this package is ``finetune_ref.kernels``: no top-level ``kernels`` is installed, so Hugging Face's
+kernel-hub package of that name (which bitsandbytes imports with ``from kernels import get_kernel``) is left
+alone. Run from the root of the checkout, this folder is importable as ``kernels`` from the current directory;
+then that import must still fail with ImportError (bitsandbytes catches it and uses its built-in CPU code), so
+this package defines neither ``get_kernel`` nor ``__version__`` (transformers reads the latter to decide
+whether the hub package is installed). ``tests/test_import_kernels.py`` checks the installed case.
 """
 
 from __future__ import annotations
