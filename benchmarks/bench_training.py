@@ -120,7 +120,7 @@ def text_batch(tokenizer, batch_size: int, seq_len: int) -> torch.Tensor:
 def ours(method: str, model_dir: Path):
     from finetune_ref.full import prepare_full_finetuning
     from finetune_ref.lora import LoraConfig, inject_lora
-    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.loader import load_model
 
     lora_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear")
     if method == "full":

@@ -39,7 +39,7 @@ bf16 use ``--precision fp32``.
 
 Learning rates: the usual ones, 2e-5 for full fine-tuning and 2e-4 for LoRA and QLoRA
 (``--lr-full/--lr-lora/--lr-qlora``). They do lower the held-out loss within the default 40 updates of 1,024
-tokens (measured in bf16: full 2.78 -> 2.58, LoRA 2.78 -> 2.58, QLoRA 3.04 -> 2.72; finetune/README_COMPARE.md),
+tokens (measured in bf16: full 2.78 -> 2.58, LoRA 2.78 -> 2.58, QLoRA 3.04 -> 2.72; docs/compare.md),
 so no method gets a rate tuned to this short budget.
 
 Threads. All methods run with the same number of torch threads, chosen once at the start: ``--threads``, or

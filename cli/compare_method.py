@@ -85,7 +85,7 @@ def run_method(method: str, s: CompareSettings) -> dict:
     from finetune_ref.train.memory_settings import MemorySettings
     from finetune_ref.train.memory import estimate_memory
     from finetune_ref.train.memory_shapes import parameter_count
-    from finetune_ref.train.step import build_optimizer
+    from finetune_ref.train.step import optimizer_for
     from finetune_ref.train.trainer import train
 
     model_dir = Path(s.model_dir) if s.model_dir else default_model_dir()
@@ -106,7 +106,7 @@ def run_method(method: str, s: CompareSettings) -> dict:
     before = {k: evaluate(model, b) for k, b in batches_of.items()}
     print(f"[{method}] before: " + ", ".join(f"{k} loss {v['loss']:.4f} ({v['tokens']} tokens)"
                                              for k, v in before.items()), flush=True)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = optimizer_for(model, cfg)
     batches = BatchIterator(train_examples, s.batch_size, tokenizer.pad_token_id, seed=s.seed, drop_last=True)
     curve: dict[str, list] = {"train": [], "heldout": [[0, before["heldout"]["loss"]]]}
     eval_seconds = [0.0]

@@ -39,7 +39,7 @@ CALIBRATION_BATCH_SIZE = 8  # sequences per calibration forward
 
 def cmd_merge(args) -> int:
     from finetune_ref.lora import load_adapters, merge_and_unload
-    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.loader import load_model
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.gptq.checkpoint import is_gptq_dir
     from finetune_ref.qlora.merge import merge_qlora, merge_report

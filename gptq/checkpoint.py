@@ -6,7 +6,7 @@ object in ``quantize_config.json`` (AutoGPTQ's and GPTQModel's file), and ``mode
 (embedding, norms) dense, in fp16 by default, as GPTQ checkpoints are. HF tensor names throughout. Older
 AutoGPTQ directories, whose settings live only in ``quantize_config.json``, are read too.
 
-:func:`load_gptq_model` is ``models.checkpoint.load_model`` with a :class:`GPTQBuilder`: one decoder layer is
+:func:`load_gptq_model` is ``models.loader.load_model`` with a :class:`GPTQBuilder`: one decoder layer is
 read at a time, and a linear whose ``qweight`` the checkpoint holds becomes a :class:`gptq.linear.GPTQLinear`.
 """
 
@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from finetune_ref.models.checkpoint import (SINGLE_FILE, LinearBuilder, atomic_save_safetensors, atomic_write_text,
-                                            load_model, parse_dtype)
+from finetune_ref.models.checkpoint import SINGLE_FILE, atomic_save_safetensors, atomic_write_text, parse_dtype
+from finetune_ref.models.loader import LinearBuilder, load_model
 from finetune_ref.models.config import read_config_json
 from finetune_ref.models.llama import LlamaForCausalLM
 from finetune_ref.gptq.format import GPTQ_KEYS, GPTQConfig, check_gptq_tensors
@@ -149,7 +149,7 @@ def load_gptq_model(model_dir: str | Path, dtype: torch.dtype | str = torch.floa
     qconfig = read_gptq_config(model_dir)
     if qconfig is None:
         raise ValueError(f"{model_dir} has no GPTQ quantization_config (config.json) or quantize_config.json; "
-                         "load it with models.checkpoint.load_model (16/32-bit) or qlora.model.load_quantized (NF4)")
+                         "load it with models.loader.load_model (16/32-bit) or qlora.model.load_quantized (NF4)")
     model = load_model(model_dir, dtype, linear_builder=GPTQBuilder(qconfig, dtype))
     if not gptq_layers(model):
         raise ValueError(f"{model_dir} declares GPTQ but holds no '*.qweight' tensor")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from finetune_ref.models.checkpoint import dequantize_linears, module_matches
+from finetune_ref.models.loader import dequantize_linears, module_matches
 from finetune_ref.models.llama import LlamaForCausalLM, build_attention_mask
 from finetune_ref.gptq.gptq import HessianAccumulator, gptq_quantize, output_error, rtn_quantize
 from finetune_ref.gptq.format import GPTQ_KEYS, GPTQConfig

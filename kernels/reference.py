@@ -20,10 +20,11 @@ used duck-typed through its attributes ``shape``, ``dtype``, ``blocksize``, ``ab
 ``nested``, ``offset``, ``nested_absmax``, ``nested_quant_map``, ``nested_blocksize``, ``numel`` and
 ``num_blocks``. This room imports nothing of the project, so it never imports the class.
 
-The references do no checking: they are the CPU hot path of ``NF4Linear``, whose inputs were checked
-once when the layer was built. The ``check_*`` functions below are called where inputs enter: the
-autograd op ``kernels.nf4_linear``, the Triton wrappers (their "check constraints" step) and
-``qlora.nf4.dequantize_nf4``.
+``dequantize_nf4`` is the one dequantize of the project (``qlora.nf4`` quantizes, this dequantizes): it
+checks its inputs, then runs ``_dequantize``. The matmul references call ``_dequantize`` directly: they are
+the CPU hot path of ``NF4Linear``, whose inputs were checked once when the layer was built, and of
+``kernels.nf4_autograd.nf4_linear``, which checks them with ``check_matmul_inputs``. The ``check_*``
+functions are also the "check constraints" step of the Triton wrappers.
 """
 
 from __future__ import annotations
@@ -55,16 +56,30 @@ def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None =
     """W from its packed codes: ``quant_map[code] * absmax`` in fp32, cast once to ``dtype``.
 
     Equal bit for bit to bitsandbytes' pure-PyTorch path (``bitsandbytes/backends/default/ops.py``:
-    ``_dequantize_4bit_compute``, the absmax rebuilt as in ``functional.dequantize_4bit``).
+    ``_dequantize_4bit_compute``, the absmax rebuilt as in ``functional.dequantize_4bit``), and to its
+    native CPU kernel on the shapes where that kernel is right (``tests/test_nf4.py``).
 
     Args:
         packed: uint8, ``(numel + 1) // 2`` bytes (any shape), on the state's device.
-        state: an NF4QuantState (finetune_ref.qlora.quant_state).
+        state: an NF4QuantState (finetune_ref.qlora.quant_state), as ``qlora.nf4.quantize_nf4`` returns it.
         dtype: output dtype (float32, float16, bfloat16); default ``state.dtype``.
 
     Returns:
         Tensor of ``state.shape`` and ``dtype`` on ``packed``'s device.
+
+    Raises:
+        TypeError: ``state`` is not an NF4 quantization state, ``packed`` is not uint8, unsupported dtype.
+        ValueError: ``packed`` has the wrong number of bytes or is on another device than the state.
     """
+    check_state(state)
+    check_packed(packed, state, "dequantize_nf4: packed")
+    if dtype is not None:
+        check_dtype(dtype, "dequantize_nf4: dtype")
+    return _dequantize(packed, state, dtype)
+
+
+def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dequantize_nf4`` without the checks (the hot path; see the module docstring)."""
     dtype = state.dtype if dtype is None else dtype
     n, nb, bs = state.numel, state.num_blocks, state.blocksize
     absmax = dequantize_absmax(state)  # (nb,) fp32
@@ -86,7 +101,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Te
 
     Shapes: x (..., K), W (N, K), bias (N,) -> y (..., N), x's dtype.
     """
-    return F.linear(x, dequantize_nf4(packed, state, x.dtype), bias)
+    return F.linear(x, _dequantize(packed, state, x.dtype), bias)
 
 
 def nf4_matmul_input_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: Any) -> torch.Tensor:
@@ -94,7 +109,7 @@ def nf4_matmul_input_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: Any
 
     Shapes: grad_y (..., N), W (N, K) -> dx (..., K), grad_y's dtype.
     """
-    return grad_y @ dequantize_nf4(packed, state, grad_y.dtype)
+    return grad_y @ _dequantize(packed, state, grad_y.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +119,18 @@ def check_dtype(dtype: Any, what: str) -> None:
     """Raise TypeError unless ``dtype`` is fp32, fp16 or bf16."""
     if dtype not in OUTPUT_DTYPES:
         raise TypeError(f"{what} must be one of {OUTPUT_DTYPES}, got {dtype}")
+
+
+_STATE_FIELDS = ("shape", "dtype", "blocksize", "absmax", "quant_map", "nested", "numel", "num_blocks")
+
+
+def check_state(state: Any) -> None:
+    """Raise TypeError unless ``state`` has the fields of an NF4QuantState (this room never imports the class)."""
+    missing = [f for f in _STATE_FIELDS if not hasattr(state, f)]
+    if missing:
+        raise TypeError(f"state must be an NF4QuantState (finetune_ref.qlora.quant_state), got a "
+                        f"{type(state).__name__} without {missing}; a bitsandbytes QuantState converts with "
+                        f"NF4QuantState.from_dict(quant_state.as_dict())")
 
 
 def check_packed(packed: Any, state: Any, name: str = "packed weight") -> None:

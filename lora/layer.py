@@ -9,9 +9,9 @@ bookkeeping around them.
 
 ``LoRALinear`` holds several named adapters (``nn.ModuleDict``s keyed by adapter name, as PEFT does, so that
 state-dict keys are ``<module>.lora_A.<adapter>.weight``), a list of active ones, and the list of those merged
-into the base weight. The base is any module with ``in_features``, ``out_features`` and a forward; merging needs
-a dense floating ``weight`` and is reached only through ``lora.base_weight.dense_weight``, the one place to
-extend for other bases (e.g. a 4-bit NF4 base).
+into the base weight. The base is any module with ``in_features``, ``out_features`` and a forward; merging reaches
+its weight only through ``lora.base_weight`` (a dense floating ``weight``, or the base's own ``dequantize()`` and
+``requantize_(weight)``, as ``qlora.nf4_linear.NF4Linear`` has).
 """
 
 from __future__ import annotations

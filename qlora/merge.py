@@ -16,7 +16,7 @@ A QLoRA adapter was trained against the *dequantized* NF4 weights W_nf4 (QLoRA, 
     nf4-dequant base this is what PEFT's ``merge_and_unload`` on a bitsandbytes 4-bit model gives (same
     bytes; layers without an adapter keep their codes), and it can erase the adapter: W_nf4 sits exactly on the
     NF4 grid, so an update smaller than half a step rounds straight back to the old codes (on SmolLM2 after 30
-    updates, 3e-7 of the codes changed and the held-out gain was lost; README.md, "Merging a QLoRA adapter").
+    updates, 3e-7 of the codes changed and the held-out gain was lost; docs/qlora.md, "Merging a QLoRA adapter").
     Quantizing ``original`` + update instead keeps most of the gain.
 
 :func:`merge_report` measures, on held-out batches, the largest absolute logit difference and the held-out
@@ -35,7 +35,8 @@ from torch import nn
 
 from finetune_ref.lora.adapters import merge_and_unload, set_adapter
 from finetune_ref.lora.inject import get_active_adapters, get_lora_configs, inject_lora, lora_layers
-from finetune_ref.models.checkpoint import dequantize_linears, load_model, parse_dtype
+from finetune_ref.models.checkpoint import parse_dtype
+from finetune_ref.models.loader import dequantize_linears, load_model
 from finetune_ref.models.llama import LlamaForCausalLM
 from finetune_ref.qlora.model import nf4_layers, quantize_model
 from finetune_ref.qlora.nf4 import quantize_nf4, unpack_nibbles
@@ -121,7 +122,7 @@ def merge_qlora(model: LlamaForCausalLM, *, base: str = "nf4-dequant",
 
 def _to_dtype(model: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
     # nn.Module.to(dtype) casts floating tensors only, and NF4Linear keeps its packed codes and fp32 state; the
-    # RoPE inverse frequencies must stay fp32 (as models.checkpoint.load_model leaves them), so rebuild them.
+    # RoPE inverse frequencies must stay fp32 (as models.loader.load_model leaves them), so rebuild them.
     model.to(dtype)
     model.model.rotary_emb.reset_inv_freq(model.model.embed_tokens.weight.device)
     return model

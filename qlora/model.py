@@ -5,7 +5,7 @@ double quantization and dequantized on the fly; embeddings, norms and the output
 (transformers' ``get_keys_to_not_convert`` leaves ``lm_head`` out the same way). Here each such
 ``nn.Linear`` becomes a :class:`qlora.nf4_linear.NF4Linear`.
 
-Quantize while loading: :func:`load_quantized` is ``models.checkpoint.load_model`` with an :class:`NF4Builder`:
+Quantize while loading: :func:`load_quantized` is ``models.loader.load_model`` with an :class:`NF4Builder`:
 the checkpoint is read one decoder layer at a time and each linear weight quantized as soon as it is read, so
 peak memory is the quantized model plus one layer in 16/32-bit, never the whole model.
 
@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.layer import LoRALinear
-from finetune_ref.models.checkpoint import (DTYPE_NAMES, SINGLE_FILE, LinearBuilder, atomic_save_safetensors,
-                                            atomic_write_text, load_model, module_matches, parse_dtype)
+from finetune_ref.models.checkpoint import (DTYPE_NAMES, SINGLE_FILE, atomic_save_safetensors, atomic_write_text,
+                                            parse_dtype)
+from finetune_ref.models.loader import LinearBuilder, load_model, module_matches
 from finetune_ref.models.config import read_config_json
 from finetune_ref.models.llama import LlamaForCausalLM
 from finetune_ref.qlora.bnb_config import QUANTIZATION_CONFIG_KEY, BnbQuantizationConfig, read_quantization_config

@@ -30,9 +30,9 @@ input, blocksizes 32..4096 and any element count. The rules we replicate (bitsan
 
 Dequantization computes ``quant_map[code] * absmax`` in fp32 and casts once to the output dtype, with
 ``absmax = nested_quant_map[q] * nested_absmax + offset`` (two fp32 roundings) under double
-quantization, exactly as bitsandbytes' pure-PyTorch path; the one implementation of it is the kernels'
-reference (``kernels/reference.py``), which :func:`dequantize_nf4` checks its inputs for and calls.
-(bitsandbytes' native CPU dequantize is wrong for some shapes; see ``tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented``.)
+quantization, exactly as bitsandbytes' pure-PyTorch path. It lives beside the Triton kernels that must equal
+it: ``kernels/reference.py``, ``dequantize_nf4(packed, state, dtype=None)``. (bitsandbytes' native CPU
+dequantize is wrong for some shapes; see ``tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented``.)
 
 Bad input: NaN/inf anywhere raise ValueError (we refuse rather than let one value poison its block);
 fp64, integer, fp8 and uint8 (already packed) inputs raise TypeError; all-zero blocks dequantize to
@@ -45,8 +45,6 @@ from typing import Optional
 
 import torch
 
-from finetune_ref.kernels import reference
-from finetune_ref.kernels.reference import check_dtype, check_packed
 from finetune_ref.optim.blockwise8 import check_float_input, create_dynamic_map, quantize_blockwise
 from finetune_ref.qlora.quant_state import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, NF4QuantState
 
@@ -179,31 +177,3 @@ def _block_absmax_and_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.T
         absmax = torch.cat([absmax, tail_absmax.view(1)])
         scaled = torch.cat([scaled, (tail / tail_absmax).clamp(-1, 1)])  # division here, not reciprocal
     return absmax, scaled
-
-
-def dequantize_nf4(packed: torch.Tensor, state: NF4QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Inverse of :func:`quantize_nf4`: ``quant_map[code] * absmax`` in fp32, cast once to ``dtype``.
-
-    Checks its inputs, then runs the one dequantize reference (``kernels/reference.py``:
-    ``dequantize_nf4``), equal bit for bit to bitsandbytes' pure-PyTorch ``dequantize_4bit`` (and to its
-    native CPU kernel on the shapes where that kernel is right). ``kernels.reference.dequantize_absmax`` (the fp32
-    per-block absmax, rebuilt from double quantization when nested) comes from there too.
-
-    Args:
-        packed: uint8 packed codes, ``((numel + 1) // 2, 1)`` (any shape with that many bytes is accepted).
-        state: the :class:`NF4QuantState` returned with ``packed``.
-        dtype: output dtype (float32, bfloat16, float16); default ``state.dtype``.
-
-    Returns:
-        Tensor of ``state.shape`` and ``dtype`` on ``packed``'s device.
-
-    Raises:
-        TypeError: ``packed`` is not uint8 / ``state`` is not an NF4QuantState / unsupported dtype.
-        ValueError: ``packed`` has the wrong number of bytes or is on another device than the state.
-    """
-    if not isinstance(state, NF4QuantState):
-        raise TypeError(f"dequantize_nf4: state must be an NF4QuantState, got {type(state).__name__}")
-    check_packed(packed, state, "dequantize_nf4: packed")
-    if dtype is not None:
-        check_dtype(dtype, "dequantize_nf4: dtype")
-    return reference.dequantize_nf4(packed, state, dtype)

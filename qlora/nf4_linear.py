@@ -37,7 +37,8 @@ from finetune_ref.kernels.backend import resolve_backend
 from finetune_ref.kernels.nf4_autograd import NF4MatmulFunction
 from finetune_ref.qlora.bnb_format import check_bias, check_linear_state, from_bnb_state_dict, to_bnb_state_dict
 from finetune_ref.kernels.reference import check_packed
-from finetune_ref.qlora.nf4 import dequantize_nf4, quantize_nf4
+from finetune_ref.kernels.reference import dequantize_nf4
+from finetune_ref.qlora.nf4 import quantize_nf4
 from finetune_ref.models.checkpoint import SUPPORTED_DTYPES
 from finetune_ref.qlora.quant_state import NF4QuantState
 

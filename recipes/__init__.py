@@ -8,7 +8,7 @@
     run.py        run_training: one run of a recipe (data, model, loop, checkpoints, result), as ``finetune train``
     inference.py  load_inference_model: a stored base (dense, NF4, GPTQ) plus adapters, for eval/generate/merge
 
-What QLoRA adds to LoRA is the difference of ``lora.py`` and ``qlora.py``.
+What QLoRA adds to LoRA is ``qlora.py``: its recipe subclasses LoRA's and adds the NF4 base and QLoRA's defaults.
 """
 
 from finetune_ref.recipes.base import RunConfig, Trainable

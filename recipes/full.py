@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from finetune_ref.full import export_full_model, prepare_full_finetuning
-from finetune_ref.models.checkpoint import load_model
+from finetune_ref.models.loader import load_model
 from finetune_ref.train.distributed import DistInfo
 
 from .base import RunConfig, Trainable

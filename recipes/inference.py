@@ -21,7 +21,8 @@ from typing import Sequence
 
 from finetune_ref.gptq.checkpoint import is_gptq_dir, load_gptq_model
 from finetune_ref.lora import load_adapters
-from finetune_ref.models.checkpoint import load_model, parse_dtype
+from finetune_ref.models.checkpoint import parse_dtype
+from finetune_ref.models.loader import load_model
 from finetune_ref.qlora.adapter_record import read_qlora_record
 from finetune_ref.qlora.bnb_config import is_quantized_dir
 from finetune_ref.qlora.model import load_quantized

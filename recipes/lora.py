@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from finetune_ref.lora import LoraConfig, inject_lora, save_adapter
-from finetune_ref.models.checkpoint import load_model
+from finetune_ref.models.loader import load_model
 from finetune_ref.train.distributed import DistInfo, unwrap_model
 
 from .base import RunConfig, Trainable

@@ -313,7 +313,7 @@ def test_loss_curve_of_lora_on_smollm2_tracks_32bit_adamw(smollm2_dir, pydoc_tex
     largest per-step gap 2e-4). Band asserted: every step within 0.01 nats.
     """
     from finetune_ref.lora import LoraConfig, inject_lora
-    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.loader import load_model
 
     x = pydoc_text_window[:, :64]  # (1, 64)
     curves = {}

@@ -1,6 +1,6 @@
 """``finetune compare`` (cli/compare.py) on a tiny random Llama: the table, the files, the errors.
 
-The real SmolLM2 run is documented in finetune/README_COMPARE.md; here every method trains a few updates of a
+The real SmolLM2 run is documented in docs/compare.md; here every method trains a few updates of a
 2-layer model so the whole file takes seconds.
 """
 

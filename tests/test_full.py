@@ -7,12 +7,12 @@ import torch
 
 from finetune_ref.train.data import BatchIterator, pack_documents
 from finetune_ref.train.config import TrainConfig
-from finetune_ref.train.step import build_optimizer
+from finetune_ref.train.step import optimizer_for
 from finetune_ref.train.evaluation import evaluate
 from finetune_ref.train.trainer import train
 from finetune_ref.full import export_full_model, memory_breakdown, prepare_full_finetuning
 from finetune_ref.optim import MasterWeightAdamW
-from finetune_ref.models.checkpoint import load_model
+from finetune_ref.models.loader import load_model
 from finetune_ref.models.config import LlamaConfig
 from finetune_ref.models.llama import LlamaForCausalLM
 
@@ -107,7 +107,7 @@ def test_tied_embedding_gets_both_gradients_and_one_update():
     torch.testing.assert_close(tied.model.embed_tokens.weight.grad, both, atol=1e-6, rtol=1e-5)
 
     prepare_full_finetuning(tied, torch.bfloat16)
-    opt = build_optimizer(tied, TrainConfig(lr=1e-2, precision="fp32", optimizer="adamw"))
+    opt = optimizer_for(tied, TrainConfig(lr=1e-2, precision="fp32", optimizer="adamw"))
     params = [p for g in opt.param_groups for p in g["params"]]
     assert len(params) == len({id(p) for p in params}) == len(list(tied.parameters()))  # the tie appears once
     before = tied.model.embed_tokens.weight.detach().float().clone()
@@ -124,7 +124,7 @@ def test_tied_embedding_gets_both_gradients_and_one_update():
 @pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, (2, 2, 8, 4)), (torch.float32, (4, 4, 8, 0))])
 def test_memory_is_16_bytes_per_parameter(dtype, expected):
     model = prepare_full_finetuning(tiny_model(), dtype)
-    opt = build_optimizer(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
+    opt = optimizer_for(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
     model(**next(data())).loss.backward()
     opt.step()
     mem = memory_breakdown(model, opt)
@@ -151,10 +151,10 @@ def test_prepare_full_finetuning_and_errors():
 
 def test_optimizer_state_dict_round_trip_keeps_fp32():
     model = prepare_full_finetuning(tiny_model(), torch.bfloat16)
-    opt = build_optimizer(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
+    opt = optimizer_for(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
     model(**next(data())).loss.backward()
     opt.step()
-    fresh = build_optimizer(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
+    fresh = optimizer_for(model, TrainConfig(lr=2e-4, precision="fp32", optimizer="adamw"))
     fresh.load_state_dict(opt.state_dict())
     for p in model.parameters():
         for key in ("master", "exp_avg", "exp_avg_sq"):
@@ -191,7 +191,7 @@ def test_real_model_bf16_full_finetuning_step(smollm2_dir, pydoc_text_window):
     batch = {"input_ids": ids, "labels": ids}
     before = evaluate(model, [batch])["loss"]
     cfg = TrainConfig(steps=3, lr=1e-4, warmup_steps=0, progress=False, precision="bf16", optimizer="adamw")
-    opt = build_optimizer(model, cfg)
+    opt = optimizer_for(model, cfg)
     train(model, iter(lambda: batch, None), cfg, optimizer=opt)
     after = evaluate(model, [batch])["loss"]
     assert after < before - 0.05, (before, after)

@@ -1,7 +1,7 @@
-"""The GPTQ checkpoint layout (qlora/gptq_format.py) and GPTQLinear (qlora/gptq_linear.py).
+"""The GPTQ checkpoint layout (gptq/format.py) and GPTQLinear (gptq/linear.py).
 
 No GPTQ library installs on this CPU-only torch 2.13 environment without replacing torch or downgrading numpy
-(see qlora/README_GPTQ.md), so the bit layout is checked against a straightforward reference written here
+(see docs/serving.md), so the bit layout is checked against a straightforward reference written here
 from the layout's description (a Python-integer bit stream per column, AutoGPTQ's ``pack`` semantics), against
 hand-computed words, and by bitwise round trips. tests/test_gptq_oracle.py compares with GPTQModel where it is
 installed.

@@ -211,7 +211,7 @@ def test_bad_settings_raise_clearly():
 def test_smollm2_calibration_and_two_layers(smollm2_dir, tmp_path):
     """The default calibration data (training split of the default corpus) and GPTQ on two real layers."""
     from finetune_ref.train.data import build_datasets
-    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.loader import load_model
     from finetune_ref.models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(smollm2_dir)

@@ -3,7 +3,7 @@
 Skipped where gptqmodel is not installed, which is the project's default environment: every gptqmodel release
 either requires torch >= 2.14.1 (7.4+, it would replace torch 2.13.0) or pins numpy==2.2.6 and pulls ~18
 packages (7.3.6), and it imports torchvision, which has no CPU wheel for torch 2.13 on PyPI. See
-qlora/README_GPTQ.md for how it was run once in a scratch environment.
+docs/serving.md ("The checkpoint layout", Oracle) for how it was run once in a scratch environment.
 
 GPTQModel keeps zero points in its "v2" form in memory (``qzeros`` hold the zero point itself) and converts v1
 checkpoints on load by adding 1 to every packed field of each word. Checked here: its packer writes our

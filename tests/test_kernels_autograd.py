@@ -138,7 +138,7 @@ def test_nf4_linear_errors(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_nf4_linear_matches_qlora_nf4linear(backend):
     # How qlora.NF4Linear calls us: its packed weight and its (cached) NF4QuantState, as they are.
-    nf4_linear_module = pytest.importorskip("finetune_ref.qlora.nf4_linear", reason="qlora/nf4_linear.py is not written yet")
+    from finetune_ref.qlora import nf4_linear as nf4_linear_module
     torch.manual_seed(0)
     dense = torch.nn.Linear(67, 65)
     layer = nf4_linear_module.NF4Linear.from_linear(dense, compute_dtype=torch.float32).to(DEVICE)

@@ -72,6 +72,10 @@ def test_layout_rejects_bad_tensors():
     for bad, error, message in bad_packed:
         with pytest.raises(error, match=message):
             reference.check_packed(bad, st)
+    # bitsandbytes' own QuantState is not taken for ours: the error says how to convert it.
+    bnb_packed, bnb_state = bnbf.quantize_4bit(torch.randn(10, 64), blocksize=64, quant_type="nf4")
+    with pytest.raises(TypeError, match="NF4QuantState.from_dict"):
+        dequantize_nf4(bnb_packed, bnb_state)
     pytest.importorskip("triton", reason="the contiguity check lives in the Triton module")
     from finetune_ref.kernels.nf4_dequant import nf4_pointer_args
 
@@ -111,11 +115,16 @@ def test_reference_dequant_equals_bitsandbytes(shape, double_quant):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", ODD_SHAPES + ((7, 1000),))
-def test_reference_dequant_equals_qlora_nf4(shape, double_quant, dtype):
-    nf4 = pytest.importorskip("finetune_ref.qlora.nf4", reason="the project quantizer qlora/nf4.py is not written yet")
+def test_reference_dequant_equals_the_formula_on_qlora_nf4_data(shape, double_quant, dtype):
+    from finetune_ref.qlora import nf4
     w = torch.randn(shape)
     packed, state = nf4.quantize_nf4(w, blocksize=64, double_quant=double_quant)
-    assert torch.equal(dequantize_nf4(packed, state, dtype), nf4.dequantize_nf4(packed, state, dtype))
+    # The fast byte -> pair gather against the definition, element by element: quant_map[code] * absmax[block].
+    n = w.numel()
+    codes = nf4.unpack_nibbles(packed, n).long()  # (n,)
+    absmax = dequantize_absmax(state).repeat_interleave(64)[:n]  # (n,) fp32
+    expected = (state.quant_map[codes] * absmax).to(dtype).view(shape)
+    assert torch.equal(dequantize_nf4(packed, state, dtype), expected)
     # ... and the same bytes come from bitsandbytes, so the two layouts are one.
     assert torch.equal(packed, quantize_with_bnb(w, 64, double_quant)[0])
 

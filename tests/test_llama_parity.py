@@ -10,7 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from finetune_ref.models.checkpoint import load_model, save_model  # noqa: E402
+from finetune_ref.models.checkpoint import save_model  # noqa: E402
+from finetune_ref.models.loader import load_model
 from finetune_ref.models.config import LlamaConfig  # noqa: E402
 from finetune_ref.models.llama import KVCache, LlamaForCausalLM  # noqa: E402
 

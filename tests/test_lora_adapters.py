@@ -273,10 +273,10 @@ def test_merge_into_tied_lm_head_refuses_or_unties():
 # ---- our own model class ----
 
 def test_on_our_llama_model(tmp_path):
-    checkpoint = pytest.importorskip("finetune_ref.models.checkpoint")
+    from finetune_ref.models import checkpoint, loader
     hf = tiny_llama(tie=True)
     hf.save_pretrained(tmp_path / "base")
-    ours = checkpoint.load_model(tmp_path / "base", dtype=torch.float32)
+    ours = loader.load_model(tmp_path / "base", dtype=torch.float32)
     names = lora.inject_lora(ours, config(r=4, lora_alpha=8, target_modules="all-linear"))
     assert "lm_head" not in names and len(names) == 14  # no get_output_embeddings(): lm_head found by name
     # Same adapter in transformers + our LoRA: same logits as our model + our LoRA.
@@ -287,5 +287,5 @@ def test_on_our_llama_model(tmp_path):
     expected = ours(IDS).logits.detach()
     merged = lora.merge_and_unload(ours)
     checkpoint.save_model(merged, tmp_path / "merged")
-    reloaded = checkpoint.load_model(tmp_path / "merged", dtype=torch.float32)
+    reloaded = loader.load_model(tmp_path / "merged", dtype=torch.float32)
     assert_rel_close(reloaded(IDS).logits.detach(), expected, rel=1e-5)

@@ -27,7 +27,7 @@ def assert_rel_close(actual, expected, rel):
 def test_lora_on_smollm2_trains_saves_loads_in_peft_and_merges(smollm2_dir, pydoc_text_window, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.loader import load_model
 
     torch.manual_seed(0)
     ids = pydoc_text_window[:, :64]  # (1, 64): enough to see training, cheap on 2 cores

@@ -307,7 +307,7 @@ def test_predicted_peak_of_a_plain_loop(method, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_predicted_peak_with_each_optimizer(optimizer, dtype):
     """Full fine-tuning of a wide model with a short batch: the optimizer step is the peak."""
-    optimizers = pytest.importorskip("finetune_ref.optim.optimizers")
+    from finetune_ref.optim import optimizers
     from finetune_ref.models.llama import LlamaForCausalLM
 
     settings = MemorySettings(method="full", dtype=dtype, optimizer=optimizer, batch_size=1, seq_len=32,
@@ -333,7 +333,7 @@ def test_predicted_peak_with_each_optimizer(optimizer, dtype):
 
 @pytest.mark.real_model
 def test_predicted_peak_matches_measured_peak_on_smollm2(smollm2_dir):
-    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.loader import load_model
 
     settings = MemorySettings(method="lora", dtype="fp32", batch_size=2, seq_len=64)
     model = prepare(load_model(smollm2_dir, dtype=torch.float32), settings)

@@ -14,9 +14,8 @@ import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
 from finetune_ref.optim.blockwise8 import quantize_blockwise
-from finetune_ref.qlora.nf4 import (NF4_CODE_VALUES, derive_nf4_code, dequantize_nf4, nf4_code, pack_nibbles,
-                                    quantize_nf4, unpack_nibbles)
-from finetune_ref.kernels.reference import dequantize_absmax
+from finetune_ref.qlora.nf4 import (NF4_CODE_VALUES, derive_nf4_code, nf4_code, pack_nibbles, quantize_nf4, unpack_nibbles)
+from finetune_ref.kernels.reference import dequantize_absmax, dequantize_nf4
 from finetune_ref.qlora.quant_state import PACKED_STATE_KEY, NF4QuantState
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

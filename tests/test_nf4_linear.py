@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_ref.qlora.bnb_format import bnb_linear_keys, bnb_linear_prefixes, from_bnb_state_dict, to_bnb_state_dict
-from finetune_ref.qlora.nf4 import dequantize_nf4, quantize_nf4
+from finetune_ref.kernels.reference import dequantize_nf4
+from finetune_ref.qlora.nf4 import quantize_nf4
 from finetune_ref.qlora.nf4_linear import NF4Linear
 from finetune_ref.qlora.quant_state import NF4QuantState
 

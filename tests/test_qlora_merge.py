@@ -18,7 +18,7 @@ from finetune_ref.cli.main import main
 from finetune_ref.lora import LoraConfig, merge_and_unload, save_adapter, unmerge_adapters
 from finetune_ref.lora.layer import LoRALinear
 from finetune_ref.lora.functional import lora_delta_weight
-from finetune_ref.models.checkpoint import load_model
+from finetune_ref.models.loader import load_model
 from finetune_ref.qlora.merge import check_original_matches, dequantize_model, merge_qlora, merge_report
 from finetune_ref.qlora.bnb_config import is_quantized_dir
 from finetune_ref.qlora.model import load_quantized, nf4_layers, prepare_qlora_model

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import finetune_ref.models.checkpoint as checkpoint
+import finetune_ref.models.loader as loader
 from finetune_ref.cli.main import main
 from finetune_ref.lora import LoraConfig
 from finetune_ref.models.config import LlamaConfig as OurConfig
@@ -208,7 +208,7 @@ def test_loading_reads_one_layer_at_a_time_and_keeps_no_file_tensor(fp_dir, monk
     """Peak memory: never the whole model in 16/32-bit. Each read is one decoder layer (or the rest), and no
     tensor read from the file (a view of its memory map) survives in the model."""
     reads, refs = [], []
-    original = checkpoint.read_tensors
+    original = loader.read_tensors
 
     def spy(files, names):
         out = original(files, names)
@@ -216,7 +216,7 @@ def test_loading_reads_one_layer_at_a_time_and_keeps_no_file_tensor(fp_dir, monk
         refs.extend(weakref.ref(t) for t in out.values())
         return out
 
-    monkeypatch.setattr(checkpoint, "read_tensors", spy)
+    monkeypatch.setattr(loader, "read_tensors", spy)
     model = load_quantized(fp_dir, dtype=torch.float32)
     assert len(reads) == TINY["num_hidden_layers"] + 1
     for i in range(TINY["num_hidden_layers"]):
@@ -244,7 +244,7 @@ def test_measured_bytes_per_parameter(double_quant, nominal):
 
 
 def test_in_memory_quantization_equals_quantize_while_loading(fp_dir):
-    from finetune_ref.models.checkpoint import load_model
+    from finetune_ref.models.loader import load_model
 
     dense = load_model(fp_dir, dtype=torch.float32)
     quantized = quantize_model(dense, compute_dtype=torch.float32)

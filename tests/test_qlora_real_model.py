@@ -1,7 +1,7 @@
 """QLoRA on the real SmolLM2-135M: quantize while loading, check size and quality, train a few steps.
 
 Slow-ish (quantizing 210 linear layers dominates), so everything shares one quantized model. The full
-comparison with LoRA (tokens/s, peak memory, held-out loss after 30 updates) is in README.md (QLoRA section).
+comparison with LoRA (tokens/s, peak memory, held-out loss after 30 updates) is in docs/qlora.md.
 """
 
 import pytest
@@ -12,7 +12,7 @@ from finetune_ref.train.config import TrainConfig
 from finetune_ref.train.evaluation import evaluate
 from finetune_ref.train.trainer import train
 from finetune_ref.lora import LoraConfig
-from finetune_ref.models.checkpoint import load_model
+from finetune_ref.models.loader import load_model
 from finetune_ref.models.tokenizer import Tokenizer
 from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model, quantized_nbytes
 

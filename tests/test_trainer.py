@@ -138,7 +138,7 @@ def test_no_trainable_parameters_is_an_error():
 # Added with full fine-tuning / checkpointing.
 # ---------------------------------------------------------------------------------------------------------
 from finetune_ref.train.schedule import format_lr_table  # noqa: E402
-from finetune_ref.train.step import build_optimizer, clip_grad_norm_  # noqa: E402
+from finetune_ref.train.step import clip_grad_norm_, optimizer_for  # noqa: E402
 
 
 def test_warmup_zero_first_update_uses_peak_lr_and_lr_table():
@@ -169,7 +169,7 @@ def test_no_weight_decay_on_biases_and_norms():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.1, lr=2e-4, precision="fp32", optimizer="adamw"))
+    opt = optimizer_for(model, TrainConfig(weight_decay=0.1, lr=2e-4, precision="fp32", optimizer="adamw"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from finetune_ref.optim import build_optimizer as build_named_optimizer
+from finetune_ref.optim import build_optimizer
 
 from .config import TrainConfig
 from .data import count_label_tokens
@@ -38,12 +38,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over ``param_groups`` (see ``optim.build_optimizer``): for "adamw",
     ``torch.optim.AdamW`` if every trainable parameter is fp32, else ``MasterWeightAdamW`` (fp32 master
     copy and moments for the 16-bit ones); the paged and 8-bit ones keep fp32 master weights too."""
     groups = param_groups(model, cfg.weight_decay)
-    return build_named_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def check_precision(model: nn.Module, precision: str) -> None:

@@ -47,7 +47,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, any_rank
 from .evaluation import evaluate_if_due, track_best
 from .schedule import WarmupCosine
-from .step import (accumulate_gradients, build_optimizer, check_finite, check_precision, clip_grad_norm_,
+from .step import (accumulate_gradients, check_finite, check_precision, clip_grad_norm_, optimizer_for,
                    update_label_tokens)
 
 __all__ = ["train"]
@@ -69,7 +69,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
             ``state_dict``/``load_state_dict`` (``BatchIterator``, ``ShardedBatches``).
         cfg: the loop's settings (a recipe's config is one).
         eval_fn: returns a dict with "loss"; called every ``cfg.eval_every`` updates and after the last.
-        optimizer: default ``build_optimizer(model, cfg)``.
+        optimizer: default ``optimizer_for(model, cfg)``.
         on_update: called after each update with (update number, its metrics).
         checkpointer: a ``train.checkpointing.Checkpointer`` (periodic, final, Ctrl-C and best checkpoints).
         resume_from: a checkpoint (or checkpoint root) to continue from; needs ``checkpointer``'s metadata.
@@ -88,7 +88,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
     info = info or DistInfo()
     check_precision(model, cfg.precision)
     log = MetricsLog(cfg.metrics_path if info.is_main else None)
-    optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
+    optimizer = optimizer if optimizer is not None else optimizer_for(model, cfg)
     scheduler = WarmupCosine(optimizer, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio)
     state = _resume(resume_from, checkpointer, model, optimizer, scheduler, batches, log)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
