@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from finetune_ref.qlora.quant_state import SUPPORTED_BLOCKSIZES
 from finetune_ref.recipes.base import RunConfig
 
 
@@ -83,7 +84,7 @@ def targets(text: str) -> tuple[str, ...] | str:
     return names
 
 
-NF4_BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]  # bitsandbytes' supported blocksizes
+NF4_BLOCKSIZES = list(SUPPORTED_BLOCKSIZES)  # --blocksize choices: bitsandbytes' supported blocksizes
 
 
 def _default(value, given_only: bool):

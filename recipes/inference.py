@@ -4,7 +4,7 @@ directory with its tokenizer (``copy_tokenizer_files``).
 
 ``load_inference_model`` reads the base the way it was trained or saved:
 
-* a GPTQ directory (``finetune merge --requantize gptq4|rtn4``) -> ``gptq.model.load_gptq_model``;
+* a GPTQ directory (``finetune merge --requantize gptq4|rtn4``) -> ``gptq.checkpoint.load_gptq_model``;
 * a bitsandbytes 4-bit directory (``finetune quantize``, or transformers + bitsandbytes) -> ``load_quantized``;
 * a 16/32-bit directory with a QLoRA adapter (one whose folder holds ``qlora_config.json``, written by
   ``finetune train --method qlora``, ``qlora/adapter_record.py``) -> quantized to NF4 while loading, with the

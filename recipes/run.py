@@ -18,7 +18,7 @@ import torch
 from finetune_ref.lora import format_trainable_parameters
 from finetune_ref.models.tokenizer import Tokenizer
 from finetune_ref.train.checkpointing import Checkpointer
-from finetune_ref.train.checkpoint_files import resolve_checkpoint
+from finetune_ref.train.checkpoint_files import LATEST_FILE, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
 from finetune_ref.train.distributed import DistInfo, ShardedBatches, shard_model, wrap_ddp
 from finetune_ref.train.evaluation import evaluate
@@ -38,7 +38,7 @@ def check_run_dir(cfg: RunConfig) -> Path | None:
         FileNotFoundError: ``resume`` names no checkpoint.
     """
     out = cfg.out_dir
-    if cfg.resume is None and (out / CHECKPOINTS_DIR / "latest").exists():
+    if cfg.resume is None and (out / CHECKPOINTS_DIR / LATEST_FILE).exists():
         raise ValueError(f"{out} already holds checkpoints of a run: continue it with --resume {out}, or choose "
                          "another --out")
     if cfg.resume is None and (out / METRICS_FILE).exists():

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from finetune_ref.optim import OPTIMIZER_NAMES
+from finetune_ref.qlora.quant_state import SUPPORTED_BLOCKSIZES
 from finetune_ref.train.memory_shapes import LINEAR_NAMES
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -69,7 +70,7 @@ class MemorySettings:
         if unknown or not self.target_modules:
             raise ValueError(f"target_modules must be a non-empty subset of {LINEAR_NAMES}, got "
                              f"{tuple(self.target_modules)!r}")
-        if self.method == "qlora" and self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.method == "qlora" and self.blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"blocksize must be a power of two in [32, 4096], got {self.blocksize}")
 
 
