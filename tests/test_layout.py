@@ -34,7 +34,8 @@ ALLOWED = {
     "full": {"models", "optim"},
     "train": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full"},
     "recipes": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train"},
-    "cli": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes"},
+    "serve": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes"},
+    "cli": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "serve"},
 }
 
 
