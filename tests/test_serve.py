@@ -233,3 +233,36 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         assert time.time() < deadline, stats
         time.sleep(0.2)
     assert complete(url, "a", "x", 2)[2] >= 1
+
+
+def test_nf4_base_in_process(server, tmp_path):
+    """``--quantize nf4``'s loader and the app without a socket (Starlette's TestClient runs the lifespan)."""
+    from fastapi.testclient import TestClient
+
+    from finetune_ref.models.batching import Row, generate_batch
+    from finetune_ref.models.tokenizer import Tokenizer
+    from finetune_ref.qlora.nf4_linear import NF4Linear
+    from finetune_ref.recipes.inference import load_inference_model
+    from finetune_ref.serve.app import build_app
+    from finetune_ref.serve.engine import Engine
+
+    _, adapters = server
+    model_dir = adapters["a"].parent / "model"
+    model = load_inference_model(model_dir, None, [adapters["a"], adapters["b"]], adapter_names=["a", "b"],
+                                 quantize="nf4")
+    assert any(isinstance(m, NF4Linear) for m in model.modules())
+    tokenizer = Tokenizer.from_dir(model_dir)
+    with TestClient(build_app(Engine(model, tokenizer, "model", max_batch=2))) as c:
+        got = [c.post("/v1/completions", json={"model": m, "prompt": "The list", "max_tokens": 6,
+                                                "temperature": 0}).json()["choices"][0]["text"] for m in ("a", "b")]
+    from finetune_ref import lora
+    from finetune_ref.lora.mixed import clear_row_adapters
+
+    clear_row_adapters(model)  # the engine left its last batch's row adapters on the layers
+    want = []
+    for name in ("a", "b"):
+        lora.set_adapter(model, name)
+        row = Row(tokenizer.encode("The list"), max_new_tokens=6,
+                  stop_ids=frozenset({tokenizer.eos_token_id}))
+        want.append(generate_batch(model, [row], decode=tokenizer.decode)[0].text)
+    assert got == want and got[0] != got[1]
