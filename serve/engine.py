@@ -209,10 +209,9 @@ class Engine:
                         self.batch.add([r.row for r in new])  # prefill: their first token
                     if len(self.batch) > len(new):
                         self.batch.step()  # everybody else's next token (the new rows' second)
+                self._hand_out()
             except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
                 self._fail_all(e)
-                continue
-            self._hand_out()
 
     def _hand_out(self) -> None:
         for row in self.batch.rows:

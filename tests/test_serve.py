@@ -266,3 +266,33 @@ def test_nf4_base_in_process(server, tmp_path):
                   stop_ids=frozenset({tokenizer.eos_token_id}))
         want.append(generate_batch(model, [row], decode=tokenizer.decode)[0].text)
     assert got == want and got[0] != got[1]
+
+
+def test_an_exception_in_a_step_fails_that_batch_only(server):
+    from fastapi.testclient import TestClient
+
+    from finetune_ref.models.loader import load_model
+    from finetune_ref.models.tokenizer import Tokenizer
+    from finetune_ref.serve.app import build_app
+    from finetune_ref.serve.engine import Engine
+
+    _, adapters = server
+    model_dir = adapters["a"].parent / "model"
+    engine = Engine(load_model(model_dir), Tokenizer.from_dir(model_dir), "model", max_batch=2)
+    calls = {"n": 0}
+    real_add = engine.batch.add
+
+    def add_once_broken(rows):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_add(rows)
+
+    engine.batch.add = add_once_broken
+    with TestClient(build_app(engine)) as c:
+        body = {"prompt": "The list", "max_tokens": 4, "temperature": 0}
+        failed = c.post("/v1/completions", json=body)
+        assert failed.status_code == 500 and "boom" in failed.json()["error"]["message"]
+        ok = c.post("/v1/completions", json=body)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+        assert c.get("/health").json()["failed"] == 1
