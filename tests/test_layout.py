@@ -34,7 +34,8 @@ ALLOWED = {
     "full": {"models", "optim"},
     "train": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full"},
     "recipes": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train"},
-    "cli": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes"},
+    "parity": {"models", "lora", "kernels", "optim", "qlora"},
+    "cli": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "parity"},
 }
 
 
