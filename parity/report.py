@@ -39,7 +39,7 @@ class Row:
     def as_dict(self) -> dict:
         out = {"check": self.check, "case": self.case, "peer": self.peer, "dtype": self.dtype,
                **self.divergence.as_dict(), "must_be_bitwise": self.must_be_bitwise, "status": self.status,
-               "cause": self.known.cause if self.known else None,
+               "known": self.known.key if self.known else None, "cause": self.known.cause if self.known else None,
                "reference": self.known.reference if self.known else None}
         # JSON has no infinity: a NaN on one side only is written as the string "inf".
         return {k: "inf" if isinstance(v, float) and math.isinf(v) else v for k, v in out.items()}
