@@ -118,19 +118,20 @@ def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype, blocksize: int
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
                                      blocksize=blocksize, compress_statistics=double_quant)
     if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer.bias = nn.Parameter(linear.bias.detach().clone())
     return no_bnb_repacking(layer.to("cpu"))  # .to() is where Params4bit quantizes
 
 
-def hf_4bit(model_dir, compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):
-    """transformers' 4-bit load (NF4 + double quantization) on the CPU, repacking off."""
+def hf_4bit(model_dir, compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32,
+            double_quant: bool = True):
+    """transformers' 4-bit load (NF4, double quantization by default) on the CPU, repacking off, eval mode."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                                 bnb_4bit_compute_dtype=compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
                                                  dtype=dtype)
-    return no_bnb_repacking(model)
+    return no_bnb_repacking(model).eval()
 
 
 # ------------------------------------------------------------------------------------------ torchao
