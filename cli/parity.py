@@ -1,5 +1,5 @@
-"""``finetune parity``: run the same weights, packed bytes and batch through this reference and each installed
-peer (PEFT, bitsandbytes, torchao, transformers) and print where they diverge, by how much, and why.
+"""finetune parity: run the same weights, packed bytes and batch through this reference and each installed peer
+(PEFT, bitsandbytes, torchao, transformers) and print where they diverge, by how much, and why.
 
 Exit status: 0 when every divergence is bitwise or explained, 1 when one is unexplained, 2 on bad flags.
 """
@@ -20,6 +20,7 @@ def cmd_parity(args) -> int:
     from finetune_ref.parity import run_parity
 
     peers = parse_peers(args.peers)  # before any work: a typo fails at once
+    _quiet_transformers()
     model_dir = None if args.tiny_only else resolve_model_dir(args.model, args.cache_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the peers' deprecation and "paged on CPU" warnings
@@ -30,6 +31,16 @@ def cmd_parity(args) -> int:
         print(f"\n{len(unexplained)} unexplained divergence(s): " +
               ", ".join(f"{r.check} [{r.case}] vs {r.peer}" for r in unexplained[:5]), file=sys.stderr)
     return EXIT_UNEXPLAINED if unexplained else 0
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars between the report's lines (transformers may not be installed)."""
+    try:
+        from transformers.utils import logging
+    except Exception:  # noqa: BLE001 - a missing or broken peer is reported by the run, not here
+        return
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def add_parity_parser(sub) -> None:

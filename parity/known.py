@@ -61,9 +61,10 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented",
         max_rel=float("inf")),
     KnownDifference(
-        "peft-bnb-adapter-rounding", ("qlora.forward",), ("peft+bnb",),
+        "peft-bnb-adapter-rounding", ("qlora.forward", "step.qlora.*"), ("peft+bnb",),
         "PEFT's bitsandbytes Linear4bit rounds the fp32 adapter output to the compute dtype before adding it "
-        "to the base output (two roundings); its plain Linear, like ours, adds in fp32 and rounds once",
+        "to the base output (two roundings); its plain Linear, like ours, adds in fp32 and rounds once. In a "
+        "model every adapted layer does it, so the loss and the gradients move by a few bf16 ulps too",
         "peft/tuners/lora/bnb.py (Linear4bit.forward: output.to(expected_dtype))",
         max_rel=2 ** -6, dtypes=("bf16", "fp16")),
     KnownDifference(

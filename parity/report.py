@@ -92,7 +92,7 @@ class Report:
             if r.known:
                 causes[r.known.key] = r.known
             cause = r.known.key if r.known else ("must be bitwise" if r.must_be_bitwise and not d.bitwise else "")
-            differ = f"{100 * d.mismatched / d.numel:.2g}%" if d.numel else "-"
+            differ = f"{100 * d.mismatched / d.numel:.3g}%" if d.numel else "-"
             lines.append(f"| {r.check} | {r.case} | {r.peer} | {r.dtype} | {_num(d.max_abs)} | {_num(d.max_rel)} | "
                          f"{_ulps(d.max_ulps)} | {differ} | {'yes' if d.bitwise else 'no'} | {r.status} | {cause} |")
         if causes:
