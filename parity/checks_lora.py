@@ -18,11 +18,10 @@ from torch import nn
 
 from finetune_ref.lora import LoraConfig, inject_lora, lora_layers, merge_and_unload
 from finetune_ref.parity import oracles
-from finetune_ref.parity.metrics import divergence
+from finetune_ref.parity.metrics import divergence, dtype_name
 from finetune_ref.parity.report import Row, make_row
 from finetune_ref.qlora.nf4_linear import NF4Linear
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 HIDDEN, KV_OUT = 128, 64  # in_features; a GQA k/v projection's out_features (2 of 4 heads of 32)
 
 
@@ -64,13 +63,13 @@ def _compare(prefix: str, case: str, peer: str, ours, theirs, must_be_bitwise: b
     (y, gx, grads), (y_ref, gx_ref, grads_ref) = ours, theirs
     if set(grads) != set(grads_ref):
         raise AssertionError(f"{prefix} {case}: trainable tensors differ: {sorted(grads)} vs {sorted(grads_ref)}")
-    rows = [make_row(f"{prefix}.forward", case, peer, DTYPE_NAMES[y_ref.dtype], divergence(y, y_ref),
+    rows = [make_row(f"{prefix}.forward", case, peer, dtype_name(y_ref.dtype), divergence(y, y_ref),
                      must_be_bitwise),
-            make_row(f"{prefix}.grad_input", case, peer, DTYPE_NAMES[gx_ref.dtype], divergence(gx, gx_ref),
+            make_row(f"{prefix}.grad_input", case, peer, dtype_name(gx_ref.dtype), divergence(gx, gx_ref),
                      must_be_bitwise)]
     for name in sorted(grads_ref):
         part = name.split(".")[-3] if name.endswith(".weight") else name.split(".")[-2]  # lora_A / lora_B / ...
-        rows.append(make_row(f"{prefix}.grad_{part}", case, peer, DTYPE_NAMES[grads_ref[name].dtype],
+        rows.append(make_row(f"{prefix}.grad_{part}", case, peer, dtype_name(grads_ref[name].dtype),
                              divergence(grads[name], grads_ref[name]), must_be_bitwise))
     return rows
 
@@ -104,7 +103,7 @@ def check_lora_layer(dtype: torch.dtype) -> list[Row]:
         with torch.no_grad():
             merged = merge_and_unload(ours).proj.weight
             merged_ref = pm.merge_and_unload().proj.weight
-        rows.append(make_row("lora.merged_weight", case, "peft", DTYPE_NAMES[dtype], divergence(merged, merged_ref)))
+        rows.append(make_row("lora.merged_weight", case, "peft", dtype_name(dtype), divergence(merged, merged_ref)))
     return rows
 
 
@@ -120,6 +119,6 @@ def check_qlora_layer(compute_dtype: torch.dtype) -> list[Row]:
     if not lora_layers(ours):
         raise AssertionError("no LoRA layer injected")
     x, grad_y = _inputs(compute_dtype, HIDDEN)
-    case = f"nf4+dq bs64 r8 ({HIDDEN}x{HIDDEN}) compute {DTYPE_NAMES[compute_dtype]}"
+    case = f"nf4+dq bs64 r8 ({HIDDEN}x{HIDDEN}) compute {dtype_name(compute_dtype)}"
     return _compare("qlora", case, "peft+bnb", _forward_backward(ours, x, grad_y, 5),
                     _forward_backward(pm, x, grad_y, 5), False)

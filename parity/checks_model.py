@@ -23,10 +23,9 @@ from finetune_ref.lora import LoraConfig, inject_lora
 from finetune_ref.models.loader import load_model
 from finetune_ref.optim import AdamW
 from finetune_ref.parity import oracles
-from finetune_ref.parity.metrics import divergence
+from finetune_ref.parity.metrics import divergence, dtype_name
 from finetune_ref.parity.report import Row, make_row
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
@@ -42,7 +41,7 @@ def _logit_rows(ours, theirs, ids, labels, case: str) -> list[Row]:
     """The dtype column is the model's (the loss itself is fp32 on both sides)."""
     with torch.no_grad():
         out, ref = ours(ids, labels=labels), theirs(input_ids=ids, labels=labels)
-    name = DTYPE_NAMES[ref.logits.dtype]
+    name = dtype_name(ref.logits.dtype)
     return [make_row("model.logits", case, "transformers", name, divergence(out.logits, ref.logits)),
             make_row("model.loss", case, "transformers", name, divergence(out.loss, ref.loss))]
 
@@ -72,7 +71,7 @@ def _step_rows(prefix, case, peer, dtype, ours, theirs, ids, labels) -> list[Row
     mine = _step(ours, AdamW(params, **HYPER), ids, labels, True)
     ref_params = [p for p in theirs.parameters() if p.requires_grad]
     ref = _step(theirs, torch.optim.AdamW(ref_params, foreach=False, **HYPER), ids, labels, False)
-    name = DTYPE_NAMES[dtype]
+    name = dtype_name(dtype)
     return [make_row(f"{prefix}.{what}", case, peer, name, divergence(a, b))
             for what, a, b in zip(("loss", "adapter_grads", "adapter_update"), mine, ref)]
 

@@ -14,7 +14,7 @@ import torch
 
 from finetune_ref.kernels.reference import dequantize_absmax, dequantize_nf4
 from finetune_ref.parity import oracles
-from finetune_ref.parity.metrics import divergence
+from finetune_ref.parity.metrics import divergence, dtype_name
 from finetune_ref.parity.report import Row, make_row
 from finetune_ref.qlora.nf4 import quantize_nf4, unpack_nibbles
 
@@ -27,12 +27,8 @@ NATIVE_CASES = {(64, 128), (128, 96)}
 TORCHAO_CASES = [((128, 128), 64), ((256, 192), 64)]
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.dtype, str(t.dtype)[6:])
-
-
 def _row(check, case, peer, ours, theirs, must_be_bitwise=False) -> Row:
-    return make_row(check, case, peer, _dtype_name(theirs), divergence(ours, theirs), must_be_bitwise)
+    return make_row(check, case, peer, dtype_name(theirs.dtype), divergence(ours, theirs), must_be_bitwise)
 
 
 def against_bnb(w: torch.Tensor, blocksize: int, case: str, native: bool) -> list[Row]:

@@ -26,6 +26,12 @@ _INT_VIEW = {
     torch.float16: (torch.int16, 2 ** 15),
 }
 ULP_DTYPES = tuple(_INT_VIEW)
+SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "uint8"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name the report and the command use: torch.bfloat16 -> "bf16"."""
+    return SHORT_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:

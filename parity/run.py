@@ -14,7 +14,7 @@ import torch
 from finetune_ref.parity.peers import ALWAYS, PEERS, import_error, version
 from finetune_ref.parity.report import Report
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what --dtype takes
 # Real-model weights quantized by the NF4 check: an attention projection and an MLP one (its size, 1536 x 576,
 # is a multiple of 64 * 256, which torchao needs).
 REAL_WEIGHTS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight")
