@@ -32,8 +32,10 @@ def run_cli(*argv):
 @pytest.fixture(scope="module")
 def tiny_report():
     """The whole command on the tiny shapes, every peer, fp32, as JSON."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     code, out, _ = run_cli("--tiny-only", "--json")
+    torch.set_num_threads(before)
     return code, json.loads(out)
 
 
