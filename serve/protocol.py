@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class SamplingFields(BaseModel):
@@ -33,6 +33,7 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     logprobs: Optional[Union[bool, int]] = None
     ignore_eos: bool = False  # vLLM's extension: generate past the end-of-sequence token
+    echo: bool = False  # (completions) return the prompt too: refused
 
     @field_validator("stop")
     @classmethod
@@ -42,11 +43,11 @@ class SamplingFields(BaseModel):
             raise ValueError("stop must be up to 4 non-empty strings")
         return stops
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "echo")
     @classmethod
-    def _no_logprobs(cls, value):
+    def _unsupported(cls, value, info: ValidationInfo):
         if value:
-            raise ValueError("logprobs are not supported by this server")
+            raise ValueError(f"{info.field_name} is not supported by this server")
         return value
 
     def include_usage(self) -> bool:
@@ -56,7 +57,6 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[int], list[str]]
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -67,13 +67,6 @@ class CompletionRequest(SamplingFields):
             return value[0]
         if isinstance(value, list) and not value:
             raise ValueError("the prompt is empty")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported by this server")
         return value
 
 

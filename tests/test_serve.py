@@ -171,6 +171,7 @@ def test_concurrent_streams_over_raw_http_equal_each_alone(server):
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "n": 2}, 400, "n:"),
+    ({"prompt": "x", "echo": True}, 400, "echo is not supported"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": [100000]}, 400, "token ids"),
     ({}, 400, "prompt"),
