@@ -297,3 +297,18 @@ def test_an_exception_in_a_step_fails_that_batch_only(server):
         ok = c.post("/v1/completions", json=body)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
         assert c.get("/health").json()["failed"] == 1
+
+
+def test_a_client_that_gives_up_waiting_frees_its_slot(server):
+    url, _ = server
+    before = httpx.get(f"{url}/health").json()["cancelled"]
+    body = {"model": "a", "prompt": "The list", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)  # not streamed: hangs up after 1 s
+    deadline = time.time() + 60
+    while True:
+        stats = httpx.get(f"{url}/health").json()
+        if stats["cancelled"] > before and stats["running"] == 0:
+            break
+        assert time.time() < deadline, stats
+        time.sleep(0.2)
