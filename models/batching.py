@@ -107,6 +107,10 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def refresh_rows(self) -> None:
+        """Call ``on_rows`` again before the next forward (e.g. after adapters were loaded or unloaded)."""
+        self._last_rows = None
+
     def _forward(self, rows: list[Row], ids, mask, positions, cache) -> torch.Tensor:
         key = tuple(id(r) for r in rows)
         if self.on_rows is not None and key != self._last_rows:

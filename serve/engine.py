@@ -134,7 +134,7 @@ class Engine:
 
     def _adapters_changed(self) -> None:
         clear_row_adapters(self.model)  # stacks are rebuilt; new LoRA layers get their rows' adapters too
-        self.batch._last_rows = None
+        self.batch.refresh_rows()
 
     def _set_rows(self, rows: list[Row]) -> None:
         set_row_adapters(self.model, [r.adapter for r in rows], bgmv=self.bgmv)
