@@ -312,3 +312,16 @@ def test_a_client_that_gives_up_waiting_frees_its_slot(server):
             break
         assert time.time() < deadline, stats
         time.sleep(0.2)
+
+
+def test_a_long_request_does_not_hold_back_a_short_one(server):
+    url, _ = server
+    body = {"model": "b", "prompt": "The list", "max_tokens": 2000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as long_request:
+        lines = long_request.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # the long request is decoding
+        text, reason, tokens = complete(url, "a", "x", 3)  # joins the running batch, leaves it when done
+        assert reason == "stop" or tokens == 3
+        chunk = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: "):])
+        assert chunk["choices"][0]["finish_reason"] is None  # the long one is still going
