@@ -35,7 +35,8 @@ def parse_named_adapters(values: list[str] | None, flag: str = "--adapter") -> t
     pairs = [v.split("=", 1) for v in values]
     names = [n for n, _ in pairs]
     if any(not n or not d for n, d in pairs):
-        raise ValueError(f"{flag}: expected NAME=DIR, got {[v for v in values if v.startswith('=') or v.endswith('=')]}")
+        bad = [v for v in values if v.startswith("=") or v.endswith("=")]
+        raise ValueError(f"{flag}: expected NAME=DIR, got {bad}")
     if len(set(names)) != len(names):
         raise ValueError(f"{flag}: adapter names must be unique, got {names}")
     if any(n in NO_ADAPTER for n in names):

@@ -47,9 +47,11 @@ def add_serve_parser(sub) -> None:
                    help="quantize a 16/32-bit base to NF4 (blocksize 64, double quantization) while loading")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="a PEFT adapter directory served as model NAME (repeat for several)")
-    p.add_argument("--served-model-name", default=None, help="the base model's id in the API (default: its folder name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's id in the API (default: its folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=positive_int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together at most; more wait (default 8)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="requests decoded together at most; more wait (default 8)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

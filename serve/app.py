@@ -110,7 +110,8 @@ def build_app(engine: Engine) -> FastAPI:
         eos = engine.tokenizer.eos_token_id
         try:
             row = Row(ids, max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
-                      stop_ids=frozenset(() if eos is None or body.ignore_eos else (eos,)), stop_strings=tuple(body.stop or ()),
+                      stop_ids=frozenset(() if eos is None or body.ignore_eos else (eos,)),
+                      stop_strings=tuple(body.stop or ()),
                       seed=body.seed, adapter=adapter)
         except ValueError as e:
             raise RequestError(400, str(e)) from None
