@@ -89,6 +89,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-mask", action="store_true",
                    help="batches without attention mask / document ids (plain causal attention; the training "
                         "loop's packed batches carry them)")
+    p.add_argument("--no-chunked-loss", action="store_true",
+                   help="the loss on materialised logits (finetune train --no-chunked-loss)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_memory)
     return p
@@ -112,7 +114,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
                               seq_len=args.seq_len, gradient_checkpointing=args.grad_checkpointing,
                               dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
                               target_modules=tuple(args.targets), double_quant=not args.no_double_quant,
-                              blocksize=args.blocksize, attention_mask=not args.no_mask)
+                              blocksize=args.blocksize, attention_mask=not args.no_mask,
+                              chunked_loss=not args.no_chunked_loss)
     estimate = estimate_memory(config, settings)
     if args.json:
         print(json.dumps({"model": name, "settings": dataclasses.asdict(settings), **estimate.to_dict()}, indent=2))

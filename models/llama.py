@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
+from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, chunked_causal_lm_loss
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -215,6 +216,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # With labels, compute the loss from the hidden states in chunks (models/loss.py) and return no logits;
+        # the training recipes turn it on, evaluation and parity checks that need logits keep it off.
+        self.chunked_loss = False
+        self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
         self.reset_parameters()
 
     @torch.no_grad()
@@ -247,11 +252,15 @@ class LlamaForCausalLM(nn.Module):
             logits_to_keep: if > 0, only the last ``logits_to_keep`` positions get logits (generation).
 
         Returns:
-            ``CausalLMOutput(loss, logits, cache)``; logits (B, T or logits_to_keep, vocab) in the model dtype.
+            ``CausalLMOutput(loss, logits, cache)``; logits (B, T or logits_to_keep, vocab) in the model dtype,
+            or None when ``chunked_loss`` computed the loss without them.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         h = self.model(input_ids, attention_mask, position_ids, document_ids, cache)
+        if labels is not None and self._use_chunked_loss(cache, logits_to_keep):
+            loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, num_items_in_batch, self.loss_chunk_tokens)
+            return CausalLMOutput(loss=loss, logits=None, cache=cache)
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
@@ -260,16 +269,9 @@ class LlamaForCausalLM(nn.Module):
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(loss=loss, logits=logits, cache=cache)
 
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy in fp32. logits (B, T, V), labels (B, T) with -100 ignored.
-
-    Sum over label tokens divided by ``num_items_in_batch`` if given, else by this batch's label-token count.
-    """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    if num_items_in_batch is None:
-        num_items_in_batch = (shift_labels != -100).sum().clamp(min=1)
-    return total / num_items_in_batch
+    def _use_chunked_loss(self, cache: KVCache | None, logits_to_keep: int) -> bool:
+        """The chunked loss needs the head as a plain bias-free linear with a local weight (not a LoRA- or
+        NF4-wrapped head, not an FSDP-sharded DTensor) and all positions' hidden states."""
+        head = self.lm_head
+        return (self.chunked_loss and cache is None and logits_to_keep == 0 and type(head) is nn.Linear
+                and head.bias is None and type(head.weight) in (torch.Tensor, nn.Parameter))

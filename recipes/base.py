@@ -53,6 +53,7 @@ class RunConfig(TrainConfig):
     batch_size: int = 4                  # sequences per micro-batch, per process
     out: str | None = None               # the result, metrics.jsonl and checkpoints/; None: runs/<method>
     grad_checkpointing: bool = False     # recompute each decoder layer in backward (models/llama.py)
+    chunked_loss: bool = True            # cross-entropy from the hidden states in chunks, no logits (models/loss.py)
     save_every: int = 0                  # updates between checkpoints (0: only at the end and on Ctrl-C)
     keep_last: int = 2                   # checkpoints kept (0: all)
     resume: str | None = None            # a checkpoint, or the out directory of an interrupted run

@@ -74,6 +74,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo) -> dict:
     method = cfg.build(model_dir, info)
     model = method.model
     model.model.gradient_checkpointing = cfg.grad_checkpointing
+    model.chunked_loss = cfg.chunked_loss
     say(format_trainable_parameters(model))
     if info.enabled:
         torch.manual_seed(cfg.seed + info.rank)  # from here on (dropout), each rank its own stream

@@ -229,6 +229,7 @@ def prepare(model, settings: MemorySettings):
         inject_lora(model, LoraConfig(r=settings.rank, lora_alpha=16, target_modules=list(settings.target_modules)),
                     adapter_dtype=DTYPES[settings.adapter_dtype or settings.dtype])
     model.model.gradient_checkpointing = settings.gradient_checkpointing
+    model.chunked_loss = settings.chunked_loss
     return model
 
 
@@ -261,11 +262,16 @@ CASES = [
     (SMALL, MemorySettings(method="qlora", dtype="bf16", batch_size=4, seq_len=128)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, double_quant=False,
                           gradient_checkpointing=True)),
+    # the plain loss on materialised logits (--no-chunked-loss)
+    (SMALL, MemorySettings(method="full", dtype="fp32", batch_size=4, seq_len=128, chunked_loss=False)),
+    (WIDE, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
+    (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, chunked_loss=False)),
+    (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
 ]
 
 
 @pytest.mark.parametrize("config,settings", CASES, ids=lambda x: "" if isinstance(x, LlamaConfig) else
-                         f"{x.method}-{x.dtype}-a{x.adapter_dtype}-ckpt{int(x.gradient_checkpointing)}")
+                         f"{x.method}-{x.dtype}-a{x.adapter_dtype}-ckpt{int(x.gradient_checkpointing)}-ce{int(x.chunked_loss)}")
 def test_predicted_peak_matches_measured_peak(config, settings):
     from finetune_ref.models.llama import LlamaForCausalLM
 
@@ -314,6 +320,7 @@ def test_predicted_peak_with_each_optimizer(optimizer, dtype):
                               attention_mask=False, keeps_output=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(WIDE).to(DTYPES[dtype]).train()
+    model.chunked_loss = settings.chunked_loss
     opt = optimizers.build_optimizer(optimizer, model.parameters(), lr=1e-4)
     ids = torch.randint(0, WIDE.vocab_size, (1, 32))
 

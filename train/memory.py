@@ -11,7 +11,8 @@ it counts the bytes of every tensor class a training step holds, and the peak:
     optimizer_states   AdamW's two moments: 8 B/param in fp32; 2 B/param + fp32 absmax per 256 in 8-bit
     master_weights     fp32 copy of each 16-bit trainable parameter (optim.adamw.MasterWeightAdamW)
     activations        tensors autograd saves for backward, counted op by op for models/llama.py
-    logits_and_loss    the (B, T, vocab) logits and the fp32 cross-entropy chain (models/llama.causal_lm_loss)
+    logits_and_loss    the (B, T, vocab) logits and the fp32 cross-entropy chain (models/loss.causal_lm_loss), or
+                       the chunked loss's per-chunk temporaries and kept gradients (chunked_causal_lm_loss)
     workspace          short-lived buffers of the peak moment (layer backward, optimizer temporaries)
 
 Sources of the per-parameter rates: mixed-precision training keeps 2 (bf16 weight) + 2 (grad) + 4 (fp32 master)
@@ -59,6 +60,7 @@ Beside this file: the model shapes and presets (``memory_shapes.py``), the setti
 from __future__ import annotations
 
 from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.loss import DEFAULT_CHUNK_TOKENS
 from finetune_ref.train.memory_settings import DTYPE_BYTES, MemoryEstimate, MemorySettings
 from finetune_ref.train.memory_shapes import LINEAR_NAMES, linear_shapes, parameter_count
 
@@ -171,7 +173,36 @@ def _layer_workspace(c: LlamaConfig, s: MemorySettings) -> int:
     gradient (N, H), plus the larger of SwiGLU's two live (N, I) gradients and attention's q, k, v, out (N, Hq)."""
     n, e = s.batch_size * s.seq_len, DTYPE_BYTES[s.dtype]
     hq = c.num_attention_heads * c.head_dim
-    return n * c.hidden_size * e + max(2 * n * c.intermediate_size, 4 * n * hq) * e
+    # QLoRA: each NF4 linear's backward dequantizes its weight (kernels/reference.py _dequantize: the gathered
+    # fp32 values and their fp32 product with absmax, 8 B per element of the largest weight).
+    dequantized = 8 * max(o * i for o, i in linear_shapes(c).values()) if s.method == "qlora" else 0
+    return n * c.hidden_size * e + max(2 * n * c.intermediate_size, 4 * n * hq) * e + dequantized
+
+
+def _loss_moments(c: LlamaConfig, s: MemorySettings, held: int) -> dict[str, tuple[int, int, int]]:
+    """The moments of the loss and the output head: name -> (logits and loss, head gradients, workspace)."""
+    e, full = DTYPE_BYTES[s.dtype], s.method == "full"
+    n, n_shift, V, H = s.batch_size * s.seq_len, s.batch_size * (s.seq_len - 1), c.vocab_size, c.hidden_size
+    head_grads = (V * H + H) * e if full else 0
+    if not s.chunked_loss:
+        # Logits (B, T, V) in the model dtype, and models/loss.causal_lm_loss: the shifted logits are copied to a
+        # contiguous fp32 (B*(T-1), V) tensor, log_softmax's fp32 output is saved; in backward nll_loss and
+        # log_softmax each produce an fp32 (B*(T-1), V) gradient while the saved output is still alive.
+        logits = n * V * e
+        return {"forward (loss)": (held + logits + 8 * n_shift * V, 0, 0),
+                "backward (loss)": (held + 12 * n_shift * V, 0, 0),
+                "backward (lm_head)": (held + logits, head_grads, n * H * e)}  # dlogits, dh, dW_lm_head
+    # models/loss.chunked_causal_lm_loss: the hidden states and their shifted contiguous copy, d(loss)/dh, and
+    # for a trained head an fp32 d(loss)/dW, kept from the forward; per chunk two fp32 (chunk, V) tensors (the
+    # logits or their fp32 copy, and the log-softmax), or (full) the chunk's dW and its fp32 copy.
+    chunk = min(DEFAULT_CHUNK_TOKENS, n_shift)
+    grad_w = V * H * 4 if full else 0
+    per_chunk = max(8 * chunk * V, (V * H * (4 if e == 4 else e + 4)) if full else 0)
+    forward = n * H * e + 2 * n_shift * H * e + grad_w + per_chunk
+    # Backward: d(loss)/dh becomes the (B, T, H) gradient of the model's output; the fp32 dW is cast to the
+    # weight's dtype (a new tensor for 16-bit weights) and accumulated into the tied embedding's gradient.
+    backward = n_shift * H * e + n * H * e + (grad_w if e != 4 else 0)
+    return {"forward (loss)": (forward, 0, 0), "backward (loss)": (backward, head_grads, 0)}
 
 
 def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEstimate:
@@ -228,7 +259,8 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
     # Activations saved for backward.
     batch = (BATCH_TENSORS if s.attention_mask else 2) * n * 8  # the batch's int64 tensors (or ids and labels)
     rope = 2 * n * c.head_dim * e  # cos and sin, shared by all layers
-    final_norm = n * H * 4 + n * 4 + (2 * n * H * e if full else 0)  # + normalised x and lm_head's input
+    # + normalised x and lm_head's input (the chunked loss saves no input: it keeps gradients instead)
+    final_norm = n * H * 4 + n * 4 + ((1 if s.chunked_loss else 2) * n * H * e if full else 0)
     first = _layer_saved(c, s, grad_in=full)
     rest = _layer_saved(c, s, grad_in=True)
     workspace = _layer_workspace(c, s)
@@ -242,21 +274,17 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         activations = batch + rope + first + (L - 1) * rest + final_norm
         top_acts, bottom_acts = activations, batch + rope + first
 
-    # Logits (B, T, V) in the model dtype, and models/llama.causal_lm_loss: the shifted logits are copied to a
-    # contiguous fp32 (B*(T-1), V) tensor, log_softmax's fp32 output is saved; in backward nll_loss and
-    # log_softmax each produce an fp32 (B*(T-1), V) gradient while the saved output is still alive.
     # ``held``: the logits the loop keeps alive through backward and the step, and (the previous step's)
     # through the next forward.
     logits = n * V * e
-    held = logits if s.keeps_output else 0
+    held = logits if s.keeps_output and not s.chunked_loss else 0
+    loss_moments = _loss_moments(c, s, held)
 
     # Optimizer step temporaries, per element of the largest trainable tensor (STEP_TEMPORARY_BYTES).
     step_tmp = STEP_TEMPORARY_BYTES[s.optimizer][0 if t_bytes == 4 else 1] * max(trainable)
 
     moments = {  # (activations, logits and loss, gradients, workspace)
-        "forward (loss)": (activations, held + logits + 8 * n_shift * V, 0, 0),
-        "backward (loss)": (activations, held + 12 * n_shift * V, 0, 0),
-        "backward (lm_head)": (activations, held + logits, head_grads, n * H * e),  # dlogits, dh, dW_lm_head
+        **{name: (activations, lg, gr, ws) for name, (lg, gr, ws) in loss_moments.items()},
         "backward (last layer)": (top_acts, held, head_grads, workspace),
         "backward (first layer)": (bottom_acts, held, head_grads + (L - 1) * layer_grads, workspace),
         "backward (end)": (batch, held, gradients, embed_transient),

@@ -33,6 +33,8 @@ class MemorySettings:
             training loop passes one); then SDPA saves a float (B, 1, T, T) mask per layer. False: plain causal.
         keeps_output: the loop holds the step's output, and so its logits, until the next forward returns
             (train/trainer.py keeps ``out``); False for a loop that keeps only the loss.
+        chunked_loss: the loss is computed from the hidden states in chunks, without logits (models/loss.py;
+            the training recipes' default); False: the plain loss on (B, T, vocab) logits.
     """
 
     method: str = "lora"
@@ -48,6 +50,7 @@ class MemorySettings:
     blocksize: int = 64
     attention_mask: bool = True
     keeps_output: bool = True
+    chunked_loss: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the accepted values."""

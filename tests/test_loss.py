@@ -1,0 +1,86 @@
+"""The chunked cross-entropy (models/loss.py) against the plain loss on materialised logits.
+
+Tolerances: the loss is a sum in chunks instead of one sum (fp32: 1e-6 relative); d(loss)/dh is computed row by
+row as autograd does (fp32: 1e-6 relative, bf16: bitwise on these shapes is not promised, 1 bf16 ulp = 2^-8);
+d(loss)/dW sums over chunks in fp32 where the plain path sums in one matmul in the model dtype (fp32: 1e-5
+relative; bf16: 2^-7 relative, the plain path's own rounding).
+"""
+
+import pytest
+import torch
+
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
+from finetune_ref.models.loss import causal_lm_loss, chunked_causal_lm_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = {torch.float32: dict(loss=1e-6, dh=1e-6, dw=1e-5), torch.bfloat16: dict(loss=1e-3, dh=2 ** -8, dw=2 ** -7)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_loss_and_gradients_match_the_plain_loss(dtype, chunk):
+    torch.manual_seed(0)
+    B, T, H, V = 3, 21, 32, 300
+    h = torch.randn(B, T, H, dtype=dtype)
+    w = (torch.randn(V, H) * 0.2).to(dtype)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 3:9] = -100  # ignored tokens, and a row whose shifted labels are partly ignored
+    results = []
+    for chunked in (False, True):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if chunked:
+            loss = chunked_causal_lm_loss(hh, ww, labels, chunk_tokens=chunk)
+        else:
+            loss = causal_lm_loss(hh @ ww.t(), labels)
+        (loss * 0.5).backward()  # a grad_out other than 1 exercises the scaling in backward
+        results.append((loss.detach(), hh.grad, ww.grad))
+    (l0, dh0, dw0), (l1, dh1, dw1) = results
+    assert l1.dtype == torch.float32 and dh1.dtype == dtype and dw1.dtype == dtype
+    tol = TOL[dtype]
+    assert rel_err(l1, l0) <= tol["loss"]
+    assert rel_err(dh1, dh0) <= tol["dh"]
+    assert rel_err(dw1, dw0) <= tol["dw"]
+
+
+def test_num_items_and_no_grad():
+    torch.manual_seed(1)
+    h, w = torch.randn(2, 9, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (2, 9))
+    plain = causal_lm_loss(h @ w.t(), labels, num_items_in_batch=40)
+    with torch.no_grad():  # evaluation: no gradient work or buffers
+        chunked = chunked_causal_lm_loss(h, w, labels, num_items_in_batch=40, chunk_tokens=5)
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=0)
+    all_ignored = torch.full_like(labels, -100)
+    assert float(chunked_causal_lm_loss(h, w, all_ignored)) == 0.0  # 0, not NaN, as the plain loss
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunked_causal_lm_loss(h, w, labels, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_with_chunked_loss_trains_as_the_plain_model(tied):
+    """The model's chunked_loss switch: same loss and parameter gradients, no logits returned."""
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 128, (2, 12))
+    grads = []
+    for chunked in (False, True):
+        model.chunked_loss, model.loss_chunk_tokens = chunked, 5
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        assert (out.logits is None) == chunked
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+    model.chunked_loss = True
+    assert model(ids).logits is not None  # no labels: logits as always
