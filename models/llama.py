@@ -62,7 +62,46 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, saving only gate and up for backward (autograd would also save silu(gate), N x I more):
+    silu is recomputed in backward, and its gradient is aten's silu_backward, so the gradients are bitwise
+    those of ``F.silu(gate) * up`` under autograd."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Shazeer 2020); through ``SwiGLU`` when a backward will need it."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
+# F.scaled_dot_product_attention(..., enable_gqa=True) exists from torch 2.5; older versions repeat k and v.
+SDPA_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """GQA without SDPA's enable_gqa: each key/value head serves n_rep consecutive query heads."""
+    B, kv, T_k, d = x.shape
+    # (B, kv, T_k, d) -> (B, kv, n_rep, T_k, d) -> (B, kv * n_rep, T_k, d)
+    return x[:, :, None].expand(B, kv, n_rep, T_k, d).reshape(B, kv * n_rep, T_k, d)
 
 
 class KVCache:
@@ -114,16 +153,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         n_rep = self.num_heads // self.num_kv_heads
-        if n_rep > 1:
-            # GQA: each key/value head serves n_rep consecutive query heads.
-            # (B, kv, T_k, d) -> (B, kv, n_rep, T_k, d) -> (B, heads, T_k, d)
-            T_k = k.shape[2]
-            k = k[:, :, None].expand(B, self.num_kv_heads, n_rep, T_k, self.head_dim).reshape(B, -1, T_k, self.head_dim)
-            v = v[:, :, None].expand(B, self.num_kv_heads, n_rep, T_k, self.head_dim).reshape(B, -1, T_k, self.head_dim)
+        gqa = n_rep > 1 and SDPA_ENABLE_GQA
+        if n_rep > 1 and not gqa:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        # With enable_gqa SDPA reads each key/value head for its n_rep query heads itself: the repeated k and v
+        # are neither made nor saved for backward (same output; dk, dv summed over the group in another order).
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, heads * head_dim)
         return self.o_proj(out)
 

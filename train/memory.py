@@ -38,9 +38,9 @@ layer and token, on the gradient path:
     projections      the input of q/k/v, gate/up and down once (H, H, I) * e when a weight or an adapter of
                      the adapter's dtype needs it; an adapter of another dtype keeps its own cast copy each
     LoRA             A's output r * adapter bytes per adapted linear
-    attention        q, the repeated k and v (GQA expands to all heads before SDPA), the output: 4 * Hq * e;
+    attention        q, k and v (un-repeated: SDPA's enable_gqa), the output: (2 * Hq + 2 * Hkv) * e;
                      logsumexp nh * 4; the boolean mask as a float additive mask (B, 1, T, T) per layer
-    SwiGLU           gate output, silu(gate), up output: 3 * I * e
+    SwiGLU           gate and up outputs (silu recomputed in backward): 2 * I * e
 
 The peak is the largest of the moments of a steady-state step (the second one; optimizer states exist):
 end of forward with the loss, start of backward (the fp32 log-softmax chain), the first and the last decoder
@@ -60,6 +60,7 @@ Beside this file: the model shapes and presets (``memory_shapes.py``), the setti
 from __future__ import annotations
 
 from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import SDPA_ENABLE_GQA
 from finetune_ref.models.loss import DEFAULT_CHUNK_TOKENS
 from finetune_ref.train.memory_settings import DTYPE_BYTES, MemoryEstimate, MemorySettings
 from finetune_ref.train.memory_shapes import LINEAR_NAMES, linear_shapes, parameter_count
@@ -153,9 +154,12 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     saved += projection_inputs(qkv, h, False) + lora_mid(qkv)
     attn_grad = y_grad or any(targeted[x] for x in qkv)
     if attn_grad:
-        # SDPA (flash kernel on CPU) saves q, k, v (k, v repeated to all heads), out and logsumexp; the boolean
-        # mask is turned into a float additive mask (B, 1, T, T) in the activation dtype, saved too.
-        saved += 4 * n * hq * e + n * nh * 4 + (s.batch_size * s.seq_len * s.seq_len * e if s.attention_mask else 0)
+        # SDPA (flash kernel on CPU) saves q, k, v, out and logsumexp (k, v un-repeated: models/llama.py passes
+        # enable_gqa); the boolean mask is turned into a float additive mask (B, 1, T, T) in the activation
+        # dtype, saved too.
+        hkv = (c.num_key_value_heads * c.head_dim) if SDPA_ENABLE_GQA else hq
+        saved += (2 * hq + 2 * hkv) * n * e + n * nh * 4 + (
+            s.batch_size * s.seq_len * s.seq_len * e if s.attention_mask else 0)
     saved += projection_inputs(("o_proj",), hq, attn_grad) + lora_mid(("o_proj",))
     h2_grad = attn_grad or targeted["o_proj"]
     saved += norm(h2_grad)
@@ -163,7 +167,7 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     saved += projection_inputs(gu, h, False) + lora_mid(gu)
     mlp_grad = h2_grad or full or any(targeted[x] for x in gu)
     if mlp_grad:
-        saved += 3 * n * i * e  # gate out (silu's input), silu(gate), up out (the product's factors)
+        saved += 2 * n * i * e  # gate and up outputs (models/llama.SwiGLU recomputes silu(gate) in backward)
     saved += projection_inputs(("down_proj",), i, False) + lora_mid(("down_proj",))
     return saved
 

@@ -1,0 +1,68 @@
+"""The memory-saving paths of models/llama.py against the plain computation they replace.
+
+* attention with SDPA's ``enable_gqa`` against k and v repeated to all heads: the output bitwise (the same
+  products in the same order); dq, dk, dv within 1e-6 relative in fp32 (dk, dv are summed over each group of
+  query heads inside the kernel instead of by the repeat's backward: another summation order);
+* ``SwiGLU`` (saves gate and up only) against ``F.silu(gate) * up`` under autograd: bitwise, fp32 and bf16.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune_ref.models import llama
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM, SwiGLU, repeat_kv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2)
+
+
+@pytest.mark.skipif(not llama.SDPA_ENABLE_GQA, reason="this torch has no SDPA enable_gqa")
+@pytest.mark.parametrize("masked", [False, True])
+def test_enable_gqa_attention_matches_repeated_kv(monkeypatch, masked):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    ids = torch.randint(0, 96, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: the boolean-mask path of SDPA
+    kwargs = {"attention_mask": mask} if masked else {}
+    results = []
+    for gqa in (True, False):
+        monkeypatch.setattr(llama, "SDPA_ENABLE_GQA", gqa)
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, **kwargs)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits_gqa, grads_gqa), (logits_rep, grads_rep) = results
+    assert torch.equal(logits_gqa, logits_rep)
+    for name, g in grads_rep.items():
+        torch.testing.assert_close(grads_gqa[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_repeat_kv_layout():
+    x = torch.arange(2 * 3 * 4 * 5.0).view(2, 3, 4, 5)  # (B, kv, T, d)
+    rep = repeat_kv(x, 2)  # head j serves query heads 2j, 2j + 1
+    assert rep.shape == (2, 6, 4, 5)
+    assert torch.equal(rep[:, 2], x[:, 1]) and torch.equal(rep[:, 3], x[:, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_function_is_bitwise_autograd(dtype):
+    torch.manual_seed(0)
+    gate, up = torch.randn(7, 33, dtype=dtype), torch.randn(7, 33, dtype=dtype)
+    grad = torch.randn(7, 33, dtype=dtype)
+    a = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    b = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    out_a = SwiGLU.apply(*a)
+    out_b = F.silu(b[0]) * b[1]
+    out_a.backward(grad)
+    out_b.backward(grad)
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(a[0].grad, b[0].grad) and torch.equal(a[1].grad, b[1].grad)
+    frozen_up = up.clone()  # only gate needs a gradient (frozen weights above it): no dup work, same dgate
+    g = gate.clone().requires_grad_()
+    SwiGLU.apply(g, frozen_up).backward(grad)
+    assert torch.equal(g.grad, b[0].grad)
