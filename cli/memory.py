@@ -91,6 +91,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "loop's packed batches carry them)")
     p.add_argument("--no-chunked-loss", action="store_true",
                    help="the loss on materialised logits (finetune train --no-chunked-loss)")
+    p.add_argument("--selective-recompute", action="store_true",
+                   help="RMSNorm outputs and SwiGLU products recomputed in backward (finetune train's flag)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_memory)
     return p
@@ -115,7 +117,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
                               dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
                               target_modules=tuple(args.targets), double_quant=not args.no_double_quant,
                               blocksize=args.blocksize, attention_mask=not args.no_mask,
-                              chunked_loss=not args.no_chunked_loss)
+                              chunked_loss=not args.no_chunked_loss,
+                              selective_recompute=args.selective_recompute)
     estimate = estimate_memory(config, settings)
     if args.json:
         print(json.dumps({"model": name, "settings": dataclasses.asdict(settings), **estimate.to_dict()}, indent=2))

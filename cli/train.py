@@ -131,6 +131,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_const", const=False,
                    help="compute the loss on materialised (batch, seq_len, vocab) logits instead of from the "
                         "hidden states in chunks (same loss to rounding, more memory)")
+    p.add_argument("--selective-recompute", action="store_true",
+                   help="recompute RMSNorm outputs and SwiGLU products in backward instead of storing them "
+                        "(less memory, the same gradients, a few elementwise ops more)")
     p.add_argument("--save-every", type=non_negative_int,
                    help="write a training checkpoint every N updates and at the end, 0: only on Ctrl-C "
                         f"({_default('save_every')})")

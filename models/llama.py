@@ -19,6 +19,7 @@ sequences attend only within their own document. Both are folded into one boolea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, chunked_causal_lm_loss
+from .recompute import recompute_saved
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -61,8 +63,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        product = swiglu(gate, up)
+        if not (recompute and product.requires_grad):
+            return self.down_proj(product)
+        # Selective recomputation (models/recompute.py): the product is made again from gate and up, which
+        # SwiGLU saves anyway, instead of down_proj's backward keeping it (N x I).
+        gate, up = gate.detach(), up.detach()
+        with recompute_saved(product, lambda: F.silu(gate) * up):
+            return self.down_proj(product)
 
 
 class SwiGLU(torch.autograd.Function):
@@ -174,9 +184,25 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, cos, sin, mask, cache=None, recompute: bool = False):
+        """``recompute``: selective recomputation of the RMSNorm outputs and the SwiGLU product."""
+        recompute = recompute and torch.is_grad_enabled()
+        with self._recomputed_norm(self.input_layernorm, h, recompute) as x:
+            h = h + self.self_attn(x, cos, sin, mask, cache)
+        with self._recomputed_norm(self.post_attention_layernorm, h, recompute) as x:
+            return h + self.mlp(x, recompute)
+
+    @contextlib.contextmanager
+    def _recomputed_norm(self, norm: RMSNorm, h: torch.Tensor, recompute: bool):
+        """Yield norm(h); with ``recompute``, an fp32 h that RMSNorm saves anyway is kept instead of the output
+        wherever autograd would save the output (models/recompute.py)."""
+        x = norm(h)
+        if not (recompute and h.requires_grad and h.dtype == torch.float32):
+            yield x
+            return
+        h_kept = h.detach()
+        with recompute_saved(x, lambda: norm(h_kept)):
+            yield x
 
 
 def build_attention_mask(T_q: int, T_k: int, attention_mask: torch.Tensor | None,
@@ -216,6 +242,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         # Recompute each block's activations in backward instead of storing them (Chen et al. 2016).
         self.gradient_checkpointing = False
+        # Recompute only the cheap elementwise outputs (Korthikanti et al. 2022, section 5; models/recompute.py).
+        self.selective_recompute = False
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, document_ids=None, cache=None):
         B, T = input_ids.shape
@@ -233,7 +261,7 @@ class LlamaModel(nn.Module):
                 # Non-reentrant checkpointing works with frozen inputs (LoRA) and replays RNG (dropout masks).
                 h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache)
+                h = layer(h, cos, sin, mask, cache, self.selective_recompute)
         return self.norm(h)
 
 

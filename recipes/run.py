@@ -75,6 +75,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo) -> dict:
     model = method.model
     model.model.gradient_checkpointing = cfg.grad_checkpointing
     model.chunked_loss = cfg.chunked_loss
+    model.model.selective_recompute = cfg.selective_recompute
     say(format_trainable_parameters(model))
     if info.enabled:
         torch.manual_seed(cfg.seed + info.rank)  # from here on (dropout), each rank its own stream

@@ -104,10 +104,14 @@ def test_lora_and_qlora_7b_figures():
     assert 15 < lora.peak / GB < 18
     # QLoRA with the paper's settings (section 4: r=64 on all linears, paged AdamW), same batch: ~9-10 GB of
     # tensors (a GPU adds its CUDA context); 3.9 GB of weights instead of 13.5.
+    # The paper's loss on materialised logits (chunked_loss=False); the chunked loss saves their ~0.3 GB.
     qlora = estimate_memory(config, MemorySettings(method="qlora", rank=64, optimizer="paged_adamw",
-                                                   batch_size=1, seq_len=512))
+                                                   batch_size=1, seq_len=512, chunked_loss=False))
     assert 3.5 < (qlora.weights + qlora.quant_constants) / GB < 4.0
-    assert 9 < qlora.peak / GB < 12
+    assert 8.5 < qlora.peak / GB < 12  # 9.0 with the repeated k/v and the saved silu(gate), 8.98 without
+    chunked = estimate_memory(config, MemorySettings(method="qlora", rank=64, optimizer="paged_adamw",
+                                                     batch_size=1, seq_len=512))
+    assert 8 < chunked.peak / GB < qlora.peak / GB
     assert qlora.pageable == qlora.optimizer_states + qlora.master_weights > 0  # paged with the moments
 
 
@@ -230,6 +234,7 @@ def prepare(model, settings: MemorySettings):
                     adapter_dtype=DTYPES[settings.adapter_dtype or settings.dtype])
     model.model.gradient_checkpointing = settings.gradient_checkpointing
     model.chunked_loss = settings.chunked_loss
+    model.model.selective_recompute = settings.selective_recompute
     return model
 
 
@@ -267,11 +272,17 @@ CASES = [
     (WIDE, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
     (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, chunked_loss=False)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
+    # selective recomputation of RMSNorm outputs and SwiGLU products
+    (SMALL, MemorySettings(method="full", dtype="fp32", batch_size=4, seq_len=128, selective_recompute=True)),
+    (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, selective_recompute=True)),
+    (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
+                           selective_recompute=True)),
+    (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
 ]
 
 
 @pytest.mark.parametrize("config,settings", CASES, ids=lambda x: "" if isinstance(x, LlamaConfig) else
-                         f"{x.method}-{x.dtype}-a{x.adapter_dtype}-ckpt{int(x.gradient_checkpointing)}-ce{int(x.chunked_loss)}")
+                         f"{x.method}-{x.dtype}-a{x.adapter_dtype}-ckpt{int(x.gradient_checkpointing)}-ce{int(x.chunked_loss)}-sr{int(x.selective_recompute)}")
 def test_predicted_peak_matches_measured_peak(config, settings):
     from finetune_ref.models.llama import LlamaForCausalLM
 

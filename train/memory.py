@@ -129,15 +129,19 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     a = DTYPE_BYTES[s.adapter_dtype or s.dtype]
     targeted = {name: full or name in s.target_modules for name in LINEAR_NAMES}
 
-    def projection_inputs(names: tuple[str, ...], in_dim: int, shared_with_saved: bool) -> int:
+    recompute = s.selective_recompute and not s.gradient_checkpointing
+
+    def projection_inputs(names: tuple[str, ...], in_dim: int, shared_with_saved: bool,
+                          recomputed: bool = False) -> int:
         # Full: the weight gradient needs the input (saved once per group, shared storage).
         # LoRA: A's gradient needs the input: the same tensor if the adapter has the activation dtype, else
         # each adapter keeps its own cast copy (lora/layer.py LoRALinear.forward: x.to(lora_A.dtype)).
+        # ``recomputed``: selective recomputation (models/recompute.py) makes the shared tensor again.
         hit = [x for x in names if targeted[x]]
         if not hit:
             return 0
         if full or a == e:
-            return 0 if shared_with_saved else n * in_dim * e
+            return 0 if shared_with_saved or recomputed else n * in_dim * e
         return len(hit) * n * in_dim * a
 
     def lora_mid(names: tuple[str, ...]) -> int:
@@ -151,7 +155,8 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     saved = norm(grad_in)
     y_grad = grad_in or full
     qkv = ("q_proj", "k_proj", "v_proj")
-    saved += projection_inputs(qkv, h, False) + lora_mid(qkv)
+    # an fp32 norm input is saved by the norm, so its output is recomputed from it (models/llama.DecoderLayer)
+    saved += projection_inputs(qkv, h, False, recompute and e == 4 and grad_in) + lora_mid(qkv)
     attn_grad = y_grad or any(targeted[x] for x in qkv)
     if attn_grad:
         # SDPA (flash kernel on CPU) saves q, k, v, out and logsumexp (k, v un-repeated: models/llama.py passes
@@ -164,11 +169,11 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     h2_grad = attn_grad or targeted["o_proj"]
     saved += norm(h2_grad)
     gu = ("gate_proj", "up_proj")
-    saved += projection_inputs(gu, h, False) + lora_mid(gu)
+    saved += projection_inputs(gu, h, False, recompute and e == 4 and h2_grad) + lora_mid(gu)
     mlp_grad = h2_grad or full or any(targeted[x] for x in gu)
     if mlp_grad:
         saved += 2 * n * i * e  # gate and up outputs (models/llama.SwiGLU recomputes silu(gate) in backward)
-    saved += projection_inputs(("down_proj",), i, False) + lora_mid(("down_proj",))
+    saved += projection_inputs(("down_proj",), i, False, recompute and mlp_grad) + lora_mid(("down_proj",))
     return saved
 
 

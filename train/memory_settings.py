@@ -35,6 +35,8 @@ class MemorySettings:
             (train/trainer.py keeps ``out``); False for a loop that keeps only the loss.
         chunked_loss: the loss is computed from the hidden states in chunks, without logits (models/loss.py;
             the training recipes' default); False: the plain loss on (B, T, vocab) logits.
+        selective_recompute: RMSNorm outputs (fp32 models) and SwiGLU products are recomputed in backward
+            instead of saved (models/recompute.py).
     """
 
     method: str = "lora"
@@ -51,6 +53,7 @@ class MemorySettings:
     attention_mask: bool = True
     keeps_output: bool = True
     chunked_loss: bool = True
+    selective_recompute: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the accepted values."""
