@@ -6,12 +6,12 @@ length, dtypes and optimizer (torch.optim.AdamW, same lr), it times a training s
 ``optimizer.step()``, ``zero_grad``) and measures its peak tensor memory:
 
     full    ours: models.llama + full.prepare_full_finetuning    vs  transformers LlamaForCausalLM, all trainable
-            fp32 weights, fp32 AdamW
     lora    ours: lora.inject_lora, r=8, alpha 16, all-linear     vs  peft.get_peft_model, same LoraConfig
-            fp32 base and adapters
-    qlora   ours: qlora.model.quantize_model (NF4 + double quant, vs  transformers BitsAndBytesConfig(nf4, double
-            bf16 compute) + inject_lora                               quant, bf16 compute) + PEFT
-            bf16 embeddings/norms, fp32 adapters (PEFT's default; both then use plain torch AdamW)
+    qlora   ours: qlora.model.quantize_model (NF4 + double quant) vs  transformers BitsAndBytesConfig(nf4, double
+            + inject_lora                                             quant) + PEFT
+
+in ``--dtype`` (fp32 or bf16: weights, activations, QLoRA's compute dtype), LoRA adapters fp32 on both sides
+(PEFT's default), torch.optim.AdamW on both sides.
 
 Speed: after ``--warmup`` steps each, the implementations take turns for ``--steps`` steps (so a change in
 the machine's load hits both alike); tokens/s = batch x seq_len / median step time. Memory: one more step
@@ -19,25 +19,24 @@ under ``finetune.memory_tracker.TensorMemoryTracker`` (live tensor bytes, exact,
 sides; see that file for why not RSS), with the optimizer states already allocated. The estimate of
 ``finetune.memory`` for our step is printed next to it.
 
-``--proposals`` also measures our step with candidate changes applied by monkeypatching the model instance
-(models/llama.py itself is not modified), each at equal numerics:
+"ours" is the model ``finetune train`` runs, as the recipes build it: the loss from the hidden states in
+chunks (models/loss.py), SDPA with enable_gqa, a SwiGLU that saves gate and up only (models/llama.py).
+``--variants`` also measures it with ``--selective-recompute`` (models/recompute.py), with ``--no-chunked-loss``,
+and, for full fine-tuning, with ``torch.optim.AdamW(fused=True)``.
 
-    fused-ce   the loss from the hidden states in chunks of tokens, computing d(loss)/d(h) and d(loss)/d(W)
-               in the forward (as Liger's fused linear cross-entropy), so the (B, T, vocab) logits and their
-               fp32 copies and gradients are never materialised
-    gqa-sdpa   F.scaled_dot_product_attention(..., enable_gqa=True) instead of repeating k and v to all heads
-               (bitwise the same output, gradients to fp32 summation order; the CPU flash kernel then saves
-               the un-repeated k, v)
-    swiglu     a SwiGLU autograd function saving gate and up outputs only (silu recomputed in backward with
-               aten.silu_backward, bitwise the same gradients)
-    fused-adamw  torch.optim.AdamW(fused=True) (one kernel per tensor on CPU too; results within an ulp of
-               the default single-tensor path), in the "all proposals" row only
+Each row also reports the step's matmul FLOP/s as a fraction of what ``F.linear`` reaches on the same shapes,
+dtype and threads, measured in the same run: how far the step is from the machine's own limit.
+
+A method whose step times varied by more than 2x (max / min over its timed steps) makes the script fail
+(exit 3, nothing written): under heavy load one run gave speed ratios of 0.14x and 2.84x in one table.
+``--allow-noisy`` prints such a table with the speed ratios left out.
 
 The 2 cores are shared with other work: the load average before and after is printed and written.
 
 Usage:
     python benchmarks/bench_training.py                           # all methods, write RESULTS_TRAINING.md
-    python benchmarks/bench_training.py --methods lora --proposals --steps 5
+    python benchmarks/bench_training.py --dtype bf16 --variants --steps 5 --threads 2   # on a quiet machine
+    python benchmarks/bench_training.py --quick --allow-noisy     # a tiny random model: checks the script
     python benchmarks/bench_training.py --batch-size 2 --seq-len 128 --no-write   # quick look
     python benchmarks/bench_training.py --from-json run.json    # re-render a saved run (--json run.json)
 """
@@ -48,22 +47,25 @@ import argparse
 import datetime
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+if importlib.util.find_spec("finetune_ref") is None:
+    # Not installed: import it from this checkout. Appended, not prepended: the checkout's kernels/ folder would
+    # otherwise pass for Hugging Face's `kernels` package, which transformers imports.
+    sys.path.append(str(REPO))
 
 from finetune_ref.train.memory_settings import MemorySettings  # noqa: E402
 from finetune_ref.train.memory import estimate_memory  # noqa: E402
@@ -74,7 +76,6 @@ METHODS = ("full", "lora", "qlora")
 LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 LORA_R, LORA_ALPHA = 8, 16
 TARGET_SPEEDUP, TARGET_MEMORY = 1.25, 0.6  # targets: >= 1.25x tokens/s, <= 0.6x peak memory
-PROPOSALS = ("fused-ce", "gqa-sdpa", "swiglu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,44 +118,45 @@ def text_batch(tokenizer, batch_size: int, seq_len: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # The two sides of each comparison. Each builder returns (model, trainable parameters, extra tensors to count).
 # ---------------------------------------------------------------------------------------------------------
-def ours(method: str, model_dir: Path):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def ours(method: str, model_dir: Path, dtype: torch.dtype):
     from finetune_ref.full import prepare_full_finetuning
     from finetune_ref.lora import LoraConfig, inject_lora
     from finetune_ref.models.loader import load_model
 
     lora_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear")
     if method == "full":
-        model = prepare_full_finetuning(load_model(model_dir, torch.float32), torch.float32)
+        model = prepare_full_finetuning(load_model(model_dir, dtype), dtype)
     elif method == "lora":
-        model = load_model(model_dir, torch.float32)
+        model = load_model(model_dir, dtype)
         inject_lora(model, lora_config, adapter_dtype=torch.float32)
     else:
         from finetune_ref.qlora.model import quantize_model
 
-        model = quantize_model(load_model(model_dir, torch.bfloat16), double_quant=True,
-                               compute_dtype=torch.bfloat16)
+        model = quantize_model(load_model(model_dir, dtype), double_quant=True, compute_dtype=dtype)
         inject_lora(model, lora_config, adapter_dtype=torch.float32)
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad], []
 
 
-def hf(method: str, model_dir: Path):
+def hf(method: str, model_dir: Path, dtype: torch.dtype):
     import transformers
 
     if method == "full":
-        model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.requires_grad_(True)
         extra = []
     else:
         import peft
 
         if method == "lora":
-            model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
         else:
             quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                    bnb_4bit_use_double_quant=True,
-                                                    bnb_4bit_compute_dtype=torch.bfloat16)
-            model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                                   quantization_config=quant, device_map="cpu")
         config = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear")
         model = peft.get_peft_model(model, config)  # adapters in fp32 (autocast_adapter_dtype)
@@ -199,190 +201,128 @@ def measure_peak(model, optimizer, ids, extra) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Proposals, applied to one model instance (models/llama.py is untouched).
+# Our variants: switches of the model people run (recipes' defaults: chunked loss on, recomputation off).
 # ---------------------------------------------------------------------------------------------------------
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum over tokens of -log softmax(h W^T)[label] / num_items, without materialising the (N, V) logits.
-
-    forward(h (N, H) model dtype, weight (V, H), labels (N,) int64 with -100 ignored, num_items, chunk,
-    grad_enabled):
-    for each chunk of tokens the logits are computed (in the model dtype, then fp32, as causal_lm_loss does),
-    and so is their gradient (softmax - onehot) / num_items (fp32, cast to the model dtype as autograd's
-    ToCopyBackward would), from which dh = g W and dW = g^T h are accumulated. Backward only scales them by
-    the incoming gradient. Peak extra memory: a few (chunk, V) fp32 tensors, plus dh (N, H) and dW (V, H).
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, num_items, chunk, grad_enabled=True):
-        # (grad mode is always off inside forward: the caller says whether a backward will follow)
-        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for start in range(0, h.shape[0], chunk):
-            h_c, lab = h[start:start + chunk], labels[start:start + chunk]  # (C, H), (C,)
-            logits = F.linear(h_c, weight).float()  # (C, V)
-            log_probs = torch.log_softmax(logits, dim=-1)  # (C, V) fp32
-            del logits
-            valid = lab != -100
-            rows, cols = valid.nonzero().squeeze(1), lab[valid]
-            total -= log_probs[rows, cols].sum()
-            if need_h or need_w:
-                # d(loss)/d(logits) as autograd computes it: exp(log_probs) * s, minus s at the label, with
-                # s = 1 / num_items (a backward with grad_out == 1, as the loop's, then multiplies by 1).
-                s = torch.tensor(1.0, dtype=torch.float32) / num_items
-                g = log_probs.exp_().mul_(s)  # in place: log_probs is not needed any more
-                g[rows, cols] -= s
-                g[~valid] = 0.0
-                g = g.to(h.dtype)
-                if need_h:
-                    grad_h[start:start + chunk] = g @ weight  # (C, V) @ (V, H)
-                if need_w:
-                    grad_w += (g.t() @ h_c).float()  # (V, C) @ (C, H)
-        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
-        ctx.need = (need_h, need_w)
-        ctx.weight_dtype = weight.dtype
-        return total / num_items
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        scale = grad_out.float()  # the 1/num_items is already in the saved gradients
-        grad_h = grad_w = None
-        if ctx.need[0]:
-            grad_h = saved.pop(0)
-            grad_h = grad_h * scale.to(grad_h.dtype)
-        if ctx.need[1]:
-            grad_w = (saved.pop(0) * scale).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+VARIANTS = {"ours": {}, "ours --selective-recompute": {"selective_recompute": True},
+            "ours --no-chunked-loss": {"chunked_loss": False}}
 
 
-def _fused_forward(self, input_ids, attention_mask=None, position_ids=None, document_ids=None, labels=None,
-                   num_items_in_batch=None, cache=None, logits_to_keep=0, chunk=256):
-    from finetune_ref.models.llama import CausalLMOutput
-
-    if labels is None or cache is not None or logits_to_keep:
-        return type(self).forward(self, input_ids, attention_mask, position_ids, document_ids, labels,
-                                  num_items_in_batch, cache, logits_to_keep)
-    h = self.model(input_ids, attention_mask, position_ids, document_ids, cache)  # (B, T, H)
-    hidden = h[:, :-1].reshape(-1, h.shape[-1])  # (B*(T-1), H): position t predicts label t+1
-    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    if num_items_in_batch is None:
-        num_items_in_batch = int((shift_labels != -100).sum().clamp(min=1))
-    head = self.lm_head.base_layer if hasattr(self.lm_head, "base_layer") else self.lm_head
-    loss = FusedLinearCrossEntropy.apply(hidden, head.weight, shift_labels, num_items_in_batch, chunk,
-                                         torch.is_grad_enabled())
-    return CausalLMOutput(loss=loss, logits=None, cache=None)
+def configure(model, options: dict) -> None:
+    """Set our model's switches to a variant's (models/llama.py: chunked_loss, selective_recompute)."""
+    model.chunked_loss = options.get("chunked_loss", True)
+    model.model.selective_recompute = options.get("selective_recompute", False)
 
 
-def _gqa_attention_forward(self, x, cos, sin, mask, cache=None):
-    from finetune_ref.models.rope import apply_rotary
-
-    B, T, _ = x.shape
-    # (B, T, heads * head_dim) -> (B, heads, T, head_dim), as Attention.forward
-    q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-    k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-    v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(self.layer_idx, k, v)
-    gqa = self.num_heads != self.num_kv_heads
-    if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, heads * head_dim)
-    return self.o_proj(out)
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    """silu(gate) * up, saving only gate and up; backward recomputes silu (bitwise autograd's gradients)."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        grad_up = grad * F.silu(gate)
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return grad_gate, grad_up
+# ---------------------------------------------------------------------------------------------------------
+# Matmul FLOPs of a step, and F.linear's FLOP/s on the same shapes (the machine's own limit).
+# ---------------------------------------------------------------------------------------------------------
+def step_matmuls(config, method: str, tokens: int, seq_len: int) -> list[tuple[int, int, int, int]]:
+    """(M, K, N, count) of the matmuls of one training step: forward y = x W^T (M x K by K x N), the input
+    gradient of every layer above the embedding, the weight gradient where the weight trains (full), LoRA's
+    small ones left out (< 2% at r=8), the output head; attention's QK^T and PV counted as matmuls of the
+    causal half (flash kernels skip the masked blocks), forward and twice in backward."""
+    h, i, hq = config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim
+    hkv = config.num_key_value_heads * config.head_dim
+    linears = [(h, hq), (h, hkv), (h, hkv), (hq, h), (h, i), (h, i), (i, h)]  # (in, out) per decoder layer
+    passes = 3 if method == "full" else 2  # forward, input gradient (, weight gradient)
+    shapes = [(tokens, k, n, passes * config.num_hidden_layers) for k, n in linears]
+    shapes.append((tokens, h, config.vocab_size, passes))  # lm_head (tied: the embedding's gradient as full)
+    # attention: per layer 2 matmuls of (T x d) by (d x T) per head and sequence, half of them (causal), x3
+    per_head = (seq_len, config.head_dim, seq_len // 2, 2 * 3 * config.num_hidden_layers * tokens // seq_len
+                * config.num_attention_heads)
+    return shapes + [per_head]
 
 
-def _swiglu_mlp_forward(self, x):
-    return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
+def matmul_flops(shapes) -> int:
+    return sum(2 * m * k * n * count for m, k, n, count in shapes)
 
 
-def apply_proposals(model, names: tuple[str, ...]) -> None:
-    """Set (or, with an empty tuple, remove) the instance-level forwards of the chosen proposals."""
-    from finetune_ref.models.llama import MLP, Attention
+def linear_flops_per_s(shapes, dtype: torch.dtype, repeats: int = 3) -> float:
+    """F.linear's FLOP/s over the step's matmul shapes (each timed ``repeats`` times, best of them), weighted
+    as the step weights them: the limit a step made only of these matmuls would reach."""
+    total_time = 0.0
+    for m, k, n, count in shapes:
+        x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        F.linear(x, w)  # warm-up (oneDNN primitive creation)
+        best = min(_timed(lambda: F.linear(x, w)) for _ in range(repeats))
+        total_time += best * count
+    return matmul_flops(shapes) / total_time
 
-    for module in model.modules():
-        for cls, key, fn in ((Attention, "gqa-sdpa", _gqa_attention_forward), (MLP, "swiglu", _swiglu_mlp_forward)):
-            if isinstance(module, cls):
-                module.__dict__.pop("forward", None)
-                if key in names:
-                    module.forward = types.MethodType(fn, module)
-    model.__dict__.pop("forward", None)
-    if "fused-ce" in names:
-        model.forward = types.MethodType(_fused_forward, model)
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def check_variance(times: dict[str, list[float]], limit: float = 2.0) -> list[str]:
+    """Rows whose step times varied by more than ``limit``x (max / min): their ratios would be noise."""
+    return [f"{name}: steps {min(t):.2f}-{max(t):.2f} s ({max(t) / min(t):.1f}x)" for name, t in times.items()
+            if len(t) > 1 and max(t) / min(t) > limit]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One method: both sides (and our variants), timed in turns, then memory.
 # ---------------------------------------------------------------------------------------------------------
 def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
-    tokens = ids.numel()
+    tokens, dtype = ids.numel(), DTYPES[args.dtype]
     sides = {}
     for label, build in (("ours", ours), ("transformers", hf)):
-        model, params, extra = build(method, model_dir)
+        model, params, extra = build(method, model_dir, dtype)
         sides[label] = {"model": model, "extra": extra, "params": params,
                         "optimizer": torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0),
                         "trainable": sum(p.numel() for p in params)}
-    # (name, side, proposals, optimizer); the variants of ours share the model (proposals are switched per step)
-    runs = [("ours", sides["ours"], (), sides["ours"]["optimizer"])]
-    if args.proposals:
-        fused_adamw = torch.optim.AdamW(sides["ours"]["params"], lr=LR[method], weight_decay=0.0, fused=True)
-        runs += [("ours + fused-ce", sides["ours"], ("fused-ce",), sides["ours"]["optimizer"]),
-                 ("ours + all proposals", sides["ours"], PROPOSALS, fused_adamw)]
-    runs.append(("transformers", sides["transformers"], (), sides["transformers"]["optimizer"]))
+    # (name, side, variant options, optimizer); our variants share one model, switched before each step
+    variants = VARIANTS if args.variants else {"ours": {}}
+    runs = [(name, sides["ours"], opts, sides["ours"]["optimizer"]) for name, opts in variants.items()]
+    if args.variants and method == "full":
+        fused = torch.optim.AdamW(sides["ours"]["params"], lr=LR[method], weight_decay=0.0, fused=True)
+        runs.append(("ours + fused AdamW", sides["ours"], {}, fused))
+    runs.append(("transformers", sides["transformers"], None, sides["transformers"]["optimizer"]))
 
-    def prepare(side, props):
-        if side is sides["ours"]:
-            apply_proposals(side["model"], props)
+    def prepare(side, opts):
+        if opts is not None:
+            configure(side["model"], opts)
         return side["model"]
 
     # Numerics: the loss of every variant on the same (initial) weights and batch, before any update.
     first_loss, times = {}, {name: [] for name, *_ in runs}
-    for name, side, props, _ in runs:
+    for name, side, opts, _ in runs:
         with torch.no_grad():
-            first_loss[name] = float(prepare(side, props)(input_ids=ids, labels=ids).loss)
-    for name, side, props, optimizer in runs:
+            first_loss[name] = float(prepare(side, opts)(input_ids=ids, labels=ids).loss)
+    for name, side, opts, optimizer in runs:
         for _ in range(args.warmup):
-            train_step(prepare(side, props), ids, optimizer)
-    for _ in range(args.steps):
-        for name, side, props, optimizer in runs:
-            model = prepare(side, props)
+            train_step(prepare(side, opts), ids, optimizer)
+    for _ in range(0 if args.memory_only else args.steps):  # in turns, so a change of the machine's load hits every row alike
+        for name, side, opts, optimizer in runs:
+            model = prepare(side, opts)
             start = time.perf_counter()
             train_step(model, ids, optimizer)
             times[name].append(time.perf_counter() - start)
-    peaks = {name: measure_peak(prepare(side, props), optimizer, ids, side["extra"])
-             for name, side, props, optimizer in runs}
-    apply_proposals(sides["ours"]["model"], ())
+    peaks = {name: measure_peak(prepare(side, opts), optimizer, ids, side["extra"])
+             for name, side, opts, optimizer in runs}
     config = sides["ours"]["model"].config
-    settings = MemorySettings(method=method, optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1],
-                              dtype="fp32" if method != "qlora" else "bf16", adapter_dtype="fp32", rank=LORA_R,
-                              attention_mask=False, keeps_output=False)
-    predicted = estimate_memory(config, settings).peak
+    shapes = step_matmuls(config, method, tokens, ids.shape[1])
+    # F.linear on the step's shapes, same dtype and threads
+    limit = float("nan") if args.memory_only else linear_flops_per_s(shapes, dtype)
+    predicted = {}
+    for name, side, opts, _ in runs:
+        # (full in bf16: the estimator models the recipe's MasterWeightAdamW, not the plain AdamW used here)
+        if opts is not None and name in VARIANTS and not (method == "full" and args.dtype != "fp32"):
+            settings = MemorySettings(
+                method=method, optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1], dtype=args.dtype,
+                adapter_dtype="fp32", rank=LORA_R, attention_mask=False, keeps_output=False,
+                chunked_loss=opts.get("chunked_loss", True), selective_recompute=opts.get("selective_recompute", False))
+            predicted[name] = estimate_memory(config, settings).peak
+    configure(sides["ours"]["model"], {})
     result = {"method": method, "tokens_per_step": tokens, "trainable": sides["ours"]["trainable"],
               "trainable_hf": sides["transformers"]["trainable"], "first_loss": first_loss,
-              "predicted_peak_ours": predicted, "rows": {}}
+              "predicted_peak": predicted, "linear_flops_per_s": limit, "step_flops": matmul_flops(shapes),
+              "noisy": check_variance(times), "rows": {}}
     for name in times:
-        median = statistics.median(times[name])
-        result["rows"][name] = {"tokens_per_s": tokens / median, "median_step_s": median,
-                                "step_s": times[name], "peak_bytes": peaks[name]}
+        median = statistics.median(times[name]) if times[name] else float("nan")
+        result["rows"][name] = {"tokens_per_s": tokens / median, "median_step_s": median, "step_s": times[name],
+                                "peak_bytes": peaks[name], "linear_fraction": matmul_flops(shapes) / median / limit}
     del sides, runs
     gc.collect()
     return result
@@ -393,67 +333,80 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 def render(env: dict, results: list[dict], args) -> str:
     v = env["versions"]
+    model = ("a tiny random Llama (--quick: a check that the script works, not a measurement)" if args.quick
+             else "SmolLM2-135M-Instruct (real weights, the same converted directory for both sides)")
     lines = [
         f"Measured {env['date']} by `benchmarks/bench_training.py` on {env['cpu']} ({env['cores']} cores, torch "
         f"threads {env['threads']}), python {env['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}. Load average (1 min) {env['load_before']:.1f} "
         f"before, {env['load_after']:.1f} after (this process included); other processes may share these cores, "
-        "so absolute tokens/s are noisy; the ratios come from steps taken in turns.",
+        "so absolute tokens/s are noisy; the ratios come from steps taken in turns, and are not printed for a "
+        "method whose step times varied by more than 2x.",
         "",
-        f"Model SmolLM2-135M-Instruct (real weights, the same converted directory for both sides), batch "
-        f"{args.batch_size} x {args.seq_len} tokens of Python's reference docs, labels = inputs, no padding; "
-        f"torch.optim.AdamW (fp32 states), lr {LR['full']:g} full / {LR['lora']:g} LoRA and QLoRA. {args.warmup} "
-        f"warm-up step(s), then {args.steps} timed steps each (median). Peak = live tensor bytes of one "
-        "steady-state step (TensorMemoryTracker), the same counter for both sides. Initial loss: every row's "
-        "forward on the same initial weights and batch, before any update (the numerics check).",
+        f"Model {model}, batch {args.batch_size} x {args.seq_len} tokens, labels = inputs, no padding; "
+        f"{args.dtype} weights and compute (QLoRA: NF4 base, {args.dtype} compute), fp32 LoRA adapters r={LORA_R}, "
+        f"alpha {LORA_ALPHA}, all linear layers of the blocks (PEFT's default adapter dtype; ours set to match); "
+        f"torch.optim.AdamW, lr {LR['full']:g} full / {LR['lora']:g} LoRA and QLoRA. {args.warmup} warm-up "
+        f"step(s), then {args.steps} timed steps each (median). Peak = live tensor bytes of one steady-state step "
+        "(TensorMemoryTracker), the same counter for both sides. Initial loss: every row's forward on the same "
+        "initial weights and batch, before any update (the numerics check). \"F.linear\": the step's matmul FLOPs "
+        "(forward, input gradients, weight gradients where weights train, attention's causal half) per second, "
+        "as a fraction of what F.linear reaches on the same shapes, dtype and threads in this run.",
         "",
-        "- full: fp32 weights, all 134.5M parameters trainable (tied embedding once).",
-        f"- lora: fp32 base, fp32 adapters r={LORA_R}, alpha {LORA_ALPHA}, all linear layers of the blocks.",
-        "- qlora: NF4 + double quantization (blocksize 64), bf16 compute, bf16 embeddings and norms, fp32 "
-        f"adapters r={LORA_R} (PEFT's default adapter dtype; ours set to match).",
-        "- rows \"ours + ...\": our step with the proposals described in the script's docstring; \"all "
-        "proposals\" = fused-ce + gqa-sdpa + swiglu + torch.optim.AdamW(fused=True).",
+        "Rows: \"ours\" is `finetune train`'s model as the recipes build it (chunked cross-entropy, SDPA with "
+        "enable_gqa, a SwiGLU saving gate and up only); \"ours --flag\" the same with that `finetune train` flag; "
+        "\"ours + fused AdamW\": torch.optim.AdamW(fused=True).",
         "",
-        "| method | implementation | tokens/s | step s | peak MB | speed vs transformers | memory vs transformers "
-        "| initial loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | implementation | tokens/s | step s (min-max) | peak MB | speed vs transformers "
+        "| memory vs transformers | matmul FLOP/s / F.linear's | initial loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ref = r["rows"]["transformers"]
         for name, row in r["rows"].items():
-            speed = row["tokens_per_s"] / ref["tokens_per_s"]
             mem = row["peak_bytes"] / ref["peak_bytes"]
+            speed = "noisy" if r["noisy"] else f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
             loss = r["first_loss"].get(name, float("nan"))
-            lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {row['median_step_s']:.2f} | "
-                         f"{row['peak_bytes'] / 1e6:.0f} | {speed:.2f}x | {mem:.2f}x | {loss:.4f} |")
-    lines += ["", f"Targets: >= {TARGET_SPEEDUP}x the tokens/s and <= {TARGET_MEMORY}x the peak memory of "
-              "transformers at equal settings.", ""]
+            steps = f"{row['median_step_s']:.2f} ({min(row['step_s']):.2f}-{max(row['step_s']):.2f})" \
+                if row["step_s"] else "-"
+            if not row["step_s"]:
+                speed = "-"  # --memory-only
+            lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {steps} | "
+                         f"{row['peak_bytes'] / 1e6:.0f} | {speed} | {mem:.2f}x | {row['linear_fraction']:.2f} | "
+                         f"{loss:.4f} |")
+    lines += ["", f"Targets: tokens/s >= {TARGET_SPEEDUP}x transformers' for LoRA and QLoRA in bf16 (>= 1.0x in "
+              f"fp32 and for full); peak memory <= {TARGET_MEMORY}x theirs for LoRA and QLoRA, <= 0.8x for full; "
+              "QLoRA tokens/s >= 0.9x our LoRA's at the same dtype.", ""]
     for r in results:
-        ours_row = r["rows"]["ours"]
-        lines.append(f"- {r['method']}: `finetune memory` predicts {r['predicted_peak_ours'] / 1e6:.0f} MB for our "
-                     f"step, measured {ours_row['peak_bytes'] / 1e6:.0f} MB "
-                     f"({r['predicted_peak_ours'] / ours_row['peak_bytes'] - 1:+.1%}); trainable parameters "
+        lines.append(f"- {r['method']}: F.linear reaches {r['linear_flops_per_s'] / 1e9:.0f} GFLOP/s on this step's "
+                     f"shapes ({r['step_flops'] / 1e9:.1f} GFLOP per step); trainable parameters "
                      f"{r['trainable']:,} (ours) / {r['trainable_hf']:,} (transformers).")
-    if any(len(r["rows"]) > 2 for r in results):
-        lines += ["", "Proposals (ours with the change, against ours without it, same run):", ""]
-        for r in results:
-            base = r["rows"]["ours"]
-            for name, row in r["rows"].items():
-                if name.startswith("ours +"):
-                    lines.append(f"- {r['method']}, {name[len('ours + '):]}: peak {row['peak_bytes'] / 1e6:.0f} MB "
-                                 f"({row['peak_bytes'] / base['peak_bytes'] - 1:+.1%}), tokens/s "
-                                 f"{row['tokens_per_s'] / base['tokens_per_s'] - 1:+.1%}.")
-    lines += ["", "Gap to the targets (best of our rows against transformers):", ""]
-    for r in results:
-        ref = r["rows"]["transformers"]
-        ours_rows = {k: v for k, v in r["rows"].items() if k != "transformers"}
-        speed = max(v["tokens_per_s"] for v in ours_rows.values()) / ref["tokens_per_s"]
-        memory = min(v["peak_bytes"] for v in ours_rows.values()) / ref["peak_bytes"]
-        lines.append(f"- {r['method']}: speed {speed:.2f}x (target {TARGET_SPEEDUP}x: "
-                     f"{'met' if speed >= TARGET_SPEEDUP else 'short by ' + format(TARGET_SPEEDUP - speed, '.2f')}), "
-                     f"memory {memory:.2f}x (target {TARGET_MEMORY}x: "
-                     f"{'met' if memory <= TARGET_MEMORY else 'over by ' + format(memory - TARGET_MEMORY, '.2f')}).")
+        for name, predicted in r["predicted_peak"].items():
+            measured = r["rows"][name]["peak_bytes"]
+            lines.append(f"  - {name}: `finetune memory` predicts {predicted / 1e6:.0f} MB, measured "
+                         f"{measured / 1e6:.0f} MB ({predicted / measured - 1:+.1%}).")
+        if r["noisy"]:
+            lines.append(f"  - step times varied by more than 2x, speed ratios not printed: {'; '.join(r['noisy'])}")
+    by_method = {r["method"]: r for r in results}
+    if "lora" in by_method and "qlora" in by_method:
+        q, lo = by_method["qlora"]["rows"]["ours"], by_method["lora"]["rows"]["ours"]
+        noisy = by_method["qlora"]["noisy"] or by_method["lora"]["noisy"]
+        ratio = "noisy" if noisy else f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}x"
+        lines.append(f"- our QLoRA's tokens/s vs our LoRA's: {ratio} (target 0.9x; not taken in turns: "
+                     "different methods ran one after the other).")
     return "\n".join(lines)
+
+
+def tiny_model_dir(root: Path) -> Path:
+    """A random Llama with the default model's shape ratios (GQA 3:1, tied head), 256 tokens, saved in HF form."""
+    from finetune_ref.models.checkpoint import save_model
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    return save_model(LlamaForCausalLM(config), root / "model")
 
 
 def write_results(text: str, path: Path) -> None:
@@ -472,7 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation first")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--proposals", action="store_true", help="also measure our step with the proposals")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype")
+    parser.add_argument("--variants", action="store_true",
+                        help="also measure our step with --selective-recompute, --no-chunked-loss (and fused AdamW)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny random model, batch 2 x 32, 2 steps: checks the script works (not written)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak tensor memory (exact under any load): one untimed step, no speed")
+    parser.add_argument("--allow-noisy", action="store_true",
+                        help="print the table even when step times varied by more than 2x (ratios left out)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS_MD.name}")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--from-json", type=Path, default=None,
@@ -493,26 +454,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size, --seq-len, --steps and --warmup must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from finetune_ref.models.default_model import default_model_dir
-    from finetune_ref.models.tokenizer import Tokenizer
-
-    model_dir = default_model_dir()
     env = environment(torch.get_num_threads())
-    ids = text_batch(Tokenizer.from_dir(model_dir), args.batch_size, args.seq_len)
-    results = []
-    for method in methods:
-        print(f"[{method}] building and timing ...", file=sys.stderr, flush=True)
-        results.append(run_method(method, model_dir, ids, args))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            args.batch_size, args.seq_len, args.steps, args.warmup, args.no_write = 2, 32, 2, 1, True
+            model_dir = tiny_model_dir(Path(tmp))
+            ids = torch.randint(0, 256, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
+        else:
+            from finetune_ref.models.default_model import default_model_dir
+            from finetune_ref.models.tokenizer import Tokenizer
+
+            model_dir = default_model_dir()
+            ids = text_batch(Tokenizer.from_dir(model_dir), args.batch_size, args.seq_len)
+        results = []
+        for method in methods:
+            print(f"[{method}] building and timing ...", file=sys.stderr, flush=True)
+            results.append(run_method(method, model_dir, ids, args))
     env["load_after"] = os.getloadavg()[0]
+    noisy = [f"{r['method']}: {x}" for r in results for x in r["noisy"]]
+    if noisy and not args.allow_noisy:
+        print("bench_training: step times varied by more than 2x, so the speed ratios would be noise; nothing "
+              f"written. Re-run on a quiet machine (load average now {env['load_after']:.1f}).\n  "
+              + "\n  ".join(noisy), file=sys.stderr)
+        return 3
     text = render(env, results, args)
     print(text)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup")}
+        settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "dtype", "quick",
+                                                   "memory_only")}
         args.json.write_text(json.dumps({"environment": env, "settings": settings, "results": results}, indent=2))
     if not args.no_write:
         write_results(text, RESULTS_MD)
         print(f"\nwritten to {RESULTS_MD}", file=sys.stderr)
-    return 0 if all(math.isfinite(r["rows"]["ours"]["tokens_per_s"]) for r in results) else 1
+    return 0 if args.memory_only or all(math.isfinite(r["rows"]["ours"]["tokens_per_s"]) for r in results) else 1
 
 
 if __name__ == "__main__":
