@@ -118,6 +118,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
                    help="AdamW with 32-bit states (adamw), states paged to host memory (paged_adamw), blockwise "
                         f"8-bit states (adamw8bit), or both ({_default('optimizer')})")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="--optimizer adamw with torch's fused kernel (fp32 weights: one kernel per tensor, no "
+                        "temporaries; the same update to the last ulp)")
     p.add_argument("--eval-every", type=non_negative_int,
                    help=f"evaluate every N updates, 0: only before and after ({_default('eval_every')})")
     p.add_argument("--early-stopping-patience", type=non_negative_int,
@@ -134,6 +137,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--selective-recompute", action="store_true",
                    help="recompute RMSNorm outputs and SwiGLU products in backward instead of storing them "
                         "(less memory, the same gradients, a few elementwise ops more)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (the first steps compile; needs a C++ compiler on CPU)")
     p.add_argument("--save-every", type=non_negative_int,
                    help="write a training checkpoint every N updates and at the end, 0: only on Ctrl-C "
                         f"({_default('save_every')})")

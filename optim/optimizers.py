@@ -32,7 +32,7 @@ _PRESETS = {"adamw": MasterWeightAdamW, "paged_adamw": PagedAdamW, "adamw8bit": 
             "paged_adamw8bit": PagedAdamW8bit}
 _PAGED_OPTIONS = ("state_home", "min_paged_size", "master_weights")
 _OPTIONS: dict[str, tuple[str, ...]] = {  # extra keyword arguments each optimizer accepts
-    "adamw": (),
+    "adamw": ("fused",),
     "paged_adamw": _PAGED_OPTIONS,
     "adamw8bit": ("min_8bit_size", "rounding") + _PAGED_OPTIONS,
     "paged_adamw8bit": ("min_8bit_size", "rounding") + _PAGED_OPTIONS,
@@ -48,7 +48,8 @@ def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, betas: tu
         param_groups: parameters or param-group dicts (e.g. ``train.trainer.param_groups(model, wd)``, whose
             groups carry their own ``weight_decay``).
         lr, betas, eps, weight_decay: AdamW hyperparameters (defaults for groups that do not set them).
-        **kw: options of the chosen optimizer: ``state_home`` ("device"/"host"/"unified"), ``min_paged_size``,
+        **kw: options of the chosen optimizer: ``fused`` for "adamw" (torch's fused kernel, fp32 parameters);
+            ``state_home`` ("device"/"host"/"unified"), ``min_paged_size``,
             ``master_weights`` for the paged and 8-bit ones; ``min_8bit_size``, ``rounding`` for the 8-bit ones.
 
     Returns:
@@ -74,5 +75,8 @@ def build_optimizer(name: str, param_groups: Iterable[Any], lr: float, betas: tu
     if name == "adamw":
         params = [p for g in param_groups for p in (g["params"] if isinstance(g, dict) else [g])]
         if all(p.dtype == torch.float32 for p in params):
-            return torch.optim.AdamW(param_groups, **hyper)
+            # fused: one kernel per parameter, no temporaries (the default single-tensor path makes sqrt(v)
+            # and the update, 8 B/param); the same update up to the last ulp (tests/test_full.py).
+            return torch.optim.AdamW(param_groups, **hyper, fused=bool(kw.get("fused", False)) or None)
+        kw.pop("fused", None)  # MasterWeightAdamW updates one tensor at a time already
     return _PRESETS[name](param_groups, **hyper, **kw)

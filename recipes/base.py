@@ -57,6 +57,7 @@ class RunConfig(TrainConfig):
     # Recompute RMSNorm outputs and SwiGLU products in backward (models/recompute.py). Off until its cost in
     # step time is measured on a quiet machine (benchmarks/bench_training.py --recompute).
     selective_recompute: bool = False
+    compile: bool = False                # torch.compile each decoder layer in place (names and files unchanged)
     save_every: int = 0                  # updates between checkpoints (0: only at the end and on Ctrl-C)
     keep_last: int = 2                   # checkpoints kept (0: all)
     resume: str | None = None            # a checkpoint, or the out directory of an interrupted run

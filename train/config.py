@@ -39,6 +39,7 @@ class TrainConfig:
     early_stopping_patience: int = 0   # stop after this many evaluations without a new best (0: never)
     precision: str                     # one of PRECISIONS
     optimizer: str                     # one of optim.OPTIMIZER_NAMES
+    fused_adamw: bool = False          # "adamw" on fp32 parameters: torch's fused kernel (optim/optimizers.py)
     metrics_path: Path | None = None   # JSON lines of every update and evaluation (None: not written)
     progress: bool = True              # a tqdm bar on the main rank
 
@@ -62,5 +63,7 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
+        if self.fused_adamw and self.optimizer != "adamw":
+            raise ValueError(f"fused_adamw applies to optimizer 'adamw', not {self.optimizer!r}")
         if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: off), got {self.max_grad_norm}")

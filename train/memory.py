@@ -291,6 +291,8 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
 
     # Optimizer step temporaries, per element of the largest trainable tensor (STEP_TEMPORARY_BYTES).
     step_tmp = STEP_TEMPORARY_BYTES[s.optimizer][0 if t_bytes == 4 else 1] * max(trainable)
+    if s.fused_adamw and s.optimizer == "adamw" and t_bytes == 4:
+        step_tmp = 0  # torch's fused AdamW kernel updates in place (measured: 0 B/param)
 
     moments = {  # (activations, logits and loss, gradients, workspace)
         **{name: (activations, lg, gr, ws) for name, (lg, gr, ws) in loss_moments.items()},

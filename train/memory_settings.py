@@ -35,6 +35,7 @@ class MemorySettings:
             (train/trainer.py keeps ``out``); False for a loop that keeps only the loss.
         chunked_loss: the loss is computed from the hidden states in chunks, without logits (models/loss.py;
             the training recipes' default); False: the plain loss on (B, T, vocab) logits.
+        fused_adamw: "adamw" through torch's fused kernel (fp32 parameters: no step temporaries).
         selective_recompute: RMSNorm outputs (fp32 models) and SwiGLU products are recomputed in backward
             instead of saved (models/recompute.py).
     """
@@ -54,6 +55,7 @@ class MemorySettings:
     keeps_output: bool = True
     chunked_loss: bool = True
     selective_recompute: bool = False
+    fused_adamw: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the accepted values."""

@@ -43,7 +43,8 @@ def optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     ``torch.optim.AdamW`` if every trainable parameter is fp32, else ``MasterWeightAdamW`` (fp32 master
     copy and moments for the 16-bit ones); the paged and 8-bit ones keep fp32 master weights too."""
     groups = param_groups(model, cfg.weight_decay)
-    return build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    extra = {"fused": True} if cfg.fused_adamw else {}
+    return build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **extra)
 
 
 def check_precision(model: nn.Module, precision: str) -> None:
