@@ -92,7 +92,8 @@ def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = No
     values = words.view(torch.float32)[:n]  # (2m,) -> (n,) fp32
     if nb * bs != n:
         values = F.pad(values, (0, nb * bs - n))  # (nb * bs,)
-    out = (values.view(nb, bs) * absmax.view(nb, 1)).view(-1)[:n]  # fp32 product, rounded once
+    # fp32 product, rounded once; in place: the gathered values are a fresh tensor (4 B/element less at peak)
+    out = values.view(nb, bs).mul_(absmax.view(nb, 1)).view(-1)[:n]
     return out.to(dtype).view(state.shape)
 
 

@@ -183,8 +183,8 @@ def _layer_workspace(c: LlamaConfig, s: MemorySettings) -> int:
     n, e = s.batch_size * s.seq_len, DTYPE_BYTES[s.dtype]
     hq = c.num_attention_heads * c.head_dim
     # QLoRA: each NF4 linear's backward dequantizes its weight (kernels/reference.py _dequantize: the gathered
-    # fp32 values and their fp32 product with absmax, 8 B per element of the largest weight).
-    dequantized = 8 * max(o * i for o, i in linear_shapes(c).values()) if s.method == "qlora" else 0
+    # fp32 values, scaled in place; measured 4 B per element of the largest weight at the layer's peak).
+    dequantized = 4 * max(o * i for o, i in linear_shapes(c).values()) if s.method == "qlora" else 0
     return n * c.hidden_size * e + max(2 * n * c.intermediate_size, 4 * n * hq) * e + dequantized
 
 
