@@ -17,8 +17,8 @@ import argparse
 import json
 import sys
 
-from finetune_ref.cli.common import (add_data_args, add_model_args, finite_non_negative, heldout_batches, pick_threads,
-                                     positive_int, resolve_model_dir)
+from finetune_ref.cli.common import (add_data_args, add_model_args, add_out_args, finite_non_negative, heldout_batches,
+                                     pick_threads, positive_int, resolve_model_dir, writing_to)
 
 EXIT_USAGE = 2
 INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
@@ -66,7 +66,8 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from finetune_ref.models.gguf_convert import convert_gguf
 
-    out = convert_gguf(args.file, args.out, overwrite=args.overwrite)
+    with writing_to(args.out, args.file, overwrite=args.overwrite):
+        out = convert_gguf(args.file, args.out, overwrite=args.overwrite)
     print(f"converted {args.file} -> {out}")
     return 0
 
@@ -106,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
     p.add_argument("file", help="the .gguf file")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_out_args(p, "output directory", required=True)
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
+
+from finetune_ref.models.output_dir import fsync_dir, replace_dir  # noqa: F401 (the checkpoint writers' too)
 
 
 FORMAT = "finetune-ref-training-checkpoint"
@@ -31,26 +32,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move directory ``tmp`` to ``final``; an existing ``final`` is moved aside first and then deleted."""
-    trash = None
-    if final.exists():
-        trash = final.parent / f".trash-{final.name}-{os.getpid()}"
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:
