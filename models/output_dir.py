@@ -210,3 +210,12 @@ class OutputLock:
             os.close(self.fd)
             self.fd = None
         return False
+
+
+def publish_files(tmp: Path, out: Path) -> None:
+    """Move every file of directory ``tmp`` into ``out`` (each by an atomic rename; weight files last, so a
+    crash in between leaves a result without weights, which loaders refuse), then remove ``tmp``."""
+    for path in sorted(tmp.iterdir(), key=lambda p: (p.suffix == ".safetensors", p.name)):
+        os.replace(path, out / path.name)
+    fsync_dir(out)
+    tmp.rmdir()
