@@ -94,8 +94,9 @@ def cmd_train(args) -> int:
 
     model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone guards and writes --out
-    guard = writing_to(out, model_dir, cfg.data, cfg.eval_data, overwrite=args.overwrite, own=own,
-                       explain=_explain) if main_rank else contextlib.nullcontext(out)
+    inputs = (model_dir, cfg.data, cfg.eval_data) + (() if own else (cfg.resume,))
+    guard = writing_to(out, *inputs, overwrite=args.overwrite, own=own, explain=_explain) if main_rank \
+        else contextlib.nullcontext(out)
     with guard:
         if main_rank and args.overwrite and not own and out.is_dir():
             for path in out.iterdir():  # asked for: start over in a clean directory

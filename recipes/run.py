@@ -83,7 +83,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     # The data before the weights: a data error should not wait for them.
     train_examples, held = build_datasets(tokenizer, cfg.data, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
                                           eval_data=cfg.eval_data)
-    now = fingerprint(model_dir, train_examples, held)
+    now = fingerprint(model_dir, train_examples, held, info.world_size)
     if record is not None:  # every difference from the recorded run at once, before the weights load
         check_resume(record, cfg, now, run_dir, flag, extend)
     eval_batches = list(iter_batches(held, cfg.batch_size, tokenizer.pad_token_id)) if held else []

@@ -9,7 +9,8 @@ What it holds:
   (what the loop is fed: it changes with the data files' contents, the tokenizer, ``seq_len`` and the split),
   and ``base``, ``models.checkpoint.weights_fingerprint`` of the base model directory (config.json, the
   safetensors headers and 16 evenly spaced 64 KiB samples per file: milliseconds, where a full hash of a 7B
-  base reads 14 GB);
+  base reads 14 GB), and the number of processes (``--batch-size`` is per process: the global batch must
+  match, so a run resumes on another number of processes with the same global batch);
 * ``finished``: null while the run goes on; ``{"update", "stopped_early"}`` once its result is written.
 
 On resume every setting is compared at once (``differences``): the method, every hyperparameter, the data and
@@ -88,9 +89,9 @@ def data_fingerprint(*splits: Iterable[dict]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model_dir: Path, train_examples, held_examples) -> dict:
+def fingerprint(model_dir: Path, train_examples, held_examples, world_size: int = 1) -> dict:
     return {"data": data_fingerprint(train_examples, held_examples), "base": weights_fingerprint(model_dir),
-            "base_dir": str(Path(model_dir).resolve())}
+            "base_dir": str(Path(model_dir).resolve()), "world_size": world_size}
 
 
 def new_record(cfg: RunConfig, fingerprint: dict, command: str | None = None) -> dict:
@@ -133,17 +134,23 @@ def differences(record: dict, cfg: RunConfig, now: dict, flag: Callable[[str], s
     if record["method"] != cfg.method:
         diffs.append(f"--method: recorded {record['method']}, now {cfg.method}")
     recorded, current = record["config"], config_json(cfg)
+    saved = record.get("fingerprint", {})
+    saved_world = saved.get("world_size", 1)
     for name in sorted(set(recorded) | set(current)):
         if name in FREE_ON_RESUME or name in BY_CONTENT:
             continue
         old, new = recorded.get(name), current.get(name)
-        if name == "steps" and extend:
+        if name == "batch_size":  # per process: what must match is the global batch (train/distributed.py)
+            before, after = saved_world * (old or 0), now.get("world_size", 1) * new
+            if before != after:
+                diffs.append(f"{flag(name)}: recorded {old} x {saved_world} process(es) = {before} sequences per "
+                             f"micro-batch, now {new} x {now.get('world_size', 1)} = {after}")
+        elif name == "steps" and extend:
             if new is not None and old is not None and new <= old:
                 diffs.append(f"--steps: --extend needs more than the recorded {old}, got {new}")
         elif old != new:
             hint = " (add --extend to train further on purpose)" if name == "steps" and new > old else ""
             diffs.append(f"{flag(name)}: recorded {old}, now {new}{hint}")
-    saved = record.get("fingerprint", {})
     if saved.get("data") != now["data"]:
         diffs.append(f"--data: the training and held-out sequences differ from the recorded ones (sha256 "
                      f"{str(saved.get('data'))[:12]}, now {now['data'][:12]}): other data or contents")

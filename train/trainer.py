@@ -23,7 +23,9 @@ Guarantees (each has a test in tests/test_trainer.py, test_checkpointing.py or t
   improvement.
 * **Checkpoints** (``checkpointing.py``) every ``save_every`` updates, after the last, and on Ctrl-C / SIGTERM
   (the update in flight finishes first, then the checkpoint is written and ``TrainingInterrupted`` raised).
-  Resuming gives bitwise the parameters of an uninterrupted run (same world size).
+  Resuming gives bitwise the parameters of an uninterrupted run (same world size), and the metrics log keeps
+  each update once (lines past the checkpoint are dropped; a "resume" line marks the session). If writing the
+  result (``finish``) fails, the trained state is kept in a checkpoint of the last update first.
 * **Precision**: "fp32"; "bf16-autocast" (fp32 weights and optimizer, ``torch.autocast`` bf16 compute);
   "bf16" (bf16 weights; fp32 master weights and moments in the optimizer, or FSDP2's fp32 shards).
 * **Distributed** (``distributed.py``): same loss and gradients as one process with the global batch.
