@@ -109,8 +109,15 @@ def check_writable(out: Path, flag: str = "--out") -> None:
             os.close(fd)
             os.unlink(probe)
     except OSError as err:
-        raise ValueError(f"{flag} {out}: cannot write there ({err.strerror or err}); choose a writable "
-                         "directory") from None
+        raise _cannot_write(out, err, flag) from None
+
+
+def _cannot_write(out: Path, err: OSError, flag: str) -> ValueError:
+    """The one-line error for an ``out`` that cannot be created or written, with the system's reason (or the
+    ancestor that is a file, which the system calls "File exists" or "Not a directory")."""
+    above = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
+    reason = f"{above} is a file" if above is not None and not above.is_dir() else (err.strerror or str(err))
+    return ValueError(f"{flag} {out}: cannot write there ({reason}); choose a writable directory")
 
 
 def staging_dir(out: Path) -> Path:
@@ -169,8 +176,7 @@ class OutputLock:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.fd = self._acquire()
         except OSError as err:
-            raise ValueError(f"{self.flag} {self.out}: cannot write there ({err.strerror or err}); choose a "
-                             "writable directory") from None
+            raise _cannot_write(self.out, err, self.flag) from None
         return self
 
     def _acquire(self) -> int:
