@@ -11,7 +11,7 @@ import sys
 from finetune_ref.cli.common import positive_int, show_number
 from finetune_ref.recipes import advice
 from finetune_ref.recipes.advice import DEFAULT_SEQ_LEN, TARGET_BATCH, TASKS, Advice, advise
-from finetune_ref.train.memory_shapes import DEFAULT_PRESET, PRESETS, load_config, parameter_count, preset_config
+from finetune_ref.train.memory_shapes import DEFAULT_PRESET, PRESETS, parameter_count, shape_from
 
 DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
 _UNITS = {"": 10**9, "gb": 10**9, "g": 10**9, "gib": 2**30, "mb": 10**6, "mib": 2**20, "tb": 10**12, "tib": 2**40}
@@ -114,11 +114,7 @@ def add_advise_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_advise(args: argparse.Namespace) -> int:
     """Run ``finetune advise``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
-    if args.model is not None:
-        config, name = load_config(args.model), str(args.model)
-    else:
-        name = args.preset or DEFAULT_PRESET
-        config = preset_config(name)
+    config, name = shape_from(args.model, args.preset)
     a = advise(config, args.gpu_memory, args.gpus, args.examples, args.seq_len, args.task, args.target_batch,
                args.epochs)
     if args.json:
