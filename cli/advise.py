@@ -115,6 +115,9 @@ def add_advise_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_advise(args: argparse.Namespace) -> int:
     """Run ``finetune advise``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
     config, name = shape_from(args.model, args.preset)
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than {name}'s context "
+                         f"({config.max_position_embeddings} tokens); give at most that")
     a = advise(config, args.gpu_memory, args.gpus, args.examples, args.seq_len, args.task, args.target_batch,
                args.epochs)
     if args.json:

@@ -230,6 +230,9 @@ def advise(c: LlamaConfig, gpu_memory: int, gpus: int = 1, examples: int | None 
         raise ValueError(f"examples must be a positive integer, got {examples!r}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if seq_len > c.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's context ({c.max_position_embeddings} tokens, "
+                         "max_position_embeddings)")
     rank = lora_rank(task, examples)
     plans = {m: plan_method(c, m, gpu_memory, gpus, seq_len, rank, target_batch) for m in METHODS}
     # "Room for training": LoRA without gradient checkpointing; and would QLoRA avoid checkpointing?
