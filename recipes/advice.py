@@ -108,7 +108,9 @@ class Plan:
     grad_accum: int
     gradient_checkpointing: bool
     optimizer: str
-    parallel: str              # "single" (one GPU), "ddp" (a copy per GPU), "fsdp" (sharded across GPUs)
+    # "single" (one GPU); "ddp" (a copy per GPU: the one-GPU estimate, DDP's gradient buckets not counted);
+    # "fsdp" (sharded across GPUs, _fsdp_peak)
+    parallel: str
     gpus: int                  # data-parallel processes: the effective batch is micro_batch x grad_accum x gpus
     peak: int
     needed: int
