@@ -6,6 +6,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from finetune_ref.cli.common import show_number
+
 NOT_MEASURED = "not measured here"
 # A difference between two settings counts only when it exceeds the seed-to-seed spread: the larger of the two
 # settings' ranges (max - min over seeds) of the final held-out loss.
@@ -63,7 +65,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         for lr, rs in lr_runs.items():
             if rs:
                 c = rs[0]["curve"]
-                a.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=f"lr {lr:g}")
+                a.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=f"lr {show_number(lr)}")
                 b.scatter([lr] * len(rs), _final(rs), color="tab:blue")
         b.plot([lr for lr, rs in lr_runs.items() if rs], [_mean(_final(rs)) for rs in lr_runs.values() if rs],
                color="tab:blue")

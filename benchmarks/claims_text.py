@@ -47,7 +47,7 @@ def _header(results: dict, made: list[str]) -> list[str]:
         f"thread(s), Python {env['python']}. The cores were shared with other jobs while this ran, so times are "
         "noisy; the load average at the start and end of each study:",
         "",
-        "| study | date | seconds | load average start -> end |",
+        "| study | finished | seconds | load average start -> end |",
         "|---|---|---:|---|",
     ]
     for name, s in results.get("studies", {}).items():
@@ -123,6 +123,8 @@ def _pair_row(claim, source, name_a, a, name_b, b, expect_a_worse: bool | None) 
     measured = f"{name_a} {_fmt(a)} vs {name_b} {_fmt(b)}: {diff:+.4f} (noise {noise:.4f}, {words})"
     if expect_a_worse is None:
         held = "within noise" in words
+    elif "within noise" in words:
+        return f"| {claim} | {source} | {measured} | not shown: within noise |"
     else:
         held = (diff > noise) if expect_a_worse else (diff < -noise)
     return f"| {claim} | {source} | {measured} | {_verdict(held)} |"
@@ -174,6 +176,13 @@ def _training(results: dict) -> tuple[list[str], list[str]]:
             detail.append(f"| {name} | {rs[0]['trainable']:,} | {rs[0]['before']:.4f} | {_fmt(_final(rs))} |")
         else:
             detail.append(f"| {name} | | | {NOT_MEASURED} |")
+    detail += ["", "How to read the rank and target rows. With alpha = 2r the scaling alpha / r is the same for every r, "
+               "but Adam moves every entry of A and B by about the learning rate per step whatever their number, so "
+               "the update B @ A (a sum over r terms) grows with r: at one learning rate a larger r learns faster at "
+               "the start, which is what a short budget measures (the argument of rank-stabilised LoRA, Kalajdzievski "
+               "2023, for scaling alpha / sqrt(r)). The q_proj,v_proj run at r = 42 has the same parameter count but "
+               "five times the rank. The claims are about where training ends; at these budgets, a rank or target "
+               "difference larger than the noise says how fast each setting starts, not where it ends.", ""]
     return rows, detail
 
 
@@ -188,16 +197,21 @@ def _quality(results: dict) -> tuple[list[str], list[str]]:
                                                                           ("qlora", qlora))}
     diff, noise, words = _cmp(q, l)
     rows = [f"| LoRA within a few percent of full fine-tuning | Hu et al. 2021, 5; QLoRA, 4 | LoRA {_fmt(l)} vs full "
-            f"{_fmt(f)}: {gap:+.2f}% | {_verdict(abs(gap) <= GAP_FEW_PERCENT)} (threshold {GAP_FEW_PERCENT:g}%) |",
+            f"{_fmt(f)}: {gap:+.2f}% of the loss; gains {_mean(gain['lora']):.4f} vs {_mean(gain['full']):.4f} | "
+            f"{_verdict(abs(gap) <= GAP_FEW_PERCENT)} (threshold {GAP_FEW_PERCENT:g}%; read with the gains: a short "
+            "budget moves the loss little) |",
             f"| QLoRA matches LoRA | QLoRA, 4 | QLoRA {_fmt(q)} vs LoRA {_fmt(l)}: {diff:+.4f} (noise {noise:.4f}, "
             f"{words}); gains {_mean(gain['qlora']):.4f} vs {_mean(gain['lora']):.4f} from bases at "
             f"{qlora[0]['before']:.4f} vs {lora[0]['before']:.4f} | "
-            f"{_verdict('within noise' in words, partly=diff > noise and _mean(gain['qlora']) >= _mean(gain['lora']))} |"]
+            f"{_verdict('within noise' in words, partly=diff > noise and _mean(gain['qlora']) >= _mean(gain['lora']))}"
+            f"{': the same gain from a worse base' if diff > noise and _mean(gain['qlora']) >= _mean(gain['lora']) else ''} |"]
     reg = {name: [r["regression_after"] - r["regression_before"] for r in rs]
            for name, rs in (("full", full), ("LoRA", lora), ("QLoRA", qlora)) if rs[0]["regression_after"] is not None}
     if reg:
         rows.append("| forgetting (loss on general English, after - before) | Biderman et al. 2024 (LoRA forgets "
-                    "less) | " + ", ".join(f"{k} {_mean(v):+.4f}" for k, v in reg.items()) + " | see below |")
+                    "less) | " + ", ".join(f"{k} {_mean(v):+.4f}" for k, v in reg.items()) + " | "
+                    + ("no forgetting at this budget: every method lowers it |" if all(_mean(v) < 0 for v in reg.values())
+                       else "see below |"))
     detail = ["## Quality: full fine-tuning, LoRA, QLoRA", "",
               "Each method built by its recipe as `finetune compare` builds it (full: bf16 weights with fp32 master "
               "weights and moments, lr 2e-5; LoRA: bf16 base, fp32 adapters, lr 2e-4; QLoRA: the same on an NF4 + "
@@ -229,10 +243,14 @@ def _merge(results: dict) -> tuple[list[str], list[str]]:
             f"{_verdict(rel < 1e-5, partly=rel < 1e-5 and lo['bitwise_equal_share'] < 1)}: equal to fp32 rounding, "
             "not bitwise |"]
     q = m["qlora"]
+    bases = _runs(results, method="qlora"), _runs(results)
+    gap_text = f"{bases[0][0]['before'] - bases[1][0]['before']:.2f} nats " if all(bases) else ""
     dq, orig = q["merged into NF4-dequantized base (fp32)"], q["merged into original 16-bit base (fp32)"]
-    rows.append(f"| a QLoRA adapter merges exactly into the dequantized NF4 base, not into the original 16-bit one | "
-                f"QLoRA, eq. 5-6 | held-out loss change vs unmerged: NF4-dequant {dq['loss_change']:+.4f}, original "
-                f"{orig['loss_change']:+.4f} | {_verdict(abs(dq['loss_change']) < abs(orig['loss_change']))} |")
+    rows.append(f"| a QLoRA adapter merged into the dequantized NF4 base reproduces the QLoRA model; merged into the "
+                f"original 16-bit base it does not | QLoRA, eq. 5-6 | held-out loss change vs unmerged: NF4-dequant "
+                f"{dq['loss_change']:+.4f}, original {orig['loss_change']:+.4f} | "
+                f"{_verdict(abs(dq['loss_change']) < abs(orig['loss_change']))}, up to the compute dtype (the "
+                "unmerged model computes in bf16, the merges in fp32); see below for the sign |")
     detail = ["## Merging", "",
               "LoRA: the fp32 model with r=8 adapters on all linear layers whose B was drawn at random (std 0.02, a "
               "nonzero update), logits before and after `lora.merge_and_unload` on two held-out batches.", "",
@@ -244,8 +262,14 @@ def _merge(results: dict) -> tuple[list[str], list[str]]:
     detail += ["", f"The unmerged QLoRA model's loss on these batches is {dq['loss_reference']:.4f}. Re-quantizing the "
                "merge to NF4 can erase a small update (the dequantized NF4 weights sit on the NF4 grid, so a change "
                "below half a step rounds back to the same codes); RTN and GPTQ use another grid (4-bit, group 128). "
-               "The NF4-dequantized merge also changes the compute dtype (fp32 instead of the QLoRA model's bf16), "
-               "which is part of its small difference.", ""]
+               "Every merged row also changes the compute dtype (fp32 instead of the QLoRA model's bf16 NF4 matmuls), "
+               "which is part of each difference; `benchmarks/bench_requantize.py` evaluates every row in fp32 "
+               "(`benchmarks/results/requantize_cpu.md`). Merging into the original 16-bit base is not what the "
+               "adapter was trained against; where it *lowers* the loss, that is because the NF4 base starts "
+               f"{gap_text}worse than the 16-bit one (two rounds of 4-bit quantization, see the quality study) and the "
+               "merge gets that back. After a short run the adapter's gain is small, so "
+               "NF4 re-quantization, which rounds most of the update away, costs little here; after a longer run it "
+               "costs the whole gain.", ""]
     return rows, detail
 
 
