@@ -99,6 +99,7 @@ def run_method(method: str, s: CompareSettings) -> dict:
     torch.manual_seed(s.seed)  # the same LoRA A initialisation for LoRA and QLoRA
     cfg = method_recipe(method, s)
     built = cfg.build(model_dir, DistInfo())
+    cfg.configure_model(built.model)
     model, precision = built.model, cfg.precision
     trainable, _ = trainable_parameters(model)
     base_params = parameter_count(model.config)  # logical count: an NF4 weight counts as one parameter

@@ -88,6 +88,16 @@ class RunConfig(TrainConfig):
         """The dtype to load the unquantized base weights in: ``dtype``, else ``trained_dtype``."""
         return self.dtype or self.trained_dtype(world_size)
 
+    def configure_model(self, model: nn.Module) -> None:
+        """Set the model's training switches (models/llama.py) from this config; call after ``build``."""
+        model.model.gradient_checkpointing = self.grad_checkpointing
+        model.chunked_loss = self.chunked_loss
+        model.model.selective_recompute = self.selective_recompute
+        if self.compile:
+            # Module.compile compiles in place: parameter names, state dicts and exported files stay as they are.
+            for layer in model.model.layers:
+                layer.compile()
+
     def build(self, model_dir: Path, info: DistInfo) -> Trainable:
         """Load ``model_dir`` the way the method trains it; see the recipes."""
         raise NotImplementedError

@@ -92,13 +92,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
         f"{cfg.method}, {cfg.precision}, {cfg.optimizer}", file=sys.stderr)
     method = cfg.build(model_dir, info)
     model = method.model
-    model.model.gradient_checkpointing = cfg.grad_checkpointing
-    model.chunked_loss = cfg.chunked_loss
-    model.model.selective_recompute = cfg.selective_recompute
-    if cfg.compile:
-        # Module.compile compiles in place: parameter names, state dicts and exported files stay as they are.
-        for layer in model.model.layers:
-            layer.compile()
+    cfg.configure_model(model)
     say(format_trainable_parameters(model))
     if info.enabled:
         torch.manual_seed(cfg.seed + info.rank)  # from here on (dropout), each rank its own stream
