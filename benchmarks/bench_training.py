@@ -378,8 +378,10 @@ def render(env: dict, results: list[dict], args) -> str:
               f"fp32 and for full); peak memory <= {TARGET_MEMORY}x theirs for LoRA and QLoRA, <= 0.8x for full; "
               "QLoRA tokens/s >= 0.9x our LoRA's at the same dtype.", ""]
     for r in results:
-        lines.append(f"- {r['method']}: F.linear reaches {r['linear_flops_per_s'] / 1e9:.0f} GFLOP/s on this step's "
-                     f"shapes ({r['step_flops'] / 1e9:.1f} GFLOP per step); trainable parameters "
+        limit = "not measured (--memory-only)" if not math.isfinite(r["linear_flops_per_s"]) else \
+            f"{r['linear_flops_per_s'] / 1e9:.0f} GFLOP/s"
+        lines.append(f"- {r['method']}: F.linear reaches {limit} on this step's shapes "
+                     f"({r['step_flops'] / 1e9:.1f} GFLOP per step); trainable parameters "
                      f"{r['trainable']:,} (ours) / {r['trainable_hf']:,} (transformers).")
         for name, predicted in r["predicted_peak"].items():
             measured = r["rows"][name]["peak_bytes"]
@@ -388,7 +390,7 @@ def render(env: dict, results: list[dict], args) -> str:
         if r["noisy"]:
             lines.append(f"  - step times varied by more than 2x, speed ratios not printed: {'; '.join(r['noisy'])}")
     by_method = {r["method"]: r for r in results}
-    if "lora" in by_method and "qlora" in by_method:
+    if "lora" in by_method and "qlora" in by_method and not args.memory_only:
         q, lo = by_method["qlora"]["rows"]["ours"], by_method["lora"]["rows"]["ours"]
         noisy = by_method["qlora"]["noisy"] or by_method["lora"]["noisy"]
         ratio = "noisy" if noisy else f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}x"
