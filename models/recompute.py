@@ -13,7 +13,8 @@ Two tensors of a decoder layer qualify (models/llama.py ``DecoderLayer``):
 How: ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor autograd saves while a block runs; the
 one tensor we name is replaced by a recipe, run again when backward unpacks it (in no-grad mode, by the same
 ops on the same inputs, so bitwise the same values). Gradients are therefore bitwise those without it; the
-cost is the elementwise ops run again per consumer in backward.
+cost is the elementwise ops run again once in backward (consumers of one tensor, e.g. the q, k and v
+adapters, share the recomputed result, held from the first one's backward to the last one's).
 """
 
 from __future__ import annotations
@@ -24,17 +25,34 @@ import torch
 
 
 class _Recompute:
-    """What is stored instead of a saved tensor: the function that makes it again, and the view to take."""
+    """What is stored instead of a saved tensor: the shared recipe, and the view of its result to take."""
 
-    __slots__ = ("fn", "shape", "stride")
+    __slots__ = ("source", "shape", "stride")
 
-    def __init__(self, fn: Callable[[], torch.Tensor], shape: torch.Size, stride: tuple[int, ...]):
-        self.fn, self.shape, self.stride = fn, shape, stride
+    def __init__(self, source: "_Source", shape: torch.Size, stride: tuple[int, ...]):
+        self.source, self.shape, self.stride = source, shape, stride
+
+
+class _Source:
+    """The function that makes the tensor again, run once for all its consumers: the result is kept from the
+    first consumer's backward until the last one (of ``pending``) has taken it (q, k, v share one norm)."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        self.fn, self.pending, self.result = fn, 0, None
+
+    def take(self) -> torch.Tensor:
+        result = self.result
+        if result is None:
+            with torch.no_grad():
+                result = self.fn()
+        self.pending -= 1
+        self.result = result if self.pending > 0 else None
+        return result
 
 
 class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
     """Within this context, whenever autograd saves ``target`` or a view of all of it (a matmul saves its
-    (B*T, H) reshape), store ``fn`` instead and call it (under no_grad) in backward, taking the same view.
+    (B*T, H) reshape), store a recipe instead and run it (under no_grad) in backward, taking the same view.
 
     ``fn`` must return ``target``'s values, contiguous, from tensors that backward keeps alive anyway.
     """
@@ -43,16 +61,17 @@ class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
         if not target.is_contiguous():
             raise ValueError("recompute_saved needs a contiguous target")
         key = (target.data_ptr(), target.numel(), target.dtype)
+        source = _Source(fn)
 
         def pack(t: torch.Tensor):
             if (t.data_ptr(), t.numel(), t.dtype) == key and t.is_contiguous():
-                return _Recompute(fn, t.shape, t.stride())
+                source.pending += 1
+                return _Recompute(source, t.shape, t.stride())
             return t
 
         def unpack(saved):
             if isinstance(saved, _Recompute):
-                with torch.no_grad():
-                    return saved.fn().as_strided(saved.shape, saved.stride)
+                return saved.source.take().as_strided(saved.shape, saved.stride)
             return saved
 
         super().__init__(pack, unpack)

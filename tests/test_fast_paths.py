@@ -100,3 +100,29 @@ def test_selective_recompute_is_bitwise_and_saves_memory(method):
     n = 2 * 16
     saved = CONFIG.num_hidden_layers * n * (2 * CONFIG.hidden_size + CONFIG.intermediate_size) * 4
     assert peaks[0] - peaks[1] >= saved - n * CONFIG.hidden_size * 4  # the first layer's input needs no grad in LoRA
+
+
+def test_recompute_saved_runs_once_for_all_consumers():
+    from finetune_ref.models.recompute import recompute_saved
+
+    torch.manual_seed(0)
+    a = torch.randn(4, 6, requires_grad=True)
+    w1, w2 = torch.randn(5, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    calls = []
+
+    def remake():
+        calls.append(1)
+        return a.detach() * 2
+
+    grads = []
+    for recompute in (False, True):
+        x = a * 2  # the tensor both matmuls save for their weight gradients
+        if recompute:
+            with recompute_saved(x, remake):
+                y = F.linear(x, w1).sum() + F.linear(x, w2).square().sum()
+        else:
+            y = F.linear(x, w1).sum() + F.linear(x, w2).square().sum()
+        grads.append(torch.autograd.grad(y, (a, w1, w2)))
+    assert len(calls) == 1  # one recomputation shared by the two consumers
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1)
