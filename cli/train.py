@@ -2,7 +2,8 @@
 
 The method's defaults live in its recipe's dataclass (``recipes/full.py``, ``lora.py``, ``qlora.py``); a flag
 that is left out keeps the recipe's default: the config is ``dataclasses.replace(Recipe(), **the flags given)``.
-``--help`` shows the defaults read from the recipes.
+``--help`` shows the defaults read from the recipes. ``--config FILE.yaml`` gives flags from a file, through this
+same parser (``train_config.py``); the resolved config is written to ``OUT/train_config.yaml``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_ar
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.train.config import PRECISIONS
+from finetune_ref.train.loggers import LOGGERS
 
-NOT_CONFIG = ("command", "func", "method", "dry_run")  # parsed flags that are not recipe fields
+DEFAULT_METHOD = "lora"
 NF4_FIELDS = ("blocksize", "double_quant", "compute_dtype")
 DEFAULTS = {method: recipe() for method, recipe in RECIPES.items()}
+ALL_FIELDS = {f.name for cfg in DEFAULTS.values() for f in dataclasses.fields(cfg)}  # of any recipe
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -29,9 +32,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     Raises:
         ValueError: NF4 flags without ``--method qlora``, or what the recipe rejects (it names the field).
     """
-    defaults = DEFAULTS[args.method]
+    defaults = DEFAULTS[getattr(args, "method", DEFAULT_METHOD)]
     fields = {f.name for f in dataclasses.fields(defaults)}
-    given = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    given = {k: v for k, v in vars(args).items() if k in ALL_FIELDS}
     if any(k in given for k in NF4_FIELDS) and not set(NF4_FIELDS) <= fields:
         raise ValueError("--blocksize, --no-double-quant and --compute-dtype set up the NF4 base of --method qlora")
     # --warmup is capped at --steps, so that a short run keeps its default warmup valid.
@@ -40,8 +43,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args) -> int:
-    cfg = run_config(args)
-    if args.dry_run:
+    from finetune_ref.cli.train_config import CONFIG_FILE, config_text, resolve_config
+
+    args, cfg = resolve_config(args, train_arguments(), run_config)
+    if getattr(args, "print_config", False):
+        print(config_text(cfg, train_arguments()), end="")
+        return 0
+    if getattr(args, "dry_run", False):
         from finetune_ref.train.schedule import format_lr_table
 
         min_lr = cfg.lr * cfg.min_lr_ratio
@@ -57,20 +65,21 @@ def cmd_train(args) -> int:
     info = init_distributed()
     finished = False
     try:
-        status = _run(cfg, model_dir, info)
+        status = _run(cfg, model_dir, info, {CONFIG_FILE: config_text(cfg, train_arguments())})
         finished = True  # every rank got here (an interruption is agreed on by all ranks)
         return status
     finally:
         destroy_distributed(info, synchronize=finished)
 
 
-def _run(cfg: RunConfig, model_dir, info) -> int:
-    """Exit status of the run: 0, or 130 after Ctrl-C / SIGTERM (its checkpoint written)."""
+def _run(cfg: RunConfig, model_dir, info, files: dict[str, str]) -> int:
+    """Exit status of the run: 0, or 130 after Ctrl-C / SIGTERM (its checkpoint written); ``files`` are written
+    into the run directory (``run_training``)."""
     from finetune_ref.recipes.run import run_training
     from finetune_ref.train.bookkeeping import TrainingInterrupted
 
     try:
-        run_training(cfg, model_dir, info)
+        run_training(cfg, model_dir, info, files)
     except TrainingInterrupted as stop:
         if info.is_main:
             print(f"interrupted after update {stop.update}; checkpoint {stop.checkpoint}; continue with "
@@ -93,12 +102,44 @@ def _default(name: str) -> str:
     return "default: " + ", ".join(f"{value} for {' and '.join(methods)}" for value, methods in by_value.items())
 
 
+def log_names(text: str) -> tuple[str, ...]:
+    """--log: a comma-separated list of loggers ("tensorboard", "wandb")."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in LOGGERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(LOGGERS)} (or both, comma-separated), got {text!r}")
+    return names
+
+
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """Register ``train`` on the ``finetune`` subcommands."""
-    # A flag left out sets nothing (SUPPRESS), so the recipe's default stays.
+    # A flag left out sets nothing (SUPPRESS), so the recipe's (or the --config file's) value stays.
     p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full) and save the adapter or model",
                        argument_default=argparse.SUPPRESS)
-    p.add_argument("--method", default="lora", choices=sorted(RECIPES), help="what to train (default lora)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def train_arguments() -> argparse.ArgumentParser:
+    """The flags of ``finetune train`` in a parser of their own that raises ``argparse.ArgumentError`` instead of
+    exiting: what reads a --config file parses its values with."""
+    p = argparse.ArgumentParser(prog="finetune train", argument_default=argparse.SUPPRESS, exit_on_error=False,
+                                add_help=False)
+    add_train_arguments(p)
+    return p
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every flag of ``finetune train``; a flag left out sets no attribute."""
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="take flags from a YAML file: one 'flag-name: value' line per flag, without the dashes "
+                        "(e.g. min-lr-ratio: 0.1; flags given here override it); a file the package ships can be "
+                        "named without its path (lora, qlora, full, ...; see recipes/); OUT/train_config.yaml "
+                        "repeats a run")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (as the YAML --config reads) and exit")
+    p.add_argument("--method", choices=sorted(RECIPES), help=f"what to train (default {DEFAULT_METHOD})")
     add_model_args(p, dtype_help="dtype of the unquantized base weights (default: what --precision implies)",
                    given_only=True)
     add_data_args(p, given_only=True)
@@ -139,8 +180,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp, --method full only) "
                         f"({_default('parallel')})")
-    p.add_argument("--dry-run", action="store_true", default=False,
+    p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the learning rate of every update, then exit")
+    p.add_argument("--log", type=log_names,
+                   help="also log to tensorboard (OUT/tensorboard) or wandb (OUT/wandb; offline unless W&B is "
+                        "configured), or both: tensorboard,wandb (metrics.jsonl is always written)")
+    p.add_argument("--plot", action="store_true",
+                   help="draw the loss, learning-rate and tokens/s curves into OUT/loss.png at the end")
     g = p.add_argument_group("LoRA and QLoRA adapters")
     g.add_argument("--rank", type=positive_int, help=f"LoRA rank r ({_default('rank')})")
     g.add_argument("--alpha", type=positive_float, help=f"LoRA alpha, scaling = alpha / r ({_default('alpha')})")
@@ -158,5 +204,3 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="dtype of the NF4 matmuls (default: fp32 for --precision fp32, else bf16)")
     p.add_argument("--seed", type=int, help=f"seed for initialisation and data order ({_default('seed')})")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
-    p.set_defaults(func=cmd_train)
-    return p

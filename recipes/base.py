@@ -58,6 +58,7 @@ class RunConfig(TrainConfig):
     resume: str | None = None            # a checkpoint, or the out directory of an interrupted run
     parallel: str = "ddp"                # under torchrun: replicate (ddp) or shard with FSDP2 (fsdp)
     seed: int = 0                        # initialisation (LoRA's A) and data order
+    plot: bool = False                   # draw the curves into out/loss.png at the end (train/plots.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()

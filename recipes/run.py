@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import resource
 import sys
 import time
 from pathlib import Path
@@ -16,18 +15,22 @@ from pathlib import Path
 import torch
 
 from finetune_ref.lora import format_trainable_parameters
+from finetune_ref.models.checkpoint import atomic_write_text
 from finetune_ref.models.tokenizer import Tokenizer
+from finetune_ref.train.bookkeeping import METRICS_FILE, peak_memory
 from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.train.checkpoint_files import LATEST_FILE, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
 from finetune_ref.train.distributed import DistInfo, ShardedBatches, shard_model, wrap_ddp
 from finetune_ref.train.evaluation import evaluate
+from finetune_ref.train.loggers import check_loggers
+from finetune_ref.train.plots import check_matplotlib, plot_runs, read_curves
 from finetune_ref.train.trainer import train
 
 from .base import RunConfig
 
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+PLOT_FILE = "loss.png"  # --plot
 
 
 def check_run_dir(cfg: RunConfig) -> Path | None:
@@ -47,8 +50,10 @@ def check_run_dir(cfg: RunConfig) -> Path | None:
     return resolve_checkpoint(cfg.resume) if cfg.resume else None
 
 
-def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo) -> dict:
-    """Train ``cfg``'s method on ``model_dir`` (a Hugging Face directory) and save the result in ``cfg.out_dir``.
+def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, files: dict[str, str] | None = None) -> dict:
+    """Train ``cfg``'s method on ``model_dir`` (a Hugging Face directory) and save the result in ``cfg.out_dir``,
+    with ``files`` (name -> text, e.g. the CLI's resolved ``train_config.yaml``) written there once the directory
+    is checked, and the curves in ``loss.png`` at the end when ``cfg.plot``.
 
     Returns:
         ``train``'s result.
@@ -61,7 +66,14 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo) -> dict:
     say = print if info.is_main else (lambda *a, **k: None)
     out = cfg.out_dir
     resume = check_run_dir(cfg)
-    cfg.base_dtype(info.world_size)  # a --dtype the method cannot train fails before any data or weight is read
+    # What the method, the loggers or the plot cannot do fails before any data or weight is read.
+    cfg.base_dtype(info.world_size)
+    check_loggers(cfg.log)
+    if cfg.plot:
+        check_matplotlib()
+    if info.is_main:
+        for name, text in (files or {}).items():
+            atomic_write_text(out / name, text)
     torch.manual_seed(cfg.seed)  # the same initialisation (e.g. LoRA A) on every rank
     tokenizer = Tokenizer.from_dir(model_dir)
     # The data before the weights: a data error should not wait for them.
@@ -103,6 +115,8 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo) -> dict:
     method.export(model, out)
     _report(say, before, result, cfg, out, elapsed)
     say(f"{method.what} saved to {out}")
+    if cfg.plot and info.is_main:
+        say(f"curves plotted in {plot_runs([read_curves(out)], out / PLOT_FILE)}")
     return result
 
 
@@ -117,7 +131,7 @@ def _report(say, before: dict | None, result: dict, cfg: RunConfig, out: Path, e
     if result.get("best_update") is not None and cfg.eval_every:
         say(f"best held-out loss {result['best_loss']:.4f} at update {result['best_update']} "
             f"({out / CHECKPOINTS_DIR / 'best'}){' - stopped early' if result['stopped_early'] else ''}")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak, what = peak_memory()
     tokens_per_s = result.get("tokens_per_s", 0.0)
     say(f"trained {result['update']} updates in {elapsed:.0f} s ({tokens_per_s:.0f} tokens/s); peak memory "
-        f"{peak_mib:.0f} MiB (max RSS of rank 0)")
+        f"{peak / 2**20:.0f} MiB ({what} of rank 0)")

@@ -87,7 +87,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
     """
     info = info or DistInfo()
     check_precision(model, cfg.precision)
-    log = MetricsLog(cfg.metrics_path if info.is_main else None)
+    log = MetricsLog(cfg.metrics_path if info.is_main else None, cfg.log, cfg)
     optimizer = optimizer if optimizer is not None else optimizer_for(model, cfg)
     scheduler = WarmupCosine(optimizer, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio)
     state = _resume(resume_from, checkpointer, model, optimizer, scheduler, batches, log)
