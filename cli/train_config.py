@@ -107,10 +107,12 @@ def read_config(path: Path, parser: argparse.ArgumentParser) -> tuple[argparse.N
         if isinstance(value_node, yaml.ScalarNode) and value_node.tag == NULL_TAG:
             continue
         try:
-            parser.parse_args(_tokens(key, action, value_node), namespace=namespace)
+            tokens = _tokens(key, action, value_node)
+            parser.parse_args(tokens, namespace=namespace)
         except (argparse.ArgumentError, argparse.ArgumentTypeError) as e:
             raise ConfigError(f"{where}: {getattr(e, 'message', e)}") from None
-        origins[action.dest] = (key, line)
+        if tokens:  # a switch set false gives nothing
+            origins[action.dest] = (key, line)
     return namespace, origins
 
 
@@ -153,9 +155,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, bu
         return merged, build(merged)
     except ValueError as e:  # a check across fields or in the recipe: name the line of the field it is about
         message = str(e)
+        named = []  # (where the message names it, key, line) of the file's values the command line left alone
         for dest, (key, line) in origins.items():
-            if dest not in vars(args) and re.search(rf"(?<![\w-])(--{re.escape(key)}|{dest})(?![\w-])", message):
-                raise ConfigError(f"{path}, line {line}: {key}: {message}") from None
+            found = re.search(rf"(?<![\w-])(--{re.escape(key)}|{dest})(?![\w-])", message)
+            if found and dest not in vars(args):
+                named.append((found.start(), key, line))
+        if named:  # the first one the message names is what it is about
+            _, key, line = min(named)
+            raise ConfigError(f"{path}, line {line}: {key}: {message}") from None
         raise ConfigError(f"{path}: {message}") from None
 
 

@@ -26,7 +26,7 @@ LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 SCALARS = {"train": ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mib"),
            "eval": ("loss", "perplexity", "peak_memory_mib")}
 TENSORBOARD_DIR = "tensorboard"  # under the run directory (beside metrics.jsonl)
-WANDB_DIR = "wandb"
+WANDB_DIR = "wandb"              # where W&B puts a run's files under the directory it is given
 WANDB_PROJECT = "finetune-ref"   # unless $WANDB_PROJECT says otherwise
 
 
@@ -106,9 +106,8 @@ class WandbLogger:
             import wandb
         except ImportError:
             raise ValueError(missing_package("wandb")) from None
-        directory = Path(run_dir) / WANDB_DIR
-        directory.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), dir=str(directory),
+        # W&B keeps its files in dir/wandb (the name is its own, WANDB_DIR)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), dir=str(run_dir),
                               name=Path(run_dir).resolve().name, config=plain_config(config), mode=wandb_mode())
 
     def write(self, record: dict) -> None:

@@ -81,8 +81,10 @@ def plot_runs(runs: list[RunCurves], path: str | Path) -> Path:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    panels = [("training loss", "loss (nats/token)", "train_loss"), ("held-out loss", "loss (nats/token)",
-              "heldout_loss"), ("learning rate", "lr", "lr"), ("throughput (average since the start)", "tokens/s", "tokens_per_s")]
+    panels = [("training loss", "loss (nats/token)", "train_loss"),
+              ("held-out loss", "loss (nats/token)", "heldout_loss"),
+              ("learning rate", "lr", "lr"),
+              ("throughput (average since the start)", "tokens/s", "tokens_per_s")]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     for i, run in enumerate(runs):
         colour = f"C{i % 10}"
