@@ -182,7 +182,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"({_default('parallel')})")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the learning rate of every update, then exit")
-    p.add_argument("--log", type=log_names,
+    p.add_argument("--log", type=log_names, metavar="tensorboard|wandb",
                    help="also log to tensorboard (OUT/tensorboard) or wandb (OUT/wandb; offline unless W&B is "
                         "configured), or both: tensorboard,wandb (metrics.jsonl is always written)")
     p.add_argument("--plot", action="store_true",

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 from pathlib import Path
 
 from .bookkeeping import METRICS_FILE
+from .readers import json_lines
 
 MISSING_MATPLOTLIB = "plotting needs matplotlib: pip install 'finetune-ref[plot]'"
 
@@ -34,20 +34,14 @@ def read_curves(run_dir: str | Path, name: str | None = None) -> RunCurves:
 
     Raises:
         FileNotFoundError: the directory has no metrics.jsonl.
-        ValueError: a line that is not JSON (naming the file and line).
+        ValueError: a line that is not JSON (naming the file and line; ``readers.json_lines``).
     """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (not the --out directory of a finetune train run)")
     train: dict[int, dict] = {}
     heldout: dict[int, float] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
+    for _, record in json_lines(path):
         if record.get("type") == "train":
             train[record["update"]] = record
         elif record.get("type") == "eval":
