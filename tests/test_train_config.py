@@ -68,7 +68,10 @@ def test_values_are_parsed_by_the_flags_types(tmp_path):
     ("steps: many\n", "run.yaml, line 1: steps: expected a positive integer, got 'many'"),
     ("lr: 1e-3\nrslora: 1\n", "run.yaml, line 2: rslora: expected true or false, got '1'"),
     ("lr: 1e-3\nseed: 1\nlr: 2e-3\n", "run.yaml, line 3: lr: given twice (first on line 1)"),
-    ("# a comment\nmin-lr-ratio: 2\n", "run.yaml, line 2: min-lr-ratio: min_lr_ratio must be in [0, 1], got 2.0"),
+    ("# a comment\nmin-lr-ratio: 2\n", "run.yaml, line 2: min-lr-ratio: "),  # out of [0, 1]
+    # a check across two keys names the line of the first key its message names
+    ("steps: 3\nwarmup: 2\neval-every: 0\nearly-stopping-patience: 2\n",
+     ("run.yaml, line 3: eval-every: ", "run.yaml, line 4: early-stopping-patience: ")),
     ("method: lora\nblocksize: 64\n", "run.yaml, line 2: blocksize: --blocksize, --no-double-quant and"),
     ("config: other.yaml\n", "run.yaml, line 1: unknown key 'config'"),
     ("- lr: 1\n", "run.yaml, line 1: expected 'flag-name: value' lines"),
@@ -80,7 +83,7 @@ def test_bad_files_are_one_line_errors_naming_line_and_key(text, message, tmp_pa
     assert main(["train", "--config", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("finetune train: error: ") and err.count("\n") == 1, err
-    assert message in err, err
+    assert any(m in err for m in ((message,) if isinstance(message, str) else message)), err
 
 
 def test_a_missing_config_lists_the_shipped_ones(capsys):
