@@ -17,7 +17,7 @@ import torch
 from finetune_ref.lora import format_trainable_parameters
 from finetune_ref.models.checkpoint import atomic_write_text
 from finetune_ref.models.tokenizer import Tokenizer
-from finetune_ref.train.bookkeeping import METRICS_FILE, peak_memory
+from finetune_ref.train.bookkeeping import METRICS_FILE, MIB, peak_memory
 from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.train.checkpoint_files import LATEST_FILE, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
@@ -134,4 +134,4 @@ def _report(say, before: dict | None, result: dict, cfg: RunConfig, out: Path, e
     peak, what = peak_memory()
     tokens_per_s = result.get("tokens_per_s", 0.0)
     say(f"trained {result['update']} updates in {elapsed:.0f} s ({tokens_per_s:.0f} tokens/s); peak memory "
-        f"{peak / 2**20:.0f} MiB ({what} of rank 0)")
+        f"{peak / MIB:.0f} MiB ({what} of rank 0)")
