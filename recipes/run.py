@@ -110,7 +110,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, files: dict[st
                                 metadata=metadata, export_best=method.export, track_best=cfg.eval_every > 0)
     start = time.perf_counter()
     result = train(model, batches, dataclasses.replace(cfg, metrics_path=out / METRICS_FILE), eval_fn=eval_fn,
-                   checkpointer=checkpointer, resume_from=resume, info=info)
+                   checkpointer=checkpointer, resume_from=resume, info=info, eval_before=before)
     elapsed = time.perf_counter() - start
     method.export(model, out)
     _report(say, before, result, cfg, out, elapsed)

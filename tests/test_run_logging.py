@@ -48,7 +48,8 @@ def test_metrics_jsonl_has_every_update_and_evaluation(logged_run):
     _, _, records = logged_run
     train = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
-    assert [r["update"] for r in train] == [1, 2, 3, 4, 5, 6] and [r["update"] for r in evals] == [2, 4, 6]
+    # the evaluation before training is update 0
+    assert [r["update"] for r in train] == [1, 2, 3, 4, 5, 6] and [r["update"] for r in evals] == [0, 2, 4, 6]
     for r in train:
         assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mib"} <= set(r) and r["peak_memory_mib"] > 0
     for r in evals:
@@ -106,7 +107,7 @@ def test_wandb_runs_offline_with_the_logged_values(logged_run):
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # offline: no login, nothing sent
     assert len(runs) == 1, sorted((out / "wandb").rglob("*"))[:20]
     history = {h["_step"]: h for h in wandb_history(runs[0])}
-    assert sorted(history) == [1, 2, 3, 4, 5, 6]
+    assert sorted(history) == [0, 1, 2, 3, 4, 5, 6]
     for r in records:
         if r["type"] in ("train", "eval"):
             keys = ("loss", "lr", "grad_norm", "tokens_per_s") if r["type"] == "train" else ("loss", "perplexity")

@@ -143,9 +143,10 @@ class Progress:
             self.bar.update(1)
         return metrics
 
-    def record_eval(self, update: int, ev: dict) -> None:
+    def record_eval(self, update: int, ev: dict, echo: bool = True) -> None:
+        """Log an evaluation (and print it above the progress bar when ``echo``)."""
         self.log.write({"type": "eval", "update": update, **ev, "peak_memory_mib": peak_memory()[0] / MIB})
-        if self.bar is not None:
+        if self.bar is not None and echo:
             self.bar.write(f"update {update}: held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})")
 
 

@@ -58,7 +58,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
           optimizer: torch.optim.Optimizer | None = None,
           on_update: Callable[[int, dict], None] | None = None,
           checkpointer=None, resume_from: str | Path | None = None,
-          info: DistInfo | None = None) -> dict:
+          info: DistInfo | None = None, eval_before: dict | None = None) -> dict:
     """Run optimizer updates until ``cfg.steps`` (or early stopping).
 
     Args:
@@ -74,6 +74,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
         checkpointer: a ``train.checkpointing.Checkpointer`` (periodic, final, Ctrl-C and best checkpoints).
         resume_from: a checkpoint (or checkpoint root) to continue from; needs ``checkpointer``'s metadata.
         info: ``DistInfo`` of this process (default: single process).
+        eval_before: the held-out result before training, logged as the evaluation of update 0 (a fresh run).
 
     Returns:
         The last update's metrics, plus "eval" (last evaluation), "best_loss"/"best_update",
@@ -97,6 +98,8 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
     result: dict = {"update": state.update, "stopped_early": False}
     stopped_early = False
     with StopSignal(enabled=checkpointer is not None) as stop, Progress(cfg, state, log, info) as progress:
+        if eval_before is not None and state.update == 0:
+            progress.record_eval(0, eval_before, echo=False)  # the curves start where training did
         while state.update < cfg.steps and not stopped_early:
             # One update is grad_accum micro-batches on every rank; its loss is normalised by the label
             # tokens of all of them, so accumulation gives the gradient of one big batch.
