@@ -91,6 +91,7 @@ def targets_text(value: tuple[str, ...] | str) -> str:
     return ",".join(value)
 
 
+INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 NF4_BLOCKSIZES = list(SUPPORTED_BLOCKSIZES)  # --blocksize choices: bitsandbytes' supported blocksizes
 
 
