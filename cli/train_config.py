@@ -33,7 +33,9 @@ from finetune_ref.cli.common import targets_text
 from finetune_ref.recipes.base import RunConfig
 
 CONFIG_FILE = "train_config.yaml"                   # the resolved config, written into --out
-NOT_IN_FILE = {"help", "config", "print_config"}    # flags that make no sense inside a file (by dest)
+# Flags about this invocation, not the run: not keys of a file (by dest). --overwrite stays a choice made on the
+# command line each time (nothing is replaced unasked).
+NOT_IN_FILE = {"help", "config", "print_config", "overwrite", "extend"}
 NOT_WRITTEN = NOT_IN_FILE | {"dry_run", "resume"}   # a repeat starts afresh (a resumed run equals an uninterrupted one)
 BOOL_TAG = "tag:yaml.org,2002:bool"
 NULL_TAG = "tag:yaml.org,2002:null"
@@ -102,6 +104,8 @@ def read_config(path: Path, parser: argparse.ArgumentParser) -> tuple[argparse.N
             raise ConfigError(f"{where}: given twice (first on line {seen[key]})")
         seen[key] = line
         action = keys.get(key)
+        if action is None and f"--{key}" in parser._option_string_actions:  # --config, --overwrite, ...
+            raise ConfigError(f"{path}, line {line}: {key} is not a key of a file: give --{key} on the command line")
         if action is None:
             raise ConfigError(f"{path}, line {line}: unknown key {key!r}{_suggest(key, keys)}")
         if isinstance(value_node, yaml.ScalarNode) and value_node.tag == NULL_TAG:
@@ -113,7 +117,8 @@ def read_config(path: Path, parser: argparse.ArgumentParser) -> tuple[argparse.N
             raise ConfigError(f"{where}: {getattr(e, 'message', e)}") from None
         if tokens:  # a switch set false gives nothing
             origins[action.dest] = (key, line)
-    return namespace, origins
+    # only what the file gave (parse_args also fills in the defaults of the few flags that have one)
+    return argparse.Namespace(**{dest: getattr(namespace, dest) for dest in origins}), origins
 
 
 def _tokens(key: str, action: argparse.Action, node) -> list[str]:
@@ -140,7 +145,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, bu
     (``cli.train.run_config``).
 
     Returns:
-        (the merged namespace, the RunConfig).
+        (the merged namespace, what ``build`` returns for it).
 
     Raises:
         ConfigError: a bad file, or a value of it the recipe rejects (naming its line and key).
@@ -150,7 +155,10 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, bu
         return args, build(args)
     path = config_path(args.config)
     from_file, origins = read_config(path, parser)
-    merged = argparse.Namespace(**{**vars(from_file), **vars(args)})  # the command line wins
+    # The command line wins where it gave a flag (a switch's default False is not one).
+    defaults = {a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}
+    typed = {k: v for k, v in vars(args).items() if k not in defaults or v != defaults[k]}
+    merged = argparse.Namespace(**{**vars(args), **vars(from_file), **typed})
     try:
         return merged, build(merged)
     except ValueError as e:  # a check across fields or in the recipe: name the line of the field it is about
@@ -158,7 +166,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser, bu
         named = []  # (where the message names it, key, line) of the file's values the command line left alone
         for dest, (key, line) in origins.items():
             found = re.search(rf"(?<![\w-])(--{re.escape(key)}|{dest})(?![\w-])", message)
-            if found and dest not in vars(args):
+            if found and dest not in typed:
                 named.append((found.start(), key, line))
         if named:  # the first one the message names is what it is about
             _, key, line = min(named)

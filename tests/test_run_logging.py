@@ -118,9 +118,9 @@ def test_wandb_runs_offline_with_the_logged_values(logged_run):
 def test_train_config_yaml_repeats_the_run(logged_run):
     out, argv, _ = logged_run
     parse = build_parser().parse_args
-    ran = resolve_config(parse(argv), train_arguments(), run_config)[1]
+    ran = resolve_config(parse(argv), train_arguments(), run_config)[1][0]  # run_config: (config, record, dir)
     again = resolve_config(parse(["train", "--config", str(out / "train_config.yaml")]), train_arguments(),
-                           run_config)[1]
+                           run_config)[1][0]
     assert again == ran and again.log == ("tensorboard", "wandb") and again.plot
 
 

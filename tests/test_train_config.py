@@ -17,7 +17,7 @@ SHIPPED = {"lora", "qlora", "full", "qlora-llama-3.1-8b-24gb", "qlora-llama-3.1-
 
 def resolve(*argv):
     """The RunConfig ``finetune train *argv`` would run."""
-    return resolve_config(build_parser().parse_args(["train", *argv]), train_arguments(), run_config)[1]
+    return resolve_config(build_parser().parse_args(["train", *argv]), train_arguments(), run_config)[1][0]
 
 
 @pytest.mark.parametrize("argv", [
@@ -73,7 +73,8 @@ def test_values_are_parsed_by_the_flags_types(tmp_path):
     ("steps: 3\nwarmup: 2\neval-every: 0\nearly-stopping-patience: 2\n",
      ("run.yaml, line 3: eval-every: ", "run.yaml, line 4: early-stopping-patience: ")),
     ("method: lora\nblocksize: 64\n", "run.yaml, line 2: blocksize: --blocksize, --no-double-quant and"),
-    ("config: other.yaml\n", "run.yaml, line 1: unknown key 'config'"),
+    ("config: other.yaml\n", "run.yaml, line 1: config is not a key of a file: give --config on the command line"),
+    ("steps: 3\noverwrite: true\n", "run.yaml, line 2: overwrite is not a key of a file: give --overwrite on the"),
     ("- lr: 1\n", "run.yaml, line 1: expected 'flag-name: value' lines"),
     ("lr: [1e-3\n", "run.yaml, line 2: not valid YAML"),
 ])
@@ -122,10 +123,11 @@ def test_print_config_prints_the_resolved_file_and_trains_nothing(tmp_path, caps
 
 
 def test_file_keys_are_the_flags_of_train():
-    """Every flag of ``finetune train`` (but --help, --config and --print-config) is a key, spelled as the flag."""
+    """Every flag of ``finetune train`` is a key, spelled as the flag; but those about this invocation (--config,
+    --print-config, --overwrite, --extend: each must be typed each time)."""
     from finetune_ref.cli.train_config import file_keys
 
     flags = {opt[2:] for a in train_arguments()._actions for opt in a.option_strings if opt.startswith("--")}
-    assert set(file_keys(train_arguments())) == flags - {"config", "print-config"}
+    assert set(file_keys(train_arguments())) == flags - {"config", "print-config", "overwrite", "extend"}
     assert {"min-lr-ratio", "warmup", "no-double-quant", "log", "plot"} <= flags
     assert isinstance(train_arguments(), argparse.ArgumentParser)
