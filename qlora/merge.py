@@ -121,11 +121,9 @@ def merge_qlora(model: LlamaForCausalLM, *, base: str = "nf4-dequant",
 
 
 def _to_dtype(model: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
-    # nn.Module.to(dtype) casts floating tensors only, and NF4Linear keeps its packed codes and fp32 state; the
-    # RoPE inverse frequencies must stay fp32 (as models.loader.load_model leaves them), so rebuild them.
-    model.to(dtype)
-    model.model.rotary_emb.reset_inv_freq(model.model.embed_tokens.weight.device)
-    return model
+    # nn.Module.to(dtype) casts floating tensors only, NF4Linear keeps its packed codes and fp32 state, and the
+    # RoPE inverse frequencies stay fp32 (models.rope.RotaryEmbedding._apply).
+    return model.to(dtype)
 
 
 def _original_with_adapters(model: LlamaForCausalLM, original, names: list[str],
