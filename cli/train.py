@@ -42,12 +42,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def cmd_train(args) -> int:
     cfg = run_config(args)
     if args.dry_run:
-        from finetune_ref.train.schedule import format_lr_table
+        from finetune_ref.train.schedule import describe_schedule, format_lr_table
 
         min_lr = cfg.lr * cfg.min_lr_ratio
         print(f"method {cfg.method}, precision {cfg.precision}, optimizer {cfg.optimizer}, {cfg.steps} updates "
               f"of {cfg.batch_size} x {cfg.grad_accum} sequences per process, warmup {cfg.warmup_steps}, peak lr "
               f"{cfg.lr:g}, min lr {min_lr:g}")
+        print(describe_schedule(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         return 0
     from finetune_ref.train.distributed import destroy_distributed, init_distributed
