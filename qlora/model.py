@@ -47,7 +47,7 @@ from finetune_ref.qlora.bnb_config import QUANTIZATION_CONFIG_KEY, BnbQuantizati
 from finetune_ref.qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict
 from finetune_ref.qlora.nf4 import quantize_nf4
 from finetune_ref.qlora.nf4_linear import NF4Linear
-from finetune_ref.qlora.quant_state import SUPPORTED_BLOCKSIZES
+from finetune_ref.qlora.quant_state import check_blocksize
 
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' and transformers' default (QLoRA section 3)
 DEFAULT_SKIP_MODULES = ("lm_head",)  # transformers leaves the output head unquantized
@@ -120,8 +120,7 @@ def _shared_weight_names(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _check_settings(blocksize: int, compute_dtype: torch.dtype) -> None:
-    if isinstance(blocksize, bool) or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
+    check_blocksize(blocksize, "NF4 quantization")
     if compute_dtype not in DTYPE_NAMES:
         raise TypeError(f"compute_dtype must be one of {list(DTYPE_NAMES)}, got {compute_dtype!r}")
 

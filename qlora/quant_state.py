@@ -45,6 +45,21 @@ _TENSOR_KEYS_PLAIN = ("absmax", "quant_map")
 _TENSOR_KEYS_NESTED = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+def check_blocksize(blocksize: Any, where: str) -> None:
+    """Raise ValueError unless ``blocksize`` is an int in :data:`SUPPORTED_BLOCKSIZES`; the message says which.
+
+    A float such as ``64.0`` (a YAML or JSON value, an ``int / 1``) compares equal to 64 and would pass a plain
+    ``in`` test, then fail later as a slice index; a bool is an int to Python but not a blocksize.
+    """
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        fix = f"; pass {int(blocksize)}" if isinstance(blocksize, float) and blocksize in SUPPORTED_BLOCKSIZES else ""
+        raise ValueError(f"{where}: blocksize must be an int, one of {SUPPORTED_BLOCKSIZES}; got {blocksize!r} "
+                         f"({type(blocksize).__name__}){fix}")
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"{where}: blocksize must be one of {SUPPORTED_BLOCKSIZES} (bitsandbytes' blocksizes), "
+                         f"got {blocksize}")
+
+
 def num_blocks(numel: int, blocksize: int) -> int:
     """Number of blocks of ``blocksize`` consecutive flat elements covering ``numel`` (last may be partial)."""
     return -(-numel // blocksize)
@@ -93,9 +108,7 @@ class NF4QuantState:
             raise ValueError(f"NF4QuantState: quant_type must be 'nf4', got {self.quant_type!r} (fp4 is not supported)")
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"NF4QuantState: dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or \
-                self.blocksize not in SUPPORTED_BLOCKSIZES:
-            raise ValueError(f"NF4QuantState: blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.blocksize!r}")
+        check_blocksize(self.blocksize, "NF4QuantState")
         if self.numel < 1:
             raise ValueError(f"NF4QuantState: shape {tuple(self.shape)} has no elements")
         _check_tensor("quant_map", self.quant_map, torch.float32, (16,))

@@ -71,3 +71,88 @@ def test_quant_state_still_refuses_malformed_offsets(bad, error, match):
     unpacked = {**state.to_dict(packed=False), "nested_offset": bad}
     with pytest.raises(error, match=match):
         NF4QuantState.from_dict(unpacked)
+
+
+# ---- settings and inputs that would pass a loose check
+
+def test_float_blocksize_gets_one_clear_message():
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
+    from finetune_ref.qlora.model import quantize_model
+
+    w = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"blocksize must be an int, .*got 64\.0 \(float\); pass 64$"):
+        quantize_nf4(w, blocksize=64.0)
+    with pytest.raises(ValueError, match=r"blocksize must be an int, .*got True \(bool\)"):
+        quantize_nf4(w, blocksize=True)
+    with pytest.raises(ValueError, match=r"blocksize must be one of .*got 48"):
+        quantize_nf4(w, blocksize=48)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1))
+    with pytest.raises(ValueError, match=r"got 64\.0 \(float\); pass 64"):
+        quantize_model(model, blocksize=64.0)
+    _, state = quantize_nf4(w, double_quant=False)
+    with pytest.raises(ValueError, match=r"got 64\.0 \(float\)"):
+        NF4QuantState(shape=state.shape, dtype=state.dtype, blocksize=64.0, absmax=state.absmax,
+                      quant_map=state.quant_map)
+
+
+def test_packed_uint8_input_is_named_not_cast():
+    packed, _ = quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(TypeError) as info:
+        quantize_nf4(packed)
+    message = str(info.value)
+    assert "already-quantized codes" in message and "dequantize_nf4" in message
+    assert ".float()" not in message  # casting the bytes to float would quantize the codes as numbers
+
+
+# ---- blocks below bitsandbytes' 1e-38 floor
+
+TINY_SCALES = (1e-37, 1e-38, 5e-39, 1e-39, 3e-40, 1e-40, 1e-44, 0.0, 1.0)
+
+
+def tiny_blocks(blocksize: int = 64, tail: float | None = None) -> torch.Tensor:
+    """One block per scale, its largest |value| exactly the scale (a subnormal for the small ones)."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for s in TINY_SCALES:
+        b = torch.randn(blocksize, generator=g)
+        rows.append(b / b.abs().max() * s)
+    flat = torch.cat(rows)
+    if tail is not None:  # a partial last block of 10 elements
+        b = torch.randn(10, generator=g)
+        flat = torch.cat([flat, b / b.abs().max() * tail])
+    return flat
+
+
+def block_max(flat: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    return torch.stack([c.abs().max() for c in flat.split(blocksize)])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_subnormal_blocks_default_is_bitsandbytes_and_loses_them(double_quant):
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    w = tiny_blocks()
+    packed, state = quantize_nf4(w, double_quant=double_quant)
+    ref_packed, ref_state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    assert torch.equal(packed.view(-1), ref_packed.view(-1))
+    assert torch.equal(state.absmax, ref_state.absmax)
+    if not double_quant:  # the documented loss: 1e-40 and 1e-44 blocks come back as zeros
+        back = block_max(dequantize_nf4(packed, state))
+        assert back[TINY_SCALES.index(1e-40)] == 0 and back[TINY_SCALES.index(1e-44)] == 0
+        assert back[TINY_SCALES.index(1e-39)] < 0.2 * 1e-39
+
+
+@pytest.mark.parametrize("tail", [None, 2e-41, 0.0, 0.5])
+def test_scale_floor_none_reproduces_the_max_element_of_every_block(tail):
+    w = tiny_blocks(tail=tail)
+    packed, state = quantize_nf4(w, double_quant=False, scale_floor=None)
+    back = dequantize_nf4(packed, state)
+    assert torch.equal(block_max(back), block_max(w))  # exactly, subnormals and zero blocks included
+    # Blocks at or above the floor get bitsandbytes' bytes in both modes.
+    default, _ = quantize_nf4(w, double_quant=False)
+    normal = [i for i, s in enumerate(TINY_SCALES) if s >= 1e-38]
+    for i in normal:
+        assert torch.equal(packed.view(-1)[32 * i:32 * (i + 1)], default.view(-1)[32 * i:32 * (i + 1)]), i
+    with pytest.raises(ValueError, match="scale_floor"):
+        quantize_nf4(w, scale_floor=1e-30)
