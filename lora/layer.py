@@ -264,10 +264,10 @@ class LoRALinear(nn.Module):
             raise ValueError(f"merging adapter(s) {names} gives non-finite weights (NaN/inf, or overflow of "
                              f"{weight.dtype}); the base weight was left unchanged. The adapter is broken or "
                              "its update is too large for this dtype")
-        if not self.merged_adapters:
-            self.base_snapshot = quantized_snapshot(self.base_layer)
+        snapshot = self.base_snapshot if self.merged_adapters else quantized_snapshot(self.base_layer)
         # In place for a dense base (the Parameter survives); re-quantized for a quantized one, with a warning.
         self.requantization_drift = write_dense_weight(self.base_layer, new_weight)
+        self.base_snapshot = snapshot
         if self.requantization_drift is not None:
             warn_requantization(self.requantization_drift, stacklevel=4)  # 4: past torch.no_grad's wrapper
         self.merged_adapters.extend(names)

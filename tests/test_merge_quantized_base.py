@@ -132,3 +132,17 @@ def test_merge_qlora_requantize_warns_with_the_measured_drift(base):
     ours = [w.message for w in caught if issubclass(w.category, RequantizationWarning)]
     assert len(ours) == 1 and ours[0].drift.layers == 3 and str(ours[0]).startswith(ours[0].drift.describe())
     assert len(nf4_layers(merged)) == 7
+
+
+def test_merge_into_a_gptq_base_is_refused_and_changes_nothing():
+    """GPTQLinear can be read (dequantize) but not written: merging raises before any change, so no success is
+    claimed and there is nothing to unmerge."""
+    from finetune_ref.gptq.linear import GPTQLinear
+
+    layer = LoRALinear(GPTQLinear(128, 64, group_size=64))
+    layer.add_adapter("a", r=2, lora_alpha=4, init_lora_weights=False)
+    before = stored(layer.base_layer)
+    with pytest.raises(TypeError, match="no requantize_"):
+        layer.merge(["a"])
+    assert not layer.merged and layer.base_snapshot is None and layer.unmerge() == []
+    assert_same_bytes(stored(layer.base_layer), before)
