@@ -98,6 +98,9 @@ class LoRALinear(nn.Module):
         # drift of the last merge into it (lora.base_weight.requantization_drift); None for a dense base.
         self.base_snapshot: dict[str, torch.Tensor] | None = None
         self.requantization_drift = None
+        # A mixed batch's per-row adapters (``lora.mixed.RowAdapters``, set by ``lora.mixed.set_row_adapters``):
+        # while set, each row gets its own adapter instead of the active ones.
+        self.row_adapters = None
 
     # ---- convenience views of the base, as PEFT's BaseTunerLayer offers ----
 
@@ -201,6 +204,10 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return result
         result_dtype = result.dtype
+        if self.row_adapters is not None:
+            if not self.row_adapters.empty:
+                result = result + self.row_adapters.delta(x)
+            return result.to(result_dtype)
         for name in self.active_adapters:
             if name not in self.lora_A or name in self.merged_adapters:
                 continue  # not on this layer, or already inside the base weight
