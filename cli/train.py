@@ -137,7 +137,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="continue from a checkpoint (a checkpoint directory, or the --out directory of the "
                         "interrupted run)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
-                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp, --method full only) "
+                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp: weights, or the frozen (NF4) base and "
+                        "adapters, gradients and optimizer states) "
                         f"({_default('parallel')})")
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the plan and the learning rate of every update, then exit")

@@ -20,7 +20,8 @@ from finetune_ref.models.tokenizer import Tokenizer
 from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.train.checkpoint_files import LATEST_FILE, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
-from finetune_ref.train.distributed import DistInfo, ShardedBatches, shard_model, wrap_ddp
+from finetune_ref.train.distributed import DistInfo, ShardedBatches, wrap_ddp
+from finetune_ref.train.fsdp import shard_model
 from finetune_ref.train.evaluation import evaluate
 from finetune_ref.train.trainer import train
 
