@@ -148,7 +148,7 @@ def outputs(tmp_path_factory):
         dict(method="lora", tag="lora-2", ckpt=str(out / "lora-2-ckpt"), save_every=2),
         dict(method="qlora", tag="qlora-2", ckpt=str(out / "qlora-2-ckpt"), save_every=2),
         # 2 -> 2 and 1 -> 2: resume from update 2 of the 2-process and of the 1-process run
-        dict(method="qlora", tag="qlora-2-from-2", ckpt=str(out / "r22"), resume=str(out / "qlora-2-ckpt")),
+        dict(method="qlora", tag="qlora-2-from-2", ckpt=str(out / "r22"), resume=str(out / "qlora-2-ckpt" / "checkpoint-000002")),
         dict(method="qlora", tag="qlora-2-from-1", ckpt=str(out / "r12"),
              resume=str(out / "qlora-1-ckpt" / "checkpoint-000002")),
     ])
@@ -225,3 +225,32 @@ def test_rank_killed_mid_run_resumes_from_last_checkpoint(outputs, tmp_path):
     got, ref = adapter(tmp_path, "resumed"), adapter(outputs, "qlora-2")
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
+
+
+def test_torchrun_qlora_cli_matches_one_process(tmp_path):
+    """``finetune train --method qlora --parallel fsdp`` under torchrun (the NF4 storage sharded layer by layer
+    while loading) against one process with the same global batch: the same PEFT adapter within fp32 tolerance."""
+    import subprocess
+    import sys
+
+    from tiny_model_dir import make_model_dir
+
+    from finetune_ref.cli.main import main
+
+    model_dir, corpus = make_model_dir(tmp_path)
+    common = ["train", "--method", "qlora", "--precision", "fp32", "--optimizer", "adamw", "--model", str(model_dir),
+              "--data", str(corpus), "--seq-len", "32", "--grad-accum", "2", "--steps", "3", "--lr", "3e-3",
+              "--warmup", "1", "--no-progress", "--seed", "3"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--rdzv-backend", "static", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                "--node-rank", "0"]
+    two = subprocess.run([*launcher, "-m", "finetune_ref", *common, "--parallel", "fsdp", "--batch-size", "2",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    a, b = read_adapter_weights(tmp_path / "two"), read_adapter_weights(tmp_path / "one")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert (tmp_path / "two" / "qlora_config.json").is_file()

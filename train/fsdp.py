@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -72,20 +73,38 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     if wrong:
         raise ValueError(f"trainable parameters must be fp32 for FSDP (the shards are the master weights), got "
                          f"{wrong}; param_dtype=torch.bfloat16 gives bf16 compute")
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device_for(info).type, (info.world_size,))
+    mesh = _mesh(device_for(info).type, info.world_size)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    as_stored = MixedPrecisionPolicy(cast_forward_inputs=False)  # rule 2: NF4 storage is gathered as bytes
-    for layer in [m for m in model.modules() if isinstance(m, NF4Linear)]:
-        nf4_storage_as_parameters(layer)
-        fully_shard(layer, mesh=mesh, mp_policy=as_stored)
-        layer.register_forward_pre_hook(_refresh_quant_state)  # after FSDP2's (prepended) all-gather hook
+    shard_nf4_layers(model, info)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+@functools.cache
+def _mesh(device_type: str, world_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world_size,))
+
+
+def shard_nf4_layers(module: nn.Module, info: DistInfo) -> None:
+    """Shard every NF4Linear in ``module`` not sharded yet, each as its own FSDP2 group gathered as stored (rules
+    1-4). ``shard_model`` calls it; the QLoRA loader may call it on each decoder layer as soon as it is quantized
+    (``qlora.model.load_quantized(on_layer=...)``), so that a process keeps only its share of the NF4 model while
+    loading instead of all of it."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = _mesh(device_for(info).type, info.world_size)
+    as_stored = MixedPrecisionPolicy(cast_forward_inputs=False)  # rule 2: NF4 storage is gathered as bytes
+    for layer in [m for m in module.modules() if isinstance(m, NF4Linear) and not isinstance(m, FSDPModule)]:
+        nf4_storage_as_parameters(layer)
+        fully_shard(layer, mesh=mesh, mp_policy=as_stored)
+        layer.register_forward_pre_hook(_refresh_quant_state)  # after FSDP2's (prepended) all-gather hook
+        _refresh_quant_state(layer, ())  # the state now holds the shards: the whole tensors can be freed
 
 
 def nf4_storage_as_parameters(layer: NF4Linear) -> None:
