@@ -9,9 +9,11 @@ Rows (each a fresh set of processes, so each ``ru_maxrss`` is its own):
   its share of the layers loaded so far plus one layer.
 
 Every rank still reads and quantizes every layer (the double-quantization offset is a mean over the whole tensor,
-so a rank cannot quantize its slice alone); what it keeps is its share. Printed per rank: peak RSS above the RSS
+so a rank cannot quantize its slice alone); what it keeps is its share. Printed per rank: peak RSS (VmHWM) above the RSS
 just before loading (torch imported, process group up), resident after, and the ratio to the 1-rank row.
-The model: a Llama of random weights (hidden 1536, intermediate 4096, 8 layers, vocab 8192) saved in bf16.
+Also per rank: the peak and final bytes of live tensors (``train/memory_tracker.TensorMemoryTracker``, exact and
+free of the allocator's retention, which dominates RSS at this size).
+The model: a Llama of random weights (hidden 1024, intermediate 2816, 16 layers, vocab 8192) saved in bf16.
 
     python benchmarks/bench_fsdp_load_memory.py --world-size 2     # about a minute on 2 cores
 """
@@ -22,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
@@ -34,6 +35,13 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (``VmHWM``). Not ``ru_maxrss``: a child started by a process that once held more
+    reports its parent's peak there (seen here: every row read the 1.6 GB of the parent that built the model)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e3
+
+
 def make_model(path: str) -> dict:
     import torch
 
@@ -41,8 +49,8 @@ def make_model(path: str) -> dict:
     from finetune_ref.models.config import LlamaConfig
     from finetune_ref.models.llama import LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=8192, hidden_size=1536, intermediate_size=4096, num_hidden_layers=8,
-                         num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     save_model(model, path, dtype="bf16")
@@ -56,16 +64,19 @@ def row(mode: str, path: str) -> None:
     from finetune_ref.qlora.model import load_quantized
     from finetune_ref.train.distributed import destroy_distributed, init_distributed
     from finetune_ref.train.fsdp import shard_nf4_layers
+    from finetune_ref.train.memory_tracker import TensorMemoryTracker
 
     torch.set_num_threads(1)
     info = init_distributed("gloo")
     base = rss_mb()
     on_layer = (lambda layer: shard_nf4_layers(layer, info)) if mode == "shard-while-loading" else None
-    model = load_quantized(path, compute_dtype="bf16", on_layer=on_layer)
-    if mode == "whole-then-shard":
-        shard_nf4_layers(model, info)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3 - base  # Linux: KiB
-    print(json.dumps({"rank": info.rank, "peak_mb": peak, "after_mb": rss_mb() - base}), flush=True)
+    with TensorMemoryTracker() as tracker:
+        model = load_quantized(path, compute_dtype="bf16", on_layer=on_layer)
+        if mode == "whole-then-shard":
+            shard_nf4_layers(model, info)
+    peak = peak_rss_mb() - base
+    print(json.dumps({"rank": info.rank, "peak_mb": peak, "after_mb": rss_mb() - base,
+                      "tensor_peak_mb": tracker.peak / 1e6, "tensor_after_mb": tracker.current / 1e6}), flush=True)
     destroy_distributed(info)
 
 
@@ -101,13 +112,15 @@ def main() -> None:
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
               f"{os.getloadavg()[0]:.1f}; torch CPU, gloo; model {facts['params'] / 1e6:.0f} M parameters, "
               f"{nbytes:.0f} MB bf16 on disk, NF4 blocksize 64 with double quantization")
-        print(f"{'row':<40} {'rank':>4} {'peak MB':>9} {'after MB':>9} {'peak / 1 rank':>14}")
-        baseline = launch("whole", 1, tmp)[0]["peak_mb"]
-        print(f"{'1 rank (baseline)':<40} {0:>4} {baseline:>9.0f} {'':>9} {1.0:>14.2f}")
-        for mode in ("whole-then-shard", "shard-while-loading"):
-            for r in launch(mode, args.world_size, tmp):
-                print(f"{f'{args.world_size} ranks, {mode}':<40} {r['rank']:>4} {r['peak_mb']:>9.0f} "
-                      f"{r['after_mb']:>9.0f} {r['peak_mb'] / baseline:>14.2f}")
+        print(f"{'row':<34} {'rank':>4} {'RSS peak':>9} {'RSS after':>9} {'tensors peak':>13} "
+              f"{'tensors after':>14} {'tensor peak / 1 rank':>21}   (MB)")
+        base = None
+        for mode, world in (("whole", 1), ("whole-then-shard", args.world_size),
+                            ("shard-while-loading", args.world_size)):
+            for r in launch(mode, world, tmp):
+                base = base or r["tensor_peak_mb"]
+                print(f"{f'{world} rank(s), {mode}':<34} {r['rank']:>4} {r['peak_mb']:>9.0f} {r['after_mb']:>9.0f} "
+                      f"{r['tensor_peak_mb']:>13.0f} {r['tensor_after_mb']:>14.0f} {r['tensor_peak_mb'] / base:>21.2f}")
 
 
 if __name__ == "__main__":
