@@ -10,7 +10,7 @@ import sys
 
 from finetune_ref.cli.common import positive_int
 from finetune_ref.train import memory
-from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, load_config, preset_config
+from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, shape_from
 from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
 from finetune_ref.train.memory import estimate_memory
 from finetune_ref.train.memory_fsdp import estimate_memory_fsdp
@@ -111,11 +111,7 @@ def add_memory_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     """Run ``finetune memory``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
-    if args.model is not None:
-        config, name = load_config(args.model), str(args.model)
-    else:
-        name = args.preset or DEFAULT_PRESET
-        config = preset_config(name)
+    config, name = shape_from(args.model, args.preset)
     settings = MemorySettings(method=args.method, optimizer=args.optimizer, batch_size=args.batch_size,
                               seq_len=args.seq_len, gradient_checkpointing=args.grad_checkpointing,
                               dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
