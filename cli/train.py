@@ -208,7 +208,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--extend", action="store_true", default=False,
                    help="with --resume and a --steps larger than recorded: train a run further on purpose")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
-                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp, --method full only) "
+                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp: weights, or the frozen (NF4) base and "
+                        "adapters, gradients and optimizer states) "
                         f"({_default('parallel')})")
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the plan and the learning rate of every update, then exit")

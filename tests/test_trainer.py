@@ -262,4 +262,4 @@ def test_cli_dry_run_prints_the_lr_table(capsys):
     rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
     assert [float(r[1]) for r in rows] == pytest.approx([lr_at(i, 5, 1e-3, 2, 1e-4) for i in range(5)])
-    assert main(["train", "--method", "lora", "--parallel", "fsdp", "--dry-run"]) == 2  # FSDP is for full only
+    assert main(["train", "--method", "lora", "--parallel", "fsdp", "--dry-run"]) == 0  # FSDP shards LoRA too
