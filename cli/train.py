@@ -80,12 +80,13 @@ def cmd_train(args) -> int:
         print(config_text(cfg, train_arguments()), end="")
         return 0
     if args.dry_run:
-        from finetune_ref.train.schedule import format_lr_table
+        from finetune_ref.train.schedule import describe_schedule, format_lr_table
 
         min_lr = cfg.lr * cfg.min_lr_ratio
         print(f"method {cfg.method}, precision {cfg.precision}, optimizer {cfg.optimizer}, {cfg.steps} updates "
               f"of {cfg.batch_size} x {cfg.grad_accum} sequences per process, warmup {cfg.warmup_steps}, peak lr "
               f"{cfg.lr:g}, min lr {min_lr:g}")
+        print(describe_schedule(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         return 0
     if extend and cfg.resume is None:
@@ -249,7 +250,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extend", action="store_true", default=False,
                    help="with --resume and a --steps larger than recorded: train a run further on purpose")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
-                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp, --method full only) "
+                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp: weights, or the frozen (NF4) base and "
+                        "adapters, gradients and optimizer states) "
                         f"({_default('parallel')})")
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the plan and the learning rate of every update, then exit")

@@ -23,7 +23,8 @@ from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.models.output_dir import publish_files
 from finetune_ref.train.checkpoint_files import LATEST_FILE, read_checkpoint_record, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
-from finetune_ref.train.distributed import DistInfo, ShardedBatches, shard_model, wrap_ddp
+from finetune_ref.train.distributed import DistInfo, ShardedBatches, wrap_ddp
+from finetune_ref.train.fsdp import shard_model
 from finetune_ref.train.evaluation import evaluate
 from finetune_ref.train.bookkeeping import METRICS_FILE, MIB, ResultNotSaved, peak_memory
 from finetune_ref.train.loggers import check_loggers
