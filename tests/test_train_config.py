@@ -12,7 +12,7 @@ from finetune_ref.cli.train_config import config_text, packaged_configs, read_co
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHIPPED = {"lora", "qlora", "full", "qlora-llama-3.1-8b-24gb", "qlora-llama-3.1-70b-80gb"}
+SHIPPED = {"lora", "qlora", "full", "qlora-llama-3.1-8b-24gb", "qlora-llama-3.1-70b-80gb", "qlora-llama-3.1-70b-fsdp"}
 
 
 def resolve(*argv):
@@ -109,6 +109,7 @@ def test_every_shipped_config_loads_and_dry_runs(capsys):
         assert out.startswith(f"method {cfg.method}, precision {cfg.precision}, optimizer {cfg.optimizer}, "
                               f"{cfg.steps} updates"), out
     assert resolve("--config", "qlora-llama-3.1-8b-24gb").model == "Meta-Llama-3.1-8B"
+    assert resolve("--config", "qlora-llama-3.1-70b-fsdp").parallel == "fsdp"
 
 
 def test_print_config_prints_the_resolved_file_and_trains_nothing(tmp_path, capsys):
