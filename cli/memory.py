@@ -35,7 +35,9 @@ def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySett
     lines = [f"model {model_name}: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable "
              f"({100 * est.trainable_parameters / est.parameters:.3g}%)",
              f"method {s.method} ({s.dtype}{quant}{adapter}), optimizer {s.optimizer}, batch {s.batch_size} x "
-             f"{s.seq_len} tokens, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}{ranks}", ""]
+             f"{s.seq_len} tokens, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}{ranks}",
+             f"loss {'chunked (no logits)' if s.chunked_loss else 'on materialised logits'}, selective "
+             f"recomputation {'on' if s.selective_recompute else 'off'}", ""]
     base = est.parameters - (est.trainable_parameters if s.method != "full" else 0)
     lines.append(f"{'':34s} {'GB':>10s} {'GiB':>10s} {'B/param':>9s}")
     for key, label in _ROWS:
