@@ -149,6 +149,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--targets", type=targets,
                    help=f"'all-linear', module names like q_proj,v_proj, or re:<regex> ({_default('targets')})")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")
     g.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES,
                    help="NF4 block size (default 64; a 4-bit --model keeps its own)")

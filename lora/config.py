@@ -8,9 +8,9 @@ A LoRA adapter on a linear layer W (out_features, in_features) adds a rank-r upd
 
 ``LoraConfig`` holds r, lora_alpha, dropout, which modules to adapt and how to initialise; the field names and
 defaults are those of ``peft.LoraConfig`` (peft/tuners/lora/config.py) so that a config written here is read by
-PEFT and the other way round. Only plain LoRA is supported: a PEFT config that asks for anything else (DoRA,
-lora_bias, fan_in_fan_out, layers_to_transform, modules_to_save, ...) is refused with a ValueError instead of
-being loaded as something it is not.
+PEFT and the other way round. Plain LoRA and DoRA (``use_dora``, Liu et al. 2024; ``lora.dora``) are supported:
+a PEFT config that asks for anything else (lora_bias, fan_in_fan_out, layers_to_transform, modules_to_save, ...)
+is refused with a ValueError naming the option instead of being loaded as something it is not.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ _PEFT_IGNORED_KEYS = frozenset({
 _PEFT_KNOWN_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
     "init_lora_weights", "rank_pattern", "alpha_pattern", "bias", "base_model_name_or_path", "task_type",
+    "use_dora",
 })
 
 
@@ -59,6 +60,8 @@ class LoraConfig:
             ["all-linear", "lm_head"] to adapt the head as well; it is written out as the explicit list.
         exclude_modules: names (same suffix rule as a list target) or a regex string of modules to skip.
         use_rslora: scaling = lora_alpha / sqrt(r) instead of lora_alpha / r.
+        use_dora: DoRA (Liu et al. 2024): a trainable magnitude per output feature times the normalised
+            direction W + scaling * B A (``lora.dora``); on a 4-bit base this is QDoRA.
         init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above.
         rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for the modules whose full name
             matches ``(.*\\.)?(regex)$``; the first matching key (in dict order) wins, as in PEFT's
@@ -78,6 +81,7 @@ class LoraConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -110,8 +114,9 @@ class LoraConfig:
                 raise TypeError(f"{field} must be a list of non-empty strings or a regex string, got {value!r}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list: name at least one module (e.g. ['q_proj'])")
-        if not isinstance(self.use_rslora, bool):
-            raise TypeError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        for field in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"{field} must be True or False, got {getattr(self, field)!r}")
         if self.init_lora_weights not in _INIT_SCHEMES or (
                 isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)):
             raise ValueError(f"init_lora_weights must be one of True, False, 'gaussian', "
@@ -155,7 +160,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "bias": self.bias,
             "fan_in_fan_out": False,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
             "modules_to_save": None,
             "layers_to_transform": None,
@@ -187,7 +192,7 @@ class LoraConfig:
             unsupported.append(f"bias={d['bias']!r}")
         if unsupported:
             raise ValueError("this adapter uses PEFT features that lora/ does not implement: "
-                             + ", ".join(sorted(unsupported)) + ". Only plain LoRA (bias='none') is supported")
+                             + ", ".join(sorted(unsupported)) + ". Only plain LoRA and DoRA (bias='none') are supported")
         init = d.get("init_lora_weights", True)
         if init not in _INIT_SCHEMES:
             # Other inits (pissa, olora, ...) change the base weights too; the adapter alone is not enough.
@@ -200,6 +205,7 @@ class LoraConfig:
             target_modules=d.get("target_modules"),
             exclude_modules=d.get("exclude_modules"),
             use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
             init_lora_weights=init,
             rank_pattern=dict(d.get("rank_pattern") or {}),
             alpha_pattern=dict(d.get("alpha_pattern") or {}),

@@ -214,7 +214,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         r, alpha = rank_and_alpha(config, name)
         module.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
-                           dtype=adapter_dtype)
+                           dtype=adapter_dtype, use_dora=config.use_dora)
     configs[adapter_name] = config
     setattr(model, LORA_CONFIGS_ATTR, configs)
     tied = tied_weight_owners(model)
@@ -233,7 +233,7 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad = True exactly for the A/B of active adapters; everything else (base included) is frozen."""
+    """requires_grad = True exactly for the A/B (and DoRA magnitude) of active adapters; everything else is frozen."""
     trainable = set()
     for _, layer in lora_layers(model):
         for name in layer.active_adapters:
@@ -241,5 +241,7 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
                 continue  # this adapter does not target this layer
             trainable.update(id(p) for p in layer.lora_A[name].parameters())
             trainable.update(id(p) for p in layer.lora_B[name].parameters())
+            if name in layer.lora_magnitude_vector:  # DoRA's magnitude m trains with A and B
+                trainable.update(id(p) for p in layer.lora_magnitude_vector[name].parameters())
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)

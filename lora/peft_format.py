@@ -7,6 +7,9 @@ A PEFT LoRA adapter directory (peft/peft_model.py ``save_pretrained``, peft/util
   adapter_model.safetensors   for every adapted module <path> (its name in the base model, HF spelling):
                                 base_model.model.<path>.lora_A.weight   (r, in_features)
                                 base_model.model.<path>.lora_B.weight   (out_features, r)
+                                base_model.model.<path>.lora_magnitude_vector   (out_features,)  DoRA only
+                                  (no ".weight": PEFT's file spelling; in memory it is
+                                  <path>.lora_magnitude_vector.<name>.weight, peft/tuners/lora/model.py)
 
 The adapter's name ("default") is not in the file keys; in memory the keys are ``<path>.lora_A.<name>.weight``.
 Conversion touches only the fixed prefix and the trailing ``lora_A|lora_B .weight`` part, so module paths that
@@ -38,28 +41,28 @@ from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
-LORA_PARTS = ("lora_A", "lora_B")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m (Liu et al. 2024, section 4)
+_FILE_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", MAGNITUDE: f".{MAGNITUDE}"}
 
 
 # ---- key names ----
 
 def peft_key(module_name: str, part: str) -> str:
-    """File key of one LoRA matrix: ("model.layers.0.self_attn.q_proj", "lora_A") ->
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
-    if part not in LORA_PARTS:
-        raise ValueError(f"part must be one of {LORA_PARTS}, got {part!r}")
-    return f"{PEFT_PREFIX}{module_name}.{part}.weight"
+    """File key of one LoRA tensor: ("model.layers.0.self_attn.q_proj", "lora_A") ->
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"; a DoRA magnitude has no ".weight"."""
+    if part not in _FILE_SUFFIX:
+        raise ValueError(f"part must be one of {tuple(_FILE_SUFFIX)}, got {part!r}")
+    return f"{PEFT_PREFIX}{module_name}{_FILE_SUFFIX[part]}"
 
 
 def parse_peft_key(key: str) -> tuple[str, str]:
-    """Inverse of ``peft_key``: file key -> (module path, "lora_A" | "lora_B").
+    """Inverse of ``peft_key``: file key -> (module path, "lora_A" | "lora_B" | "lora_magnitude_vector").
 
     Raises:
-        ValueError: the key is not a PEFT LoRA weight key (e.g. a DoRA magnitude, a bias, a modules_to_save
-            tensor or a key without the "base_model.model." prefix).
+        ValueError: the key is not a PEFT LoRA key (e.g. a bias, a modules_to_save tensor or a key without the
+            "base_model.model." prefix).
     """
-    for part in LORA_PARTS:
-        suffix = f".{part}.weight"
+    for part, suffix in _FILE_SUFFIX.items():
         if key.startswith(PEFT_PREFIX) and key.endswith(suffix) and len(key) > len(PEFT_PREFIX) + len(suffix):
             return key[len(PEFT_PREFIX):-len(suffix)], part
     raise ValueError(f"{key!r} is not a LoRA weight key of the form "
@@ -70,9 +73,10 @@ def module_key_to_peft_key(key: str, adapter_name: str) -> str:
     """In-memory state-dict key -> file key.
 
     "<path>.lora_A.<adapter>.weight" -> "base_model.model.<path>.lora_A.weight" (only the prefix and the
-    trailing part change, so a <path> containing "weight" or "lora" survives).
+    trailing part change, so a <path> containing "weight" or "lora" survives);
+    "<path>.lora_magnitude_vector.<adapter>.weight" -> "base_model.model.<path>.lora_magnitude_vector".
     """
-    for part in LORA_PARTS:
+    for part in _FILE_SUFFIX:
         suffix = f".{part}.{adapter_name}.weight"
         if key.endswith(suffix) and len(key) > len(suffix):
             return peft_key(key[:-len(suffix)], part)
@@ -93,6 +97,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.adapter_names:
             state[peft_key(name, "lora_A")] = layer.lora_A[adapter_name].weight.detach()
             state[peft_key(name, "lora_B")] = layer.lora_B[adapter_name].weight.detach()
+            if adapter_name in layer.lora_magnitude_vector:
+                state[peft_key(name, MAGNITUDE)] = layer.lora_magnitude_vector[adapter_name].weight.detach()
     if not state:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
     return state
@@ -183,6 +189,8 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
         r, _ = rank_and_alpha(config, name)
         expected[peft_key(name, "lora_A")] = (r, target.in_features)
         expected[peft_key(name, "lora_B")] = (target.out_features, r)
+        if config.use_dora:
+            expected[peft_key(name, MAGNITUDE)] = (target.out_features,)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     problems = []
@@ -232,6 +240,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         for name in modules:
             layers[name].lora_A[adapter_name].weight.copy_(tensors[peft_key(name, "lora_A")])
             layers[name].lora_B[adapter_name].weight.copy_(tensors[peft_key(name, "lora_B")])
+            if config.use_dora:
+                layers[name].lora_magnitude_vector[adapter_name].weight.copy_(tensors[peft_key(name, MAGNITUDE)])
     if not is_trainable:
         _freeze_adapter(model, adapter_name)
     return modules
@@ -269,3 +279,5 @@ def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.adapter_names:
             layer.lora_A[adapter_name].weight.requires_grad_(False)
             layer.lora_B[adapter_name].weight.requires_grad_(False)
+            if adapter_name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(False)

@@ -32,6 +32,7 @@ class LoraRecipe(RunConfig):
     # full fine-tuning (Dettmers et al. 2023, section 4).
     targets: tuple[str, ...] | str = "all-linear"
     rslora: bool = False               # scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    dora: bool = False                 # DoRA (Liu et al. 2024): a trained magnitude per output (lora/dora.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,12 +40,15 @@ class LoraRecipe(RunConfig):
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.targets, use_rslora=self.rslora)
+                          target_modules=self.targets, use_rslora=self.rslora, use_dora=self.dora)
 
     def lora_metadata(self) -> dict:
         """The adapter settings a resume must match."""
-        return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+        meta = {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
                 "target_modules": self.targets, "use_rslora": self.rslora}
+        if self.dora:  # only when on, so that checkpoints written before DoRA existed still resume
+            meta["use_dora"] = True
+        return meta
 
     def build(self, model_dir: Path, info: DistInfo) -> Trainable:
         """The dense base in ``base_dtype``, adapters on ``targets``; the result is a PEFT adapter."""

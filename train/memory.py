@@ -6,7 +6,7 @@ it counts the bytes of every tensor class a training step holds, and the peak:
     weights            base weights as stored: 2 or 4 B/param; NF4 codes 0.5 B/param for QLoRA's linears
     quant_constants    NF4 block constants: fp32 absmax (32/64 bits/param) or, double-quantized, an 8-bit
                        absmax plus an fp32 one per 256 blocks (8/64 + 32/(64*256) bits/param)
-    lora_parameters    A (r, in) and B (out, r) per adapted linear, in the adapter dtype
+    lora_parameters    A (r, in) and B (out, r) per adapted linear, in the adapter dtype; DoRA adds m (out,)
     gradients          one per trainable parameter, in its dtype
     optimizer_states   AdamW's two moments: 8 B/param in fp32; 2 B/param + fp32 absmax per 256 in 8-bit
     master_weights     fp32 copy of each 16-bit trainable parameter (optim.adamw.MasterWeightAdamW)
@@ -37,6 +37,9 @@ layer and token, on the gradient path:
     projections      the input of q/k/v, gate/up and down once (H, H, I) * e when a weight or an adapter of
                      the adapter's dtype needs it; an adapter of another dtype keeps its own cast copy each
     LoRA             A's output r * adapter bytes per adapted linear
+    DoRA             also the base output (out * e) and B(A(x)) (out * adapter bytes) per adapted linear: the
+                     two products with m / ||W + s B A||_c keep them for m's gradient (lora/dora.py); the norm
+                     is detached (Liu et al. 2024, section 4.3), so nothing of it is saved
     attention        q, the repeated k and v (GQA expands to all heads before SDPA), the output: 4 * Hq * e;
                      logsumexp nh * 4; the boolean mask as a float additive mask (B, 1, T, T) per layer
     SwiGLU           gate output, silu(gate), up output: 3 * I * e
@@ -109,7 +112,7 @@ def _trainable_tensors(c: LlamaConfig, s: MemorySettings) -> list[int]:
     per_layer = []
     for name in s.target_modules:
         out_f, in_f = shapes[name]
-        per_layer += [s.rank * in_f, out_f * s.rank]
+        per_layer += [s.rank * in_f, out_f * s.rank] + ([out_f] if s.dora else [])
     return per_layer * c.num_hidden_layers
 
 
@@ -137,8 +140,11 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
             return 0 if shared_with_saved else n * in_dim * e
         return len(hit) * n * in_dim * a
 
+    out_dim = {name: o for name, (o, _) in linear_shapes(c).items()}
+
     def lora_mid(names: tuple[str, ...]) -> int:
-        return 0 if full else sum(n * s.rank * a for x in names if targeted[x])
+        dora = (lambda x: n * out_dim[x] * (e + a)) if s.dora else (lambda x: 0)
+        return 0 if full else sum(n * s.rank * a + dora(x) for x in names if targeted[x])
 
     def norm(x_requires_grad: bool) -> int:
         # models/llama.rms_norm: x.float() (or x itself in fp32) and rsqrt are saved by pow/mul; the weight's

@@ -28,6 +28,8 @@ class MemorySettings:
         dtype: weights and activations of the unquantized model (full: bf16 means fp32 master weights).
         adapter_dtype: LoRA A/B dtype; None means ``dtype``.
         rank: LoRA r; target_modules: which of q/k/v/o/gate/up/down_proj carry adapters (all-linear default).
+        dora: DoRA adapters (lora/dora.py): a trained magnitude (out,) per adapted linear, and two more
+            (N, out) activations saved per adapted linear (the base output and B(A(x)), multiplied by m / norm).
         double_quant, blocksize: QLoRA's NF4 settings.
         attention_mask: the batches carry an attention mask / document ids (train/data.collate does, so the
             training loop passes one); then SDPA saves a float (B, 1, T, T) mask per layer. False: plain causal.
@@ -44,6 +46,7 @@ class MemorySettings:
     adapter_dtype: str | None = None
     rank: int = 8
     target_modules: tuple[str, ...] = LINEAR_NAMES
+    dora: bool = False
     double_quant: bool = True
     blocksize: int = 64
     attention_mask: bool = True
