@@ -32,6 +32,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     defaults = DEFAULTS[args.method]
     fields = {f.name for f in dataclasses.fields(defaults)}
     given = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    if "loraplus_lr_ratio" in given and args.method == "full":
+        raise ValueError("--loraplus-lr-ratio sets the learning rate of LoRA's B matrices: use it with --method lora "
+                         "or qlora")
     if any(k in given for k in NF4_FIELDS) and not set(NF4_FIELDS) <= fields:
         raise ValueError("--blocksize, --no-double-quant and --compute-dtype set up the NF4 base of --method qlora")
     # --warmup is capped at --steps, so that a short run keeps its default warmup valid.
@@ -149,6 +152,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--targets", type=targets,
                    help=f"'all-linear', module names like q_proj,v_proj, or re:<regex> ({_default('targets')})")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+    g.add_argument("--loraplus-lr-ratio", type=positive_float,
+                   help="LoRA+: B's learning rate = this x --lr (Hayou et al. 2024 use ~16; default off)")
     g.add_argument("--dora", action="store_true",
                    help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")
