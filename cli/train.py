@@ -154,6 +154,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     g.add_argument("--loraplus-lr-ratio", type=positive_float,
                    help="LoRA+: B's learning rate = this x --lr (Hayou et al. 2024 use ~16; default off)")
+    g.add_argument("--init", metavar="INIT",
+                   help="how A and B start: default, gaussian, pissa, pissa_niter_K, olora (these three move part of "
+                        "W into the adapter; --method lora), loftq (--method qlora) (default default)")
+    g.add_argument("--loftq-iter", type=positive_int, help="LoftQ's alternating quantize/SVD steps (default 1)")
     g.add_argument("--dora", action="store_true",
                    help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")

@@ -20,6 +20,8 @@ import math
 import numbers
 from typing import Any
 
+from finetune_ref.lora.init import is_mutating_init
+
 # PEFT's spelling of "every linear layer of the blocks" (peft/utils/constants.py INCLUDE_LINEAR_LAYERS_SHORTHAND).
 ALL_LINEAR = "all-linear"
 
@@ -28,6 +30,9 @@ ALL_LINEAR = "all-linear"
 #   "gaussian"  A ~ N(0, (1/r)^2), B = 0
 #   False       A and B both kaiming_uniform(a=sqrt(5)): NOT a no-op; for tests that need B != 0
 _INIT_SCHEMES = (True, False, "gaussian")
+# Inits that also rewrite the base weight (lora/init.py): "pissa", "pissa_niter_K" and "olora". A file saved
+# with one of them in its config is refused on load: its adapter is only right on the rewritten base (ours are
+# saved converted to a plain LoRA on the original base, with init_lora_weights True).
 
 # PEFT config keys that do not change what a saved LoRA adapter computes (bookkeeping, or options of init
 # schemes whose result is already in the saved weights): read and ignored.
@@ -62,7 +67,8 @@ class LoraConfig:
         use_rslora: scaling = lora_alpha / sqrt(r) instead of lora_alpha / r.
         use_dora: DoRA (Liu et al. 2024): a trainable magnitude per output feature times the normalised
             direction W + scaling * B A (``lora.dora``); on a 4-bit base this is QDoRA.
-        init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above.
+        init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above; or "pissa",
+            "pissa_niter_K", "olora" (lora/init.py: part of W moves into the adapter; not with use_dora).
         rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for the modules whose full name
             matches ``(.*\\.)?(regex)$``; the first matching key (in dict order) wins, as in PEFT's
             ``get_pattern_key`` (peft/utils/other.py).
@@ -117,10 +123,13 @@ class LoraConfig:
         for field in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field} must be True or False, got {getattr(self, field)!r}")
-        if self.init_lora_weights not in _INIT_SCHEMES or (
-                isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)):
-            raise ValueError(f"init_lora_weights must be one of True, False, 'gaussian', "
-                             f"got {self.init_lora_weights!r}")
+        if not is_mutating_init(self.init_lora_weights) and (self.init_lora_weights not in _INIT_SCHEMES or (
+                isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool))):
+            raise ValueError(f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', "
+                             f"'pissa_niter_K', 'olora', got {self.init_lora_weights!r}")
+        if self.use_dora and is_mutating_init(self.init_lora_weights):
+            raise ValueError(f"use_dora with init_lora_weights={self.init_lora_weights!r} is not supported: the "
+                             "conversion to a plain LoRA adapter on saving has no DoRA form")
         for field, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
             pattern = getattr(self, field)
             if not isinstance(pattern, dict):
@@ -195,9 +204,12 @@ class LoraConfig:
                              + ", ".join(sorted(unsupported)) + ". Only plain LoRA and DoRA (bias='none') are supported")
         init = d.get("init_lora_weights", True)
         if init not in _INIT_SCHEMES:
-            # Other inits (pissa, olora, ...) change the base weights too; the adapter alone is not enough.
-            raise ValueError(f"init_lora_weights={init!r} is not supported (the base model would have to be "
-                             "changed as well); only True, False and 'gaussian' adapters can be loaded")
+            # Other inits (pissa, olora, loftq, ...) change the base weights too; the adapter alone is not enough.
+            raise ValueError(f"init_lora_weights={init!r}: this adapter is only right on the base weights its "
+                             "initialisation rewrote, which are not in the file. Save it from PEFT with "
+                             "path_initial_model_for_weight_conversion (a plain LoRA on the original base), or "
+                             "load it on the rewritten base with PEFT; only True, False and 'gaussian' adapters "
+                             "load here")
         return cls(
             r=d.get("r", 8),
             lora_alpha=d.get("lora_alpha", 8),

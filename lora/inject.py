@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.config import ALL_LINEAR, LoraConfig, uses_all_linear
+from finetune_ref.lora.init import is_mutating_init
 from finetune_ref.lora.layer import LoRALinear, check_adapter_name
 
 LORA_CONFIGS_ATTR = "lora_configs"
@@ -204,6 +205,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it "
                          "(lora.adapters.delete_adapter) or choose another name")
     names = find_target_modules(model, config, strict_patterns=strict_patterns)
+    if is_mutating_init(config.init_lora_weights):
+        _refuse_shared_targets(model, names, config.init_lora_weights)
     previous_active = get_active_adapters(model)
     for name in names:
         module = model.get_submodule(name)
@@ -222,6 +225,22 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         layer.shared_weight_with = tied.get(name, [])
     set_active_adapters(model, [adapter_name] if not existing else previous_active)
     return names
+
+
+def _refuse_shared_targets(model: nn.Module, names: list[str], init: str) -> None:
+    """PiSSA/OLoRA rewrite the base weight: refuse when a target's weight is shared (a tied lm_head would
+    silently rewrite the input embedding too)."""
+    owners: dict[tuple, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(_storage_key(p), []).append(name)
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and len(owners.get(_storage_key(weight), [])) > 1:
+            raise ValueError(f"init_lora_weights={init!r} rewrites the base weight of {name}, which is shared with "
+                             f"{[n for n in owners[_storage_key(weight)] if n != name]} (tied embeddings): untie "
+                             "them first or leave this module out of target_modules")
 
 
 def set_active_adapters(model: nn.Module, names: list[str]) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from finetune_ref.lora.base_weight import dense_weight, write_dense_weight
 from finetune_ref.lora.dora import (DoraMagnitude, dora_forward, dora_init_magnitude, dora_merge_factor,
                                     dora_merged, dora_unmerged)
+from finetune_ref.lora.init import is_mutating_init, mutated_init
 from finetune_ref.lora.functional import (init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
                                          merged_weight)
 
@@ -96,6 +97,9 @@ class LoRALinear(nn.Module):
         # DoRA's merge factor m / ||W0 + dW||_c per merged DoRA adapter, kept for unmerge: after merging, W0 is
         # gone from the weight, so the factor cannot be recomputed (peft DoraLinearVariant caches it the same way).
         self._dora_merge_factors: dict[str, torch.Tensor] = {}
+        # (A0, B0) of adapters made by PiSSA/OLoRA, which moved s B0 A0 out of the base weight: saving converts
+        # the adapter to a plain LoRA on the original weight with them (lora.init.converted_lora).
+        self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled: bool = False
@@ -150,7 +154,20 @@ class LoRALinear(nn.Module):
         device = _base_device(self.base_layer)
         lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
-        init_lora_weights_(lora_A.weight, lora_B.weight, init_lora_weights, r)
+        if is_mutating_init(init_lora_weights):
+            # PiSSA / OLoRA (lora.init): the base becomes W - s B0 A0, as PEFT's pissa_init / olora_init do.
+            if callable(getattr(self.base_layer, "dequantize", None)) or self.merged_adapters or use_dora:
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} rewrites the base weight: it needs a "
+                                 "16/32-bit base without merged adapters and without DoRA (quantize after "
+                                 "initialising, as PEFT recommends)")
+            init_A, init_B, residual = mutated_init(init_lora_weights, dense_weight(self.base_layer), r, scaling)
+            with torch.no_grad():
+                lora_A.weight.copy_(init_A)
+                lora_B.weight.copy_(init_B)
+                write_dense_weight(self.base_layer, residual)
+            self.initial_lora[adapter_name] = (init_A.to(dtype), init_B.to(dtype))
+        else:
+            init_lora_weights_(lora_A.weight, lora_B.weight, init_lora_weights, r)
         if not isinstance(use_dora, bool):
             raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
         if use_dora:
@@ -174,6 +191,7 @@ class LoRALinear(nn.Module):
         del self.lora_B[adapter_name]
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
+        self.initial_lora.pop(adapter_name, None)
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora, self.use_dora):
             del table[adapter_name]
         if adapter_name in self.active_adapters:

@@ -24,6 +24,7 @@ touched. Files are written atomically (a temp file in the same directory, then `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from torch import nn
 
 from finetune_ref.lora.adapters import set_adapter
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
+from finetune_ref.lora.init import converted_lora, is_mutating_init
 from finetune_ref.lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text
 
@@ -133,6 +135,8 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     targets = config.target_modules
     if uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
         targets = modules
+    if is_mutating_init(config.init_lora_weights):
+        config, tensors = _converted_to_plain_lora(model, config, adapter_name, tensors)
     peft_dict = config.to_peft_dict(target_modules=targets)
     if base_model_name_or_path is not None:
         peft_dict["base_model_name_or_path"] = base_model_name_or_path
@@ -142,6 +146,33 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     atomic_save_safetensors(cpu, out / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_text(out / ADAPTER_CONFIG_NAME, json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _converted_to_plain_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
+                             tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter as the rank-2r plain LoRA on the *original* base (lora.init; PEFT's
+    ``path_initial_model_for_weight_conversion``): r and rank_pattern doubled, lora_alpha and alpha_pattern
+    doubled (times sqrt(2) with rsLoRA) so that the scaling is unchanged, init_lora_weights True.
+
+    Raises:
+        ValueError: a layer no longer knows its initial A0/B0 (e.g. the adapter was loaded from a file).
+    """
+    converted = dict(tensors)
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.adapter_names:
+            continue
+        if adapter_name not in layer.initial_lora:
+            raise ValueError(f"adapter {adapter_name!r} was initialised with {config.init_lora_weights!r}, which "
+                             f"rewrote the base weights, but {name} no longer has its initial A0/B0: it cannot be "
+                             "saved as an adapter on the original base")
+        key_a, key_b = peft_key(name, "lora_A"), peft_key(name, "lora_B")
+        converted[key_a], converted[key_b] = converted_lora(tensors[key_a], tensors[key_b],
+                                                            *layer.initial_lora[adapter_name])
+    factor = 2 ** 0.5 if config.use_rslora else 2
+    return dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()}), converted
 
 
 # ---- load ----

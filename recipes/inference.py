@@ -23,7 +23,7 @@ from finetune_ref.gptq.checkpoint import is_gptq_dir, load_gptq_model
 from finetune_ref.lora import load_adapters
 from finetune_ref.models.checkpoint import parse_dtype
 from finetune_ref.models.loader import load_model
-from finetune_ref.qlora.adapter_record import read_qlora_record
+from finetune_ref.qlora.adapter_record import check_loftq_base, read_qlora_record
 from finetune_ref.qlora.bnb_config import is_quantized_dir
 from finetune_ref.qlora.model import load_quantized
 
@@ -40,6 +40,7 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
         ValueError / FileNotFoundError: as the loaders; adapters on a GPTQ base.
     """
     record = read_qlora_record(adapter_dirs)
+    check_loftq_base(record, model_dir)
     if is_gptq_dir(model_dir):
         if adapter_dirs:
             raise ValueError(f"{model_dir} is a GPTQ model (already merged for serving); adapters go on a 16/32-bit "
