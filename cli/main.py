@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from finetune_ref.cli.combine import add_combine_parser, weights
 from finetune_ref.cli.common import (add_data_args, add_model_args, finite_non_negative, heldout_batches, pick_threads,
                                      positive_int, resolve_model_dir)
 
@@ -32,7 +33,7 @@ def cmd_eval(args) -> int:
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     batches = heldout_batches(args, tokenizer)  # before the weights: a data error should not wait for them
-    model = load_inference_model(model_dir, args.dtype, args.adapter)
+    model = load_inference_model(model_dir, args.dtype, args.adapter, args.adapter_scale)
     result = evaluate(model, batches)
     if args.json:
         print(json.dumps(result))
@@ -49,7 +50,7 @@ def cmd_generate(args) -> int:
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_inference_model(model_dir, args.dtype, args.adapter)
+    model = load_inference_model(model_dir, args.dtype, args.adapter, args.adapter_scale)
     if args.raw:
         ids = tokenizer.encode(args.prompt, add_bos=False)
     else:
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     add_data_args(p)
     p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
+    p.add_argument("--adapter-scale", type=weights, help="one factor per --adapter on its scaling, e.g. 1,0.5 "
+                                                         "(PEFT's set_scale; default 1 each)")
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
     p.set_defaults(func=cmd_eval)
 
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
+    p.add_argument("--adapter-scale", type=weights, help="one factor per --adapter on its scaling, e.g. 1,0.5 "
+                                                         "(PEFT's set_scale; default 1 each)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=finite_non_negative, default=0.0, help="0 = greedy")
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     add_merge_parsers(sub)
+    add_combine_parser(sub)
     add_memory_parser(sub)
     add_compare_parser(sub)
 

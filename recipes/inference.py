@@ -21,6 +21,7 @@ from typing import Sequence
 
 from finetune_ref.gptq.checkpoint import is_gptq_dir, load_gptq_model
 from finetune_ref.lora import load_adapters
+from finetune_ref.lora.combine import set_scale
 from finetune_ref.models.checkpoint import parse_dtype
 from finetune_ref.models.loader import load_model
 from finetune_ref.qlora.adapter_record import check_loftq_base, read_qlora_record
@@ -31,14 +32,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
-def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Sequence[str] | None = None):
-    """The model for eval/generate: dense, NF4 or GPTQ base as stored (see the module docstring), plus adapters.
+def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Sequence[str] | None = None,
+                         adapter_scales: Sequence[float] | None = None):
+    """The model for eval/generate: dense, NF4 or GPTQ base as stored (see the module docstring), plus adapters,
+    each scaled by its ``adapter_scales`` factor (``lora.combine.set_scale``; default 1).
 
     ``dtype`` None means fp32, or for a QLoRA adapter the dtypes it was trained with.
 
     Raises:
         ValueError / FileNotFoundError: as the loaders; adapters on a GPTQ base.
     """
+    if adapter_scales is not None and len(adapter_scales) != len(adapter_dirs or []):
+        raise ValueError(f"--adapter-scale has {len(adapter_scales)} numbers for {len(adapter_dirs or [])} --adapter "
+                         "directories; give one per adapter")
     record = read_qlora_record(adapter_dirs)
     check_loftq_base(record, model_dir)
     if is_gptq_dir(model_dir):
@@ -56,8 +62,10 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
         model = load_model(model_dir, dtype=dtype or "fp32")
     if adapter_dirs:
         adapter_dtype = model.model.embed_tokens.weight.dtype
-        load_adapters(model, adapter_dirs, adapter_dtype=adapter_dtype if adapter_dtype.is_floating_point
-                      else parse_dtype("fp32"))
+        names = load_adapters(model, adapter_dirs, adapter_dtype=adapter_dtype if adapter_dtype.is_floating_point
+                              else parse_dtype("fp32"))
+        for name, scale in zip(names, adapter_scales or []):
+            set_scale(model, name, scale)
     return model
 
 

@@ -64,3 +64,32 @@ def test_train_then_eval_the_saved_adapter(tiny, tmp_path, capsys, method, flags
         assert (config["r"], config["init_lora_weights"]) == (16, True)  # converted to plain LoRA on the original
     assert main(["eval", "--model", str(base), "--data", str(corpus), *DATA, "--json", "--adapter", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(after, abs=tol)
+
+
+def test_combine_two_adapters_then_eval_with_scales(tiny, tmp_path, capsys):
+    """combine --method cat is exact: the combined adapter with weights (1, 1) equals the two stacked, which is
+    also what eval computes with --adapter-scale 1,1; scale 0 removes an adapter."""
+    model, corpus = tiny
+    runs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"lora{seed}"
+        assert main(["train", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "2", "--warmup", "1",
+                     "--lr", "1e-2", "--precision", "fp32", "--no-progress", "--seed", seed, "--out", str(out)]) == 0
+        runs.append(str(out))
+    capsys.readouterr()
+    evaluate = ["eval", "--model", str(model), "--data", str(corpus), *DATA, "--json"]
+    assert main(["combine", "--model", str(model), "--adapter", runs[0], "--adapter", runs[1], "--weights", "1,1",
+                 "--method", "cat", "--out", str(tmp_path / "cat")]) == 0
+    assert json.loads((tmp_path / "cat" / "adapter_config.json").read_text())["r"] == 16
+    capsys.readouterr()
+    assert main([*evaluate, "--adapter", str(tmp_path / "cat")]) == 0
+    combined = json.loads(capsys.readouterr().out)["loss"]
+    assert main([*evaluate, "--adapter", runs[0], "--adapter", runs[1], "--adapter-scale", "1,1"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(combined, abs=1e-5)
+    assert main([*evaluate, "--adapter", runs[0], "--adapter", runs[1], "--adapter-scale", "1,0"]) == 0
+    first_only = json.loads(capsys.readouterr().out)["loss"]
+    assert main([*evaluate, "--adapter", runs[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(first_only, abs=1e-6)
+    assert main(["combine", "--model", str(model), "--adapter", runs[0], "--adapter", runs[1], "--weights", "1",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--weights" in capsys.readouterr().err
