@@ -85,6 +85,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_targets, default=d.target_modules,
                    help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
+    p.add_argument("--modules-to-save", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
     p.add_argument("--blocksize", type=int, default=d.blocksize, help=f"QLoRA NF4 block size (default {d.blocksize})")
     p.add_argument("--no-mask", action="store_true",
@@ -113,6 +115,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
                               seq_len=args.seq_len, gradient_checkpointing=args.grad_checkpointing,
                               dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
                               target_modules=tuple(args.targets), dora=args.dora,
+                              modules_to_save=args.modules_to_save,
                               double_quant=not args.no_double_quant,
                               blocksize=args.blocksize, attention_mask=not args.no_mask)
     estimate = estimate_memory(config, settings)

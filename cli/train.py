@@ -158,6 +158,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="how A and B start: default, gaussian, pissa, pissa_niter_K, olora (these three move part of "
                         "W into the adapter; --method lora), loftq (--method qlora) (default default)")
     g.add_argument("--loftq-iter", type=positive_int, help="LoftQ's alternating quantize/SVD steps (default 1)")
+    g.add_argument("--modules-to-save", type=targets, metavar="NAMES",
+                   help="modules trained in full and saved with the adapter, by name suffix, e.g. norm or lm_head "
+                        "(an untied one); default none")
     g.add_argument("--dora", action="store_true",
                    help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")

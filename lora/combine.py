@@ -83,10 +83,11 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(configs)}")
     if combination_type not in COMBINATIONS:
         raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination_type!r}")
-    odd = [a for a in adapters if configs[a].use_dora or is_mutating_init(configs[a].init_lora_weights)]
+    odd = [a for a in adapters if configs[a].use_dora or is_mutating_init(configs[a].init_lora_weights)
+           or configs[a].modules_to_save]
     if odd:
-        raise ValueError(f"adapters {odd} are DoRA or PiSSA/OLoRA adapters, whose update is not B A alone; only "
-                         "plain LoRA adapters can be combined")
+        raise ValueError(f"adapters {odd} are DoRA, PiSSA/OLoRA or modules_to_save adapters, whose update is not "
+                         "B A alone; only plain LoRA adapters can be combined")
     combination_type = "linear" if len(adapters) == 1 else combination_type
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.adapter_names for a in adapters)]
     ranks = [max(layer.r[a] for _, layer in layers if a in layer.adapter_names) for a in adapters]

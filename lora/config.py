@@ -45,7 +45,7 @@ _PEFT_IGNORED_KEYS = frozenset({
 _PEFT_KNOWN_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
     "init_lora_weights", "rank_pattern", "alpha_pattern", "bias", "base_model_name_or_path", "task_type",
-    "use_dora",
+    "use_dora", "modules_to_save",
 })
 
 
@@ -67,6 +67,8 @@ class LoraConfig:
         use_rslora: scaling = lora_alpha / sqrt(r) instead of lora_alpha / r.
         use_dora: DoRA (Liu et al. 2024): a trainable magnitude per output feature times the normalised
             direction W + scaling * B A (``lora.dora``); on a 4-bit base this is QDoRA.
+        modules_to_save: names (full-name suffixes) of modules trained in full, as copies saved with the adapter
+            (``lora.modules_to_save``), e.g. ["norm"]; None: none.
         init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above; or "pissa",
             "pissa_niter_K", "olora" (lora/init.py: part of W moves into the adapter; not with use_dora).
         rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for the modules whose full name
@@ -88,6 +90,7 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False
+    modules_to_save: list[str] | None = None
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -109,7 +112,7 @@ class LoraConfig:
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of module-name suffixes such as "
                              "['q_proj', 'v_proj'], a regex string, or 'all-linear'")
-        for field in ("target_modules", "exclude_modules"):
+        for field in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, field)
             if value is None or isinstance(value, str):
                 continue
@@ -118,6 +121,8 @@ class LoraConfig:
                 setattr(self, field, value)
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise TypeError(f"{field} must be a list of non-empty strings or a regex string, got {value!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list: name at least one module (e.g. ['q_proj'])")
         for field in ("use_rslora", "use_dora"):
@@ -171,7 +176,7 @@ class LoraConfig:
             "fan_in_fan_out": False,
             "use_dora": self.use_dora,
             "lora_bias": False,
-            "modules_to_save": None,
+            "modules_to_save": self.modules_to_save,
             "layers_to_transform": None,
             "layers_pattern": None,
             "inference_mode": True,
@@ -218,6 +223,7 @@ class LoraConfig:
             exclude_modules=d.get("exclude_modules"),
             use_rslora=bool(d.get("use_rslora", False)),
             use_dora=bool(d.get("use_dora", False)),
+            modules_to_save=d.get("modules_to_save"),
             init_lora_weights=init,
             rank_pattern=dict(d.get("rank_pattern") or {}),
             alpha_pattern=dict(d.get("alpha_pattern") or {}),

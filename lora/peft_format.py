@@ -37,7 +37,9 @@ from torch import nn
 from finetune_ref.lora.adapters import set_adapter
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.init import converted_lora, is_mutating_init
-from finetune_ref.lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
+from finetune_ref.lora.inject import (candidate_modules, find_target_modules, get_lora_configs, inject_lora,
+                                     lora_layers, rank_and_alpha)
+from finetune_ref.lora.modules_to_save import find_modules_to_save, wrappers
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -101,6 +103,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             state[peft_key(name, "lora_B")] = layer.lora_B[adapter_name].weight.detach()
             if adapter_name in layer.lora_magnitude_vector:
                 state[peft_key(name, MAGNITUDE)] = layer.lora_magnitude_vector[adapter_name].weight.detach()
+    for name, wrapper in wrappers(model):  # modules_to_save copies, under the module's own name (PEFT)
+        if adapter_name in wrapper.modules_to_save:
+            for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
     if not state:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
     return state
@@ -131,7 +137,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
                          "adapters must be added with lora.inject_lora or lora.load_adapter")
     config = configs[adapter_name]
     tensors = adapter_state_dict(model, adapter_name)
-    modules = sorted({parse_peft_key(k)[0] for k in tensors})
+    modules = sorted({parse_peft_key(k)[0] for k in tensors if k.endswith(tuple(_FILE_SUFFIX.values()))})
     targets = config.target_modules
     if uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
         targets = modules
@@ -215,6 +221,12 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
     """
     modules = find_target_modules(model, config, strict_patterns=False)
     expected = {}
+    for name in find_modules_to_save(model, config.modules_to_save, candidate_modules(model)) \
+            if config.modules_to_save else []:
+        module = model.get_submodule(name)
+        module = getattr(module, "original_module", module)  # already wrapped for another adapter
+        for pname, p in module.named_parameters():
+            expected[f"{PEFT_PREFIX}{name}.{pname}"] = tuple(p.shape)
     for name in modules:
         target = model.get_submodule(name)
         r, _ = rank_and_alpha(config, name)
@@ -273,6 +285,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             layers[name].lora_B[adapter_name].weight.copy_(tensors[peft_key(name, "lora_B")])
             if config.use_dora:
                 layers[name].lora_magnitude_vector[adapter_name].weight.copy_(tensors[peft_key(name, MAGNITUDE)])
+        for name, wrapper in wrappers(model):
+            if adapter_name in wrapper.modules_to_save:
+                for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                    p.copy_(tensors[f"{PEFT_PREFIX}{name}.{pname}"])
     if not is_trainable:
         _freeze_adapter(model, adapter_name)
     return modules
@@ -312,3 +328,6 @@ def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.lora_B[adapter_name].weight.requires_grad_(False)
             if adapter_name in layer.lora_magnitude_vector:
                 layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(False)
+    for _, wrapper in wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter_name].requires_grad_(False)

@@ -37,6 +37,9 @@ class LoraRecipe(RunConfig):
     # How A and B start: "default" (A random, B = 0), "gaussian", or "pissa", "pissa_niter_K", "olora", which
     # move part of W into the adapter (lora/init.py); "loftq" is QLoRA's (qlora/loftq.py).
     init: str = "default"
+    # Modules trained in full beside the adapters, saved with them (lora/modules_to_save.py), e.g. ("norm",);
+    # a module tied to another (SmolLM2's lm_head and embed_tokens) is refused.
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,7 +53,8 @@ class LoraRecipe(RunConfig):
             raise ValueError("--init loftq quantizes the base together with the adapter: use it with --method qlora")
         init = True if self.init in ("default", "loftq") else self.init
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.targets,
-                          use_rslora=self.rslora, use_dora=self.dora, init_lora_weights=init)
+                          use_rslora=self.rslora, use_dora=self.dora, init_lora_weights=init,
+                          modules_to_save=list(self.modules_to_save) or None)
 
     def lora_metadata(self) -> dict:
         """The adapter settings a resume must match."""
@@ -60,6 +64,8 @@ class LoraRecipe(RunConfig):
             meta["use_dora"] = True
         if self.init != "default":
             meta["init"] = self.init
+        if self.modules_to_save:
+            meta["modules_to_save"] = list(self.modules_to_save)
         return meta
 
     def build(self, model_dir: Path, info: DistInfo) -> Trainable:

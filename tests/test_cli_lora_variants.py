@@ -44,6 +44,7 @@ def losses(stdout: str) -> tuple[float, float]:
     ("lora", ["--init", "pissa"], 2e-4),
     ("lora", ["--init", "olora", "--loraplus-lr-ratio", "4"], 2e-4),
     ("qlora", ["--init", "loftq", "--loftq-iter", "2"], 1e-4),
+    ("lora", ["--modules-to-save", "norm", "--dora"], 1e-4),
 ])
 def test_train_then_eval_the_saved_adapter(tiny, tmp_path, capsys, method, flags, tol):
     model, corpus = tiny
