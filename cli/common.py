@@ -84,6 +84,7 @@ def targets(text: str) -> tuple[str, ...] | str:
     return names
 
 
+INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 NF4_BLOCKSIZES = list(SUPPORTED_BLOCKSIZES)  # --blocksize choices: bitsandbytes' supported blocksizes
 
 

