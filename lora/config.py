@@ -9,7 +9,7 @@ A LoRA adapter on a linear layer W (out_features, in_features) adds a rank-r upd
 ``LoraConfig`` holds r, lora_alpha, dropout, which modules to adapt and how to initialise; the field names and
 defaults are those of ``peft.LoraConfig`` (peft/tuners/lora/config.py) so that a config written here is read by
 PEFT and the other way round. Plain LoRA, DoRA (``use_dora``, Liu et al. 2024; ``lora.dora``)
-and modules_to_save (``lora.modules_to_save``) too; a PEFT config that asks for anything else (lora_bias,
+and modules_to_save (``lora.modules_to_save``) are supported; a PEFT config that asks for anything else (lora_bias,
 fan_in_fan_out, layers_to_transform, trainable_token_indices, ...) is refused with a ValueError naming the option
 instead of being loaded as something it is not.
 """
