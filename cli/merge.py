@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, directory_bytes,
-                                     heldout_batches, non_negative_int, positive_int, resolve_model_dir)
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, directory_bytes,
+                                     heldout_batches, non_negative_int, positive_int, resolve_model_dir, writing_to)
+from finetune_ref.models.output_dir import written_whole
 from finetune_ref.qlora.adapter_record import check_loftq_base, read_qlora_record
 from finetune_ref.recipes.inference import copy_tokenizer_files
 
@@ -38,16 +40,22 @@ CALIBRATION_BATCH_SIZE = 8  # sequences per calibration forward
 
 
 def cmd_merge(args) -> int:
+    model_dir = resolve_model_dir(args.model, args.cache_dir)
+    with writing_to(args.out, model_dir, args.original, *args.adapter, overwrite=args.overwrite):
+        return _merge(args, model_dir)
+
+
+def _merge(args, model_dir: Path) -> int:
     from finetune_ref.lora import load_adapters, merge_and_unload
+    from finetune_ref.lora.base_weight import RequantizationWarning
+    from finetune_ref.lora.inject import get_active_adapters
     from finetune_ref.models.loader import load_model
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.gptq.checkpoint import is_gptq_dir
-    from finetune_ref.qlora.merge import merge_qlora, merge_report
+    from finetune_ref.qlora.merge import adapter_deltas, merge_qlora, merge_report, quantize_merged
     from finetune_ref.qlora.bnb_config import is_quantized_dir
-    from finetune_ref.qlora.model import load_quantized, quantize_model
+    from finetune_ref.qlora.model import load_quantized
 
-    model_dir = resolve_model_dir(args.model, args.cache_dir)
-    check_out_dir(args.out, model_dir, args.original, *args.adapter)
     if is_gptq_dir(model_dir):
         raise ValueError(f"{model_dir} is a GPTQ model; merge adapters into the 16/32-bit or NF4 base they were "
                          "trained on")
@@ -60,26 +68,34 @@ def cmd_merge(args) -> int:
     batches = heldout_batches(args, tokenizer)[:args.report_batches] if args.report_batches else []
     calibration = _calibration(args, tokenizer) if args.requantize == "gptq4" else None
 
-    if qlora:
-        base = args.base or "nf4-dequant"
-        original = _original_dir(args, base, model_dir)
-        settings = record or {}
-        blocksize = args.blocksize if args.blocksize is not None else settings.get("blocksize")
-        double_quant = False if args.no_double_quant else settings.get("double_quant")
-        model = load_quantized(model_dir, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
-                               dtype=dtype)
-        load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
-        merged = merge_qlora(model, base=base, original=original, dtype=dtype, untie_tied=args.untie,
-                             requantize="nf4" if args.requantize == "nf4" else "none")
-        what = f"QLoRA adapter(s) into the {base} base"
-    else:
-        model = load_model(model_dir, dtype=dtype)
-        load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
-        merged = merge_and_unload(copy.deepcopy(model) if batches else model, untie_tied=args.untie)
-        if args.requantize == "nf4":
-            quantize_model(merged, blocksize=args.blocksize or 64, double_quant=not args.no_double_quant,
-                           compute_dtype=merged.model.embed_tokens.weight.dtype)
-        what = "LoRA adapter(s)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RequantizationWarning)
+        if qlora:
+            base = args.base or "nf4-dequant"
+            original = _original_dir(args, base, model_dir)
+            settings = record or {}
+            blocksize = args.blocksize if args.blocksize is not None else settings.get("blocksize")
+            double_quant = False if args.no_double_quant else settings.get("double_quant")
+            model = load_quantized(model_dir, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
+                                   dtype=dtype)
+            load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
+            merged = merge_qlora(model, base=base, original=original, dtype=dtype, untie_tied=args.untie,
+                                 requantize="nf4" if args.requantize == "nf4" else "none")
+            what = f"QLoRA adapter(s) into the {base} base"
+        else:
+            model = load_model(model_dir, dtype=dtype)
+            load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
+            deltas = adapter_deltas(model, get_active_adapters(model)) if args.requantize == "nf4" else {}
+            merged = merge_and_unload(copy.deepcopy(model) if batches else model, untie_tied=args.untie)
+            if args.requantize == "nf4":
+                quantize_merged(merged, deltas, blocksize=args.blocksize or 64, double_quant=not args.no_double_quant,
+                                compute_dtype=merged.model.embed_tokens.weight.dtype)
+            what = "LoRA adapter(s)"
+    for w in caught:  # the library's warning, measured by lora.base_weight.requantization_drift: print its line
+        if isinstance(w.message, RequantizationWarning):
+            print(f"warning: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if gptq_config is not None:
         from finetune_ref.gptq.model import gptq_quantize_model
 
@@ -94,8 +110,10 @@ def cmd_merge(args) -> int:
         print(f"error against the unmerged model ({report['tokens']} held-out tokens): logits max-abs "
               f"{report['logits_max_abs']:.3g}, held-out loss {report['loss_reference']:.4f} -> "
               f"{report['loss_merged']:.4f} (change {report['loss_change']:+.2e})")
-    out = _save(merged, args, gptq_config)
-    copy_tokenizer_files(model_dir, out)
+    with written_whole(args.out) as tmp:  # a temporary sibling, renamed to --out when complete
+        _save(merged, tmp, args.requantize, gptq_config)
+        copy_tokenizer_files(model_dir, tmp)
+    out = Path(args.out)
     print(f"merged model saved to {out} ({directory_bytes(out) / 2**20:.1f} MiB of weights)")
     return 0
 
@@ -164,16 +182,16 @@ def calibration_batches(examples: list[dict], batch_size: int = CALIBRATION_BATC
     return [collate(examples[i:i + batch_size], pad_token_id=0) for i in range(0, len(examples), batch_size)]
 
 
-def _save(merged, args, gptq_config) -> Path:
+def _save(merged, out: Path, requantize: str, gptq_config) -> Path:
     from finetune_ref.models.checkpoint import save_model
     from finetune_ref.gptq.checkpoint import save_gptq_model
     from finetune_ref.qlora.model import save_quantized
 
     if gptq_config is not None:
-        return save_gptq_model(merged, args.out, gptq_config)
-    if args.requantize == "nf4":
-        return save_quantized(merged, args.out)
-    return save_model(merged, args.out)
+        return save_gptq_model(merged, out, gptq_config)
+    if requantize == "nf4":
+        return save_quantized(merged, out)
+    return save_model(merged, out)
 
 
 def cmd_quantize(args) -> int:
@@ -181,13 +199,14 @@ def cmd_quantize(args) -> int:
     from finetune_ref.qlora.model import load_quantized, nf4_layers, quantized_nbytes, save_quantized
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
-    check_out_dir(args.out, model_dir)
-    if is_quantized_dir(model_dir):
-        raise ValueError(f"{model_dir} is already 4-bit (its config.json has a quantization_config)")
-    model = load_quantized(model_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
-                           compute_dtype=args.compute_dtype, dtype=args.dtype)
-    out = save_quantized(model, args.out)
-    copy_tokenizer_files(model_dir, out)
+    with writing_to(args.out, model_dir, overwrite=args.overwrite) as out:
+        if is_quantized_dir(model_dir):
+            raise ValueError(f"{model_dir} is already 4-bit (its config.json has a quantization_config)")
+        model = load_quantized(model_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                               compute_dtype=args.compute_dtype, dtype=args.dtype)
+        with written_whole(out) as tmp:  # a temporary sibling, renamed to --out when complete
+            save_quantized(model, tmp)
+            copy_tokenizer_files(model_dir, tmp)
     size = quantized_nbytes(model)
     print(f"quantized {len(nf4_layers(model))} linear layers ({size['parameters']:,d} weights) to NF4, blocksize "
           f"{args.blocksize}, double quantization {'off' if args.no_double_quant else 'on'}: {size['bytes']:,d} "
@@ -204,7 +223,7 @@ def add_merge_parsers(sub) -> None:
                                      "GPTQ 4-bit")
     add_model_args(p, dtype_help="dtype of the merge and of the saved dense tensors (default fp32)")
     p.add_argument("--adapter", action="append", required=True, help="adapter directory (repeatable)")
-    p.add_argument("--out", required=True, help="output directory")
+    add_out_args(p, "output directory for the merged model", required=True)
     p.add_argument("--untie", action="store_true",
                    help="if an adapter touches the tied lm_head, untie it instead of refusing")
     p.add_argument("--requantize", choices=REQUANTIZE, default="none",
@@ -238,7 +257,7 @@ def add_merge_parsers(sub) -> None:
                                         "(bitsandbytes/transformers layout)")
     add_model_args(p, dtype_help="dtype of the unquantized tensors and of the weights before quantization "
                                    "(default: --compute-dtype, as train --method qlora builds its base)")
-    p.add_argument("--out", required=True, help="output directory")
+    add_out_args(p, "output directory for the 4-bit model", required=True)
     p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES, default=64,
                    help="NF4 block size (elements per absmax)")
     p.add_argument("--no-double-quant", action="store_true", help="keep the absmax values in fp32 (4.5 instead "

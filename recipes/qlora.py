@@ -17,6 +17,7 @@ from finetune_ref.qlora.adapter_record import LOFTQ_BASE, write_qlora_record
 from finetune_ref.qlora.loftq import prepare_loftq_model
 from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model, save_quantized
 from finetune_ref.train.distributed import DistInfo, unwrap_model
+from finetune_ref.train.fsdp import gathered_trainable, shard_nf4_layers
 
 from .base import Trainable
 from .inference import copy_tokenizer_files
@@ -53,25 +54,37 @@ class QLoraRecipe(LoraRecipe):
         adapter and its qlora_config.json."""
         compute = self.compute_dtype or ("fp32" if self.precision == "fp32" else "bf16")
         dtype = self.base_dtype(info.world_size)
-        kwargs = dict(lora_config=self.lora_config(), blocksize=self.blocksize, double_quant=self.double_quant,
-                      adapter_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
+        # Under FSDP each decoder layer's NF4 storage is sharded as soon as it is quantized: a process keeps its
+        # share of the 4-bit model while loading, plus one layer as stored (benchmarks/bench_fsdp_load_memory.py).
+        sharded = self.parallel == "fsdp" and info.enabled
+        on_layer = (lambda layer: shard_nf4_layers(layer, info)) if sharded else None
+        adapter_dtype = torch.bfloat16 if self.trained_dtype(info.world_size) == "bf16" else torch.float32
         if self.init == "loftq":  # LoftQ (qlora/loftq.py): the base is quantized with the adapter's start
-            model = prepare_loftq_model(model_dir, num_iter=self.loftq_iter, compute_dtype=parse_dtype(compute),
-                                        dtype=parse_dtype(dtype), **kwargs)
+            if sharded:
+                raise ValueError("--init loftq loads the whole 16/32-bit model to quantize it; it is not supported "
+                                 "with --parallel fsdp")
+            model = prepare_loftq_model(model_dir, lora_config=self.lora_config(), num_iter=self.loftq_iter,
+                                        blocksize=self.blocksize, double_quant=self.double_quant,
+                                        compute_dtype=parse_dtype(compute), adapter_dtype=adapter_dtype,
+                                        dtype=parse_dtype(dtype))
         else:
-            model = prepare_qlora_model(model_dir, compute_dtype=compute, dtype=dtype, **kwargs)
+            model = prepare_qlora_model(model_dir, lora_config=self.lora_config(), blocksize=self.blocksize,
+                                        double_quant=self.double_quant, compute_dtype=compute,
+                                        adapter_dtype=adapter_dtype,  # under FSDP the fp32 shards are the master
+                                        dtype=dtype, on_layer=on_layer)
         layer = nf4_layers(model)[0][1]  # every layer shares the settings (a 4-bit --model: those it was saved with)
         settings = {"blocksize": layer.blocksize, "double_quant": layer.double_quant, "compute_dtype": compute,
                     "dtype": dtype}
         record = {**settings, LOFTQ_BASE: LOFTQ_BASE} if self.init == "loftq" else settings
 
         def export(m, directory):
-            if info.is_main:
-                save_adapter(unwrap_model(m), directory, base_model_name_or_path=str(model_dir))
-                if self.init == "loftq":  # the adapter fits only this base: save it beside the adapter
-                    save_quantized(unload(copy.deepcopy(unwrap_model(m))), Path(directory) / LOFTQ_BASE)
-                    copy_tokenizer_files(model_dir, Path(directory) / LOFTQ_BASE)
-                write_qlora_record(directory, record)
+            with gathered_trainable(unwrap_model(m)) as whole:  # collective: FSDP2 adapters gathered whole
+                if info.is_main:
+                    save_adapter(whole, directory, base_model_name_or_path=str(model_dir))
+                    if self.init == "loftq":  # the adapter fits only this base: save it beside the adapter
+                        save_quantized(unload(copy.deepcopy(whole)), Path(directory) / LOFTQ_BASE)
+                        copy_tokenizer_files(model_dir, Path(directory) / LOFTQ_BASE)
+                    write_qlora_record(directory, record)
 
         return Trainable(model, {"method": "qlora", "lora": self.lora_metadata(), "qlora": settings}, export,
                          "QLoRA adapter")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from finetune_ref.models.chat_template import validate_messages
 
@@ -108,26 +108,34 @@ def record_to_messages(record: object) -> list[dict]:
     raise ValueError(f"expected keys 'messages', or 'instruction' and 'output'; got {sorted(record)}")
 
 
+def json_lines(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) for every non-blank line of a JSON-lines file (data, or a run's metrics.jsonl).
+
+    Raises ValueError ``"<file>:<line>: invalid JSON (...)"`` for a line that is not JSON.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
     """(line number, conversation) for every non-blank line of a JSONL file.
 
     Raises ValueError ``"<file>:<line>: <what is wrong>"`` for a malformed line, and for a file with no
     records.
     """
-    path = Path(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
-            try:
-                out.append((lineno, record_to_messages(record)))
-            except ValueError as err:
-                raise ValueError(f"{path}:{lineno}: {err}") from err
+    for lineno, record in json_lines(path):
+        try:
+            out.append((lineno, record_to_messages(record)))
+        except ValueError as err:
+            raise ValueError(f"{path}:{lineno}: {err}") from err
     if not out:
         raise ValueError(f"{path}: no records (the file is empty)")
     return out
