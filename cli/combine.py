@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from finetune_ref.cli.common import add_model_args, check_out_dir, resolve_model_dir
+from finetune_ref.cli.common import add_model_args, add_out_args, resolve_model_dir, writing_to
 from finetune_ref.lora.combine import COMBINATIONS
 
 COMBINED = "combined"
@@ -32,20 +32,22 @@ def weights(text: str) -> list[float]:
 
 
 def cmd_combine(args) -> int:
-    from finetune_ref.lora import save_adapter
-    from finetune_ref.lora.combine import add_weighted_adapter
-    from finetune_ref.qlora.adapter_record import QLORA_CONFIG_FILE, read_qlora_record
-    from finetune_ref.recipes.inference import load_inference_model
-
     if len(args.weights) != len(args.adapter):
         raise ValueError(f"--weights has {len(args.weights)} numbers for {len(args.adapter)} --adapter directories; "
                          "give one weight per adapter")
     if args.svd_rank is not None and args.method != "svd":
         raise ValueError("--svd-rank sets the rank of --method svd")
     model_dir = resolve_model_dir(args.model, args.cache_dir)
-    out = check_out_dir(args.out, model_dir, *args.adapter)
-    if (out / "adapter_config.json").exists():
-        raise ValueError(f"--out {out} already holds an adapter; choose a new directory")
+    with writing_to(args.out, model_dir, *args.adapter, overwrite=args.overwrite) as out:
+        return _combine(args, model_dir, out)
+
+
+def _combine(args, model_dir: Path, out: Path) -> int:
+    from finetune_ref.lora import save_adapter
+    from finetune_ref.lora.combine import add_weighted_adapter
+    from finetune_ref.qlora.adapter_record import QLORA_CONFIG_FILE, read_qlora_record
+    from finetune_ref.recipes.inference import load_inference_model
+
     record = read_qlora_record(args.adapter)
     model = load_inference_model(model_dir, args.dtype, args.adapter)
     names = [f"adapter_{i}" for i in range(len(args.adapter))] if len(args.adapter) > 1 else ["default"]
@@ -67,5 +69,5 @@ def add_combine_parser(sub) -> None:
                    help="linear (same ranks; A and B mixed separately), cat (exact, rank = sum of ranks), svd "
                         "(the weighted sum of updates truncated to --svd-rank) (default svd, as PEFT)")
     p.add_argument("--svd-rank", type=int, default=None, help="rank of --method svd (default: the largest input rank)")
-    p.add_argument("--out", required=True, help="output directory for the combined adapter")
+    add_out_args(p, "output directory for the combined adapter", required=True)
     p.set_defaults(func=cmd_combine)

@@ -81,8 +81,9 @@ def test_cli_parses_loraplus_and_dora_into_the_recipe_and_refuses_them_for_full(
     from finetune_ref.cli.main import build_parser, main
     from finetune_ref.cli.train import run_config
 
-    cfg = run_config(build_parser().parse_args(["train", "--method", "qlora", "--dora", "--loraplus-lr-ratio", "16"]))
+    cfg, _, _ = run_config(build_parser().parse_args(["train", "--method", "qlora", "--dora", "--loraplus-lr-ratio",
+                                                      "16"]))
     assert cfg.loraplus_lr_ratio == 16.0 and cfg.dora and cfg.lora_config().use_dora
-    assert run_config(build_parser().parse_args(["train"])).loraplus_lr_ratio is None
+    assert run_config(build_parser().parse_args(["train"]))[0].loraplus_lr_ratio is None
     assert main(["train", "--method", "full", "--loraplus-lr-ratio", "4", "--dry-run"]) == 2
     assert "--loraplus-lr-ratio" in capsys.readouterr().err
