@@ -27,7 +27,7 @@ _ROWS = (("weights", "weights"), ("quant_constants", "quantization constants"),
 def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings, world_size: int = 1) -> str:
     """A plain-text table: one row per class (GB = 1e9 bytes, GiB = 2**30, bytes per model parameter)."""
     s, est = settings, estimate
-    adapter = f", LoRA r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
+    adapter = f", {'DoRA' if s.dora else 'LoRA'} r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
         if s.method != "full" else ""
     quant = f", NF4 blocksize {s.blocksize}{' + double quant' if s.double_quant else ''}" \
         if s.method == "qlora" else ""
@@ -90,6 +90,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=positive_int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
     p.add_argument("--targets", type=_targets, default=d.target_modules,
                    help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
+    p.add_argument("--modules-to-save", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
     p.add_argument("--blocksize", type=int, default=d.blocksize, help=f"QLoRA NF4 block size (default {d.blocksize})")
     p.add_argument("--no-mask", action="store_true",
@@ -121,7 +124,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
     settings = MemorySettings(method=args.method, optimizer=args.optimizer, batch_size=args.batch_size,
                               seq_len=args.seq_len, gradient_checkpointing=args.grad_checkpointing,
                               dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
-                              target_modules=tuple(args.targets), double_quant=not args.no_double_quant,
+                              target_modules=tuple(args.targets), dora=args.dora,
+                              modules_to_save=args.modules_to_save,
+                              double_quant=not args.no_double_quant,
                               blocksize=args.blocksize, attention_mask=not args.no_mask,
                               chunked_loss=not args.no_chunked_loss,
                               selective_recompute=args.selective_recompute)
