@@ -98,3 +98,19 @@ def test_recipes_train_with_the_chunked_loss_by_default():
     LoraRecipe(chunked_loss=False, selective_recompute=True).configure_model(model)  # --no-chunked-loss etc.
     assert not model.chunked_loss and model.model.selective_recompute
     assert dataclasses.replace(LoraRecipe(), grad_checkpointing=True).grad_checkpointing
+
+
+def test_a_wrapped_head_falls_back_to_the_plain_loss():
+    """A head that is not a plain linear (an adapter or modules_to_save wrapper on lm_head) keeps the logits."""
+    from finetune_ref.lora import LoraConfig, inject_lora
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    inject_lora(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]))
+    model.chunked_loss = True
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, ids), rtol=0, atol=0)
