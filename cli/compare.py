@@ -145,7 +145,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on a ``parser.add_subparsers()`` object; ``func=cmd_compare``."""
-    from finetune_ref.cli.common import non_negative_int, positive_float, positive_int, show_number
+    from finetune_ref.cli.common import non_negative_int, positive_float, positive_int, rank, seed, show_number
 
     d = CompareSettings()  # the defaults shown and used are the settings'
     p = subparsers.add_parser("compare", help="full fine-tuning vs LoRA vs QLoRA on one base, data and budget",
@@ -166,10 +166,10 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     for m in METHODS:
         p.add_argument(f"--lr-{m}", type=positive_float, default=d.lr[m],
                        help=f"peak LR of {m} (default {show_number(d.lr[m])})")
-    p.add_argument("--rank", type=positive_int, default=d.rank, help=f"LoRA/QLoRA rank r (default {d.rank})")
+    p.add_argument("--rank", type=rank, default=d.rank, help=f"LoRA/QLoRA rank r (default {d.rank})")
     p.add_argument("--alpha", type=positive_float, default=d.alpha,
                    help=f"LoRA/QLoRA alpha (default {show_number(d.alpha)})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"data order and LoRA initialisation (default {d.seed})")
+    p.add_argument("--seed", type=seed, default=d.seed, help=f"data order and LoRA initialisation (default {d.seed})")
     p.add_argument("--regression-data", help=".txt file or folder for the forgetting score (default: "
                                              "chatterbot-corpus English, from the 'compare' extra)")
     p.add_argument("--threads", type=positive_int,

@@ -17,10 +17,12 @@ import argparse
 import json
 import sys
 
-from finetune_ref.cli.common import (add_data_args, add_model_args, finite_non_negative, heldout_batches, pick_threads,
-                                     positive_int, resolve_model_dir)
+from finetune_ref.cli.common import (Parser, add_data_args, add_model_args, flag_table, heldout_batches, name_flags,
+                                     pick_threads, positive_int, resolve_model_dir, seed, temperature, top_p)
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1       # a run that stopped on a non-finite loss or gradient norm
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (``| head``), as a Unix tool exits
 INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 
 
@@ -72,9 +74,8 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="finetune", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     from finetune_ref.cli.compare import add_compare_parser
     from finetune_ref.cli.memory import add_memory_parser
@@ -94,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=finite_non_negative, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="tokens to generate at most; prompt + these must fit the model's context "
+                        "(max_position_embeddings)")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="softmax temperature, 0 = greedy")
+    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "whose probability reaches this")
+    p.add_argument("--seed", type=seed, default=None, help="sampling seed (default: none, a fresh draw)")
     p.set_defaults(func=cmd_generate)
 
     add_merge_parsers(sub)
@@ -109,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_convert)
+    for command in sub.choices.values():  # what an error calls a config field: the flag that sets it
+        command.set_defaults(flags=flag_table(command))
     return parser
 
 
@@ -129,15 +135,33 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe fails here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except FloatingPointError as e:  # train/step.check_finite: the run diverged; not the user's input
         print(f"finetune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, OSError) as e:
+        print(f"finetune {args.command}: error: {name_flags(str(e), args.flags)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
     finally:
         torch.set_num_threads(before)  # main() may be called in-process (tests, notebooks)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise BrokenPipeError again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to flush
+        pass
 
 
 if __name__ == "__main__":

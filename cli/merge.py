@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, directory_bytes,
-                                     heldout_batches, non_negative_int, positive_int, resolve_model_dir)
+                                     group_size, heldout_batches, non_negative_int, positive_int, resolve_model_dir)
 from finetune_ref.qlora.adapter_record import read_qlora_record
 from finetune_ref.recipes.inference import copy_tokenizer_files
 
@@ -220,7 +220,7 @@ def add_merge_parsers(sub) -> None:
     g.add_argument("--no-double-quant", action="store_true",
                    help="NF4 without double quantization (default: as the adapter was trained)")
     g = p.add_argument_group("--requantize rtn4 / gptq4")
-    g.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+    g.add_argument("--group-size", type=group_size, default=DEFAULT_GROUP_SIZE,
                    help="input columns per scale and zero point (-1: one group per row)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian "
                                                             "diagonal")

@@ -11,9 +11,10 @@ import argparse
 import dataclasses
 import sys
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, non_negative_int,
-                                     positive_float, positive_int, probability, resolve_model_dir, show_number,
-                                     targets)
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, finite_non_negative,
+                                     fraction, grad_accum, learning_rate, non_negative_int, positive_float,
+                                     positive_int, probability, rank, resolve_model_dir, seed, show_number, targets,
+                                     weight_decay)
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.train.config import PRECISIONS
@@ -105,15 +106,15 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory: the adapter (lora, qlora) or model (full), metrics.jsonl and "
                                  "checkpoints/ (default runs/<method>)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer updates ({_default('steps')})")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({_default('lr')})")
+    p.add_argument("--lr", type=learning_rate, help=f"peak learning rate ({_default('lr')})")
     p.add_argument("--warmup", dest="warmup_steps", metavar="WARMUP", type=non_negative_int,
                    help=f"linear-warmup updates, at most --steps ({_default('warmup_steps')})")
-    p.add_argument("--min-lr-ratio", type=float, help=f"cosine decays to lr * this ({_default('min_lr_ratio')})")
-    p.add_argument("--weight-decay", type=float,
+    p.add_argument("--min-lr-ratio", type=fraction, help=f"cosine decays to lr * this ({_default('min_lr_ratio')})")
+    p.add_argument("--weight-decay", type=weight_decay,
                    help=f"AdamW decoupled weight decay, matrices only ({_default('weight_decay')})")
-    p.add_argument("--max-grad-norm", type=float,
+    p.add_argument("--max-grad-norm", type=finite_non_negative,
                    help=f"clip the global gradient norm, 0: off ({_default('max_grad_norm')})")
-    p.add_argument("--grad-accum", type=positive_int,
+    p.add_argument("--grad-accum", type=grad_accum,
                    help=f"micro-batches per optimizer update ({_default('grad_accum')})")
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
                    help="AdamW with 32-bit states (adamw), states paged to host memory (paged_adamw), blockwise "
@@ -142,7 +143,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the plan and the learning rate of every update, then exit")
     g = p.add_argument_group("LoRA and QLoRA adapters")
-    g.add_argument("--rank", type=positive_int, help=f"LoRA rank r ({_default('rank')})")
+    g.add_argument("--rank", type=rank, help=f"LoRA rank r ({_default('rank')})")
     g.add_argument("--alpha", type=positive_float, help=f"LoRA alpha, scaling = alpha / r ({_default('alpha')})")
     g.add_argument("--dropout", type=probability,
                    help=f"LoRA dropout on the adapter input ({_default('dropout')})")
@@ -156,7 +157,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="keep the absmax values in fp32 (4.5 instead of 4.127 bits per weight)")
     g.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the NF4 matmuls (default: fp32 for --precision fp32, else bf16)")
-    p.add_argument("--seed", type=int, help=f"seed for initialisation and data order ({_default('seed')})")
+    p.add_argument("--seed", type=seed, help=f"seed for initialisation and data order ({_default('seed')})")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     p.set_defaults(func=cmd_train)
     return p

@@ -56,8 +56,7 @@ class TrainConfig:
         if self.eval_every < 0 or self.early_stopping_patience < 0:
             raise ValueError("eval_every and early_stopping_patience must be >= 0")
         if self.early_stopping_patience and not self.eval_every:
-            raise ValueError("early stopping needs periodic evaluation: set eval_every > 0 "
-                             "(--eval-every N) together with the patience")
+            raise ValueError("early_stopping_patience needs periodic evaluation: set eval_every > 0 too")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZER_NAMES:
