@@ -33,7 +33,7 @@ from torch import nn
 from finetune_ref.lora.adapters import set_adapter
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
-from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text
+from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -159,15 +159,18 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """{file key: tensor} from ``<directory>/adapter_model.safetensors`` (CPU)."""
+    """{file key: tensor} from ``<directory>/adapter_model.safetensors`` (CPU). Raises ValueError for an
+    unreadable file or a NaN/inf weight (named)."""
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (only the safetensors format is read, never pickle)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    check_finite_tensors(tensors, path)
+    return tensors
 
 
 def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[str]:

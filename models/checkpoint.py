@@ -88,6 +88,16 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return {k: v for path, keys in by_file.items() for k, v in read_safetensors(path, keys).items()}
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Raise ValueError naming the first floating tensor that holds NaN or inf: a corrupt or diverged checkpoint
+    would otherwise give a NaN loss many steps later. One reduction per tensor (cheap beside reading it)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"tensor {name!r} in {where} holds NaN or inf ({bad} of {t.numel()} values): the "
+                             "file is corrupt or was saved from a run that diverged")
+
+
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Read every tensor of a checkpoint directory, cast to ``dtype`` (floating tensors only)."""
     files = checkpoint_files(Path(model_dir))

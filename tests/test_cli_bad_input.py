@@ -59,3 +59,50 @@ def test_name_flags_maps_fields_to_flags():
     assert name_flags("lr must be a positive number", flags) == "--lr must be a positive number"
     assert name_flags("data path x does not exist", flags) == "data path x does not exist"
     assert name_flags("warmup_steps must be in [0, steps=3]", flags) == "--warmup must be in [0, steps=3]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny model directory shared by the tests below.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, corpus .txt): a 2-layer Llama with its own 350-token tokenizer."""
+    from tiny_model_dir import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def copy_model(tiny, tmp_path, name="model"):
+    import shutil
+
+    return shutil.copytree(tiny[0], tmp_path / name)
+
+
+def train_argv(tiny, out, *extra):
+    model, corpus = tiny
+    return ["train", "--model", str(model), "--data", str(corpus), "--out", str(out), "--seq-len", "32",
+            "--batch-size", "2", "--steps", "2", "--warmup", "0", "--eval-fraction", "0.2", "--no-progress", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerics: NaN/inf in loaded weights is refused at load, naming the tensor; a non-finite loss stops training.
+# ---------------------------------------------------------------------------------------------------------
+def test_nan_in_weights_is_refused_at_load_naming_the_tensor(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(tiny, tmp_path)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 3] = float("nan")
+    save_file(tensors, model / "model.safetensors")
+    err = fails(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "32"], capsys)
+    assert "model.layers.1.mlp.down_proj.weight" in err and "NaN" in err
+
+
+def test_non_finite_loss_stops_training_naming_the_update(tiny, tmp_path, capsys, monkeypatch):
+    import finetune_ref.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", lambda *a, **k: float("nan"))
+    status = main(train_argv(tiny, tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert status == 1 and "update 1: the loss is not finite" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
