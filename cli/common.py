@@ -230,6 +230,15 @@ def resolve_model_dir(model: str | None, cache_dir: str | None) -> Path:
     return path
 
 
+def say_filled_defaults(model_dir: Path) -> None:
+    """One line on stderr naming the config.json fields that took transformers' LlamaConfig defaults, if any."""
+    from finetune_ref.models.config import describe_filled_defaults
+
+    note = describe_filled_defaults(model_dir)
+    if note:
+        print(note, file=sys.stderr)
+
+
 def heldout_batches(args, tokenizer) -> list[dict]:
     """The held-out batches of ``--data``/``--eval-data`` (raises ValueError if there are none)."""
     from finetune_ref.train.data import build_datasets, iter_batches

@@ -18,7 +18,8 @@ import json
 import sys
 
 from finetune_ref.cli.common import (Parser, add_data_args, add_model_args, flag_table, heldout_batches, name_flags,
-                                     pick_threads, positive_int, resolve_model_dir, seed, temperature, top_p)
+                                     pick_threads, positive_int, resolve_model_dir, say_filled_defaults, seed,
+                                     temperature, top_p)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1       # a run that stopped on a non-finite loss or gradient norm
@@ -32,6 +33,7 @@ def cmd_eval(args) -> int:
     from finetune_ref.train.evaluation import evaluate
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     batches = heldout_batches(args, tokenizer)  # before the weights: a data error should not wait for them
     model = load_inference_model(model_dir, args.dtype, args.adapter)
@@ -50,6 +52,7 @@ def cmd_generate(args) -> int:
     from finetune_ref.recipes.inference import load_inference_model
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_inference_model(model_dir, args.dtype, args.adapter)
     if args.raw:

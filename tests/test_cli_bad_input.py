@@ -106,3 +106,41 @@ def test_non_finite_loss_stops_training_naming_the_update(tiny, tmp_path, capsys
     err = capsys.readouterr().err
     assert status == 1 and "update 1: the loss is not finite" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config.json: unsupported architecture fields and string-typed numbers are refused by name; missing fields take
+# transformers' LlamaConfig defaults, said in one line.
+# ---------------------------------------------------------------------------------------------------------
+def edit_config(model, **changes):
+    path = model / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"use_sliding_window": True, "sliding_window": 16}, "sliding_window"),
+    ({"num_experts": 4}, "num_experts"),
+    ({"num_local_experts": 8}, "num_local_experts"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_scaling"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"hidden_size": "32"}, "hidden_size"),
+])
+def test_unsupported_or_mistyped_config_fields_are_named(tiny, tmp_path, capsys, changes, field):
+    model = copy_model(tiny, tmp_path)
+    edit_config(model, **changes)
+    err = fails(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "32"], capsys)
+    assert f"'{field}'" in err
+
+
+def test_missing_config_fields_are_reported_in_one_line(tiny, tmp_path, capsys):
+    model = copy_model(tiny, tmp_path)
+    edit_config(model, rope_theta=None, rope_parameters=None, attention_bias=None)
+    assert main(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "32"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "LlamaConfig defaults" in line]
+    assert len(lines) == 1 and "rope_theta=10000.0" in lines[0] and "attention_bias=False" in lines[0]
