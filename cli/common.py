@@ -119,7 +119,7 @@ def name_flags(message: str, flags: dict[str, str]) -> str:
     they are a subject (``lr must``, ``seq_len=``), so that plain words (a "data" path) stay."""
     for dest, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
         pattern = rf"(?<![\w-])({re.escape(dest)})(?![\w-])" if "_" in dest \
-            else rf"(?<![\w-])({re.escape(dest)})(?=( must|=| \(| >| <))"
+            else rf"(?<![\w-])({re.escape(dest)})(?=( must|=| >| <))"
         message = re.sub(pattern, flag, message)
     return message
 

@@ -101,7 +101,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 # ---- save ----
 
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default",
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for one adapter, as PEFT would.
 
     target_modules is written as configured, except that "all-linear" (or a config whose matching would not
@@ -110,6 +110,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
 
     Args:
         base_model_name_or_path: recorded in the config (default: the config's own value).
+        metadata: extra string entries for the safetensors header (besides PEFT's ``format: pt``).
 
     Returns:
         The directory.
@@ -133,7 +134,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.to("cpu") for k, v in tensors.items()}
-    atomic_save_safetensors(cpu, out / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_save_safetensors(cpu, out / ADAPTER_WEIGHTS_NAME, metadata={**(metadata or {}), "format": "pt"})
     atomic_write_text(out / ADAPTER_CONFIG_NAME, json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
     return out
 

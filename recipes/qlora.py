@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from finetune_ref.lora import save_adapter
-from finetune_ref.qlora.adapter_record import write_qlora_record
+from finetune_ref.qlora.adapter_record import QLORA_MARKER, write_qlora_record
 from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model
 from finetune_ref.train.distributed import DistInfo, unwrap_model
 
@@ -50,7 +50,8 @@ class QLoraRecipe(LoraRecipe):
 
         def export(m, directory):
             if info.is_main:
-                save_adapter(unwrap_model(m), directory, base_model_name_or_path=str(model_dir))
+                save_adapter(unwrap_model(m), directory, base_model_name_or_path=str(model_dir),
+                             metadata=QLORA_MARKER)
                 write_qlora_record(directory, settings)
 
         return Trainable(model, {"method": "qlora", "lora": self.lora_metadata(), "qlora": settings}, export,

@@ -144,3 +144,32 @@ def test_missing_config_fields_are_reported_in_one_line(tiny, tmp_path, capsys):
     assert main(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "32"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "LlamaConfig defaults" in line]
     assert len(lines) == 1 and "rope_theta=10000.0" in lines[0] and "attention_bias=False" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A QLoRA adapter needs its quantization record, and a 4-bit base stored with the record's settings.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qlora_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    assert main(train_argv(tiny, out, "--method", "qlora", "--precision", "fp32")) == 0
+    return out
+
+
+def test_qlora_adapter_without_its_record_is_refused(tiny, qlora_run, tmp_path, capsys):
+    import shutil
+
+    adapter = shutil.copytree(qlora_run, tmp_path / "adapter", ignore=shutil.ignore_patterns("checkpoints"))
+    (adapter / "qlora_config.json").unlink()
+    err = fails(["eval", "--model", str(tiny[0]), "--data", str(tiny[1]), "--seq-len", "32", "--adapter",
+                 str(adapter)], capsys)
+    assert "qlora_config.json is missing" in err
+
+
+def test_qlora_adapter_on_a_4bit_base_with_another_blocksize_is_refused(tiny, qlora_run, tmp_path, capsys):
+    assert main(["quantize", "--model", str(tiny[0]), "--out", str(tmp_path / "nf4"), "--blocksize", "128",
+                 "--compute-dtype", "fp32"]) == 0
+    capsys.readouterr()
+    err = fails(["eval", "--model", str(tmp_path / "nf4"), "--data", str(tiny[1]), "--seq-len", "32", "--adapter",
+                 str(qlora_run)], capsys)
+    assert "'blocksize': 64" in err and "'blocksize': 128" in err
