@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from finetune_ref.cli.common import (Parser, add_data_args, add_model_args, flag_table, heldout_batches, name_flags,
                                      pick_threads, positive_int, resolve_model_dir, say_filled_defaults, seed,
@@ -28,11 +29,13 @@ INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with
 
 
 def cmd_eval(args) -> int:
+    from finetune_ref.models.config import check_context
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.recipes.inference import load_inference_model
     from finetune_ref.train.evaluation import evaluate
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    check_context(model_dir, args.seq_len, f"seq_len={args.seq_len}")
     say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     batches = heldout_batches(args, tokenizer)  # before the weights: a data error should not wait for them
@@ -47,6 +50,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from finetune_ref.models.config import check_context
     from finetune_ref.models.generate import generate
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.recipes.inference import load_inference_model
@@ -54,13 +58,15 @@ def cmd_generate(args) -> int:
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_inference_model(model_dir, args.dtype, args.adapter)
     if args.raw:
         ids = tokenizer.encode(args.prompt, add_bos=False)
     else:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                              add_generation_prompt=True)
         ids = tokenizer.encode(text)
+    check_context(model_dir, len(ids) + args.max_new_tokens,
+                  f"the prompt ({len(ids)} tokens) + max_new_tokens={args.max_new_tokens}")
+    model = load_inference_model(model_dir, args.dtype, args.adapter)
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, stop_ids=stop, seed=args.seed)
@@ -138,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        status = args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"finetune {args.command}: warning: {name_flags(str(message), args.flags)}", file=sys.stderr)
+            status = args.func(args)
         sys.stdout.flush()  # a closed pipe fails here, not at interpreter exit
         return status
     except BrokenPipeError:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune_ref.lora import format_trainable_parameters
-from finetune_ref.models.config import describe_filled_defaults
+from finetune_ref.models.config import check_context, describe_filled_defaults
 from finetune_ref.models.tokenizer import Tokenizer
 from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.train.checkpoint_files import LATEST_FILE, resolve_checkpoint
@@ -64,6 +64,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo) -> dict:
     resume = check_run_dir(cfg)
     cfg.base_dtype(info.world_size)  # a --dtype the method cannot train fails before any data or weight is read
     torch.manual_seed(cfg.seed)  # the same initialisation (e.g. LoRA A) on every rank
+    check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
     filled = describe_filled_defaults(model_dir)
     if filled:
         say(filled, file=sys.stderr)

@@ -173,3 +173,30 @@ def test_qlora_adapter_on_a_4bit_base_with_another_blocksize_is_refused(tiny, ql
     err = fails(["eval", "--model", str(tmp_path / "nf4"), "--data", str(tiny[1]), "--seq-len", "32", "--adapter",
                  str(qlora_run)], capsys)
     assert "'blocksize': 64" in err and "'blocksize': 128" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model's context: --seq-len and generation beyond it are refused; truncated and empty chat records counted.
+# ---------------------------------------------------------------------------------------------------------
+def test_seq_len_and_generation_beyond_the_context_are_refused(tiny, tmp_path, capsys):
+    model = copy_model(tiny, tmp_path)
+    edit_config(model, max_position_embeddings=64)
+    err = fails(train_argv((model, tiny[1]), tmp_path / "run", "--seq-len", "128"), capsys)
+    assert "--seq-len=128 is beyond the model's context of 64 tokens" in err
+    err = fails(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "65"], capsys)
+    assert "--seq-len=65" in err
+    err = fails(["generate", "--model", str(model), "--prompt", "hello", "--max-new-tokens", "64"], capsys)
+    assert "--max-new-tokens=64 is beyond the model's context of 64" in err
+
+
+def test_truncated_and_empty_chat_records_are_counted(tiny, tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    records = [{"instruction": "Say it.", "output": "word " * 40}, {"instruction": "Nothing?", "output": ""},
+               {"instruction": "Hi", "output": "Hello."}] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["eval", "--model", str(tiny[0]), "--data", str(data), "--seq-len", "24", "--eval-fraction",
+                 "0.5"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert [w.split(": ")[2].split(" ", 2)[2] for w in warnings] == ["training records", "held-out records"]
+    assert all("truncated to --seq-len=24" in w for w in warnings)
+    assert any("empty assistant reply" in w for w in warnings)
