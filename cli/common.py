@@ -227,7 +227,21 @@ def resolve_model_dir(model: str | None, cache_dir: str | None) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--model {model}: not a directory (expected config.json + *.safetensors) "
                                 "or a .gguf file")
+    if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        base = adapter_base(path)
+        raise ValueError(f"--model {model} is an adapter, not a model: pass it as --adapter {model}"
+                         + (f" with --model {base} (its base)" if base else " with --model <its base>"))
     return path
+
+
+def adapter_base(adapter_dir: str | Path) -> str | None:
+    """The ``base_model_name_or_path`` an adapter's adapter_config.json records (None if none or unreadable)."""
+    from finetune_ref.lora import read_adapter_config
+
+    try:
+        return read_adapter_config(adapter_dir).base_model_name_or_path
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def say_filled_defaults(model_dir: Path) -> None:

@@ -178,7 +178,8 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
     """Check that ``tensors`` hold exactly the A/B matrices ``config`` implies on ``model``; return the modules.
 
     Raises:
-        ValueError: listing the missing keys, unexpected keys, wrong shapes and non-floating tensors together.
+        ValueError: in one line, how many keys are missing, unexpected, misshapen or not floating (the first of
+            each), and the base model the adapter records.
     """
     modules = find_target_modules(model, config, strict_patterns=False)
     expected = {}
@@ -189,21 +190,18 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
         expected[peft_key(name, "lora_B")] = (target.out_features, r)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''} ({len(missing)})")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} "
-                        f"({len(unexpected)})")
-    for key in sorted(set(expected) & set(tensors)):
-        t = tensors[key]
-        if tuple(t.shape) != expected[key]:
-            problems.append(f"{key} has shape {tuple(t.shape)}, expected {expected[key]}")
-        elif not t.is_floating_point():
-            problems.append(f"{key} has dtype {t.dtype}, expected a floating dtype")
+    common = sorted(set(expected) & set(tensors))
+    misshapen = [f"{k} is {tuple(tensors[k].shape)}, expected {expected[k]}" for k in common
+                 if tuple(tensors[k].shape) != expected[k]]
+    wrong_dtype = [f"{k} is {tensors[k].dtype}" for k in common if not tensors[k].is_floating_point()]
+    # One short line: counts, and the first of each kind (a whole list of keys helps nobody).
+    problems = [f"{len(items)} {what} (first: {items[0]})" for what, items in (
+        ("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen), ("not floating", wrong_dtype))
+        if items]
     if problems:
-        raise ValueError("adapter weights do not match the adapter config on this model: " + "; ".join(problems)
-                         + ". Was the adapter trained on another base model or config?")
+        base = config.base_model_name_or_path
+        raise ValueError("the adapter does not fit this model: " + "; ".join(problems) + ". "
+                         + (f"It was trained on {base}" if base else "Was it trained on another base model?"))
     return modules
 
 
@@ -228,7 +226,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """
     config = read_adapter_config(directory)
     tensors = read_adapter_weights(directory)
-    check_adapter_weights(model, config, tensors)
+    try:
+        check_adapter_weights(model, config, tensors)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
     modules = inject_lora(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype,
                           strict_patterns=False)
     layers = dict(lora_layers(model))

@@ -12,16 +12,19 @@ from finetune_ref.cli.main import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def fails(argv, capsys) -> str:
-    """The one-line error of a command that must exit with status 2 (from argparse or from the command)."""
+def fails(argv, capsys, after_progress: bool = False) -> str:
+    """The one-line error of a command that must exit with status 2 (from argparse or from the command);
+    ``after_progress``: the error is the last line, after the run's progress report."""
     try:
         status = main(argv)
     except SystemExit as exc:
         status = exc.code
     err = capsys.readouterr().err
     assert status == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and (after_progress or len(lines) == 1), err
+    assert lines[-1].startswith(f"finetune {argv[0]}: error: "), err
+    return lines[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,3 +203,67 @@ def test_truncated_and_empty_chat_records_are_counted(tiny, tmp_path, capsys):
     assert [w.split(": ")[2].split(" ", 2)[2] for w in warnings] == ["training records", "held-out records"]
     assert all("truncated to --seq-len=24" in w for w in warnings)
     assert any("empty assistant reply" in w for w in warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: one line, status 2, saying what to do.
+# ---------------------------------------------------------------------------------------------------------
+def test_a_closed_stdout_is_no_traceback(monkeypatch, capsys):
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["train", "--dry-run", "--steps", "1000"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_non_utf8_jsonl_line_is_named(tiny, tmp_path, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    err = fails(["eval", "--model", str(tiny[0]), "--data", str(data), "--seq-len", "32"], capsys)
+    assert f"{data}:2: not UTF-8" in err
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    assert main(train_argv(tiny, out, "--save-every", "1", "--keep-last", "0")) == 0
+    return out
+
+
+def test_an_adapter_passed_as_model_suggests_adapter(tiny, lora_run, capsys):
+    err = fails(["eval", "--model", str(lora_run), "--data", str(tiny[1])], capsys)
+    assert f"pass it as --adapter {lora_run} with --model {tiny[0]}" in err
+
+
+def test_an_adapter_on_another_base_names_its_base_in_one_short_line(tiny, lora_run, tmp_path, capsys):
+    import torch
+
+    from finetune_ref.models.checkpoint import save_model
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
+
+    config = json.loads((tiny[0] / "config.json").read_text())
+    other = copy_model(tiny, tmp_path, "one-layer")
+    torch.manual_seed(0)
+    save_model(LlamaForCausalLM(LlamaConfig.from_dict({**config, "num_hidden_layers": 1})), other)
+    err = fails(["eval", "--model", str(other), "--data", str(tiny[1]), "--seq-len", "32", "--adapter",
+                 str(lora_run)], capsys)
+    assert f"It was trained on {tiny[0]}" in err and "unexpected" in err and len(err) < 500
+
+
+def test_a_corrupt_latest_checkpoint_suggests_the_previous_one(tiny, lora_run, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    with open(latest / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    err = fails(train_argv(tiny, run, "--steps", "3", "--save-every", "1", "--keep-last", "0", "--resume", str(run)),
+                capsys, after_progress=True)
+    assert "corrupt checkpoint" in err and "--resume " + str(run / "checkpoints" / "checkpoint-000001") in err

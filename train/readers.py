@@ -116,8 +116,13 @@ def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
     """
     path = Path(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start + 1} of the "
+                                 "line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
