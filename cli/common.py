@@ -197,7 +197,8 @@ def add_data_args(p: argparse.ArgumentParser, batch_size: int | None = None, giv
                    help=".txt file, folder of .txt files, or .jsonl (instruction/output or chat "
                         "messages); default: Python's reference docs (pydoc_data.topics)")
     p.add_argument("--eval-data", default=_default(None, given_only),
-                   help="separate held-out file (then all of --data trains)")
+                   help="separate held-out file, then all of --data trains (default: none, the held-out "
+                        "part of --data)")
     p.add_argument("--eval-fraction", type=probability, default=_default(fraction_default, given_only),
                    help=f"share of --data held out for evaluation (default {fraction_default})")
     p.add_argument("--seq-len", type=tokens_per_sequence, default=_default(seq_len_default, given_only),

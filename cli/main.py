@@ -95,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss and perplexity, optionally with adapters")
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     add_data_args(p)
-    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
+    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several; default: none, the base alone)")
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text (chat template applied unless --raw)")
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
-    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
+    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several; default: none, the base alone)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
                    help="tokens to generate at most; prompt + these must fit the model's context "

@@ -136,7 +136,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help=f"checkpoints to keep, 0: all ({_default('keep_last')})")
     p.add_argument("--resume", metavar="DIR",
                    help="continue from a checkpoint (a checkpoint directory, or the --out directory of the "
-                        "interrupted run)")
+                        "interrupted run; default: none, a fresh run)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp, --method full only) "
                         f"({_default('parallel')})")

@@ -267,3 +267,50 @@ def test_a_corrupt_latest_checkpoint_suggests_the_previous_one(tiny, lora_run, t
     err = fails(train_argv(tiny, run, "--steps", "3", "--save-every", "1", "--keep-last", "0", "--resume", str(run)),
                 capsys, after_progress=True)
     assert "corrupt checkpoint" in err and "--resume " + str(run / "checkpoints" / "checkpoint-000001") in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --help: every flag of every command has a help text and shows its default; memory's defaults are train's.
+# ---------------------------------------------------------------------------------------------------------
+def commands():
+    import argparse
+
+    from finetune_ref.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_flag_has_a_help_text_and_shows_its_default():
+    from finetune_ref.cli.common import HelpFormatter
+
+    undocumented = []
+    for name, parser in commands().items():
+        formatter = HelpFormatter(prog=parser.prog)
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.dest == "help":
+                continue
+            text = formatter._get_help_string(action)
+            if not action.help or "default" not in text:
+                undocumented.append(f"{name} {action.option_strings[-1]}: {text!r}")
+    assert not undocumented, "\n".join(undocumented)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_memory_defaults_are_trains(method, capsys):
+    from finetune_ref.recipes import RECIPES
+
+    assert main(["memory", "--method", method, "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    recipe = RECIPES[method]()
+    assert (settings["optimizer"], settings["batch_size"], settings["seq_len"], settings["dtype"]) == \
+        (recipe.optimizer, recipe.batch_size, recipe.seq_len, recipe.base_dtype())
+    assert settings["adapter_dtype"] == {"full": None, "lora": "fp32", "qlora": "bf16"}[method]
+
+
+@pytest.mark.parametrize("argv", [["--method", "lora", "--blocksize", "128"], ["--method", "qlora", "--blocksize", "48"],
+                                  ["--method", "full", "--no-double-quant"]])
+def test_memory_refuses_what_train_refuses(argv, capsys):
+    fails(["train", *argv, "--dry-run"], capsys)
+    fails(["memory", *argv], capsys)
