@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from finetune_ref.models.checkpoint import SUPPORTED_DTYPES
+from finetune_ref.models.checkpoint import SUPPORTED_DTYPES, make_readable
 from finetune_ref.models.gguf_reader import open_gguf, read_llama_config, read_llama_state_dict
 from finetune_ref.models.gguf_tokenizer import build_tokenizer, build_tokenizer_config
 
@@ -91,10 +91,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         _write_json(tmp / "generation_config.json", {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None})
         _write_json(tmp / "config.json", config)
-        # mkdtemp makes the dir 0700 (and safetensors writes 0600); a model dir should read like any other.
-        os.chmod(tmp, 0o755)
+        # mkdtemp makes the dir 0700; a model dir should read like any other.
+        make_readable(tmp)
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+            make_readable(f)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:  # also on KeyboardInterrupt: never leave the temp dir behind
         shutil.rmtree(tmp, ignore_errors=True)

@@ -314,3 +314,20 @@ def test_memory_defaults_are_trains(method, capsys):
 def test_memory_refuses_what_train_refuses(argv, capsys):
     fails(["train", *argv, "--dry-run"], capsys)
     fails(["memory", *argv], capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files we write read like any other: 0644 files and 0755 directories under the usual umask 022.
+# ---------------------------------------------------------------------------------------------------------
+def test_written_files_are_readable_by_others(tiny, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(train_argv(tiny, tmp_path / "run", "--save-every", "1")) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").rglob("*")}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
+    assert len(modes) > 8 and not wrong, wrong
