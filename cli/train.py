@@ -158,6 +158,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the NF4 matmuls (default: fp32 for --precision fp32, else bf16)")
     p.add_argument("--seed", type=seed, help=f"seed for initialisation and data order ({_default('seed')})")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bar: a line every --log-every updates and one per evaluation instead (for logs)")
+    p.add_argument("--log-every", type=non_negative_int,
+                   help=f"with --no-progress, updates between progress lines, 0: none ({_default('log_every')})")
     p.set_defaults(func=cmd_train)
     return p

@@ -331,3 +331,14 @@ def test_written_files_are_readable_by_others(tiny, tmp_path):
     modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").rglob("*")}
     wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
     assert len(modes) > 8 and not wrong, wrong
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --no-progress prints plain lines (logs under nohup or CI show progress); --eval-tokens caps the held-out split.
+# ---------------------------------------------------------------------------------------------------------
+def test_no_progress_prints_a_line_per_evaluation_and_every_n_updates(tiny, tmp_path, capsys):
+    assert main(train_argv(tiny, tmp_path / "run", "--steps", "5", "--log-every", "2", "--eval-every", "2")) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("update ") and "/5" in line] == \
+        ["update 2/5", "update 4/5", "update 5/5"]
+    assert [line.split(":")[0] for line in lines if "held-out loss" in line] == ["update 2", "update 4", "update 5"]

@@ -41,6 +41,7 @@ class TrainConfig:
     optimizer: str                     # one of optim.OPTIMIZER_NAMES
     metrics_path: Path | None = None   # JSON lines of every update and evaluation (None: not written)
     progress: bool = True              # a tqdm bar on the main rank
+    log_every: int = 10                # without the bar: a line every this many updates (0: none) and per eval
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -53,8 +54,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
-        if self.eval_every < 0 or self.early_stopping_patience < 0:
-            raise ValueError("eval_every and early_stopping_patience must be >= 0")
+        if self.eval_every < 0 or self.early_stopping_patience < 0 or self.log_every < 0:
+            raise ValueError("eval_every, early_stopping_patience and log_every must be >= 0")
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early_stopping_patience needs periodic evaluation: set eval_every > 0 too")
         if self.precision not in PRECISIONS:
