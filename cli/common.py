@@ -188,11 +188,12 @@ def run_default(name: str):
 
 
 def add_data_args(p: argparse.ArgumentParser, batch_size: int | None = None, given_only: bool = False) -> None:
-    """``--data``, ``--eval-data``, ``--eval-fraction``, ``--seq-len``, ``--batch-size``, with the defaults of
-    ``finetune train`` (``RunConfig``), so that eval finds the held-out split train used. ``given_only``: a flag
-    left out sets no attribute (``finetune train`` gives its recipe only the flags given)."""
+    """``--data``, ``--eval-data``, ``--eval-fraction``, ``--eval-tokens``, ``--seq-len``, ``--batch-size``, with the
+    defaults of ``finetune train`` (``RunConfig``), so that eval finds the held-out split train used.
+    ``given_only``: a flag left out sets no attribute (``finetune train`` gives its recipe only the flags given)."""
     size = run_default("batch_size") if batch_size is None else batch_size
     fraction_default, seq_len_default = run_default("eval_fraction"), run_default("seq_len")
+    tokens_default = run_default("eval_tokens")
     p.add_argument("--data", default=_default(None, given_only),
                    help=".txt file, folder of .txt files, or .jsonl (instruction/output or chat "
                         "messages); default: Python's reference docs (pydoc_data.topics)")
@@ -201,6 +202,9 @@ def add_data_args(p: argparse.ArgumentParser, batch_size: int | None = None, giv
                         "part of --data)")
     p.add_argument("--eval-fraction", type=probability, default=_default(fraction_default, given_only),
                    help=f"share of --data held out for evaluation (default {fraction_default})")
+    p.add_argument("--eval-tokens", type=non_negative_int, default=_default(tokens_default, given_only),
+                   help="held-out tokens evaluated at most: evenly spaced sequences, the same every time, so a big "
+                        f"--data evaluates quickly; 0: all (default {tokens_default})")
     p.add_argument("--seq-len", type=tokens_per_sequence, default=_default(seq_len_default, given_only),
                    help=f"tokens per sequence, at most the model's context (default {seq_len_default})")
     p.add_argument("--batch-size", type=sequences_per_batch, default=_default(size, given_only),
@@ -259,7 +263,7 @@ def heldout_batches(args, tokenizer) -> list[dict]:
     from finetune_ref.train.data import build_datasets, iter_batches
 
     _, held = build_datasets(tokenizer, args.data, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
-                             eval_data=args.eval_data)
+                             eval_data=args.eval_data, eval_tokens=args.eval_tokens)
     if not held:
         raise ValueError("no held-out data: use --eval-fraction > 0 or --eval-data FILE")
     return list(iter_batches(held, args.batch_size, tokenizer.pad_token_id))

@@ -71,7 +71,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo) -> dict:
     tokenizer = Tokenizer.from_dir(model_dir)
     # The data before the weights: a data error should not wait for them.
     train_examples, held = build_datasets(tokenizer, cfg.data, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
-                                          eval_data=cfg.eval_data)
+                                          eval_data=cfg.eval_data, eval_tokens=cfg.eval_tokens)
     eval_batches = list(iter_batches(held, cfg.batch_size, tokenizer.pad_token_id)) if held else []
     say(f"model {model_dir} | {len(train_examples)} training sequences, {len(held)} held-out | seq_len "
         f"{cfg.seq_len}, batch {cfg.batch_size} x accum {cfg.grad_accum} x {info.world_size} process(es) | "

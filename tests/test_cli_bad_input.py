@@ -342,3 +342,15 @@ def test_no_progress_prints_a_line_per_evaluation_and_every_n_updates(tiny, tmp_
     assert [line.split(":")[0] for line in lines if line.startswith("update ") and "/5" in line] == \
         ["update 2/5", "update 4/5", "update 5/5"]
     assert [line.split(":")[0] for line in lines if "held-out loss" in line] == ["update 2", "update 4", "update 5"]
+
+
+def test_eval_tokens_caps_the_held_out_split_deterministically(tiny, capsys):
+    argv = ["eval", "--model", str(tiny[0]), "--data", str(tiny[1]), "--seq-len", "32", "--json"]
+    assert main(argv) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--eval-tokens", "320"]) == 0
+    out, err = capsys.readouterr()
+    capped = json.loads(out)
+    assert full["tokens"] > 320 >= capped["tokens"] > 200 and "capped at --eval-tokens=320" in err
+    assert main([*argv, "--eval-tokens", "320"]) == 0
+    assert json.loads(capsys.readouterr().out) == capped  # the same sequences every time

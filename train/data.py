@@ -29,7 +29,9 @@ Held-out splits, identical on every machine:
 * text files: the last ``round(eval_fraction * n_blocks)`` packed blocks (documents in sorted path order),
   i.e. the end of the text, as nanoGPT does; this works for a single file as well as for a folder.
 
-With ``eval_data`` given, all of ``data`` trains and ``eval_data`` (same formats) is the held-out set.
+With ``eval_data`` given, all of ``data`` trains and ``eval_data`` (same formats) is the held-out set. Either
+way the held-out set is capped at ``eval_tokens`` tokens (``cap_tokens``: evenly spaced sequences, the same
+ones every time), so evaluating a big data set stays quick.
 """
 
 from __future__ import annotations
@@ -158,9 +160,32 @@ def load_examples(tokenizer: Tokenizer, path: str | Path, seq_len: int) -> list[
     return _jsonl_examples(tokenizer, read_jsonl(path), path, seq_len)
 
 
+def cap_tokens(examples: Sequence[Example], max_tokens: int | None) -> list[Example]:
+    """At most ``max_tokens`` tokens' worth of ``examples`` (at least one), evenly spaced over the list so every
+    part is sampled, in order; all of them when they fit or ``max_tokens`` is 0/None. Deterministic."""
+    total = sum(len(e["input_ids"]) for e in examples)
+    if not max_tokens or total <= max_tokens:
+        return list(examples)
+    n = max(1, min(len(examples), int(max_tokens * len(examples) // total)))  # the mean length sets the count
+    return [examples[k * len(examples) // n] for k in range(n)]
+
+
 def build_datasets(tokenizer: Tokenizer, data: str | Path | None = None, seq_len: int = 256,
-                   eval_fraction: float = 0.1,
-                   eval_data: str | Path | None = None) -> tuple[list[Example], list[Example]]:
+                   eval_fraction: float = 0.1, eval_data: str | Path | None = None,
+                   eval_tokens: int | None = None) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples: ``_split``, then the held-out part capped at ``eval_tokens`` (``cap_tokens``; a
+    warning says so), so that evaluating a big ``data`` does not take minutes. Arguments as ``_split``."""
+    train, held = _split(tokenizer, data, seq_len, eval_fraction, eval_data)
+    capped = cap_tokens(held, eval_tokens)
+    if len(capped) < len(held):
+        warnings.warn(f"the held-out set is capped at eval_tokens={eval_tokens}: {len(capped)} of {len(held)} "
+                      "sequences, evenly spaced", stacklevel=2)
+    return train, capped
+
+
+def _split(tokenizer: Tokenizer, data: str | Path | None = None, seq_len: int = 256,
+           eval_fraction: float = 0.1,
+           eval_data: str | Path | None = None) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples for the training loop.
 
     Args:
