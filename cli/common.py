@@ -84,16 +84,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if isinstance(action.type, Number) and action.type.range_text not in text:
-            text += f" (range {action.type.range_text})"
         if "default" in text or "%(default)" in text or not action.option_strings or action.required \
                 or isinstance(action, argparse._HelpAction):
-            return text
-        if action.const is not None and action.nargs == 0:  # store_true / store_false / store_const
-            return text + " (default: off)"
-        if action.default is None or action.default is argparse.SUPPRESS:
-            return text
-        return text + " (default: %(default)s)"
+            pass
+        elif action.const is not None and action.nargs == 0:  # store_true / store_false / store_const
+            text += " (default: off)"
+        elif action.default is not None and action.default is not argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        if isinstance(action.type, Number) and action.type.range_text not in text:
+            text += f" (range {action.type.range_text})"
+        return text
 
 
 class Parser(argparse.ArgumentParser):
