@@ -107,17 +107,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# Library parameters whose name differs from the flag's ``dest`` (errors raised below the CLI use the former).
+PARAMETER_DESTS = {"untie_tied": "untie"}
+
+
 def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Each parsed name (``dest``) -> the flag that sets it, as typed (``min_lr_ratio`` -> ``--min-lr-ratio``)."""
-    return {a.dest: max(a.option_strings, key=len) for a in parser._actions
-            if a.option_strings and a.dest not in ("help", argparse.SUPPRESS)}
+    """Each parsed name (``dest``) -> the flag that sets it, as typed (``min_lr_ratio`` -> ``--min-lr-ratio``), plus
+    the library parameters of ``PARAMETER_DESTS`` (``untie_tied`` -> ``--untie``)."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions
+             if a.option_strings and a.dest not in ("help", argparse.SUPPRESS)}
+    return {**flags, **{p: flags[d] for p, d in PARAMETER_DESTS.items() if d in flags}}
 
 
 def name_flags(message: str, flags: dict[str, str]) -> str:
     """``message`` with the field names of a config (``min_lr_ratio``, ``eval_every > 0``, ``lr must ...``) written
-    as the user's flags. Names with an underscore are replaced anywhere as whole words; one-word names only where
-    they are a subject (``lr must``, ``seq_len=``), so that plain words (a "data" path) stay."""
+    as the user's flags; ``name=True`` of an on/off flag becomes the flag (``overwrite=True`` -> ``--overwrite``).
+    Names with an underscore are replaced anywhere as whole words; one-word names only where they are a subject
+    (``lr must``, ``seq_len=``), so that plain words (a "data" path) stay."""
     for dest, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"(?<![\w-]){re.escape(dest)}=True\b", flag, message)
         pattern = rf"(?<![\w-])({re.escape(dest)})(?![\w-])" if "_" in dest \
             else rf"(?<![\w-])({re.escape(dest)})(?=( must|=| >| <))"
         message = re.sub(pattern, flag, message)

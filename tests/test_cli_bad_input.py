@@ -62,6 +62,14 @@ def test_name_flags_maps_fields_to_flags():
     assert name_flags("lr must be a positive number", flags) == "--lr must be a positive number"
     assert name_flags("data path x does not exist", flags) == "data path x does not exist"
     assert name_flags("warmup_steps must be in [0, steps=3]", flags) == "--warmup must be in [0, steps=3]"
+    assert name_flags("pass overwrite=True", {"overwrite": "--overwrite"}) == "pass --overwrite"
+
+
+def test_errors_from_below_the_cli_name_the_flag(tiny, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "file").write_text("mine")
+    err = fails(["convert-gguf", str(tmp_path / "x.gguf"), "--out", str(tmp_path / "out")], capsys)
+    assert "pass --overwrite" in err
 
 
 # ---------------------------------------------------------------------------------------------------------
