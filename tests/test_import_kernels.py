@@ -7,11 +7,12 @@ What the libraries do about a ``kernels`` package (bitsandbytes 0.50.2, transfor
 
 - bitsandbytes ``backends/cpu/ops.py``, at import time on CPUs with AVX512-BF16, runs
   ``from kernels import get_kernel`` inside ``try/except Exception`` and on failure logs a
-  warning and uses its built-in CPU code (``gemm_4bit_forward_kernel = None``). No top-level ``kernels`` is
-  installed by us, so that import fails: the same outcome as with no package at all.
+  warning and uses its built-in CPU code (``gemm_4bit_forward_kernel = None``). We install no top-level
+  ``kernels``; transformers >= 5.25 requires Hugging Face's, whose hub download then fails offline (or is refused
+  for an untrusted publisher): the same outcome as with no package at all.
   (``backends/mps/ops.py`` does the same on Apple GPUs only.)
 - transformers ``utils/import_utils.py``: ``is_kernels_available()`` looks for a top-level ``kernels`` module
-  and its distribution's version; neither exists, so it answers False and the hub code stays off.
+  and its distribution's version; it answers True exactly when Hugging Face's package is installed, never for ours.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ heavy = [m for m in ("torch", "triton", "bitsandbytes", "transformers") if m in 
 assert not heavy, f"import kernels loaded {{heavy}}"
 assert kernels.__name__ == "finetune_ref.kernels"
 import importlib.util
-assert importlib.util.find_spec("kernels") is None, "the project must not install a top-level 'kernels'"
+spec = importlib.util.find_spec("kernels")  # Hugging Face's package (transformers >= 5.25 requires it), or none
+assert spec is None or not spec.origin.startswith({str(REPO)!r}), "the project must not install a top-level 'kernels'"
 print("OK")
 """
 
@@ -56,15 +58,22 @@ assert kernels.__file__ == {str(REPO / "kernels" / "__init__.py")!r}, kernels.__
 # Only finetune_ref is ours at the top level: no generic name of the project was imported or is importable.
 import importlib.util
 for name in ("models", "lora", "qlora", "kernels", "full", "optim", "gptq", "train", "recipes", "cli", "finetune"):
-    assert importlib.util.find_spec(name) is None, (name, importlib.util.find_spec(name))
+    spec = importlib.util.find_spec(name)  # "kernels" may be Hugging Face's (transformers >= 5.25 requires it)
+    assert spec is None or not spec.origin.startswith({str(REPO)!r}), (name, spec)
 
 # bitsandbytes took its built-in CPU path, not a hub kernel.
 import bitsandbytes.backends.cpu.ops as cpu_ops
 assert getattr(cpu_ops, "gemm_4bit_forward_kernel", None) is None
 
-# transformers does not take us for the hub package.
+# transformers does not take us for the hub package: it sees the hub package exactly when that is installed.
+import importlib.metadata
 from transformers.utils.import_utils import is_kernels_available
-assert not is_kernels_available()
+try:
+    importlib.metadata.distribution("kernels")
+    hub_installed = True
+except importlib.metadata.PackageNotFoundError:
+    hub_installed = False
+assert is_kernels_available() == hub_installed
 
 # bitsandbytes, peft and our kernels still work side by side.
 w = torch.randn(64, 128)

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from finetune_ref import lora  # noqa: E402
 from finetune_ref.lora.inject import rank_and_alpha  # noqa: E402
 from finetune_ref.lora.layer import LoRALinear  # noqa: E402
+from finetune_ref.parity import oracles  # noqa: E402
 
 QV = ["q_proj", "v_proj"]
 
@@ -29,11 +30,7 @@ def assert_rel_close(actual, expected, rel=1e-6):
 
 
 def tiny_llama(tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return oracles.tiny_hf_llama(tie=tie, seed=seed)
 
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))

@@ -17,8 +17,12 @@ peft = pytest.importorskip("peft")
 
 from finetune_ref import lora  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME  # noqa: E402
+from finetune_ref.parity import oracles  # noqa: E402
 
-PREFIX = "base_model.model."
+PREFIX = oracles.PEFT_PREFIX
+tiny_llama = oracles.tiny_hf_llama  # a random transformers Llama: hidden 64, 2 layers, 4 heads / 2 KV heads
+peft_model = oracles.peft_lora  # PEFT on a copy, init_lora_weights=False so that B != 0
+copy_peft_adapter_into = oracles.copy_peft_adapter_into
 
 
 def assert_rel_close(actual, expected, rel=1e-6):
@@ -26,30 +30,6 @@ def assert_rel_close(actual, expected, rel=1e-6):
     err = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert err <= rel * scale, f"max abs error {err:.3e} > {rel:.0e} * {scale:.3e}"
-
-
-def tiny_llama(tie=False, kv_heads=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads,
-                                   max_position_embeddings=64, tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def peft_model(base, **kwargs):
-    """PEFT on a copy of ``base``; init_lora_weights=False so that B != 0 and the comparison means something."""
-    kwargs.setdefault("init_lora_weights", False)
-    return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
-
-
-def copy_peft_adapter_into(ours, pm):
-    """Copy every LoRA tensor of PEFT model ``pm`` into ``ours`` (same in-memory names minus PEFT's prefix)."""
-    theirs = {k.removeprefix(PREFIX): v for k, v in pm.state_dict().items() if ".lora_" in k}
-    mine = {k for k in ours.state_dict() if ".lora_" in k}
-    assert set(theirs) == mine
-    with torch.no_grad():
-        for k, v in theirs.items():
-            ours.get_parameter(k).copy_(v)
 
 
 def batch(seed=1):

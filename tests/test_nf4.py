@@ -11,9 +11,9 @@ import math
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
 from finetune_ref.optim.blockwise8 import quantize_blockwise
+from finetune_ref.parity import oracles
 from finetune_ref.qlora.nf4 import (NF4_CODE_VALUES, derive_nf4_code, nf4_code, pack_nibbles, quantize_nf4, unpack_nibbles)
 from finetune_ref.kernels.reference import dequantize_absmax, dequantize_nf4
 from finetune_ref.qlora.quant_state import PACKED_STATE_KEY, NF4QuantState
@@ -23,20 +23,9 @@ BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 # 1x1, odd counts, last dims not a multiple of 64, blocks straddling rows, 1-D and 3-D, >256 blocks.
 SHAPES = [(1, 1), (3, 5), (65, 67), (5, 100), (64, 64), (128, 96), (7,), (2, 3, 50), (300, 257), (96, 576)]
 
-# bitsandbytes' dequantize in pure PyTorch, without the torch.compile wrapper it is registered with.
-bnb_dequantize_pure = _dequantize_4bit_compute.__wrapped__
-
-
-def bnb_quantize(w, blocksize, double_quant):
-    return bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
-
-
-def bnb_dequantize_reference(packed, qs):
-    """bitsandbytes' dequantization, pure-PyTorch path (absmax rebuilt as functional.dequantize_4bit does)."""
-    absmax = qs.absmax
-    if qs.nested:
-        absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    return bnb_dequantize_pure(packed.reshape(-1), absmax, nf4_code(), qs.blocksize, qs.shape, qs.dtype)
+bnb_quantize = oracles.bnb_quantize_nf4  # quantize_4bit(quant_type="nf4", compress_statistics=double_quant)
+# bitsandbytes' dequantization, pure-PyTorch path (absmax rebuilt as functional.dequantize_4bit does)
+bnb_dequantize_reference = oracles.bnb_dequantize_pure
 
 
 def assert_state_equals_bnb(packed, state, packed_ref, qs):

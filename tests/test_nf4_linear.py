@@ -16,6 +16,7 @@ from finetune_ref.qlora.bnb_format import bnb_linear_keys, bnb_linear_prefixes, 
 from finetune_ref.kernels.reference import dequantize_nf4
 from finetune_ref.qlora.nf4 import quantize_nf4
 from finetune_ref.qlora.nf4_linear import NF4Linear
+from finetune_ref.parity import oracles
 from finetune_ref.qlora.quant_state import NF4QuantState
 
 COMPUTE_DTYPES = [torch.bfloat16, torch.float32, torch.float16]
@@ -26,16 +27,7 @@ def make_linear(in_features, out_features, bias=True, dtype=torch.float32, seed=
     return nn.Linear(in_features, out_features, bias=bias).to(dtype)
 
 
-def bnb_linear4bit(linear, compute_dtype, blocksize=64, double_quant=True):
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     blocksize=blocksize, compress_statistics=double_quant)
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.data.clone())
-    layer = layer.to("cpu")  # Params4bit quantizes on its first .to(device)
-    layer.support_avx512bf16_for_cpu = False
-    return layer
+bnb_linear4bit = oracles.bnb_linear4bit  # bitsandbytes quantizes the same weight; AVX512-BF16 repacking off
 
 
 def run(layer, x, grad_out):

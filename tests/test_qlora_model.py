@@ -25,6 +25,7 @@ from finetune_ref.qlora.bnb_config import BnbQuantizationConfig
 from finetune_ref.qlora.model import (load_quantized, nf4_layers, prepare_qlora_model, quantize_model, quantized_nbytes,
                                       save_quantized)
 from finetune_ref.qlora.nf4_linear import NF4Linear
+from finetune_ref.parity import oracles
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                 "mlp.up_proj", "mlp.down_proj")
@@ -41,16 +42,7 @@ def hf_tiny(seed=0, **overrides):
 
 def hf_load_4bit(path, double_quant=True, dtype=torch.float32):
     """transformers + bitsandbytes 4-bit load on CPU, fp32 compute, AVX512-BF16 repacking off."""
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu", dtype=dtype)
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model.eval()
+    return oracles.hf_4bit(path, torch.float32, dtype, double_quant=double_quant)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from finetune_ref import lora
 from finetune_ref.lora import LoraConfig, inject_lora, load_adapter, lora_layers, save_adapter
 from finetune_ref.qlora.merge import merge_qlora, merge_report
 from finetune_ref.qlora.model import load_quantized, nf4_layers
+from finetune_ref.parity import oracles
 
 CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -35,17 +36,7 @@ def fp_dir(tmp_path_factory):
 
 def hf_4bit(fp_dir):
     """transformers 4-bit load (NF4 + double quant, fp32 compute) on CPU, AVX512-BF16 repacking off."""
-    import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=bnb_config, device_map="cpu",
-                                                 dtype=torch.float32)
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    return oracles.hf_4bit(fp_dir, compute_dtype=torch.float32)
 
 
 def peft_qlora(fp_dir, lora_config):
