@@ -113,9 +113,11 @@ PARAMETER_DESTS = {"untie_tied": "untie"}
 
 def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each parsed name (``dest``) -> the flag that sets it, as typed (``min_lr_ratio`` -> ``--min-lr-ratio``), plus
-    the library parameters of ``PARAMETER_DESTS`` (``untie_tied`` -> ``--untie``)."""
+    the library parameters of ``PARAMETER_DESTS`` (``untie_tied`` -> ``--untie``); not the flags that turn a
+    setting off (``--no-double-quant``), whose name says the opposite of the field."""
     flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions
-             if a.option_strings and a.dest not in ("help", argparse.SUPPRESS)}
+             if a.option_strings and a.dest not in ("help", argparse.SUPPRESS)
+             and not (a.nargs == 0 and a.const is False)}  # --no-double-quant does not name double_quant=True
     return {**flags, **{p: flags[d] for p, d in PARAMETER_DESTS.items() if d in flags}}
 
 

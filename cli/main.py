@@ -146,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = lambda message, *_, **__: print(
-                f"finetune {args.command}: warning: {name_flags(str(message), args.flags)}", file=sys.stderr)
+        with warnings.catch_warnings():  # restores the formatter when main returns (in-process callers)
+            warnings.formatwarning = warning_formatter(args.command, args.flags)
             status = args.func(args)
         sys.stdout.flush()  # a closed pipe fails here, not at interpreter exit
         return status
@@ -166,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         torch.set_num_threads(before)  # main() may be called in-process (tests, notebooks)
+
+
+def warning_formatter(command: str, flags: dict[str, str]):
+    """``warnings.formatwarning`` for the command: one line, ``finetune <command>: warning: ...``, naming flags.
+    (A formatter, not ``showwarning``: callers that record warnings, such as pytest, still get them.)"""
+    return lambda message, *_, **__: f"finetune {command}: warning: {name_flags(str(message), flags)}\n"
 
 
 def _silence_stdout() -> None:

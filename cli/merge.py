@@ -44,10 +44,12 @@ def cmd_merge(args) -> int:
     from finetune_ref.gptq.checkpoint import is_gptq_dir
     from finetune_ref.qlora.merge import merge_qlora, merge_report
     from finetune_ref.qlora.bnb_config import is_quantized_dir
+    from finetune_ref.models.config import check_context
     from finetune_ref.qlora.model import load_quantized, quantize_model
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     check_out_dir(args.out, model_dir, args.original, *args.adapter)
+    check_context(model_dir, args.seq_len, f"seq_len={args.seq_len}")
     if is_gptq_dir(model_dir):
         raise ValueError(f"{model_dir} is a GPTQ model; merge adapters into the 16/32-bit or NF4 base they were "
                          "trained on")

@@ -200,17 +200,25 @@ def test_seq_len_and_generation_beyond_the_context_are_refused(tiny, tmp_path, c
     assert "--max-new-tokens=64 is beyond the model's context of 64" in err
 
 
-def test_truncated_and_empty_chat_records_are_counted(tiny, tmp_path, capsys):
+def test_truncated_and_empty_chat_records_are_counted(tiny, tmp_path):
     data = tmp_path / "chat.jsonl"
     records = [{"instruction": "Say it.", "output": "word " * 40}, {"instruction": "Nothing?", "output": ""},
                {"instruction": "Hi", "output": "Hello."}] * 4
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["eval", "--model", str(tiny[0]), "--data", str(data), "--seq-len", "24", "--eval-fraction",
-                 "0.5"]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert [w.split(": ")[2].split(" ", 2)[2] for w in warnings] == ["training records", "held-out records"]
-    assert all("truncated to --seq-len=24" in w for w in warnings)
-    assert any("empty assistant reply" in w for w in warnings)
+    with pytest.warns(UserWarning) as record:
+        assert main(["eval", "--model", str(tiny[0]), "--data", str(data), "--seq-len", "24", "--eval-fraction",
+                     "0.5"]) == 0
+    messages = [str(w.message) for w in record if "records" in str(w.message)]
+    assert [m.split(":")[0] for m in messages] == ["of 6 training records", "of 6 held-out records"]
+    assert all("truncated to seq_len=24" in m for m in messages)
+    assert any("empty assistant reply" in m for m in messages)
+
+
+def test_warnings_print_one_line_naming_flags():
+    from finetune_ref.cli.main import warning_formatter
+
+    line = warning_formatter("eval", {"seq_len": "--seq-len"})("3 truncated to seq_len=24", UserWarning, "x.py", 1)
+    assert line == "finetune eval: warning: 3 truncated to --seq-len=24\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -356,9 +364,10 @@ def test_eval_tokens_caps_the_held_out_split_deterministically(tiny, capsys):
     argv = ["eval", "--model", str(tiny[0]), "--data", str(tiny[1]), "--seq-len", "32", "--json"]
     assert main(argv) == 0
     full = json.loads(capsys.readouterr().out)
-    assert main([*argv, "--eval-tokens", "320"]) == 0
-    out, err = capsys.readouterr()
-    capped = json.loads(out)
-    assert full["tokens"] > 320 >= capped["tokens"] > 200 and "capped at --eval-tokens=320" in err
-    assert main([*argv, "--eval-tokens", "320"]) == 0
+    with pytest.warns(UserWarning, match="capped at eval_tokens=320"):
+        assert main([*argv, "--eval-tokens", "320"]) == 0
+    capped = json.loads(capsys.readouterr().out)
+    assert full["tokens"] > 320 >= capped["tokens"] > 200
+    with pytest.warns(UserWarning, match="capped"):
+        assert main([*argv, "--eval-tokens", "320"]) == 0
     assert json.loads(capsys.readouterr().out) == capped  # the same sequences every time
