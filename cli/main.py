@@ -65,7 +65,9 @@ def cmd_generate(args) -> int:
                                              add_generation_prompt=True)
         ids = tokenizer.encode(text)
     check_context(model_dir, len(ids) + args.max_new_tokens,
-                  f"the prompt ({len(ids)} tokens) + max_new_tokens={args.max_new_tokens}")
+                  f"the prompt ({len(ids)} tokens) + max_new_tokens={args.max_new_tokens}",
+                  lambda context: f"use max_new_tokens <= {context - len(ids)}" if context > len(ids)
+                  else "shorten the prompt")
     model = load_inference_model(model_dir, args.dtype, args.adapter)
     stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
