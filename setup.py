@@ -8,7 +8,7 @@ repository and become its sub-packages (``models/`` -> ``finetune_ref.models``, 
 from setuptools import setup
 
 # Each room, in the order imports may point: a room imports only rooms before it (tests/test_layout.py).
-ROOMS = ["models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "parity", "cli"]
+ROOMS = ["models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "parity", "serve", "cli"]
 
 setup(
     name="finetune-ref",
@@ -33,10 +33,13 @@ setup(
         # protobuf: transformers converting a sentencepiece model (oracle); the compare extra so that
         # `finetune compare`'s forgetting score and plot are tested too.
         "test": ["pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton", "protobuf",
-                 "chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7", "torchao>=0.10"],
+                 "chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7", "torchao>=0.10",
+                 "fastapi", "uvicorn", "httpx", "openai"],
         "triton": ["triton"],
         # `finetune parity`: the implementations it checks ours against (any subset may be installed).
         "parity": ["transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "torchao>=0.10"],
+        # `finetune serve`: the OpenAI-compatible HTTP server (serve/).
+        "serve": ["fastapi>=0.100", "uvicorn>=0.20"],
         # `finetune compare`: a second, general-English corpus (chatterbot-corpus: YAML dialogue, BSD-3) for the
         # forgetting score, and matplotlib for the loss-curve plot.
         "compare": ["chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7"],

@@ -1,17 +1,20 @@
 """What the ``finetune`` commands share: argument types, the model and data flags, finding the model directory,
-held-out batches, checks of ``--out``. (Loading a model for inference is ``recipes/inference.py``.)
+held-out batches, the guard of ``--out`` (``writing_to``). (Loading a model for inference is ``recipes/inference.py``.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Iterator
 
+from finetune_ref.models.output_dir import OVERWRITE_FLAG, OutputLock, check_output_dir
 from finetune_ref.qlora.quant_state import SUPPORTED_BLOCKSIZES
 from finetune_ref.recipes.base import RunConfig
 
@@ -174,6 +177,7 @@ def targets(text: str) -> tuple[str, ...] | str:
     return names
 
 
+INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 NF4_BLOCKSIZES = list(SUPPORTED_BLOCKSIZES)  # --blocksize choices: bitsandbytes' supported blocksizes
 
 
@@ -279,19 +283,26 @@ def heldout_batches(args, tokenizer) -> list[dict]:
     return list(iter_batches(held, args.batch_size, tokenizer.pad_token_id))
 
 
-def check_out_dir(out: str | Path, *inputs: str | Path | None) -> Path:
-    """``--out`` must not be a file nor one of the input directories (writing there would destroy them).
+def add_out_args(p: argparse.ArgumentParser, help: str, **kwargs) -> None:
+    """``--out`` and ``--overwrite``, the same for every command that writes (``models/output_dir.py``)."""
+    p.add_argument("--out", help=help, **kwargs)
+    p.add_argument(OVERWRITE_FLAG, action="store_true", default=False,
+                   help="replace a non-empty --out (default: refuse; nothing is replaced unasked)")
+
+
+@contextlib.contextmanager
+def writing_to(out: str | Path, *inputs: str | Path | None, overwrite: bool = False, own: bool = False,
+               explain=None) -> Iterator[Path]:
+    """``with writing_to(args.out, *inputs, overwrite=args.overwrite) as out:`` the one guard of ``--out``:
+    this process alone writes it (``OutputLock``), and it passed ``check_output_dir`` (not an input, empty
+    unless ``own`` or ``overwrite``, writable), all before anything is loaded.
 
     Raises:
-        ValueError: naming ``--out`` and what it collides with.
+        ValueError: one line naming ``--out`` and what is wrong.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory")
-    for src in inputs:
-        if src is not None and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
-            raise ValueError(f"--out {out} is also an input ({src}); write the result to another directory")
-    return out
+    with OutputLock(out):
+        yield check_output_dir(out, inputs, overwrite=overwrite, own=own, explain=explain)
 
 
 def directory_bytes(path: Path) -> int:

@@ -64,38 +64,45 @@ from pathlib import Path
 
 import torch
 
-from finetune_ref.cli.common import load_average, pick_threads
+from finetune_ref.cli.common import add_out_args, load_average, pick_threads, writing_to
 from finetune_ref.cli.compare_method import run_method
 from finetune_ref.cli.compare_report import environment, format_table, plot_curves
-from finetune_ref.cli.compare_settings import (DEFAULTS, METHODS, PRECISIONS, QUICK, CompareSettings,
-                                               check_writable)
+from finetune_ref.cli.compare_settings import DEFAULTS, METHODS, PRECISIONS, QUICK, CompareSettings
+from finetune_ref.models.output_dir import written_whole
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The comparison and its report.
 # ---------------------------------------------------------------------------------------------------------
-def compare(s: CompareSettings) -> dict:
-    """Run every method of ``s`` (one after the other) and write compare.json / compare.md / compare.png."""
+def compare(s: CompareSettings, overwrite: bool = False) -> dict:
+    """Run every method of ``s`` (one after the other) and write compare.json / compare.md / compare.png and
+    each method's result into ``s.out``: written into a temporary sibling and renamed into place at the end
+    (``models/output_dir.py``), so an interrupted comparison leaves no half report."""
     s.validate()
-    out = check_writable(s.out)
-    s = dataclasses.replace(s, threads=s.threads or pick_threads())
-    print(f"compare: {', '.join(s.methods)}; {s.steps} updates x {s.batch_size} x {s.seq_len} tokens each, "
-          f"precision {s.precision}, {s.threads} torch thread(s)", flush=True)
-    load_start, results = load_average(), []
-    for method in s.methods:
-        if s.isolate:
-            results.append(_run_isolated(method, s))
-        else:  # this process: set the threads for the run only
-            threads, _ = torch.get_num_threads(), torch.set_num_threads(s.threads)
-            try:
-                results.append(run_method(method, s))
-            finally:
-                torch.set_num_threads(threads)
-    report = {"settings": dataclasses.asdict(s), "results": results,
-              "environment": {**environment(), "load_average_start": load_start, "load_average_end": load_average()}}
-    (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "compare.md").write_text(format_table(report) + "\n")
-    report["plot"] = plot_curves(results, out / "compare.png")
+    with writing_to(s.out, s.model_dir, s.regression_data, overwrite=overwrite) as out, written_whole(out) as tmp:
+        s = dataclasses.replace(s, threads=s.threads or pick_threads())
+        work = dataclasses.replace(s, out=str(tmp))  # the methods save their results into the staging dir
+        print(f"compare: {', '.join(s.methods)}; {s.steps} updates x {s.batch_size} x {s.seq_len} tokens each, "
+              f"precision {s.precision}, {s.threads} torch thread(s)", flush=True)
+        load_start, results = load_average(), []
+        for method in s.methods:
+            if s.isolate:
+                results.append(_run_isolated(method, work))
+            else:  # this process: set the threads for the run only
+                threads, _ = torch.get_num_threads(), torch.set_num_threads(s.threads)
+                try:
+                    results.append(run_method(method, work))
+                finally:
+                    torch.set_num_threads(threads)
+        for r in results:  # where each result will be once the staging dir is renamed
+            r["saved_dir"] = str(out / r["method"])
+        report = {"settings": dataclasses.asdict(s), "results": results,
+                  "environment": {**environment(), "load_average_start": load_start,
+                                  "load_average_end": load_average()}}
+        (tmp / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "compare.md").write_text(format_table(report) + "\n")
+        plot = plot_curves(results, tmp / "compare.png")
+    report["plot"] = str(out / "compare.png") if plot else None
     return report
 
 
@@ -177,7 +184,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch threads for every method (default: torch's less the cores busy by the load average)")
     p.add_argument("--same-process", action="store_true",
                    help="run all methods in this process (faster start; max RSS is then cumulative)")
-    p.add_argument("--out", default=d.out, help=f"where compare.md/.json/.png and results go (default {d.out})")
+    add_out_args(p, f"where compare.md/.json/.png and results go (default {d.out})", default=d.out)
     p.set_defaults(func=cmd_compare)
     return p
 
@@ -198,7 +205,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``finetune compare``; raises ValueError for bad settings (the CLI prints them)."""
     s = settings_from_args(args)
     start = time.perf_counter()
-    report = compare(s)
+    report = compare(s, overwrite=args.overwrite)
     print(format_table(report))
     print(f"\nwrote {Path(s.out) / 'compare.md'}, compare.json" + (", compare.png" if report["plot"] else "")
           + f" in {time.perf_counter() - start:.0f} s")

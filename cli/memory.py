@@ -12,13 +12,13 @@ from finetune_ref.cli.common import NF4_BLOCKSIZES, Parser, rank, sequences_per_
 from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_config
 from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
 from finetune_ref.train import memory
-from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, load_config, preset_config
+from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, shape_from
 from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
+from finetune_ref.train.memory import estimate_memory
 
 # The flags that are recipe fields: parsed into the method's recipe, as finetune train does.
 RECIPE_FLAGS = ("optimizer", "batch_size", "seq_len", "grad_checkpointing", "dtype", "rank", "double_quant",
                 "blocksize")
-from finetune_ref.train.memory import estimate_memory
 
 DESCRIPTION = memory.__doc__.split("\n\n")[0]
 
@@ -145,11 +145,7 @@ def add_memory_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     """Run ``finetune memory``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
-    if args.model is not None:
-        config, name = load_config(args.model), str(args.model)
-    else:
-        name = args.preset or DEFAULT_PRESET
-        config = preset_config(name)
+    config, name = shape_from(args.model, args.preset)
     setup = settings(args)
     estimate = estimate_memory(config, setup)
     if args.json:

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, directory_bytes,
-                                     group_size, heldout_batches, non_negative_int, positive_int, resolve_model_dir)
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, directory_bytes,
+                                     group_size, heldout_batches, non_negative_int, positive_int, resolve_model_dir,
+                                     writing_to)
+from finetune_ref.models.output_dir import written_whole
 from finetune_ref.qlora.adapter_record import read_qlora_record
 from finetune_ref.recipes.inference import copy_tokenizer_files
 
@@ -38,6 +40,12 @@ CALIBRATION_BATCH_SIZE = 8  # sequences per calibration forward
 
 
 def cmd_merge(args) -> int:
+    model_dir = resolve_model_dir(args.model, args.cache_dir)
+    with writing_to(args.out, model_dir, args.original, *args.adapter, overwrite=args.overwrite):
+        return _merge(args, model_dir)
+
+
+def _merge(args, model_dir: Path) -> int:
     from finetune_ref.lora import load_adapters, merge_and_unload
     from finetune_ref.models.loader import load_model
     from finetune_ref.models.tokenizer import Tokenizer
@@ -47,8 +55,6 @@ def cmd_merge(args) -> int:
     from finetune_ref.models.config import check_context
     from finetune_ref.qlora.model import load_quantized, quantize_model
 
-    model_dir = resolve_model_dir(args.model, args.cache_dir)
-    check_out_dir(args.out, model_dir, args.original, *args.adapter)
     check_context(model_dir, args.seq_len, f"seq_len={args.seq_len}")
     if is_gptq_dir(model_dir):
         raise ValueError(f"{model_dir} is a GPTQ model; merge adapters into the 16/32-bit or NF4 base they were "
@@ -95,8 +101,10 @@ def cmd_merge(args) -> int:
         print(f"error against the unmerged model ({report['tokens']} held-out tokens): logits max-abs "
               f"{report['logits_max_abs']:.3g}, held-out loss {report['loss_reference']:.4f} -> "
               f"{report['loss_merged']:.4f} (change {report['loss_change']:+.2e})")
-    out = _save(merged, args, gptq_config)
-    copy_tokenizer_files(model_dir, out)
+    with written_whole(args.out) as tmp:  # a temporary sibling, renamed to --out when complete
+        _save(merged, tmp, args.requantize, gptq_config)
+        copy_tokenizer_files(model_dir, tmp)
+    out = Path(args.out)
     print(f"merged model saved to {out} ({directory_bytes(out) / 2**20:.1f} MiB of weights)")
     return 0
 
@@ -165,16 +173,16 @@ def calibration_batches(examples: list[dict], batch_size: int = CALIBRATION_BATC
     return [collate(examples[i:i + batch_size], pad_token_id=0) for i in range(0, len(examples), batch_size)]
 
 
-def _save(merged, args, gptq_config) -> Path:
+def _save(merged, out: Path, requantize: str, gptq_config) -> Path:
     from finetune_ref.models.checkpoint import save_model
     from finetune_ref.gptq.checkpoint import save_gptq_model
     from finetune_ref.qlora.model import save_quantized
 
     if gptq_config is not None:
-        return save_gptq_model(merged, args.out, gptq_config)
-    if args.requantize == "nf4":
-        return save_quantized(merged, args.out)
-    return save_model(merged, args.out)
+        return save_gptq_model(merged, out, gptq_config)
+    if requantize == "nf4":
+        return save_quantized(merged, out)
+    return save_model(merged, out)
 
 
 def cmd_quantize(args) -> int:
@@ -182,13 +190,14 @@ def cmd_quantize(args) -> int:
     from finetune_ref.qlora.model import load_quantized, nf4_layers, quantized_nbytes, save_quantized
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
-    check_out_dir(args.out, model_dir)
-    if is_quantized_dir(model_dir):
-        raise ValueError(f"{model_dir} is already 4-bit (its config.json has a quantization_config)")
-    model = load_quantized(model_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
-                           compute_dtype=args.compute_dtype, dtype=args.dtype)
-    out = save_quantized(model, args.out)
-    copy_tokenizer_files(model_dir, out)
+    with writing_to(args.out, model_dir, overwrite=args.overwrite) as out:
+        if is_quantized_dir(model_dir):
+            raise ValueError(f"{model_dir} is already 4-bit (its config.json has a quantization_config)")
+        model = load_quantized(model_dir, blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                               compute_dtype=args.compute_dtype, dtype=args.dtype)
+        with written_whole(out) as tmp:  # a temporary sibling, renamed to --out when complete
+            save_quantized(model, tmp)
+            copy_tokenizer_files(model_dir, tmp)
     size = quantized_nbytes(model)
     print(f"quantized {len(nf4_layers(model))} linear layers ({size['parameters']:,d} weights) to NF4, blocksize "
           f"{args.blocksize}, double quantization {'off' if args.no_double_quant else 'on'}: {size['bytes']:,d} "
@@ -205,7 +214,7 @@ def add_merge_parsers(sub) -> None:
                                      "GPTQ 4-bit")
     add_model_args(p, dtype_help="dtype of the merge and of the saved dense tensors (default fp32)")
     p.add_argument("--adapter", action="append", required=True, help="adapter directory (repeatable)")
-    p.add_argument("--out", required=True, help="output directory")
+    add_out_args(p, "output directory for the merged model", required=True)
     p.add_argument("--untie", action="store_true",
                    help="if an adapter touches the tied lm_head, untie it instead of refusing")
     p.add_argument("--requantize", choices=REQUANTIZE, default="none",
@@ -239,7 +248,7 @@ def add_merge_parsers(sub) -> None:
                                         "(bitsandbytes/transformers layout)")
     add_model_args(p, dtype_help="dtype of the unquantized tensors and of the weights before quantization "
                                    "(default: --compute-dtype, as train --method qlora builds its base)")
-    p.add_argument("--out", required=True, help="output directory")
+    add_out_args(p, "output directory for the 4-bit model", required=True)
     p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES, default=64,
                    help="NF4 block size (elements per absmax)")
     p.add_argument("--no-double-quant", action="store_true", help="keep the absmax values in fp32 (4.5 instead "

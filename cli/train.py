@@ -8,40 +8,70 @@ that is left out keeps the recipe's default: the config is ``dataclasses.replace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
+import shlex
+import shutil
 import sys
+from pathlib import Path
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, check_out_dir, finite_non_negative,
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, finite_non_negative,
                                      fraction, grad_accum, learning_rate, non_negative_int, positive_float,
                                      positive_int, probability, rank, resolve_model_dir, seed, show_number, targets,
-                                     weight_decay)
+                                     weight_decay, writing_to)
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
+from finetune_ref.recipes.run_record import config_from_record, holds_run, read_run_record, run_dir_of
 from finetune_ref.train.config import PRECISIONS
 
-NOT_CONFIG = ("command", "func", "method", "dry_run")  # parsed flags that are not recipe fields
+NOT_CONFIG = ("command", "func", "method", "dry_run", "overwrite", "extend", "flags")  # flags, not fields
 NF4_FIELDS = ("blocksize", "double_quant", "compute_dtype")
 DEFAULTS = {method: recipe() for method, recipe in RECIPES.items()}
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
-    """The recipe of ``--method`` with the flags that were given (LoRA's on ``--method full`` are unused).
+def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict | None, Path | None]:
+    """The run's config, and for ``--resume`` the record of the run it continues and that run's directory.
+
+    A new run: the recipe of ``--method`` with the flags that were given (LoRA's on ``--method full`` are
+    unused). A resumed run: the recorded config (``recipes/run_record.py``) with the flags that were given, and
+    ``--out`` the run's own directory unless given; ``run_training`` checks what differs from the record.
 
     Raises:
-        ValueError: NF4 flags without ``--method qlora``, or what the recipe rejects (it names the field).
+        ValueError: NF4 flags without ``--method qlora``, ``--resume`` of a checkpoint outside a run directory
+            without ``--out``, or what the recipe rejects (it names the field).
     """
-    defaults = DEFAULTS[args.method]
-    fields = {f.name for f in dataclasses.fields(defaults)}
     given = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    method = getattr(args, "method", None)
+    record = run_dir = None
+    if "resume" in given:
+        run_dir = run_dir_of(given["resume"])
+        if run_dir is None and "out" not in given:
+            raise ValueError(f"--resume {given['resume']}: no run directory around it (run_config.json or "
+                             "checkpoints/); give --out DIR for the continued run")
+        given.setdefault("out", str(run_dir))
+        record = read_run_record(run_dir) if run_dir is not None else None
+        if record is not None and (method is None or method == record["method"]):
+            return config_from_record(record, RECIPES, **given), record, run_dir
+    defaults = DEFAULTS[method or "lora"]
+    fields = {f.name for f in dataclasses.fields(defaults)}
     if any(k in given for k in NF4_FIELDS) and not set(NF4_FIELDS) <= fields:
         raise ValueError("--blocksize, --no-double-quant and --compute-dtype set up the NF4 base of --method qlora")
     # --warmup is capped at --steps, so that a short run keeps its default warmup valid.
     given["warmup_steps"] = min(given.get("warmup_steps", defaults.warmup_steps), given.get("steps", defaults.steps))
-    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if k in fields})
+    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if k in fields}), record, run_dir
+
+
+def _explain(out: Path) -> str | None:
+    """What a non-empty ``--out`` of ``train`` holds, when it is a run."""
+    if holds_run(out):
+        return f"it holds a training run: continue it with finetune train --resume {out}"
+    return None
 
 
 def cmd_train(args) -> int:
-    cfg = run_config(args)
+    cfg, record, run_dir = run_config(args)
+    extend = getattr(args, "extend", False)
     if args.dry_run:
         from finetune_ref.train.schedule import format_lr_table
 
@@ -51,33 +81,71 @@ def cmd_train(args) -> int:
               f"{cfg.lr:g}, min lr {min_lr:g}")
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         return 0
+    if extend and cfg.resume is None:
+        raise ValueError("--extend trains a run further: give it with --resume DIR and a larger --steps")
+    out = cfg.out_dir
+    own = run_dir is not None and out.resolve() == run_dir.resolve()
+    if own and record is not None and record.get("finished") and not extend:  # (another --out: a branch)
+        done = record["finished"]
+        print(f"run {run_dir} already finished at update {done['update']} of {record['config']['steps']}"
+              f"{' (stopped early)' if done.get('stopped_early') else ''}; its result is in {run_dir}. To train it "
+              f"further: finetune train --resume {run_dir} --steps N --extend (N > {record['config']['steps']})")
+        return 0
     from finetune_ref.train.distributed import destroy_distributed, init_distributed
 
     model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
-    check_out_dir(cfg.out_dir, model_dir)
-    info = init_distributed()
-    finished = False
-    try:
-        status = _run(cfg, model_dir, info)
-        finished = True  # every rank got here (an interruption is agreed on by all ranks)
-        return status
-    finally:
-        destroy_distributed(info, synchronize=finished)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone guards and writes --out
+    inputs = (model_dir, cfg.data, cfg.eval_data) + (() if own else (cfg.resume,))
+    guard = writing_to(out, *inputs, overwrite=args.overwrite, own=own, explain=_explain) if main_rank \
+        else contextlib.nullcontext(out)
+    with guard:
+        if main_rank and args.overwrite and not own and out.is_dir():
+            for path in out.iterdir():  # asked for: start over in a clean directory
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        info = init_distributed()
+        finished = False
+        try:
+            status = _run(cfg, model_dir, info, extend, args.flags)
+            finished = True  # every rank got here (an interruption is agreed on by all ranks)
+            return status
+        finally:
+            destroy_distributed(info, synchronize=finished)
 
 
-def _run(cfg: RunConfig, model_dir, info) -> int:
-    """Exit status of the run: 0, or 130 after Ctrl-C / SIGTERM (its checkpoint written)."""
+def _run(cfg: RunConfig, model_dir, info, extend: bool, flag_names: dict) -> int:
+    """Exit status of the run: 0; 130 after Ctrl-C / SIGTERM (its checkpoint written); 1 when the result could not
+    be written (the checkpoint that keeps it is named)."""
     from finetune_ref.recipes.run import run_training
-    from finetune_ref.train.bookkeeping import TrainingInterrupted
+    from finetune_ref.train.bookkeeping import ResultNotSaved, TrainingInterrupted
 
+    command = shlex.join(["finetune", *sys.argv[1:]])
     try:
-        run_training(cfg, model_dir, info)
+        run_training(cfg, model_dir, info, extend=extend, flag=lambda name: flag_names.get(name, name),
+                     command=command)
     except TrainingInterrupted as stop:
         if info.is_main:
-            print(f"interrupted after update {stop.update}; checkpoint {stop.checkpoint}; continue with "
-                  f"--resume {cfg.out_dir}", file=sys.stderr)
+            print(f"interrupted after update {stop.update}; checkpoint {stop.checkpoint}; continue with: "
+                  f"finetune train --resume {cfg.out_dir}", file=sys.stderr)
         return 130
+    except ResultNotSaved as err:
+        if info.is_main:
+            print(f"finetune train: error: {_not_saved(err, cfg)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _not_saved(err, cfg: RunConfig) -> str:
+    """What happened to the result and the command that writes it from the kept checkpoint."""
+    where = f"could not write the result to {cfg.out_dir} ({err.error.strerror or err.error})"
+    if err.checkpoint is None:
+        return f"{where}, nor a checkpoint anywhere; the trained state is lost"
+    ckpt = Path(err.checkpoint)
+    run = ckpt.parent.parent
+    if run.resolve() == cfg.out_dir.resolve():
+        return (f"{where}. The trained state (update {err.update}) is kept in {ckpt}; once there is space or write "
+                f"permission, write the result with: finetune train --resume {run}")
+    return (f"{where}, nor a checkpoint there. The trained state (update {err.update}) is kept in {ckpt}; write "
+            f"the result into a writable NEW_DIR with: finetune train --resume {ckpt} --out NEW_DIR")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,12 +167,12 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     # A flag left out sets nothing (SUPPRESS), so the recipe's default stays.
     p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full) and save the adapter or model",
                        argument_default=argparse.SUPPRESS)
-    p.add_argument("--method", default="lora", choices=sorted(RECIPES), help="what to train (default lora)")
+    p.add_argument("--method", choices=sorted(RECIPES), help="what to train (default lora)")
     add_model_args(p, dtype_help="dtype of the unquantized base weights (default: what --precision implies)",
                    given_only=True)
     add_data_args(p, given_only=True)
-    p.add_argument("--out", help="output directory: the adapter (lora, qlora) or model (full), metrics.jsonl and "
-                                 "checkpoints/ (default runs/<method>)")
+    add_out_args(p, "output directory: the adapter (lora, qlora) or model (full), run_config.json, metrics.jsonl "
+                    "and checkpoints/ (default runs/<method>; with --resume, the run's own directory)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer updates ({_default('steps')})")
     p.add_argument("--lr", type=learning_rate, help=f"peak learning rate ({_default('lr')})")
     p.add_argument("--warmup", dest="warmup_steps", metavar="WARMUP", type=non_negative_int,
@@ -135,8 +203,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=non_negative_int,
                    help=f"checkpoints to keep, 0: all ({_default('keep_last')})")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue from a checkpoint (a checkpoint directory, or the --out directory of the "
-                        "interrupted run; default: none, a fresh run)")
+                   help="continue a run (its --out directory, or one of its checkpoints) with its recorded "
+                        "settings; flags given must agree with them (default: none, a fresh run)")
+    p.add_argument("--extend", action="store_true", default=False,
+                   help="with --resume and a --steps larger than recorded: train a run further on purpose")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp, --method full only) "
                         f"({_default('parallel')})")
@@ -162,5 +232,5 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="no progress bar: a line every --log-every updates and one per evaluation instead (for logs)")
     p.add_argument("--log-every", type=non_negative_int,
                    help=f"with --no-progress, updates between progress lines, 0: none ({_default('log_every')})")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train)  # cli/main.py adds ``flags``: the flag of each config field, for messages
     return p

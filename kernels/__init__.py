@@ -8,6 +8,7 @@ Modules (one concept each; ``kernels/README.md`` walks through them):
 - ``kernels.nf4_dequant``   Triton: the tile helpers and the dequantize kernel
 - ``kernels.nf4_matmul``    Triton: forward y = x @ dequant(W)^T (+ bias) and dx = dy @ dequant(W), fused
 - ``kernels.nf4_autograd``  ``nf4_linear`` / ``NF4MatmulFunction``: the op, on either backend
+- ``kernels.lora_bgmv``     Triton: the gathered LoRA update of a mixed-adapter batch (reference: lora.mixed)
 
 Every function takes a weight as ``(packed, state)``: the uint8 codes and an NF4QuantState
 (finetune_ref.qlora.quant_state), used duck-typed. This room imports nothing of the project.
@@ -49,6 +50,7 @@ _LAZY = {
     "nf4_matmul_input_grad_triton": "finetune_ref.kernels.nf4_matmul",
     "NF4MatmulFunction": "finetune_ref.kernels.nf4_autograd",
     "nf4_linear": "finetune_ref.kernels.nf4_autograd",
+    "lora_bgmv_triton": "finetune_ref.kernels.lora_bgmv",
 }
 
 __all__ = [

@@ -8,6 +8,7 @@
     lora.adapters     several named adapters: set_adapter, disable_adapters, delete_adapter, merge/unmerge,
                       merge_and_unload, unload, print_trainable_parameters
     lora.peft_format  save_adapter / load_adapter / load_adapters in PEFT's file format
+    lora.mixed        mixed-adapter batches: set_row_adapters (PEFT's adapter_names), lora_bgmv / lora_sgmv
 """
 
 from finetune_ref.lora.adapters import (adapter_names, delete_adapter, disable_adapters, format_trainable_parameters,

@@ -93,6 +93,9 @@ class LoRALinear(nn.Module):
         # Other modules sharing the base weight (set by lora.inject_lora, e.g. ["model.embed_tokens"] for a
         # tied lm_head): merging in place would change them too, so merge() refuses while this is non-empty.
         self.shared_weight_with: list[str] = []
+        # A mixed batch's per-row adapters (``lora.mixed.RowAdapters``, set by ``lora.mixed.set_row_adapters``):
+        # while set, each row gets its own adapter instead of the active ones.
+        self.row_adapters = None
 
     # ---- convenience views of the base, as PEFT's BaseTunerLayer offers ----
 
@@ -196,6 +199,10 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return result
         result_dtype = result.dtype
+        if self.row_adapters is not None:
+            if not self.row_adapters.empty:
+                result = result + self.row_adapters.delta(x)
+            return result.to(result_dtype)
         for name in self.active_adapters:
             if name not in self.lora_A or name in self.merged_adapters:
                 continue  # not on this layer, or already inside the base weight

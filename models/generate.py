@@ -40,7 +40,8 @@ def generate(model, input_ids: list[int], max_new_tokens: int = 64, temperature:
              stop_ids: set[int] | None = None, seed: int | None = None) -> list[int]:
     """Generate up to ``max_new_tokens`` after ``input_ids``; stops early at any id in ``stop_ids``.
 
-    Returns the new token ids (the stop token, if reached, included). One sequence at a time.
+    Returns the new token ids (the stop token, if reached, included). One sequence at a time, no padding:
+    the reference that ``models.batching`` (several rows, left-padded, joining and leaving) is tested against.
     """
     if not input_ids:
         raise ValueError("the prompt is empty: give at least one token")

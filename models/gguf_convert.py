@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ import torch
 from finetune_ref.models.checkpoint import SUPPORTED_DTYPES, make_readable
 from finetune_ref.models.gguf_reader import open_gguf, read_llama_config, read_llama_state_dict
 from finetune_ref.models.gguf_tokenizer import build_tokenizer, build_tokenizer_config
+from finetune_ref.models.output_dir import check_output_dir, written_whole
 
 # Bump when the output of the converter changes, so cached conversions (models/default_model.py) are
 # rebuilt instead of silently reused.
@@ -62,15 +61,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         ValueError: not a GGUF file, architecture is not llama, a tensor is missing (named) or of an
             unsupported type, or the tokenizer cannot be rebuilt.
         TypeError: ``dtype`` is not one of the supported torch dtypes.
-        FileExistsError: ``out_dir`` exists, is not empty, and ``overwrite`` is False.
+        ValueError: ``out_dir`` is not empty and ``overwrite`` is False, or not writable (``models/output_dir.py``).
     """
     from safetensors.torch import save_file
 
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     out_dir = pathlib.Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(out_dir)!r} already exists and is not empty; remove it or pass overwrite=True")
+    check_output_dir(out_dir, [gguf_path], overwrite=overwrite)  # before the slow part
 
     reader = open_gguf(gguf_path)
     config = read_llama_config(reader)
@@ -82,35 +80,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     state_dict = read_llama_state_dict(reader, config, dtype)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with written_whole(out_dir) as tmp:  # a temporary sibling, renamed into place when complete
         save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "generation_config.json", {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None})
         _write_json(tmp / "config.json", config)
-        # mkdtemp makes the dir 0700; a model dir should read like any other.
-        make_readable(tmp)
-        for f in tmp.iterdir():
+        for f in tmp.iterdir():  # safetensors writes 0600; a model dir should read like any other
             make_readable(f)
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:  # also on KeyboardInterrupt: never leave the temp dir behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _move_into_place(tmp: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:
-    try:
-        os.rename(tmp, out_dir)  # atomic; also replaces an *empty* directory on POSIX
-        return
-    except OSError:
-        if not (overwrite and out_dir.exists()):
-            raise
-    # Replace a non-empty directory: move the old one aside (atomic), move ours in, delete the old one.
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rename(out_dir, old / "d")
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

@@ -31,10 +31,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
-def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Sequence[str] | None = None):
+def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Sequence[str] | None = None,
+                         adapter_names: Sequence[str] | None = None, quantize: str | None = None):
     """The model for eval/generate: dense, NF4 or GPTQ base as stored (see the module docstring), plus adapters.
 
-    ``dtype`` None means fp32, or for a QLoRA adapter the dtypes it was trained with.
+    ``dtype`` None means fp32, or for a QLoRA adapter the dtypes it was trained with. ``adapter_names``: one
+    per directory (default as ``lora.load_adapters``). ``quantize="nf4"``: quantize a 16/32-bit base to NF4 while
+    loading (bitsandbytes' defaults: blocksize 64, double quantization; compute in ``dtype``).
 
     Raises:
         ValueError / FileNotFoundError: as the loaders; adapters on a GPTQ base.
@@ -53,11 +56,14 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
     elif record is not None:
         model = load_quantized(model_dir, blocksize=record["blocksize"], double_quant=record["double_quant"],
                                compute_dtype=dtype or record["compute_dtype"], dtype=dtype or record["dtype"])
+    elif quantize == "nf4":
+        model = load_quantized(model_dir, blocksize=64, double_quant=True, compute_dtype=dtype or "fp32",
+                               dtype=dtype or "fp32")
     else:
         model = load_model(model_dir, dtype=dtype or "fp32")
     if adapter_dirs:
         adapter_dtype = model.model.embed_tokens.weight.dtype
-        load_adapters(model, adapter_dirs, adapter_dtype=adapter_dtype if adapter_dtype.is_floating_point
+        load_adapters(model, adapter_dirs, adapter_names=adapter_names, adapter_dtype=adapter_dtype if adapter_dtype.is_floating_point
                       else parse_dtype("fp32"))
     return model
 

@@ -167,6 +167,7 @@ def copy_checkpoint(saved, tmp_path):
 
 @pytest.mark.parametrize("damage, match", [
     ("flip", "SHA-256"), ("truncate", "bytes"), ("delete", "missing"), ("json", "not valid JSON"),
+    ("edit-state", "trainer_state.json does not match"),  # a hand-edited value of trainer_state.json itself
 ])
 def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path, damage, match):
     ckpt = copy_checkpoint(saved, tmp_path)
@@ -179,6 +180,9 @@ def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path, damage, match):
         target.write_bytes(target.read_bytes()[:-10])
     elif damage == "delete":
         target.unlink()
+    elif damage == "edit-state":
+        state = ckpt / "trainer_state.json"
+        state.write_text(state.read_text().replace('"peak_lr": 0.005', '"peak_lr": 0.006'))
     else:
         (ckpt / "trainer_state.json").write_text("{not json")
     with pytest.raises(ValueError, match=match):

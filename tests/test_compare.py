@@ -124,7 +124,7 @@ def test_bad_settings_and_unwritable_out(tmp_path, capsys):
             CompareSettings(**bad).validate()
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(ValueError, match="not a writable directory"):
+    with pytest.raises(ValueError, match="cannot write there"):
         cmd_compare(parse("--out", str(blocker / "sub"), "--steps", "1"))
     assert compare_main(["--out", str(blocker / "sub")]) == 2
     assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback

@@ -222,7 +222,7 @@ def test_existing_output_dir(tmp_path, tiny):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "junk.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(ValueError, match="not empty.*--overwrite"):
         convert_gguf(path, out)
     convert_gguf(path, out, overwrite=True)
     assert not (out / "junk.txt").exists() and (out / "model.safetensors").is_file()

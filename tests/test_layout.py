@@ -35,7 +35,8 @@ ALLOWED = {
     "train": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full"},
     "recipes": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train"},
     "parity": {"models", "lora", "kernels", "optim", "qlora"},
-    "cli": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "parity"},
+    "serve": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes"},
+    "cli": {"models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "parity", "serve"},
 }
 
 

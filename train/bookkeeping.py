@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from finetune_ref.models.checkpoint import atomic_write_text
+
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum
 
@@ -38,6 +40,15 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, update: int, checkpoint: Path | None):
         super().__init__(f"interrupted after update {update}" + (f"; checkpoint {checkpoint}" if checkpoint else ""))
         self.update, self.checkpoint = update, checkpoint
+
+
+class ResultNotSaved(Exception):
+    """The run finished but its result could not be written (``error``, e.g. a full disk); the trained state is
+    kept in ``checkpoint`` (None if even that could not be written)."""
+
+    def __init__(self, update: int, checkpoint: Path | None, error: OSError):
+        super().__init__(f"the result of update {update} could not be written: {error}")
+        self.update, self.checkpoint, self.error = update, checkpoint, error
 
 
 class StopSignal:
@@ -77,6 +88,25 @@ class MetricsLog:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, update: int) -> int:
+        """Drop the lines about updates after ``update``: those logged after the checkpoint being resumed (a crash
+        or kill -9 came later), which the resumed run logs again. Returns how many were dropped."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        kept = [line for line in lines if _update_of(line) <= update]
+        if len(kept) < len(lines):
+            atomic_write_text(self.path, "".join(kept))
+        return len(lines) - len(kept)
+
+
+def _update_of(line: str) -> float:
+    """The update a metrics line is about (0 for a line without one; inf for a torn last line, dropped)."""
+    try:
+        return float(json.loads(line).get("update") or 0)
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return float("inf")
 
 
 class Progress:

@@ -4,7 +4,8 @@ models.checkpoint.atomic_write_text and safetensors).
 Integrity: every file of a checkpoint is fsync'ed, the directory is renamed into place (``replace_dir``) and
 ``latest`` rewritten by temp file + rename (``atomic_write_text``), so a crash leaves the previous checkpoint or
 the new one, never a half-written one under a final name. ``read_checkpoint_record`` checks the format, and
-every file's size and SHA-256 against what was recorded when it was written, before anything is loaded.
+every file's size and SHA-256 against what was recorded when it was written (``trainer_state.json`` itself
+holds the SHA-256 of its other keys), before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
+
+from finetune_ref.models.output_dir import fsync_dir, replace_dir  # noqa: F401 (the checkpoint writers' too)
 
 
 FORMAT = "finetune-ref-training-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: trainer_state.json holds its own SHA-256 (state_sha256); 1 is still read
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -33,24 +35,15 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def checkpoint_name(update: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{update:06d}"
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move directory ``tmp`` to ``final``; an existing ``final`` is moved aside first and then deleted."""
-    trash = None
-    if final.exists():
-        trash = final.parent / f".trash-{final.name}-{os.getpid()}"
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+def state_sha256(record: dict) -> str:
+    """SHA-256 of a ``trainer_state.json`` record without its ``state_sha256`` key, as canonical JSON (the file
+    is written with the same ``json.dumps`` settings, so a changed byte of any value is a changed digest)."""
+    body = {k: v for k, v in record.items() if k not in ("state_sha256", "path")}
+    return hashlib.sha256(json.dumps(body, indent=1, sort_keys=True).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -109,13 +102,16 @@ def _read_record(ckpt: Path, verify: bool) -> dict:
         raise ValueError(f"{ckpt / STATE_FILE} is not valid JSON (corrupt checkpoint): {e}") from e
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{ckpt} is not a training checkpoint of this project (format {FORMAT!r} expected)")
-    if record.get("version") != VERSION:
+    if record.get("version") not in (1, VERSION):
         raise ValueError(f"{ckpt} has checkpoint format version {record.get('version')!r}; this code reads "
                          f"version {VERSION}")
     for key in ("update", "train_state", "scheduler", "data", "optimizer", "trainable", "files", "world_size"):
         if key not in record:
             raise ValueError(f"{ckpt / STATE_FILE} lacks {key!r} (corrupt or hand-edited checkpoint)")
     if verify:
+        if record["version"] >= 2 and record.get("state_sha256") != state_sha256(record):
+            raise ValueError(f"corrupt checkpoint {ckpt}: {STATE_FILE} does not match the SHA-256 recorded when it "
+                             "was written (edited or damaged)")
         for name, expected in record["files"].items():
             file = ckpt / name
             if not file.is_file():

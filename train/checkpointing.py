@@ -49,8 +49,9 @@ from torch import nn
 
 from finetune_ref.models.checkpoint import atomic_write_text, make_readable, read_safetensors
 from finetune_ref.train.checkpoint_files import (BEST_DIR, BEST_FILE, CHECKPOINT_PREFIX, FORMAT, LATEST_FILE,
-                                                 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, VERSION, fsync_file,
-                                                 read_checkpoint_record, replace_dir, sha256_file)
+                                                 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, VERSION,
+                                                 checkpoint_name, fsync_file, read_checkpoint_record, replace_dir,
+                                                 sha256_file, state_sha256)
 from finetune_ref.train.checkpoint_state import (dcp_state_dict, describe, flatten_optimizer, full_options,
                                                  gather_optimizer_state, gather_rng, gather_trainable_state,
                                                  optimizer_param_names, set_local_state, set_rng_state_tensors,
@@ -81,7 +82,7 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
     info = info or DistInfo()
     root = Path(root)
     update = int(train_state["update"])
-    final = root / f"{CHECKPOINT_PREFIX}{update:06d}"
+    final = root / checkpoint_name(update)
     model_state = gather_trainable_state(model)
     optim_tensors, optim_meta = flatten_optimizer(gather_optimizer_state(model, optimizer))
     rng = gather_rng(info)
@@ -106,6 +107,7 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
                 make_readable(tmp / name)  # safetensors writes 0600
                 fsync_file(tmp / name)
                 record["files"][name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+            record["state_sha256"] = state_sha256(record)  # trainer_state.json is checked too, by itself
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
             fsync_file(tmp / STATE_FILE)
             replace_dir(tmp, final)
@@ -174,11 +176,12 @@ def _check_trainable(saved: dict, model: nn.Module, where: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data,
-                    info: DistInfo | None = None, metadata: dict | None = None) -> dict:
+                    info: DistInfo | None = None, metadata: dict | None = None, extend: bool = False) -> dict:
     """Restore model (trainable part), optimizer, scheduler, data position and RNG from a checkpoint.
 
     Call on every rank with the same arguments (reads files on every rank: on several machines ``path`` must be
-    on a shared filesystem). ``metadata`` must equal what was saved.
+    on a shared filesystem). ``metadata`` must equal what was saved. ``extend``: the schedule may run longer
+    than the saved one (``WarmupCosine.load_state_dict``).
 
     Returns:
         The saved ``train_state`` dict (``"update"`` etc.), with ``"path"`` of the checkpoint added.
@@ -203,7 +206,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                          f"(saved {[len(g or []) for g in saved_names]} parameters per group, now "
                          f"{[len(g) for g in current_names]}; another --weight-decay split or trainable set?)")
     # Settings checked by their owners; these two mutate only small counters, before the model is touched.
-    scheduler.load_state_dict(record["scheduler"])
+    scheduler.load_state_dict(record["scheduler"], **({"extend": True} if extend else {}))
     data.load_state_dict(record["data"])
 
     model_state = read_safetensors(ckpt / MODEL_FILE)
@@ -246,6 +249,7 @@ class Checkpointer:
         export_best: ``fn(model, directory)`` writing the best model in a usable format (e.g. a PEFT adapter);
             called on every rank (it must write on rank 0 only). Default: ``export_trainable``.
         track_best: export the model to ``<root>/best`` whenever the held-out loss reaches a new minimum.
+        extend: a resume may continue the schedule to more updates than the checkpoint's (``--extend``).
 
     Raises:
         ValueError: negative ``save_every`` or ``keep_last``.
@@ -253,7 +257,8 @@ class Checkpointer:
 
     def __init__(self, root: str | Path, save_every: int = 0, keep_last: int = 2, info: DistInfo | None = None,
                  metadata: dict | None = None,
-                 export_best: Callable[[nn.Module, Path], object] | None = None, track_best: bool = True):
+                 export_best: Callable[[nn.Module, Path], object] | None = None, track_best: bool = True,
+                 extend: bool = False):
         for name, value in (("save_every", save_every), ("keep_last", keep_last)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -262,7 +267,7 @@ class Checkpointer:
         self.info = info or DistInfo()
         self.metadata = metadata or {}
         self.export_best = export_best or (lambda model, directory: export_trainable(model, directory, self.info))
-        self.track_best = track_best
+        self.track_best, self.extend = track_best, extend
         self.last_saved: Path | None = None
 
     def due(self, update: int) -> bool:
@@ -273,8 +278,19 @@ class Checkpointer:
                                           self.metadata, self.keep_last)
         return self.last_saved
 
+    def save_anywhere(self, model, optimizer, scheduler, data, train_state: dict) -> Path:
+        """``save``, or where the root cannot be written (full disk, read-only), a checkpoint in a new temporary
+        directory ``<tmp>/finetune-rescue-*/checkpoints`` (the run's state is not lost)."""
+        try:
+            return self.save(model, optimizer, scheduler, data, train_state)
+        except OSError:
+            root = Path(tempfile.mkdtemp(prefix="finetune-rescue-")) / self.root.name
+            self.last_saved = save_checkpoint(root, model, optimizer, scheduler, data, train_state, self.info,
+                                              self.metadata)
+            return self.last_saved
+
     def load(self, path: str | Path, model, optimizer, scheduler, data) -> dict:
-        return load_checkpoint(path, model, optimizer, scheduler, data, self.info, self.metadata)
+        return load_checkpoint(path, model, optimizer, scheduler, data, self.info, self.metadata, self.extend)
 
     def save_best(self, model: nn.Module, update: int, loss: float) -> Path:
         """Export the current model as the best one (collective); records update and loss in best.json."""

@@ -53,6 +53,15 @@ def load_config(model: str | Path) -> LlamaConfig:
     return LlamaConfig.from_json_file(path / "config.json" if path.is_dir() else path)
 
 
+def shape_from(model: str | Path | None, preset: str | None) -> tuple[LlamaConfig, str]:
+    """(config, name) of ``--model`` (a directory or config.json) if given, else of ``--preset`` (default: the
+    embedded model's shape). Raises as ``load_config`` / ``preset_config``."""
+    if model is not None:
+        return load_config(model), str(model)
+    name = preset or DEFAULT_PRESET
+    return preset_config(name), name
+
+
 def linear_shapes(c: LlamaConfig) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each linear of one decoder layer (models/llama.py Attention, MLP)."""
     h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \

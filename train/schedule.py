@@ -63,8 +63,9 @@ class WarmupCosine:
         return {"update": self.update, "total_updates": self.total_updates, "peak_lr": self.peak_lr,
                 "warmup": self.warmup, "min_lr": self.min_lr}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state["update"]``.
+    def load_state_dict(self, state: dict, extend: bool = False) -> None:
+        """Resume at ``state["update"]``. ``extend``: the saved schedule may be shorter than this one (a run
+        trained further on purpose); the cosine is this one's, over the new total, from the saved update on.
 
         Raises:
             ValueError: the saved schedule had other settings (steps, lr, warmup, min lr): resuming would
@@ -76,7 +77,8 @@ class WarmupCosine:
                              f"(expected 0..{self.total_updates})")
         mine = self.state_dict()
         diffs = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in ("total_updates", "peak_lr", "warmup", "min_lr")
-                 if k in state and state[k] != mine[k]]
+                 if k in state and state[k] != mine[k]
+                 and not (extend and k == "total_updates" and state[k] < mine[k])]
         if diffs:
             raise ValueError("cannot resume: the checkpoint's LR schedule differs from this run's ("
                              + "; ".join(diffs) + "); resume with the same --steps/--lr/--warmup/--min-lr-ratio")

@@ -23,7 +23,9 @@ Guarantees (each has a test in tests/test_trainer.py, test_checkpointing.py or t
   improvement.
 * **Checkpoints** (``checkpointing.py``) every ``save_every`` updates, after the last, and on Ctrl-C / SIGTERM
   (the update in flight finishes first, then the checkpoint is written and ``TrainingInterrupted`` raised).
-  Resuming gives bitwise the parameters of an uninterrupted run (same world size).
+  Resuming gives bitwise the parameters of an uninterrupted run (same world size), and the metrics log keeps
+  each update once (lines past the checkpoint are dropped; a "resume" line marks the session). If writing the
+  result (``finish``) fails, the trained state is kept in a checkpoint of the last update first.
 * **Precision**: "fp32"; "bf16-autocast" (fp32 weights and optimizer, ``torch.autocast`` bf16 compute);
   "bf16" (bf16 weights; fp32 master weights and moments in the optimizer, or FSDP2's fp32 shards).
 * **Distributed** (``distributed.py``): same loss and gradients as one process with the global batch.
@@ -36,13 +38,15 @@ progress bar and interrupts (``bookkeeping.py``), checkpoints (``checkpointing.p
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .bookkeeping import MetricsLog, Progress, StopSignal, TrainingInterrupted, TrainState
+from .bookkeeping import MetricsLog, Progress, ResultNotSaved, StopSignal, TrainingInterrupted, TrainState
+from .checkpoint_files import checkpoint_name
 from .config import TrainConfig
 from .distributed import DistInfo, any_rank
 from .evaluation import evaluate_if_due, track_best
@@ -58,7 +62,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
           optimizer: torch.optim.Optimizer | None = None,
           on_update: Callable[[int, dict], None] | None = None,
           checkpointer=None, resume_from: str | Path | None = None,
-          info: DistInfo | None = None) -> dict:
+          info: DistInfo | None = None, finish: Callable[[nn.Module], object] | None = None) -> dict:
     """Run optimizer updates until ``cfg.steps`` (or early stopping).
 
     Args:
@@ -74,6 +78,8 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
         checkpointer: a ``train.checkpointing.Checkpointer`` (periodic, final, Ctrl-C and best checkpoints).
         resume_from: a checkpoint (or checkpoint root) to continue from; needs ``checkpointer``'s metadata.
         info: ``DistInfo`` of this process (default: single process).
+        finish: writes the result (e.g. the adapter) after the last update; called on every rank. If it fails
+            with an OSError (full disk, read-only directory), the trained state is kept in a checkpoint first.
 
     Returns:
         The last update's metrics, plus "eval" (last evaluation), "best_loss"/"best_update",
@@ -84,6 +90,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
             (see ``checkpointing.load_checkpoint``).
         FloatingPointError: a non-finite loss or gradient norm (the update is not applied).
         TrainingInterrupted: Ctrl-C or SIGTERM; a checkpoint was written first when ``checkpointer`` is set.
+        ResultNotSaved: ``finish`` failed; it names the checkpoint that holds the trained state.
     """
     info = info or DistInfo()
     check_precision(model, cfg.precision)
@@ -127,6 +134,8 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
             if interrupted:
                 raise TrainingInterrupted(state.update, checkpointer.last_saved if checkpointer else None)
     model.eval()
+    if finish is not None:
+        _finish(finish, model, checkpointer, state, optimizer, scheduler, batches)
     result.update({"best_loss": state.best_loss, "best_update": state.best_update, "stopped_early": stopped_early,
                    "checkpoint": str(checkpointer.last_saved) if checkpointer and checkpointer.last_saved else None,
                    "state": dataclasses.asdict(state)})
@@ -139,9 +148,32 @@ def _resume(resume_from, checkpointer, model, optimizer, scheduler, batches, log
         return TrainState()
     if checkpointer is None:
         raise ValueError("resume_from needs a checkpointer (it holds the metadata the checkpoint must match)")
-    state = TrainState.from_dict(checkpointer.load(resume_from, model, optimizer, scheduler, batches))
-    log.write({"type": "resume", "update": state.update, "checkpoint": str(resume_from)})
+    loaded = checkpointer.load(resume_from, model, optimizer, scheduler, batches)
+    state = TrainState.from_dict(loaded)
+    # Updates logged after this checkpoint (before a crash) are logged again by this session: each update once.
+    dropped = log.truncate_after(state.update)
+    log.write({"type": "resume", "update": state.update, "checkpoint": loaded["path"], "dropped_lines": dropped,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return state
+
+
+def _finish(finish, model, checkpointer, state: TrainState, optimizer, scheduler, batches) -> None:
+    """``finish(model)``; if it cannot write, keep the trained state in a checkpoint of this update (the last
+    one written, else a new one: in the checkpoint root, or failing that in a fresh temporary directory)."""
+    try:
+        finish(model)
+    except OSError as err:
+        kept = None
+        if checkpointer is not None:
+            last = checkpointer.last_saved
+            if last is not None and last.name == checkpoint_name(state.update):
+                kept = last
+            else:
+                try:
+                    kept = checkpointer.save_anywhere(model, optimizer, scheduler, batches, dataclasses.asdict(state))
+                except OSError:
+                    kept = None
+        raise ResultNotSaved(state.update, kept, err) from err
 
 
 def _checkpoint_if_due(checkpointer, state: TrainState, interrupted: bool, finished: bool, model, optimizer,

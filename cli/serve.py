@@ -1,0 +1,57 @@
+"""``finetune serve``: one base model and its LoRA adapters behind an OpenAI-compatible API (``serve/``).
+
+    finetune serve --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "sql", "prompt": "SELECT", "max_tokens": 16, "temperature": 0}'
+
+Binds to 127.0.0.1 unless told otherwise (``--host 0.0.0.0`` exposes it to the network: there is no
+authentication). Needs the ``[serve]`` extra: ``pip install -e '.[serve]'``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from finetune_ref.cli.common import INFERENCE_DTYPE_HELP, add_model_args, positive_int, resolve_model_dir
+from finetune_ref.cli.generate import parse_named_adapters
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from finetune_ref.serve.app import build_app
+        from finetune_ref.serve.engine import Engine
+    except ImportError as e:
+        raise ValueError(f"serving needs the [serve] extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    from finetune_ref.models.tokenizer import Tokenizer
+    from finetune_ref.recipes.inference import load_inference_model
+
+    dirs, names = parse_named_adapters(args.adapter)
+    if dirs and names is None:
+        raise ValueError("--adapter: name each adapter (NAME=DIR); clients choose it with \"model\": \"NAME\"")
+    model_dir = resolve_model_dir(args.model, args.cache_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = load_inference_model(model_dir, args.dtype, dirs or None, adapter_names=names, quantize=args.quantize)
+    engine = Engine(model, tokenizer, model_name=args.served_model_name or model_dir.name, max_batch=args.max_batch)
+    print(f"serving {engine.model_name}" + (f" with adapters {names}" if names else "") +
+          f" on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})", file=sys.stderr, flush=True)
+    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model and its LoRA adapters with an OpenAI-compatible API")
+    add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
+    p.add_argument("--quantize", choices=["nf4"], default=None,
+                   help="quantize a 16/32-bit base to NF4 (blocksize 64, double quantization) while loading")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="a PEFT adapter directory served as model NAME (repeat for several)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's id in the API (default: its folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="requests decoded together at most; more wait (default 8)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
