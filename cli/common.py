@@ -76,6 +76,7 @@ rank = Number(int, 1, 2**16)
 seed = Number(int, 0, 2**63 - 1)                             # torch.manual_seed's range
 top_p = Number(float, 0, 1, low_open=True)
 temperature = Number(float, 0, 100)
+port = Number(int, 1, 65535)
 group_size = Number(int, 1, 2**16, also=(-1,))              # GPTQ: input columns per scale; -1: one group per row
 
 

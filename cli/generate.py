@@ -118,13 +118,15 @@ def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text for one or more prompts (chat template applied unless --raw)")
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     p.add_argument("--prompt", action="append",
-                   help="a user message (or raw text with --raw); repeat for several prompts, generated as one batch")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line (after any --prompt)")
+                   help="a user message (or raw text with --raw); repeat for several prompts, generated as one batch "
+                        "(default: none; give --prompt or --prompts-file)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line, after any --prompt (default: none)")
     p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
                    help="adapter directory, optionally named (repeat: stacked for every prompt, or chosen per "
-                        "prompt with --adapter-per-prompt)")
+                        "prompt with --adapter-per-prompt; default: none, the base alone)")
     p.add_argument("--adapter-per-prompt", metavar="NAME,NAME,...",
-                   help="one adapter name per prompt ('-' for the base model): a mixed-adapter batch")
+                   help="one adapter name per prompt ('-' for the base model): a mixed-adapter batch (default: none, "
+                        "the adapters stacked for every prompt)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
                    help="tokens to generate at most; prompt + these must fit the model's context "

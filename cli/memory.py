@@ -126,7 +126,7 @@ def settings(args: argparse.Namespace) -> MemorySettings:
         given["precision"] = "bf16" if dtype == "bf16" else "fp32"
     elif dtype is not None:
         given["dtype"] = dtype
-    recipe = run_config(argparse.Namespace(method=args.method, **given))
+    recipe, _, _ = run_config(argparse.Namespace(method=args.method, **given))
     adapter_dtype = args.adapter_dtype or ("bf16" if recipe.precision == "bf16" else "fp32")
     return MemorySettings(
         method=args.method, optimizer=recipe.optimizer, batch_size=recipe.batch_size, seq_len=recipe.seq_len,

@@ -66,10 +66,12 @@ def test_name_flags_maps_fields_to_flags():
 
 
 def test_errors_from_below_the_cli_name_the_flag(tiny, tmp_path, capsys):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "file").write_text("mine")
-    err = fails(["convert-gguf", str(tmp_path / "x.gguf"), "--out", str(tmp_path / "out")], capsys)
-    assert "pass --overwrite" in err
+    run = tmp_path / "head"
+    assert main(train_argv(tiny, run, "--targets", "lm_head")) == 0  # the head is tied to the input embedding
+    capsys.readouterr()
+    err = fails(["merge", "--model", str(tiny[0]), "--adapter", str(run), "--out", str(tmp_path / "merged"),
+                 "--report-batches", "0", "--data", str(tiny[1]), "--seq-len", "32"], capsys)
+    assert "Pass --untie to give" in err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def test_a_corrupt_latest_checkpoint_suggests_the_previous_one(tiny, lora_run, t
     with open(latest / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\0")
-    err = fails(train_argv(tiny, run, "--steps", "3", "--save-every", "1", "--keep-last", "0", "--resume", str(run)),
+    err = fails(train_argv(tiny, run, "--steps", "3", "--save-every", "1", "--keep-last", "0", "--resume", str(run), "--extend"),
                 capsys, after_progress=True)
     assert "corrupt checkpoint" in err and "--resume " + str(run / "checkpoints" / "checkpoint-000001") in err
 
