@@ -373,3 +373,10 @@ def test_eval_tokens_caps_the_held_out_split_deterministically(tiny, capsys):
     with pytest.warns(UserWarning, match="capped"):
         assert main([*argv, "--eval-tokens", "320"]) == 0
     assert json.loads(capsys.readouterr().out) == capped  # the same sequences every time
+
+
+def test_log_every_may_change_on_resume(tiny, lora_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    assert main(train_argv(tiny, run, "--steps", "3", "--resume", str(run), "--extend", "--log-every", "1")) == 0
