@@ -17,6 +17,8 @@ setup(
     python_requires=">=3.10",
     packages=["finetune_ref"] + [f"finetune_ref.{room}" for room in ROOMS],
     package_dir={"finetune_ref": "finetune_ref", **{f"finetune_ref.{room}": room for room in ROOMS}},
+    # Ready run configurations (`finetune train --config qlora`), beside the recipe dataclasses they set.
+    package_data={"finetune_ref.recipes": ["*.yaml"]},
     install_requires=[
         # The README pins torch==2.13.0 (a CPU wheel); any recent torch works.
         "torch>=2.4",
@@ -27,14 +29,16 @@ setup(
         "gguf>=0.10",
         "jinja2",  # chat templates, rendered as transformers does
         "tqdm",
+        "pyyaml>=6",  # `finetune train --config FILE.yaml`
     ],
     extras_require={
         # Oracles the tests compare against, and Triton (kernel tests run in its CPU interpreter).
         # protobuf: transformers converting a sentencepiece model (oracle); the compare extra so that
         # `finetune compare`'s forgetting score and plot are tested too.
+        # tensorboard and wandb: what `--log` writes is read back with their own readers.
         "test": ["pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton", "protobuf",
-                 "chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7", "torchao>=0.10",
-                 "fastapi", "uvicorn", "httpx", "openai"],
+                 "chatterbot-corpus==1.3.3", "matplotlib>=3.7", "torchao>=0.10",
+                 "fastapi", "uvicorn", "httpx", "openai", "tensorboard", "wandb"],
         "triton": ["triton"],
         # `finetune parity`: the implementations it checks ours against (any subset may be installed).
         "parity": ["transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "torchao>=0.10"],
@@ -42,7 +46,11 @@ setup(
         "serve": ["fastapi>=0.100", "uvicorn>=0.20"],
         # `finetune compare`: a second, general-English corpus (chatterbot-corpus: YAML dialogue, BSD-3) for the
         # forgetting score, and matplotlib for the loss-curve plot.
-        "compare": ["chatterbot-corpus==1.3.3", "pyyaml>=6", "matplotlib>=3.7"],
+        "compare": ["chatterbot-corpus==1.3.3", "matplotlib>=3.7"],
+        # `finetune train --log tensorboard|wandb`, `finetune plot` and `finetune train --plot`.
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["finetune = finetune_ref.cli.main:main"]},
 )

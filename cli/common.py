@@ -178,6 +178,13 @@ def targets(text: str) -> tuple[str, ...] | str:
     return names
 
 
+def targets_text(value: tuple[str, ...] | str) -> str:
+    """What ``targets`` reads back as ``value``: the inverse of the --targets type."""
+    if isinstance(value, str):
+        return value if value == "all-linear" else f"re:{value}"
+    return ",".join(value)
+
+
 INFERENCE_DTYPE_HELP = "dtype of the weights and activations (default fp32; with a QLoRA adapter: its training dtypes)"
 NF4_BLOCKSIZES = list(SUPPORTED_BLOCKSIZES)  # --blocksize choices: bitsandbytes' supported blocksizes
 

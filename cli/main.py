@@ -1,4 +1,4 @@
-"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, advise, compare, parity, serve,
+"""The ``finetune`` command: train, eval, generate, merge, quantize, memory, advise, compare, parity, serve, plot,
 convert-gguf.
 
 With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-135M-Instruct from the
@@ -7,7 +7,7 @@ With no ``--model``/``--data`` every command uses the embedded default: SmolLM2-
 
 The commands live beside this file: ``train.py`` (train), ``merge.py`` (merge, quantize), ``memory.py``
 (memory), ``advise.py`` (advise), ``compare.py`` (compare), ``parity.py`` (parity), ``generate.py`` (generate),
-``serve.py`` (serve); this file has eval, convert-gguf and the parser.
+``serve.py`` (serve), ``plot.py`` (plot); this file has eval, convert-gguf and the parser.
 
 Errors a user can cause (a bad path, a malformed record, an impossible setting) print one line,
 ``finetune: error: ...``, and exit with status 2; no traceback.
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune_ref.cli.memory import add_memory_parser
     from finetune_ref.cli.merge import add_merge_parsers
     from finetune_ref.cli.parity import add_parity_parser
+    from finetune_ref.cli.plot import add_plot_parser
     from finetune_ref.cli.serve import add_serve_parser
     from finetune_ref.cli.train import add_train_parser
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     add_parity_parser(sub)
     add_serve_parser(sub)
+    add_plot_parser(sub)
 
     p = sub.add_parser("convert-gguf", help="convert a llama GGUF file to a Hugging Face directory")
     p.add_argument("file", help="the .gguf file")

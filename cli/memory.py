@@ -8,17 +8,18 @@ import dataclasses
 import json
 import sys
 
-from finetune_ref.cli.common import NF4_BLOCKSIZES, Parser, rank, sequences_per_batch, tokens_per_sequence
+from finetune_ref.cli.common import NF4_BLOCKSIZES, Parser, positive_int, rank, sequences_per_batch, tokens_per_sequence
 from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_config
 from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
 from finetune_ref.train import memory
 from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, shape_from
 from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
 from finetune_ref.train.memory import estimate_memory
+from finetune_ref.train.memory_fsdp import estimate_memory_fsdp
 
 # The flags that are recipe fields: parsed into the method's recipe, as finetune train does.
 RECIPE_FLAGS = ("optimizer", "batch_size", "seq_len", "grad_checkpointing", "dtype", "rank", "double_quant",
-                "blocksize")
+                "blocksize", "parallel")
 
 DESCRIPTION = memory.__doc__.split("\n\n")[0]
 
@@ -26,24 +27,27 @@ _ROWS = (("weights", "weights"), ("quant_constants", "quantization constants"),
          ("lora_parameters", "LoRA parameters"), ("gradients", "gradients"),
          ("optimizer_states", "optimizer states"), ("master_weights", "fp32 master weights"),
          ("activations", "activations (saved for backward)"), ("logits_and_loss", "logits and loss"),
-         ("workspace", "workspace at the peak"))
+         ("workspace", "workspace at the peak"), ("gathered", "FSDP all-gathered (root + 2 layers)"))
 
 
-def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings) -> str:
+def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings, world_size: int = 1) -> str:
     """A plain-text table: one row per class (GB = 1e9 bytes, GiB = 2**30, bytes per model parameter)."""
     s, est = settings, estimate
     adapter = f", LoRA r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
         if s.method != "full" else ""
     quant = f", NF4 blocksize {s.blocksize}{' + double quant' if s.double_quant else ''}" \
         if s.method == "qlora" else ""
+    ranks = f", per rank of {world_size} (FSDP2)" if world_size > 1 else ""
     lines = [f"model {model_name}: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable "
              f"({100 * est.trainable_parameters / est.parameters:.3g}%)",
              f"method {s.method} ({s.dtype}{quant}{adapter}), optimizer {s.optimizer}, batch {s.batch_size} x "
-             f"{s.seq_len} tokens, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}", ""]
+             f"{s.seq_len} tokens, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}{ranks}", ""]
     base = est.parameters - (est.trainable_parameters if s.method != "full" else 0)
     lines.append(f"{'':34s} {'GB':>10s} {'GiB':>10s} {'B/param':>9s}")
     for key, label in _ROWS:
         value = getattr(est, key)
+        if key == "gathered" and world_size == 1:
+            continue
         lines.append(f"{label:34s} {value / 1e9:10.3f} {value / 2**30:10.3f} {value / base:9.3f}")
     lines.append(f"{'before activations':34s} {est.before_activations / 1e9:10.3f} "
                  f"{est.before_activations / 2**30:10.3f} {est.before_activations / base:9.3f}")
@@ -101,6 +105,10 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-mask", action="store_true",
                    help="batches without attention mask / document ids (plain causal attention; the training "
                         "loop's packed batches carry them)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: every rank holds the model (the one-process estimate, per rank); fsdp: FSDP2 shards "
+                        "weights, gradients and optimizer states over --world-size ranks (train/memory_fsdp.py)")
+    p.add_argument("--world-size", type=positive_int, default=1, help="ranks (GPUs) for --parallel fsdp (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_memory)
     return p
@@ -147,11 +155,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
     """Run ``finetune memory``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
     config, name = shape_from(args.model, args.preset)
     setup = settings(args)
-    estimate = estimate_memory(config, setup)
+    world = args.world_size if args.parallel == "fsdp" else 1
+    estimate = estimate_memory_fsdp(config, setup, world) if world > 1 else estimate_memory(config, setup)
     if args.json:
-        print(json.dumps({"model": name, "settings": dataclasses.asdict(setup), **estimate.to_dict()}, indent=2))
+        print(json.dumps({"model": name, "settings": dataclasses.asdict(setup), "parallel": args.parallel,
+                          "world_size": world, **estimate.to_dict()}, indent=2))
     else:
-        print(format_table(estimate, name, setup))
+        print(format_table(estimate, name, setup, world))
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,13 +48,15 @@ def cmd_merge(args) -> int:
 
 def _merge(args, model_dir: Path) -> int:
     from finetune_ref.lora import load_adapters, merge_and_unload
+    from finetune_ref.lora.base_weight import RequantizationWarning
+    from finetune_ref.lora.inject import get_active_adapters
     from finetune_ref.models.loader import load_model
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.gptq.checkpoint import is_gptq_dir
-    from finetune_ref.qlora.merge import merge_qlora, merge_report
+    from finetune_ref.qlora.merge import adapter_deltas, merge_qlora, merge_report, quantize_merged
     from finetune_ref.qlora.bnb_config import is_quantized_dir
     from finetune_ref.models.config import check_context
-    from finetune_ref.qlora.model import load_quantized, quantize_model
+    from finetune_ref.qlora.model import load_quantized
 
     check_context(model_dir, args.seq_len, f"seq_len={args.seq_len}")
     if is_gptq_dir(model_dir):
@@ -67,26 +70,34 @@ def _merge(args, model_dir: Path) -> int:
     batches = heldout_batches(args, tokenizer)[:args.report_batches] if args.report_batches else []
     calibration = _calibration(args, tokenizer) if args.requantize == "gptq4" else None
 
-    if qlora:
-        base = args.base or "nf4-dequant"
-        original = _original_dir(args, base, model_dir)
-        settings = record or {}
-        blocksize = args.blocksize if args.blocksize is not None else settings.get("blocksize")
-        double_quant = False if args.no_double_quant else settings.get("double_quant")
-        model = load_quantized(model_dir, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
-                               dtype=dtype)
-        load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
-        merged = merge_qlora(model, base=base, original=original, dtype=dtype, untie_tied=args.untie,
-                             requantize="nf4" if args.requantize == "nf4" else "none")
-        what = f"QLoRA adapter(s) into the {base} base"
-    else:
-        model = load_model(model_dir, dtype=dtype)
-        load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
-        merged = merge_and_unload(copy.deepcopy(model) if batches else model, untie_tied=args.untie)
-        if args.requantize == "nf4":
-            quantize_model(merged, blocksize=args.blocksize or 64, double_quant=not args.no_double_quant,
-                           compute_dtype=merged.model.embed_tokens.weight.dtype)
-        what = "LoRA adapter(s)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RequantizationWarning)
+        if qlora:
+            base = args.base or "nf4-dequant"
+            original = _original_dir(args, base, model_dir)
+            settings = record or {}
+            blocksize = args.blocksize if args.blocksize is not None else settings.get("blocksize")
+            double_quant = False if args.no_double_quant else settings.get("double_quant")
+            model = load_quantized(model_dir, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
+                                   dtype=dtype)
+            load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
+            merged = merge_qlora(model, base=base, original=original, dtype=dtype, untie_tied=args.untie,
+                                 requantize="nf4" if args.requantize == "nf4" else "none")
+            what = f"QLoRA adapter(s) into the {base} base"
+        else:
+            model = load_model(model_dir, dtype=dtype)
+            load_adapters(model, args.adapter, adapter_dtype=model.model.embed_tokens.weight.dtype)
+            deltas = adapter_deltas(model, get_active_adapters(model)) if args.requantize == "nf4" else {}
+            merged = merge_and_unload(copy.deepcopy(model) if batches else model, untie_tied=args.untie)
+            if args.requantize == "nf4":
+                quantize_merged(merged, deltas, blocksize=args.blocksize or 64, double_quant=not args.no_double_quant,
+                                compute_dtype=merged.model.embed_tokens.weight.dtype)
+            what = "LoRA adapter(s)"
+    for w in caught:  # the library's warning, measured by lora.base_weight.requantization_drift: print its line
+        if isinstance(w.message, RequantizationWarning):
+            print(f"warning: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if gptq_config is not None:
         from finetune_ref.gptq.model import gptq_quantize_model
 

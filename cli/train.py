@@ -2,7 +2,8 @@
 
 The method's defaults live in its recipe's dataclass (``recipes/full.py``, ``lora.py``, ``qlora.py``); a flag
 that is left out keeps the recipe's default: the config is ``dataclasses.replace(Recipe(), **the flags given)``.
-``--help`` shows the defaults read from the recipes.
+``--help`` shows the defaults read from the recipes. ``--config FILE.yaml`` gives flags from a file, through this
+same parser (``train_config.py``); the resolved config is written to ``OUT/train_config.yaml``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.recipes.run_record import config_from_record, holds_run, read_run_record, run_dir_of
 from finetune_ref.train.config import PRECISIONS
+from finetune_ref.train.loggers import LOGGERS
 
-NOT_CONFIG = ("command", "func", "method", "dry_run", "overwrite", "extend", "flags")  # flags, not fields
+DEFAULT_METHOD = "lora"
 NF4_FIELDS = ("blocksize", "double_quant", "compute_dtype")
 DEFAULTS = {method: recipe() for method, recipe in RECIPES.items()}
+ALL_FIELDS = {f.name for cfg in DEFAULTS.values() for f in dataclasses.fields(cfg)}  # of any recipe
 
 
 def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict | None, Path | None]:
@@ -41,7 +44,7 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict | None, Path |
         ValueError: NF4 flags without ``--method qlora``, ``--resume`` of a checkpoint outside a run directory
             without ``--out``, or what the recipe rejects (it names the field).
     """
-    given = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    given = {k: v for k, v in vars(args).items() if k in ALL_FIELDS}
     method = getattr(args, "method", None)
     record = run_dir = None
     if "resume" in given:
@@ -53,7 +56,7 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict | None, Path |
         record = read_run_record(run_dir) if run_dir is not None else None
         if record is not None and (method is None or method == record["method"]):
             return config_from_record(record, RECIPES, **given), record, run_dir
-    defaults = DEFAULTS[method or "lora"]
+    defaults = DEFAULTS[method or DEFAULT_METHOD]
     fields = {f.name for f in dataclasses.fields(defaults)}
     if any(k in given for k in NF4_FIELDS) and not set(NF4_FIELDS) <= fields:
         raise ValueError("--blocksize, --no-double-quant and --compute-dtype set up the NF4 base of --method qlora")
@@ -70,15 +73,21 @@ def _explain(out: Path) -> str | None:
 
 
 def cmd_train(args) -> int:
-    cfg, record, run_dir = run_config(args)
+    from finetune_ref.cli.train_config import CONFIG_FILE, config_text, resolve_config
+
+    args, (cfg, record, run_dir) = resolve_config(args, train_arguments(), run_config)
     extend = getattr(args, "extend", False)
+    if getattr(args, "print_config", False):
+        print(config_text(cfg, train_arguments()), end="")
+        return 0
     if args.dry_run:
-        from finetune_ref.train.schedule import format_lr_table
+        from finetune_ref.train.schedule import describe_schedule, format_lr_table
 
         min_lr = cfg.lr * cfg.min_lr_ratio
         print(f"method {cfg.method}, precision {cfg.precision}, optimizer {cfg.optimizer}, {cfg.steps} updates "
               f"of {cfg.batch_size} x {cfg.grad_accum} sequences per process, warmup {cfg.warmup_steps}, peak lr "
               f"{cfg.lr:g}, min lr {min_lr:g}")
+        print(describe_schedule(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         return 0
     if extend and cfg.resume is None:
@@ -105,23 +114,24 @@ def cmd_train(args) -> int:
         info = init_distributed()
         finished = False
         try:
-            status = _run(cfg, model_dir, info, extend, args.flags)
+            status = _run(cfg, model_dir, info, extend, args.flags,
+                          {CONFIG_FILE: config_text(cfg, train_arguments())})
             finished = True  # every rank got here (an interruption is agreed on by all ranks)
             return status
         finally:
             destroy_distributed(info, synchronize=finished)
 
 
-def _run(cfg: RunConfig, model_dir, info, extend: bool, flag_names: dict) -> int:
+def _run(cfg: RunConfig, model_dir, info, extend: bool, flag_names: dict, files: dict[str, str]) -> int:
     """Exit status of the run: 0; 130 after Ctrl-C / SIGTERM (its checkpoint written); 1 when the result could not
-    be written (the checkpoint that keeps it is named)."""
+    be written (the checkpoint that keeps it is named). ``files`` go into the run directory (``run_training``)."""
     from finetune_ref.recipes.run import run_training
     from finetune_ref.train.bookkeeping import ResultNotSaved, TrainingInterrupted
 
     command = shlex.join(["finetune", *sys.argv[1:]])
     try:
         run_training(cfg, model_dir, info, extend=extend, flag=lambda name: flag_names.get(name, name),
-                     command=command)
+                     command=command, files=files)
     except TrainingInterrupted as stop:
         if info.is_main:
             print(f"interrupted after update {stop.update}; checkpoint {stop.checkpoint}; continue with: "
@@ -162,12 +172,44 @@ def _default(name: str) -> str:
     return "default: " + ", ".join(f"{value} for {' and '.join(methods)}" for value, methods in by_value.items())
 
 
+def log_names(text: str) -> tuple[str, ...]:
+    """--log: a comma-separated list of loggers ("tensorboard", "wandb")."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in LOGGERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(LOGGERS)} (or both, comma-separated), got {text!r}")
+    return names
+
+
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """Register ``train`` on the ``finetune`` subcommands."""
-    # A flag left out sets nothing (SUPPRESS), so the recipe's default stays.
+    # A flag left out sets nothing (SUPPRESS), so the recipe's (or the --config file's) value stays.
     p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full) and save the adapter or model",
                        argument_default=argparse.SUPPRESS)
-    p.add_argument("--method", choices=sorted(RECIPES), help="what to train (default lora)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)  # cli/main.py adds ``flags``: the flag of each config field, for messages
+    return p
+
+
+def train_arguments() -> argparse.ArgumentParser:
+    """The flags of ``finetune train`` in a parser of their own that raises ``argparse.ArgumentError`` instead of
+    exiting: what reads a --config file parses its values with."""
+    p = argparse.ArgumentParser(prog="finetune train", argument_default=argparse.SUPPRESS, exit_on_error=False,
+                                add_help=False)
+    add_train_arguments(p)
+    return p
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every flag of ``finetune train``; a flag left out sets no attribute (but --overwrite, --extend, --dry-run)."""
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="take flags from a YAML file: one 'flag-name: value' line per flag, without the dashes "
+                        "(e.g. min-lr-ratio: 0.1; flags given here override it); a file the package ships can be "
+                        "named without its path (lora, qlora, full, ...; see recipes/); OUT/train_config.yaml "
+                        "repeats a run (default: none)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (as the YAML --config reads) and exit")
+    p.add_argument("--method", choices=sorted(RECIPES), help=f"what to train (default {DEFAULT_METHOD})")
     add_model_args(p, dtype_help="dtype of the unquantized base weights (default: what --precision implies)",
                    given_only=True)
     add_data_args(p, given_only=True)
@@ -208,10 +250,16 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--extend", action="store_true", default=False,
                    help="with --resume and a --steps larger than recorded: train a run further on purpose")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
-                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp, --method full only) "
+                   help="under torchrun: replicate (ddp) or shard with FSDP2 (fsdp: weights, or the frozen (NF4) base and "
+                        "adapters, gradients and optimizer states) "
                         f"({_default('parallel')})")
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the plan and the learning rate of every update, then exit")
+    p.add_argument("--log", type=log_names, metavar="tensorboard|wandb",
+                   help="also log to tensorboard (OUT/tensorboard) or wandb (OUT/wandb; offline unless W&B is "
+                        "configured), or both: tensorboard,wandb (default: none; metrics.jsonl is always written)")
+    p.add_argument("--plot", action="store_true",
+                   help="draw the loss, learning-rate and tokens/s curves into OUT/loss.png at the end")
     g = p.add_argument_group("LoRA and QLoRA adapters")
     g.add_argument("--rank", type=rank, help=f"LoRA rank r ({_default('rank')})")
     g.add_argument("--alpha", type=positive_float, help=f"LoRA alpha, scaling = alpha / r ({_default('alpha')})")
@@ -232,5 +280,3 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="no progress bar: a line every --log-every updates and one per evaluation instead (for logs)")
     p.add_argument("--log-every", type=non_negative_int,
                    help=f"with --no-progress, updates between progress lines, 0: none ({_default('log_every')})")
-    p.set_defaults(func=cmd_train)  # cli/main.py adds ``flags``: the flag of each config field, for messages
-    return p

@@ -97,19 +97,35 @@ def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = No
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(W)^T + bias: dequantize W to x's dtype, then ``F.linear``.
+    """y = x @ dequant(W)^T + bias: dequantize W to x's dtype, then ``F.linear`` on x's rows.
 
-    Shapes: x (..., K), W (N, K), bias (N,) -> y (..., N), x's dtype.
+    Shapes: x (..., K), W (N, K), bias (N,) -> y (..., N), x's dtype. The bits of y depend on x's values only,
+    not on its memory layout (``_canonical_rows``).
     """
-    return F.linear(x, _dequantize(packed, state, x.dtype), bias)
+    rows = _canonical_rows(x)  # (M, K)
+    return F.linear(rows, _dequantize(packed, state, x.dtype), bias).view(*x.shape[:-1], -1)  # (M, N) -> (..., N)
 
 
 def nf4_matmul_input_grad(grad_y: torch.Tensor, packed: torch.Tensor, state: Any) -> torch.Tensor:
     """dx = grad_y @ dequant(W), W dequantized to grad_y's dtype.
 
-    Shapes: grad_y (..., N), W (N, K) -> dx (..., K), grad_y's dtype.
+    Shapes: grad_y (..., N), W (N, K) -> dx (..., K), grad_y's dtype; independent of grad_y's layout, as above.
     """
-    return grad_y @ _dequantize(packed, state, grad_y.dtype)
+    rows = _canonical_rows(grad_y)  # (M, N)
+    return (rows @ _dequantize(packed, state, grad_y.dtype)).view(*grad_y.shape[:-1], -1)  # (M, K) -> (..., K)
+
+
+# CPU BLAS (oneDNN/MKL) picks its blocking, vector path and, for bf16/fp16, its accumulation order from the
+# operand's strides and alignment, so a transposed, strided or permuted activation (or a view at an odd offset)
+# gives results 1-3 ulp away from its contiguous copy. A reference must not: every matmul gets its input as one
+# contiguous (M, K) matrix at an aligned address, so the same values always take the same path.
+_ALIGNMENT = 64  # bytes: a cache line, what PyTorch's CPU allocator guarantees for a fresh tensor
+
+
+def _canonical_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) as a contiguous (M, K) matrix whose data starts at an aligned address (copied only if needed)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K): a view when x is contiguous, else a fresh copy
+    return rows.clone() if rows.data_ptr() % _ALIGNMENT else rows
 
 
 # --------------------------------------------------------------------------------------------

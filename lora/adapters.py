@@ -17,6 +17,7 @@ config. (PEFT only warns and then changes both.)
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
                                      mark_only_lora_trainable, set_active_adapters, set_submodule,
                                      tied_weight_owners)
-from finetune_ref.lora.base_weight import dense_weight
+from finetune_ref.lora.base_weight import RequantizationWarning, dense_weight, warn_requantization
 from finetune_ref.lora.layer import LoRALinear
 
 
@@ -127,7 +128,11 @@ def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
 
     Raises:
         ValueError: unknown adapter; a tied base weight without ``untie_tied``; non-finite result (safe_merge).
-        TypeError: a base layer without a dense floating weight (e.g. a 4-bit base).
+        TypeError: a base layer that can be neither read nor written as a dense weight (e.g. GPTQLinear).
+
+    Warns:
+        RequantizationWarning: a quantized base (NF4Linear) was re-quantized; the message gives the fraction of
+            the update the stored weights kept (``lora.base_weight.RequantizationDrift``), summed over the layers.
     """
     names = _check_names(model, get_active_adapters(model) if adapter_names is None else adapter_names)
     work = []
@@ -151,8 +156,13 @@ def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
                                  "overflow); nothing was merged")
     for layer_name in tied:
         _untie(model, model.get_submodule(layer_name))
-    for _, layer, todo in work:
-        layer.merge(todo, safe_merge=False, allow_shared_weight=True)  # ties were checked just above
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RequantizationWarning)  # one warning for the model, below, not one per layer
+        for _, layer, todo in work:
+            layer.merge(todo, safe_merge=False, allow_shared_weight=True)  # ties were checked just above
+    drifts = [layer.requantization_drift for _, layer, _ in work if layer.requantization_drift is not None]
+    if drifts:
+        warn_requantization(sum(drifts[1:], drifts[0]))
     return [layer_name for layer_name, _, _ in work]
 
 

@@ -145,8 +145,10 @@ def get_active_adapters(model: nn.Module) -> list[str]:
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    if t.device.type == "meta":
-        return ("meta", id(t))
+    if t.device.type == "meta" or hasattr(t, "to_local"):
+        # meta tensors have no storage; a DTensor (an FSDP2 shard) is one object however many modules hold it,
+        # and its local shard may be empty (no data pointer to compare)
+        return ("object", id(t))
     return (str(t.device), t.untyped_storage().data_ptr())
 
 

@@ -21,7 +21,8 @@ import re
 import torch
 from torch import nn
 
-from finetune_ref.lora.base_weight import dense_weight, write_dense_weight
+from finetune_ref.lora.base_weight import (dense_weight, quantized_snapshot, restore_snapshot, warn_requantization,
+                                           write_dense_weight)
 from finetune_ref.lora.functional import (init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
                                          merged_weight)
 
@@ -93,6 +94,10 @@ class LoRALinear(nn.Module):
         # Other modules sharing the base weight (set by lora.inject_lora, e.g. ["model.embed_tokens"] for a
         # tied lm_head): merging in place would change them too, so merge() refuses while this is non-empty.
         self.shared_weight_with: list[str] = []
+        # A quantized base's stored tensors from before its first merge (unmerge restores them exactly), and the
+        # drift of the last merge into it (lora.base_weight.requantization_drift); None for a dense base.
+        self.base_snapshot: dict[str, torch.Tensor] | None = None
+        self.requantization_drift = None
         # A mixed batch's per-row adapters (``lora.mixed.RowAdapters``, set by ``lora.mixed.set_row_adapters``):
         # while set, each row gets its own adapter instead of the active ones.
         self.row_adapters = None
@@ -266,7 +271,12 @@ class LoRALinear(nn.Module):
             raise ValueError(f"merging adapter(s) {names} gives non-finite weights (NaN/inf, or overflow of "
                              f"{weight.dtype}); the base weight was left unchanged. The adapter is broken or "
                              "its update is too large for this dtype")
-        write_dense_weight(self.base_layer, new_weight)  # in place for a dense base: the Parameter survives
+        snapshot = self.base_snapshot if self.merged_adapters else quantized_snapshot(self.base_layer)
+        # In place for a dense base (the Parameter survives); re-quantized for a quantized one, with a warning.
+        self.requantization_drift = write_dense_weight(self.base_layer, new_weight)
+        self.base_snapshot = snapshot
+        if self.requantization_drift is not None:
+            warn_requantization(self.requantization_drift, stacklevel=4)  # 4: past torch.no_grad's wrapper
         self.merged_adapters.extend(names)
         return names
 
@@ -274,13 +284,20 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> list[str]:
         """W <- W - the merged updates (fp32, rounded once); returns the names unmerged ([] if none).
 
-        Exact in fp32 up to rounding; in bf16/fp16 within one ulp of max(|W|, |W + dW|) per element.
+        Exact in fp32 up to rounding; in bf16/fp16 within one ulp of max(|W|, |W + dW|) per element. A quantized
+        base gets back its stored tensors from before the first merge, bit for bit (re-quantizing W - dW would
+        change about half the codes).
         """
         if not self.merged_adapters:
             return []
-        weight = dense_weight(self.base_layer)
         names = list(reversed(self.merged_adapters))
-        write_dense_weight(self.base_layer, merged_weight(weight, [self.get_delta_weight(n) for n in names], sign=-1))
+        if self.base_snapshot is not None:
+            restore_snapshot(self.base_layer, self.base_snapshot)
+        else:
+            weight = dense_weight(self.base_layer)
+            deltas = [self.get_delta_weight(n) for n in names]
+            write_dense_weight(self.base_layer, merged_weight(weight, deltas, sign=-1))
+        self.base_snapshot, self.requantization_drift = None, None
         self.merged_adapters.clear()
         return names
 

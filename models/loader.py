@@ -22,7 +22,7 @@ A bad checkpoint raises one error naming the tensor or file; no half-loaded mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Set
+from typing import Callable, Iterable, Optional, Set
 
 import torch
 from torch import nn
@@ -71,7 +71,8 @@ class LinearBuilder:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, *,
-               linear_builder: Optional[LinearBuilder] = None) -> LlamaForCausalLM:
+               linear_builder: Optional[LinearBuilder] = None,
+               on_layer: Optional[Callable[[nn.Module], None]] = None) -> LlamaForCausalLM:
     """Build a ``LlamaForCausalLM`` from a Hugging Face directory (the steps are in the module docstring).
 
     Args:
@@ -79,6 +80,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, 
         dtype: float32, bfloat16 or float16 (or 'fp32'/'bf16'/'fp16'); every floating tensor not built by
             ``linear_builder`` is cast to it.
         linear_builder: builds some linear layers itself (:class:`LinearBuilder`); None: all dense.
+        on_layer: called with each decoder layer as soon as it is loaded (e.g. to shard it across processes
+            before the next one is read, so a process never holds all of the model).
 
     Returns:
         The model in eval mode, on the CPU.
@@ -123,6 +126,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, 
             del own
         _assign_plain(model, tensors, dtype, config.tie_word_embeddings, model_dir)
         del tensors
+        if group and on_layer is not None:
+            on_layer(model.get_submodule(group[:-1]))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assigning the embedding broke the tie; restore it
     model.model.rotary_emb.reset_inv_freq("cpu")

@@ -53,7 +53,13 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes cos/sin tables for given positions. Holds no trainable state."""
+    """Computes cos/sin tables for given positions. Holds no trainable state.
+
+    ``inv_freq`` is an fp32 buffer that no dtype cast reaches: ``model.to(torch.bfloat16)``, ``.half()`` and
+    ``.bfloat16()`` leave it bitwise unchanged (a bf16 copy moves cos/sin at position 32767 by up to ~1.9), and a
+    device move moves its fp32 bits. It is not saved (``persistent=False``), so loading a checkpoint never
+    replaces it either. The guard sits in ``_apply``, where every ``nn.Module`` cast and move happens.
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -64,6 +70,18 @@ class RotaryEmbedding(nn.Module):
         """Recompute the buffer (after building the model on the meta device)."""
         self.inv_freq = rope_inv_freq(self.config, device=device)
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to/half/bfloat16/cuda all end here with a function applied to every tensor; take only the
+        # device of its result, never its dtype.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        device = self.inv_freq.device
+        if inv_freq.is_meta:  # built on the meta device: there are no bits to keep, compute them where they go
+            self.inv_freq = rope_inv_freq(self.config, device=device) if device.type != "meta" else self.inv_freq
+        else:
+            self.inv_freq = inv_freq.to(device)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (B, T, head_dim), computed in fp32 then cast to ``dtype`` (as transformers does).
 
@@ -71,7 +89,8 @@ class RotaryEmbedding(nn.Module):
             position_ids: int tensor (B, T).
         """
         # (B, T, 1) * (1, 1, head_dim/2) -> (B, T, head_dim/2); fp32 so large positions keep their precision.
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
+        assert self.inv_freq.dtype == torch.float32, "RoPE inverse frequencies must stay fp32"
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim): the same angle for j and j + head_dim/2
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -211,9 +211,14 @@ def check_float_input(x: torch.Tensor, fn: str) -> tuple[torch.Tensor, int]:
     """Validate a float input and return its fp32 row-major flattening (a copy or a view) and numel."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.uint8:
+        # Casting would quantize the bytes themselves as if they were weights: say what to do instead.
+        raise TypeError(f"{fn}: the input is uint8, i.e. already-quantized codes (packed 4-bit NF4 bytes or "
+                        f"8-bit codes), not weights; quantizing it again would treat the codes as numbers. Pass the "
+                        f"original float32/bfloat16/float16 tensor, or dequantize the codes first "
+                        f"(kernels.reference.dequantize_nf4(packed, state) for NF4, dequantize_blockwise for 8-bit)")
     if x.dtype not in _FLOAT_DTYPES:
-        hint = " (it looks already quantized)" if x.dtype == torch.uint8 else ""
-        raise TypeError(f"{fn}: input dtype must be float32, bfloat16 or float16, got {x.dtype}{hint}; "
+        raise TypeError(f"{fn}: input dtype must be float32, bfloat16 or float16, got {x.dtype}; "
                         f"cast it first, e.g. x.float()")
     n = x.numel()
     if n == 0:

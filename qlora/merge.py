@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.adapters import merge_and_unload, set_adapter
+from finetune_ref.lora.base_weight import RequantizationDrift, requantization_drift, warn_requantization
 from finetune_ref.lora.inject import get_active_adapters, get_lora_configs, inject_lora, lora_layers
 from finetune_ref.models.checkpoint import parse_dtype
 from finetune_ref.models.loader import dequantize_linears, load_model
@@ -84,6 +85,10 @@ def merge_qlora(model: LlamaForCausalLM, *, base: str = "nf4-dequant",
         ValueError: unknown base/requantize; base="original" without ``original`` or with a checkpoint that
             does not match the NF4 base (config, shapes or codes); a model without adapters or NF4 layers.
         TypeError: unsupported dtype.
+
+    Warns:
+        RequantizationWarning: with requantize="nf4", the fraction of the merged update the NF4 weights kept
+            (``lora.base_weight.RequantizationDrift``; ``finetune merge`` prints the same line).
     """
     if base not in MERGE_BASES:
         raise ValueError(f"base must be one of {MERGE_BASES}, got {base!r}")
@@ -112,20 +117,51 @@ def merge_qlora(model: LlamaForCausalLM, *, base: str = "nf4-dequant",
         merged = dequantize_model(copy.deepcopy(model), torch.float32)
     else:
         merged = _original_with_adapters(model, original, names, min_code_agreement)
+    deltas = adapter_deltas(merged, names) if requantize == "nf4" else {}
     merged = _to_dtype(merge_and_unload(merged, names, untie_tied=untie_tied), dtype)  # fp32 merge, one rounding
     if requantize == "nf4":
         skip = [n for n, m in merged.named_modules() if type(m) is nn.Linear and n not in quantized_names]
-        quantize_model(merged, blocksize=settings.blocksize, double_quant=settings.double_quant,
-                       compute_dtype=settings.compute_dtype, skip_modules=skip)
+        quantize_merged(merged, deltas, blocksize=settings.blocksize, double_quant=settings.double_quant,
+                        compute_dtype=settings.compute_dtype, skip_modules=skip, stacklevel=5)
     return merged.eval()
 
 
+@torch.no_grad()
+def adapter_deltas(model: nn.Module, adapter_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each LoRA layer's merged update (sum of scaling * B @ A over ``adapter_names``, fp32, (out, in)), by the
+    name its base layer has after ``merge_and_unload``; for ``quantize_merged``'s drift."""
+    deltas = {}
+    for name, layer in lora_layers(model):
+        own = [layer.get_delta_weight(n) for n in adapter_names if n in layer.adapter_names]
+        if own:
+            deltas[name] = sum(own[1:], own[0])
+    return deltas
+
+
+def quantize_merged(merged: LlamaForCausalLM, deltas: dict[str, torch.Tensor], stacklevel: int = 3,
+                    **quantize_kwargs) -> RequantizationDrift:
+    """``quantize_model(merged, **quantize_kwargs)`` after a merge, warning with the fraction of the merged
+    updates ``deltas`` (``adapter_deltas``, taken before the merge) that the NF4 weights kept.
+
+    Returns the drift summed over the adapted layers (``lora.base_weight.RequantizationDrift``); it is also the
+    ``RequantizationWarning``'s ``.drift``, which ``finetune merge`` prints.
+    """
+    intended = {name: merged.get_submodule(name).weight for name in deltas}  # (out, in) each, before quantizing
+    quantize_model(merged, **quantize_kwargs)
+    drift = RequantizationDrift(0, 0.0, 0.0, 0.0, 0.0)
+    for name, delta in deltas.items():
+        layer = merged.get_submodule(name)
+        if callable(getattr(layer, "dequantize", None)):  # skipped layers stay dense: nothing re-quantized there
+            drift = drift + requantization_drift(intended.pop(name), layer.dequantize(torch.float32), delta)
+    if drift.layers:
+        warn_requantization(drift, stacklevel)
+    return drift
+
+
 def _to_dtype(model: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
-    # nn.Module.to(dtype) casts floating tensors only, and NF4Linear keeps its packed codes and fp32 state; the
-    # RoPE inverse frequencies must stay fp32 (as models.loader.load_model leaves them), so rebuild them.
-    model.to(dtype)
-    model.model.rotary_emb.reset_inv_freq(model.model.embed_tokens.weight.device)
-    return model
+    # nn.Module.to(dtype) casts floating tensors only, NF4Linear keeps its packed codes and fp32 state, and the
+    # RoPE inverse frequencies stay fp32 (models.rope.RotaryEmbedding._apply).
+    return model.to(dtype)
 
 
 def _original_with_adapters(model: LlamaForCausalLM, original, names: list[str],
@@ -237,5 +273,5 @@ def merge_report(reference: nn.Module, merged: nn.Module, batches: Iterable[dict
             "loss_change": loss_merged - loss_ref, "tokens": tokens}
 
 
-__all__ = ["MERGE_BASES", "REQUANTIZE_CHOICES", "check_original_matches", "dequantize_model", "merge_qlora",
-           "merge_report"]
+__all__ = ["MERGE_BASES", "REQUANTIZE_CHOICES", "adapter_deltas", "check_original_matches", "dequantize_model",
+           "merge_qlora", "merge_report", "quantize_merged"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ from finetune_ref.qlora.bnb_config import QUANTIZATION_CONFIG_KEY, BnbQuantizati
 from finetune_ref.qlora.bnb_format import bnb_linear_keys, from_bnb_state_dict
 from finetune_ref.qlora.nf4 import quantize_nf4
 from finetune_ref.qlora.nf4_linear import NF4Linear
-from finetune_ref.qlora.quant_state import SUPPORTED_BLOCKSIZES
+from finetune_ref.qlora.quant_state import check_blocksize
 
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' and transformers' default (QLoRA section 3)
 DEFAULT_SKIP_MODULES = ("lm_head",)  # transformers leaves the output head unquantized
@@ -120,8 +120,7 @@ def _shared_weight_names(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _check_settings(blocksize: int, compute_dtype: torch.dtype) -> None:
-    if isinstance(blocksize, bool) or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
+    check_blocksize(blocksize, "NF4 quantization")
     if compute_dtype not in DTYPE_NAMES:
         raise TypeError(f"compute_dtype must be one of {list(DTYPE_NAMES)}, got {compute_dtype!r}")
 
@@ -192,7 +191,8 @@ class NF4Builder(LinearBuilder):
 
 def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, double_quant: Optional[bool] = None,
                    compute_dtype: torch.dtype | str = torch.bfloat16, dtype: torch.dtype | str | None = None,
-                   skip_modules: Optional[Iterable[str]] = None) -> LlamaForCausalLM:
+                   skip_modules: Optional[Iterable[str]] = None,
+                   on_layer: Optional[Callable[[nn.Module], None]] = None) -> LlamaForCausalLM:
     """Build a ``LlamaForCausalLM`` whose linear layers are NF4, from a 16/32-bit or a 4-bit model directory.
 
     A 16/32-bit checkpoint is quantized while loading, one decoder layer at a time (see the module docstring);
@@ -210,6 +210,8 @@ def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, do
             ``compute_dtype``.
         skip_modules: linear layers to leave unquantized (full names or name suffixes); default ``("lm_head",)``,
             or the checkpoint's ``llm_int8_skip_modules`` for a 4-bit directory.
+        on_layer: called with each decoder layer once quantized (``models.loader.load_model``), e.g. to shard
+            its NF4 storage across processes at once (``train.fsdp.shard_nf4_layers``).
 
     Returns:
         The model in eval mode, on the CPU.
@@ -243,7 +245,7 @@ def load_quantized(model_dir: str | Path, *, blocksize: Optional[int] = None, do
     builder = NF4Builder(skip_modules=_skip_tuple(DEFAULT_SKIP_MODULES if skip_modules is None else skip_modules),
                          blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
                          stored=qconfig is not None)
-    return load_model(model_dir, dtype, linear_builder=builder)
+    return load_model(model_dir, dtype, linear_builder=builder, on_layer=on_layer)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -329,8 +331,8 @@ def quantized_nbytes(model: nn.Module) -> dict[str, float]:
 def prepare_qlora_model(model_dir: str | Path, *, lora_config, blocksize: Optional[int] = None,
                         double_quant: Optional[bool] = None, compute_dtype: torch.dtype | str = torch.bfloat16,
                         adapter_dtype: torch.dtype = torch.bfloat16, dtype: torch.dtype | str | None = None,
-                        skip_modules: Optional[Iterable[str]] = None,
-                        adapter_name: str = "default") -> LlamaForCausalLM:
+                        skip_modules: Optional[Iterable[str]] = None, adapter_name: str = "default",
+                        on_layer: Optional[Callable[[nn.Module], None]] = None) -> LlamaForCausalLM:
     """QLoRA (Dettmers et al. 2023, section 3): an NF4 base (:func:`load_quantized`) plus LoRA adapters.
 
     The base is frozen; only the adapters' A and B train. Dtypes: NF4 matmuls in ``compute_dtype``, unquantized
@@ -350,6 +352,6 @@ def prepare_qlora_model(model_dir: str | Path, *, lora_config, blocksize: Option
     from finetune_ref.lora import inject_lora
 
     model = load_quantized(model_dir, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
-                           dtype=dtype, skip_modules=skip_modules)
+                           dtype=dtype, skip_modules=skip_modules, on_layer=on_layer)
     inject_lora(model, lora_config, adapter_name=adapter_name, adapter_dtype=adapter_dtype)
     return model

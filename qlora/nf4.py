@@ -34,6 +34,9 @@ quantization, exactly as bitsandbytes' pure-PyTorch path. It lives beside the Tr
 it: ``kernels/reference.py``, ``dequantize_nf4(packed, state, dtype=None)``. (bitsandbytes' native CPU
 dequantize is wrong for some shapes; see ``tests/test_nf4.py::test_bnb_native_cpu_dequantize_bug_is_documented``.)
 
+Blocks whose absmax is below 1e-38 lose most of their values under bitsandbytes' rule (down to all zeros
+below ~4e-40); ``quantize_nf4(..., scale_floor=None)`` is exact for them (see its docstring).
+
 Bad input: NaN/inf anywhere raise ValueError (we refuse rather than let one value poison its block);
 fp64, integer, fp8 and uint8 (already packed) inputs raise TypeError; all-zero blocks dequantize to
 exact zeros; non-contiguous views quantize like their contiguous copies; inputs are never modified.
@@ -46,7 +49,7 @@ from typing import Optional
 import torch
 
 from finetune_ref.optim.blockwise8 import check_float_input, create_dynamic_map, quantize_blockwise
-from finetune_ref.qlora.quant_state import NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, NF4QuantState
+from finetune_ref.qlora.quant_state import NESTED_BLOCKSIZE, NF4QuantState, check_blocksize
 
 # The NF4 table as stored by bitsandbytes (functional.get_4bit_type("nf4")); index = 4-bit code.
 NF4_CODE_VALUES = (
@@ -118,14 +121,26 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([flat >> 4, flat & 0xF], dim=1).view(-1)[:n]  # (2m,) -> (n,)
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> tuple[torch.Tensor, NF4QuantState]:
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 scale_floor: Optional[float] = _SCALE_FLOOR) -> tuple[torch.Tensor, NF4QuantState]:
     """Quantize a tensor to NF4, as ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=
     double_quant, quant_type="nf4")`` does, byte for byte.
 
+    Subnormal blocks: bitsandbytes scales a block by ``1 / max(absmax, 1e-38)``, so a block whose absmax is below
+    1e-38 (fp32 subnormals and the smallest normals) is scaled by 1e38 instead of ``1 / absmax``: its values
+    land on the small codes and come back too small (measured: the largest element returns 48% too small at
+    absmax 5e-39, 91% at 1e-39), and below about 4e-40 every code is 0 and the block dequantizes to zeros.
+    The default keeps this rule, for byte equality with bitsandbytes; real weights are never that small.
+    ``scale_floor=None`` is the exact mode: such blocks are scaled by ``1 / absmax`` computed as a division (an
+    all-zero block stays zero), so the largest element of every block is reproduced exactly (with
+    ``double_quant=False``; double quantization stores the absmax itself in 8 bits). Other blocks get the same
+    bytes in both modes.
+
     Args:
         w: float32 / bfloat16 / float16 tensor, any shape, at least one element, finite. Never modified.
-        blocksize: elements per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096.
+        blocksize: elements per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096 (an int).
         double_quant: also quantize the absmax values (8-bit, blocks of 256; QLoRA section 3).
+        scale_floor: 1e-38 (default, bitsandbytes' clamp) or None (exact for blocks with absmax < 1e-38).
 
     Returns:
         ``(packed, state)``: uint8 packed codes of shape ``((numel + 1) // 2, 1)`` and the
@@ -137,12 +152,14 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         ValueError: empty tensor, NaN/inf values, unsupported blocksize, or absmax values so large
             that their mean overflows fp32 (use ``double_quant=False``).
     """
+    check_blocksize(blocksize, "quantize_nf4")
+    if scale_floor is not None and scale_floor != _SCALE_FLOOR:
+        raise ValueError(f"quantize_nf4: scale_floor must be {_SCALE_FLOOR} (bitsandbytes' rule, the default) or None "
+                         f"(exact for tiny blocks), got {scale_floor!r}")
     flat, n = check_float_input(w, "quantize_nf4")
-    if isinstance(blocksize, bool) or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"quantize_nf4: blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize!r}")
     code = nf4_code(flat.device)
 
-    absmax, scaled = _block_absmax_and_scale(flat, blocksize)
+    absmax, scaled = _block_absmax_and_scale(flat, blocksize, exact_tiny=scale_floor is None)
     if n % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])  # pads with code 7 (0.0)
     midpoints = (code[:-1] + code[1:]) / 2  # (15,) fp32
@@ -163,17 +180,32 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     return packed, state
 
 
-def _block_absmax_and_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block absmax (fp32, (num_blocks,)) and the values scaled into [-1, 1] ((n,)), bitsandbytes' way."""
+def _block_absmax_and_scale(flat: torch.Tensor, blocksize: int,
+                            exact_tiny: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax (fp32, (num_blocks,)) and the values scaled into [-1, 1] ((n,)), bitsandbytes' way.
+
+    ``exact_tiny``: blocks with absmax below the floor are divided by their own absmax (0 for an all-zero
+    block: its values are zeros) instead of multiplied by 1 / floor; see ``quantize_nf4``.
+    """
     n = flat.numel()
     rem = n % blocksize
     full = n - rem
     blocks = flat[:full].view(full // blocksize, blocksize)  # (n_full, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (n_full,); stored unclamped
-    scaled = (blocks * (1.0 / absmax.clamp(min=_SCALE_FLOOR)).view(-1, 1)).clamp(-1, 1).view(-1)  # (full,)
+    scaled = (blocks * (1.0 / absmax.clamp(min=_SCALE_FLOOR)).view(-1, 1)).clamp(-1, 1)  # (n_full, blocksize)
+    if exact_tiny:
+        tiny = absmax < _SCALE_FLOOR  # (n_full,)
+        if bool(tiny.any()):
+            # 1 / absmax overflows fp32 below ~2.9e-39, so divide; a zero block divides by 1 (its values are 0).
+            own = blocks / torch.where(absmax == 0, torch.ones_like(absmax), absmax).view(-1, 1)
+            scaled = torch.where(tiny.view(-1, 1), own.clamp(-1, 1), scaled)
+    scaled = scaled.view(-1)  # (full,)
     if rem:
         tail = flat[full:]  # (rem,)
-        tail_absmax = tail.abs().amax().clamp(min=_SCALE_FLOOR)  # stored clamped, as bitsandbytes
+        tail_absmax = tail.abs().amax()
+        if not exact_tiny or tail_absmax >= _SCALE_FLOOR:
+            tail_absmax = tail_absmax.clamp(min=_SCALE_FLOOR)  # stored clamped, as bitsandbytes
+        divisor = tail_absmax if tail_absmax > 0 else torch.ones_like(tail_absmax)
         absmax = torch.cat([absmax, tail_absmax.view(1)])
-        scaled = torch.cat([scaled, (tail / tail_absmax).clamp(-1, 1)])  # division here, not reciprocal
+        scaled = torch.cat([scaled, (tail / divisor).clamp(-1, 1)])  # division here, not reciprocal
     return absmax, scaled

@@ -45,6 +45,21 @@ _TENSOR_KEYS_PLAIN = ("absmax", "quant_map")
 _TENSOR_KEYS_NESTED = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+def check_blocksize(blocksize: Any, where: str) -> None:
+    """Raise ValueError unless ``blocksize`` is an int in :data:`SUPPORTED_BLOCKSIZES`; the message says which.
+
+    A float such as ``64.0`` (a YAML or JSON value, an ``int / 1``) compares equal to 64 and would pass a plain
+    ``in`` test, then fail later as a slice index; a bool is an int to Python but not a blocksize.
+    """
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        fix = f"; pass {int(blocksize)}" if isinstance(blocksize, float) and blocksize in SUPPORTED_BLOCKSIZES else ""
+        raise ValueError(f"{where}: blocksize must be an int, one of {SUPPORTED_BLOCKSIZES}; got {blocksize!r} "
+                         f"({type(blocksize).__name__}){fix}")
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"{where}: blocksize must be one of {SUPPORTED_BLOCKSIZES} (bitsandbytes' blocksizes), "
+                         f"got {blocksize}")
+
+
 def num_blocks(numel: int, blocksize: int) -> int:
     """Number of blocks of ``blocksize`` consecutive flat elements covering ``numel`` (last may be partial)."""
     return -(-numel // blocksize)
@@ -61,7 +76,8 @@ class NF4QuantState:
         absmax: without double quant, fp32 ``(num_blocks,)`` block absmax values; with it, uint8
             ``(num_blocks,)`` 8-bit codes of ``absmax - offset``.
         quant_map: fp32 ``(16,)`` the NF4 table (``qlora.nf4.nf4_code()``).
-        offset: fp32 0-dim tensor, the mean of the block absmax values (double quant only).
+        offset: fp32 0-dim tensor, the mean of the block absmax values (double quant only). A bf16/fp16 or
+            one-element value is read as ``float32(offset)``, as bitsandbytes reads it (``offset_fp32``).
         nested_absmax: fp32 ``(ceil(num_blocks / 256),)``, absmax of each group of 256 centred absmax
             values (double quant only).
         nested_quant_map: fp32 ``(256,)``, the signed dynamic 8-bit map (double quant only).
@@ -92,9 +108,7 @@ class NF4QuantState:
             raise ValueError(f"NF4QuantState: quant_type must be 'nf4', got {self.quant_type!r} (fp4 is not supported)")
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"NF4QuantState: dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or \
-                self.blocksize not in SUPPORTED_BLOCKSIZES:
-            raise ValueError(f"NF4QuantState: blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {self.blocksize!r}")
+        check_blocksize(self.blocksize, "NF4QuantState")
         if self.numel < 1:
             raise ValueError(f"NF4QuantState: shape {tuple(self.shape)} has no elements")
         _check_tensor("quant_map", self.quant_map, torch.float32, (16,))
@@ -112,6 +126,7 @@ class NF4QuantState:
             raise ValueError(f"NF4QuantState: nested_blocksize must be {NESTED_BLOCKSIZE}, "
                              f"got {self.nested_blocksize!r}")
         _check_tensor("absmax", self.absmax, torch.uint8, (nb,))
+        object.__setattr__(self, "offset", offset_fp32(self.offset, "NF4QuantState: offset", check_finite=False))
         _check_tensor("offset", self.offset, torch.float32, ())
         _check_tensor("nested_absmax", self.nested_absmax, torch.float32, (num_blocks(nb, self.nested_blocksize),))
         _check_tensor("nested_quant_map", self.nested_quant_map, torch.float32, (256,))
@@ -273,13 +288,35 @@ class NF4QuantState:
         if nested:
             if d["nested_dtype"] != "float32":
                 raise ValueError(f"NF4QuantState.from_dict: nested_dtype must be 'float32', got {d['nested_dtype']!r}")
-            off = d["nested_offset"]
-            if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
-                raise ValueError(f"NF4QuantState.from_dict: nested_offset must be a finite number, got {off!r}")
-            kwargs.update(offset=torch.tensor(float(off), dtype=torch.float32, device=d["absmax"].device),
+            offset = offset_fp32(d["nested_offset"], "NF4QuantState.from_dict: nested_offset")
+            kwargs.update(offset=offset.to(d["absmax"].device),
                           nested_absmax=d["nested_absmax"], nested_quant_map=d["nested_quant_map"],
                           nested_blocksize=d["nested_blocksize"])
         return cls(**kwargs)
+
+
+def offset_fp32(value: Any, name: str = "offset", check_finite: bool = True) -> torch.Tensor:
+    """The double-quantization offset as a 0-dim fp32 tensor: ``float32(value)``, as bitsandbytes reads it
+    (``QuantState.from_dict``: ``torch.tensor(float(qs_dict["nested_offset"]))``).
+
+    Accepts a finite Python number (the JSON ``nested_offset``) or a one-element floating tensor of any float
+    dtype: some third-party checkpoints store it in bf16 or fp16, and a 16-bit value is exactly representable
+    in fp32, so nothing is lost. Refuses what is malformed: bools, strings, non-finite values, integer tensors,
+    tensors of more than one element. ``check_finite=False`` (the constructor, which may run on a device or the
+    meta device) skips the finiteness check, which would read the value back.
+    """
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.numel() != 1:
+            raise TypeError(f"{name} must be one floating-point number, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        out = value if value.dtype == torch.float32 and value.dim() == 0 else value.detach().reshape(()).float()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = torch.tensor(float(value), dtype=torch.float32)
+    else:
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if check_finite and not bool(torch.isfinite(out)):
+        raise ValueError(f"{name} must be a finite number, got {out.item()!r}")
+    return out
 
 
 def _check_tensor(name: str, t: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> None:

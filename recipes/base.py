@@ -41,7 +41,6 @@ class RunConfig(TrainConfig):
     """
 
     method: ClassVar[str]                # the recipe's name (``--method``)
-    shards: ClassVar[bool] = False       # whether FSDP2 may shard it (``--parallel fsdp``)
 
     model: str | None = None             # HF directory or .gguf file; None: the embedded SmolLM2-135M-Instruct
     cache_dir: str | None = None         # where converted models are kept; None: $FINETUNE_CACHE_DIR or ~/.cache
@@ -59,6 +58,7 @@ class RunConfig(TrainConfig):
     resume: str | None = None            # a checkpoint, or the out directory of an interrupted run
     parallel: str = "ddp"                # under torchrun: replicate (ddp) or shard with FSDP2 (fsdp)
     seed: int = 0                        # initialisation (LoRA's A) and data order
+    plot: bool = False                   # draw the curves into out/loss.png at the end (train/plots.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,9 +68,11 @@ class RunConfig(TrainConfig):
             raise ValueError(f"eval_tokens must be an integer >= 0 (0: no cap), got {self.eval_tokens!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if self.parallel == "fsdp" and not self.shards:
-            raise ValueError(f"--parallel fsdp shards full fine-tuning only; {self.method} trains with DDP "
-                             "(the default)")
+        if self.parallel == "fsdp" and self.optimizer != "adamw":
+            # optim/'s paged and 8-bit optimizers allocate per-tensor state from the parameter, which under FSDP2
+            # is a DTensor shard; torch.optim.AdamW's state shards with it.
+            raise ValueError(f"--parallel fsdp steps the parameter shards with AdamW: add --optimizer adamw "
+                             f"(--optimizer {self.optimizer} does not handle FSDP2's sharded parameters)")
 
     @property
     def out_dir(self) -> Path:
@@ -78,7 +80,8 @@ class RunConfig(TrainConfig):
 
     def trained_dtype(self, world_size: int = 1) -> str:
         """The dtype the precision trains: bf16 for "bf16", except under FSDP on several processes, whose fp32
-        shards are the master copy (FSDP2 casts them to bf16 for compute); else fp32."""
+        shards are the master copy (FSDP2 casts them to bf16 for compute); else fp32. Frozen weights need no
+        master copy: LoRA and QLoRA keep their base in the precision's dtype under FSDP too."""
         sharded = self.parallel == "fsdp" and world_size > 1
         return "bf16" if self.precision == "bf16" and not sharded else "fp32"
 

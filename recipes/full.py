@@ -20,7 +20,6 @@ class FullRecipe(RunConfig):
     """``finetune train --method full``: the run's settings with full fine-tuning's defaults."""
 
     method: ClassVar[str] = "full"
-    shards: ClassVar[bool] = True      # FSDP2 shards the weights, gradients and optimizer states
 
     # Every pretrained weight moves, so small steps: 2e-5, the usual rate of full fine-tuning and the one the
     # README's runs measured; larger rates wreck a pretrained model in a few updates.

@@ -10,6 +10,7 @@ from typing import ClassVar
 from finetune_ref.lora import LoraConfig, inject_lora, save_adapter
 from finetune_ref.models.loader import load_model
 from finetune_ref.train.distributed import DistInfo, unwrap_model
+from finetune_ref.train.fsdp import gathered_trainable
 
 from .base import RunConfig, Trainable
 
@@ -46,13 +47,19 @@ class LoraRecipe(RunConfig):
         return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
                 "target_modules": self.targets, "use_rslora": self.rslora}
 
+    def base_dtype(self, world_size: int = 1) -> str:
+        """The frozen base needs no fp32 master copy under FSDP (only the adapters train): ``dtype``, else the
+        precision's dtype at any world size."""
+        return self.dtype or self.trained_dtype(1)
+
     def build(self, model_dir: Path, info: DistInfo) -> Trainable:
         """The dense base in ``base_dtype``, adapters on ``targets``; the result is a PEFT adapter."""
         model = load_model(model_dir, dtype=self.base_dtype(info.world_size))
         inject_lora(model, self.lora_config())
 
         def export(m, directory):
-            if info.is_main:
-                save_adapter(unwrap_model(m), directory, base_model_name_or_path=str(model_dir))
+            with gathered_trainable(unwrap_model(m)) as whole:  # collective: FSDP2 adapters gathered whole
+                if info.is_main:
+                    save_adapter(whole, directory, base_model_name_or_path=str(model_dir))
 
         return Trainable(model, {"method": "lora", "lora": self.lora_metadata()}, export, "adapter")

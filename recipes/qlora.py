@@ -14,6 +14,7 @@ from finetune_ref.lora import save_adapter
 from finetune_ref.qlora.adapter_record import QLORA_MARKER, write_qlora_record
 from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model
 from finetune_ref.train.distributed import DistInfo, unwrap_model
+from finetune_ref.train.fsdp import gathered_trainable, shard_nf4_layers
 
 from .base import Trainable
 from .lora import LoraRecipe
@@ -40,19 +41,24 @@ class QLoraRecipe(LoraRecipe):
         adapter and its qlora_config.json."""
         compute = self.compute_dtype or ("fp32" if self.precision == "fp32" else "bf16")
         dtype = self.base_dtype(info.world_size)
+        # Under FSDP each decoder layer's NF4 storage is sharded as soon as it is quantized: a process keeps its
+        # share of the 4-bit model while loading, plus one layer as stored (benchmarks/bench_fsdp_load_memory.py).
+        sharded = self.parallel == "fsdp" and info.enabled
+        on_layer = (lambda layer: shard_nf4_layers(layer, info)) if sharded else None
         model = prepare_qlora_model(model_dir, lora_config=self.lora_config(), blocksize=self.blocksize,
                                     double_quant=self.double_quant, compute_dtype=compute,
-                                    adapter_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32,
-                                    dtype=dtype)
+                                    adapter_dtype=torch.bfloat16 if self.trained_dtype(info.world_size) == "bf16"
+                                    else torch.float32,  # under FSDP the fp32 adapter shards are the master copy
+                                    dtype=dtype, on_layer=on_layer)
         layer = nf4_layers(model)[0][1]  # every layer shares the settings (a 4-bit --model: those it was saved with)
         settings = {"blocksize": layer.blocksize, "double_quant": layer.double_quant, "compute_dtype": compute,
                     "dtype": dtype}
 
         def export(m, directory):
-            if info.is_main:
-                save_adapter(unwrap_model(m), directory, base_model_name_or_path=str(model_dir),
-                             metadata=QLORA_MARKER)
-                write_qlora_record(directory, settings)
+            with gathered_trainable(unwrap_model(m)) as whole:  # collective: FSDP2 adapters gathered whole
+                if info.is_main:
+                    save_adapter(whole, directory, base_model_name_or_path=str(model_dir), metadata=QLORA_MARKER)
+                    write_qlora_record(directory, settings)
 
         return Trainable(model, {"method": "qlora", "lora": self.lora_metadata(), "qlora": settings}, export,
                          "QLoRA adapter")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import resource
 import shutil
 import sys
 import time
@@ -18,20 +17,26 @@ from typing import Callable
 import torch
 
 from finetune_ref.lora import format_trainable_parameters
+from finetune_ref.models.checkpoint import atomic_write_text
 from finetune_ref.models.config import check_context, describe_filled_defaults
 from finetune_ref.models.tokenizer import Tokenizer
 from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.models.output_dir import publish_files
 from finetune_ref.train.checkpoint_files import LATEST_FILE, read_checkpoint_record, resolve_checkpoint
 from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches
-from finetune_ref.train.distributed import DistInfo, ShardedBatches, shard_model, wrap_ddp
+from finetune_ref.train.distributed import DistInfo, ShardedBatches, wrap_ddp
+from finetune_ref.train.fsdp import shard_model
 from finetune_ref.train.evaluation import evaluate
-from finetune_ref.train.bookkeeping import ResultNotSaved
+from finetune_ref.train.bookkeeping import METRICS_FILE, MIB, ResultNotSaved, peak_memory
+from finetune_ref.train.loggers import check_loggers
+from finetune_ref.train.plots import check_matplotlib, plot_runs, read_curves
 from finetune_ref.train.trainer import train
 
 from .base import RunConfig
-from .run_record import (CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, check_resume, fingerprint, holds_run,
-                         new_record, read_run_record, run_dir_of, write_run_record)
+from .run_record import (CHECKPOINTS_DIR, RUN_FILE, check_resume, fingerprint, holds_run, new_record,
+                         read_run_record, run_dir_of, write_run_record)
+
+PLOT_FILE = "loss.png"  # --plot
 
 
 def check_run_dir(cfg: RunConfig) -> tuple[Path | None, dict | None, Path | None]:
@@ -57,14 +62,16 @@ def check_run_dir(cfg: RunConfig) -> tuple[Path | None, dict | None, Path | None
 
 
 def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: bool = False,
-                 flag: Callable[[str], str] | None = None, command: str | None = None) -> dict:
+                 flag: Callable[[str], str] | None = None, command: str | None = None,
+                 files: dict[str, str] | None = None) -> dict:
     """Train ``cfg``'s method on ``model_dir`` (a Hugging Face directory) and save the result in ``cfg.out_dir``,
-    with the run's record (``run_record.py``) and metrics.
+    with the run's record (``run_record.py``) and metrics, and the curves in ``loss.png`` when ``cfg.plot``.
 
     Args:
         extend: a resumed run may train to more ``steps`` than recorded.
         flag: the command-line flag of a config field, for messages (default ``--field-name``).
         command: the command line, kept in the run record.
+        files: name -> text written into ``out`` beside the run record (the CLI's resolved train_config.yaml).
 
     Returns:
         ``train``'s result.
@@ -78,7 +85,11 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     say = print if info.is_main else (lambda *a, **k: None)
     out = cfg.out_dir
     resume, record, run_dir = check_run_dir(cfg)
-    cfg.base_dtype(info.world_size)  # a --dtype the method cannot train fails before any data or weight is read
+    # What the method, the loggers or the plot cannot do fails before any data or weight is read.
+    cfg.base_dtype(info.world_size)
+    check_loggers(cfg.log)
+    if cfg.plot:
+        check_matplotlib()
     torch.manual_seed(cfg.seed)  # the same initialisation (e.g. LoRA A) on every rank
     check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
     filled = describe_filled_defaults(model_dir)
@@ -118,6 +129,9 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
         say(f"resuming from {resume}" + (": the last update of the run; writing its result" if at >= cfg.steps
                                          else ""))
     run = _start_record(cfg, now, command, record, run_dir, resume, extend) if info.is_main else None
+    if info.is_main:
+        for name, text in (files or {}).items():
+            atomic_write_text(out / name, text)
     config_text = (model_dir / "config.json").read_bytes()
     metadata = {**method.metadata, "precision": cfg.precision, "base_model": model_dir.name,
                 "base_config_sha256": hashlib.sha256(config_text).hexdigest(), "seq_len": cfg.seq_len}
@@ -127,7 +141,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     start = time.perf_counter()
     try:
         result = train(model, batches, dataclasses.replace(cfg, metrics_path=out / METRICS_FILE), eval_fn=eval_fn,
-                       checkpointer=checkpointer, resume_from=resume, info=info,
+                       checkpointer=checkpointer, resume_from=resume, info=info, eval_before=before,
                        finish=lambda m: _write_result(method, m, out, info))
     except ResultNotSaved as err:  # a checkpoint outside ``out`` (no room there) gets the run's record too
         kept = Path(err.checkpoint).parent.parent if err.checkpoint is not None else out
@@ -140,6 +154,8 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
         write_run_record(out, run)
     _report(say, before, result, cfg, out, elapsed)
     say(f"{method.what} saved to {out}")
+    if cfg.plot and info.is_main:
+        say(f"curves plotted in {plot_runs([read_curves(out)], out / PLOT_FILE)}")
     return result
 
 
@@ -189,7 +205,7 @@ def _report(say, before: dict | None, result: dict, cfg: RunConfig, out: Path, e
     if result.get("best_update") is not None and cfg.eval_every:
         say(f"best held-out loss {result['best_loss']:.4f} at update {result['best_update']} "
             f"({out / CHECKPOINTS_DIR / 'best'}){' - stopped early' if result['stopped_early'] else ''}")
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak, what = peak_memory()
     tokens_per_s = result.get("tokens_per_s", 0.0)
     say(f"trained {result['update']} updates in {elapsed:.0f} s ({tokens_per_s:.0f} tokens/s); peak memory "
-        f"{peak_mib:.0f} MiB (max RSS of rank 0)")
+        f"{peak / MIB:.0f} MiB ({what} of rank 0)")

@@ -28,18 +28,18 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from finetune_ref.models.checkpoint import atomic_write_text, weights_fingerprint
+from finetune_ref.train.bookkeeping import METRICS_FILE
 
 from .base import RunConfig
 
 RUN_FILE = "run_config.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT = "finetune-ref-run"
 VERSION = 1
 
 # May differ on resume: they change where files go and what is shown, not what is trained.
 FREE_ON_RESUME = frozenset({"out", "resume", "cache_dir", "progress", "log_every", "metrics_path", "save_every",
-                            "keep_last", "eval_every"})
+                            "keep_last", "eval_every", "log", "plot"})
 # Compared by content (``fingerprint``), not by path.
 BY_CONTENT = frozenset({"model", "data", "eval_data"})
 PATHS = ("model", "data", "eval_data", "cache_dir")

@@ -136,7 +136,7 @@ def test_bad_input_raises():
         quantize_blockwise(torch.tensor([1.0, float("inf")]))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         quantize_blockwise(torch.randn(10, dtype=torch.float64))
-    with pytest.raises(TypeError, match="already quantized"):
+    with pytest.raises(TypeError, match="already-quantized codes"):
         quantize_blockwise(torch.zeros(10, dtype=torch.uint8))
     with pytest.raises(ValueError, match="empty"):
         quantize_blockwise(torch.zeros(0))

@@ -76,7 +76,8 @@ def test_eval_with_a_qlora_adapter_runs_on_the_nf4_base_it_was_trained_on(tiny, 
     args = ["eval", "--model", str(model), "--data", str(corpus), "--seq-len", "32", "--batch-size", "2",
             "--eval-fraction", "0.3", "--json", "--adapter", str(out)]
     assert main(args) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(after_loss(stdout), abs=1e-5)
+    # train prints the loss with 4 decimals: equal up to that rounding (half a unit of the last digit)
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(after_loss(stdout), abs=5e-5)
     assert main(["generate", "--model", str(model), "--adapter", str(out), "--prompt", "hi", "--max-new-tokens",
                  "3"]) == 0
 
@@ -135,7 +136,7 @@ def test_merge_and_requantize_writes_a_model_eval_loads(tiny, trained, tmp_path,
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--method", "lora", "--blocksize", "64"], "--method qlora"),
-    (["train", "--method", "qlora", "--parallel", "fsdp"], "full fine-tuning only"),
+    (["train", "--method", "qlora", "--parallel", "fsdp"], "add --optimizer adamw"),  # paged_adamw: no DTensors
     (["merge", "--adapter", "x", "--out", "y", "--requantize", "rtn4", "--act-order"], "gptq4"),
     (["merge", "--adapter", "x", "--out", "y", "--calibration-data", "z"], "--requantize gptq4"),
 ])

@@ -22,7 +22,8 @@ from tiny_model_dir import make_model_dir
 from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.train.data import BatchIterator, pack_documents
 from finetune_ref.train.distributed import (DistInfo, ShardedBatches, destroy_distributed, init_distributed, shard_batch,
-                                  shard_model, unwrap_model, wrap_ddp)
+                                  unwrap_model, wrap_ddp)
+from finetune_ref.train.fsdp import shard_model
 from finetune_ref.train.config import TrainConfig
 from finetune_ref.train.evaluation import evaluate
 from finetune_ref.train.trainer import train

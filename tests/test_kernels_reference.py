@@ -261,3 +261,44 @@ def test_nf4_linear_uses_reference_on_cpu(clean_backend):
 
 def _fail(*args, **kwargs):
     raise AssertionError("the Triton path was taken for CPU tensors under backend 'auto'")
+
+
+def _layouts(values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same values (B, T, K) in memory layouts a model hands the op: each equal to ``values``."""
+    B, T, K = values.shape
+    offset = torch.empty(B * T * K + 1, dtype=values.dtype)[1:].view(B, T, K)  # contiguous, misaligned start
+    offset.copy_(values)
+    wide = torch.empty(B, T, 2 * K, dtype=values.dtype)
+    wide[..., ::2] = values
+    return {
+        "transposed": values.transpose(0, 1).contiguous().transpose(0, 1),  # (B, T, K) with T outermost in memory
+        "strided": wide[..., ::2],  # every other element of a wider buffer
+        "permuted": values.permute(2, 0, 1).contiguous().permute(1, 2, 0),  # K outermost in memory
+        "column_major": values.reshape(B * T, K).t().contiguous().t(),  # (M, K) in Fortran order
+        "offset": offset,
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nf4_matmul_reference_is_independent_of_memory_layout(dtype):
+    """Same values, same bits: forward and input gradient of the CPU reference (and the autograd op over it)."""
+    _, packed, state = _weight((1536, 576), double_quant=True)  # SmolLM2 up_proj
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 24, 576, generator=g).to(dtype)
+    dy = torch.randn(4, 24, 1536, generator=g).to(dtype)
+    y_ref = reference.nf4_matmul(x, packed, state)
+    dx_ref = reference.nf4_matmul_input_grad(dy, packed, state)
+    for name, xl in _layouts(x).items():
+        assert torch.equal(xl, x.reshape(xl.shape))
+        assert torch.equal(reference.nf4_matmul(xl, packed, state), y_ref.reshape(*xl.shape[:-1], 1536)), name
+    for name, dyl in _layouts(dy).items():
+        out = reference.nf4_matmul_input_grad(dyl, packed, state)
+        assert torch.equal(out, dx_ref.reshape(*dyl.shape[:-1], 576)), name
+    # Through autograd (NF4Linear's path): a transposed activation and its contiguous copy, both directions.
+    xt = _layouts(x)["transposed"].requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    yt, yc = kernels.nf4_linear(xt, packed, state), kernels.nf4_linear(xc, packed, state)
+    assert torch.equal(yt, yc)
+    yt.backward(_layouts(dy)["permuted"])
+    yc.backward(dy)
+    assert torch.equal(xt.grad, xc.grad)

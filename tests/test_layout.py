@@ -94,6 +94,9 @@ def test_installing_adds_exactly_one_import_name(tmp_path):
     assert names == [PACKAGE], names
     installed_rooms = sorted(p.name for p in (target / PACKAGE).iterdir() if (p / "__init__.py").is_file())
     assert installed_rooms == sorted(ALLOWED)
+    # the ready run files (`finetune train --config qlora`) are package data
+    shipped = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+    assert shipped and sorted(p.name for p in (target / PACKAGE / "recipes").glob("*.yaml")) == shipped
 
 
 def test_nothing_imports_a_room_by_its_bare_folder_name():

@@ -386,3 +386,26 @@ def test_memory_command_errors(capsys, tmp_path):
             memory_main(argv)
         assert exit_info.value.code == 2
     assert set(LINEAR_NAMES) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_fsdp_per_rank_estimate_divides_the_sharded_state(capsys):
+    """train/memory_fsdp.py: weights, constants, adapters and optimizer states / N; the gathered layers and the
+    activations do not shrink with N; the command prints it per rank."""
+    from finetune_ref.train.memory_fsdp import estimate_memory_fsdp
+
+    c = preset_config("llama-2-70b")
+    for method in ("full", "lora", "qlora"):
+        s = MemorySettings(method=method, gradient_checkpointing=True)
+        two, four = estimate_memory_fsdp(c, s, 2), estimate_memory_fsdp(c, s, 4)
+        for key in ("weights", "quant_constants", "lora_parameters", "optimizer_states", "gradients"):
+            assert getattr(four, key) == pytest.approx(getattr(two, key) / 2, abs=2), (method, key)
+        assert two.master_weights == 0 and two.gathered == four.gathered > 0
+        assert two.activations == four.activations == estimate_memory(c, s).activations
+        assert four.peak < two.peak
+    qlora = estimate_memory_fsdp(c, MemorySettings(method="qlora", gradient_checkpointing=True), 2)
+    assert qlora.weights == pytest.approx(estimate_memory(c, MemorySettings(method="qlora")).weights / 2, abs=1)
+    with pytest.raises(ValueError, match="--world-size"):
+        estimate_memory_fsdp(c, MemorySettings(), 0)
+    assert memory_main(["--preset", "llama-2-70b", "--method", "qlora", "--parallel", "fsdp", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 4 (FSDP2)" in out and "FSDP all-gathered" in out

@@ -179,7 +179,7 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
             quantize_nf4(torch.zeros(8, dtype=dtype))
     packed, state = quantize_nf4(torch.randn(8, 8))
-    with pytest.raises(TypeError, match="already quantized"):
+    with pytest.raises(TypeError, match="already-quantized codes"):
         quantize_nf4(packed)
     with pytest.raises(TypeError):
         quantize_nf4([1.0, 2.0])

@@ -81,13 +81,29 @@ def test_all_masked_micro_batch_adds_nothing():
 def test_schedule_warmup_cosine():
     assert lr_at(0, 10, 1.0, warmup=4) == pytest.approx(0.25)  # the first update already moves
     assert lr_at(3, 10, 1.0, warmup=4) == pytest.approx(1.0)
-    assert lr_at(4, 10, 1.0, warmup=4, min_lr=0.1) == pytest.approx(1.0)
-    assert lr_at(7, 10, 1.0, warmup=4, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    # Decay from the peak at update 3 to the minimum at update 9: update 6 is half-way.
+    assert lr_at(6, 10, 1.0, warmup=4, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(0, 5, 1.0, warmup=0) == pytest.approx(1.0)
     lrs = [lr for _, lr in WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 10, 1.0, 2).table()]
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # non-increasing after warmup
     with pytest.raises(ValueError, match="warmup"):
         lr_at(0, 3, 1.0, warmup=4)
+
+
+@pytest.mark.parametrize("total, warmup", [(30, 4), (10, 1), (10, 0), (5, 2), (2, 1), (1, 0), (4, 4)])
+def test_schedule_peaks_at_end_of_warmup_and_reaches_min_at_last_update(total, warmup):
+    peak, low = 1e-3, 1e-4
+    lrs = [lr_at(i, total, peak, warmup, low) for i in range(total)]
+    assert lrs[0] > 0  # the first update moves
+    peak_update = max(warmup - 1, 0)
+    assert lrs[peak_update] == peak and lrs.count(peak) == 1  # the peak, at the end of warmup, held once
+    assert all(a < b for a, b in zip(lrs[:peak_update], lrs[1:peak_update + 1]))  # rising during warmup
+    if total - 1 > peak_update:
+        assert lrs[-1] == low  # exactly the stated minimum, on the last update
+        assert all(a > b for a, b in zip(lrs[peak_update:], lrs[peak_update + 1:]))  # strictly falling after
+    else:
+        assert lrs[-1] == peak  # warmup covers every update: no decay
+    assert min(lrs) >= low
 
 
 def test_scheduler_advances_once_per_update(tmp_path):
@@ -246,4 +262,4 @@ def test_cli_dry_run_prints_the_lr_table(capsys):
     rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
     assert [float(r[1]) for r in rows] == pytest.approx([lr_at(i, 5, 1e-3, 2, 1e-4) for i in range(5)])
-    assert main(["train", "--method", "lora", "--parallel", "fsdp", "--dry-run"]) == 2  # FSDP is for full only
+    assert main(["train", "--method", "lora", "--parallel", "fsdp", "--dry-run"]) == 0  # FSDP shards LoRA too

@@ -1,10 +1,12 @@
-"""What the training loop records and how it is stopped: its resumable state, the metrics log (JSON lines), the
-progress bar, and Ctrl-C / SIGTERM turned into a clean stop after the update in flight."""
+"""What the training loop records and how it is stopped: its resumable state, the metrics log (JSON lines, and
+TensorBoard or W&B through ``loggers.py``), the progress bar, and Ctrl-C / SIGTERM turned into a clean stop after
+the update in flight."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import signal
 import sys
 import threading
@@ -15,6 +17,10 @@ from finetune_ref.models.checkpoint import atomic_write_text
 
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum
+from .loggers import open_loggers
+
+MIB = 2**20
+METRICS_FILE = "metrics.jsonl"  # a run directory's log (recipes/run.py), read back by plots.py
 
 
 @dataclasses.dataclass
@@ -76,18 +82,41 @@ class StopSignal:
         return False
 
 
-class MetricsLog:
-    """Appends one JSON object per line; each line is flushed so a crash loses nothing already logged."""
+def peak_memory() -> tuple[int, str]:
+    """(bytes, what they are): the peak of this process so far. On a GPU the tensors' peak on the current device
+    (``torch.cuda.max_memory_allocated``); on CPU the maximum resident set size (``ru_maxrss``: the whole process,
+    interpreter and libraries included; see memory_tracker.py for why CPU tensor bytes are not tracked here)."""
+    import torch
 
-    def __init__(self, path: Path | None):
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated(), "CUDA max allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "max RSS"  # Linux reports KiB, macOS bytes
+
+
+class MetricsLog:
+    """The one place the loop's records go: each is appended to the JSON-lines file ``path`` (flushed line by
+    line, so a crash loses nothing already logged) and handed to the loggers of ``log`` (``loggers.py``:
+    "tensorboard", "wandb"), which write beside it. ``path`` None: nothing is written (ranks other than 0)."""
+
+    def __init__(self, path: Path | None, log=(), config=None):
         self.path = path
+        self.loggers: list = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self.loggers = open_loggers(log, path.parent, config)
 
     def write(self, record: dict) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            logger.write(record)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
     def truncate_after(self, update: int) -> int:
         """Drop the lines about updates after ``update``: those logged after the checkpoint being resumed (a crash
@@ -110,9 +139,9 @@ def _update_of(line: str) -> float:
 
 
 class Progress:
-    """One session of the loop as the user sees it: the metrics log, the progress bar (main rank, unless
-    ``cfg.progress`` is off: then a line every ``cfg.log_every`` updates and per evaluation) and the training
-    clock, which goes on from the resumed state's ``elapsed_s``."""
+    """One session of the loop as the user sees it: the metrics log (closed on exit), the progress bar (main rank,
+    unless ``cfg.progress`` is off: then a line every ``cfg.log_every`` updates and per evaluation) and the
+    training clock, which goes on from the resumed state's ``elapsed_s``."""
 
     def __init__(self, cfg: TrainConfig, state: TrainState, log: MetricsLog, info: DistInfo):
         self.log, self.info = log, info
@@ -128,6 +157,7 @@ class Progress:
     def __exit__(self, *exc) -> bool:
         if self.bar is not None:
             self.bar.close()
+        self.log.close()
         return False
 
     def record_update(self, state: TrainState, micro: list[dict], loss_sum: float, n_label: int, lr: float,
@@ -140,7 +170,7 @@ class Progress:
         state.elapsed_s = self.elapsed_before + time.perf_counter() - self.start
         metrics = {"update": state.update, "loss": loss_total if n_label else None, "lr": lr, "grad_norm": grad_norm,
                    "label_tokens": n_label, "tokens_per_s": state.tokens_seen / max(state.elapsed_s, 1e-9),
-                   "elapsed_s": state.elapsed_s}
+                   "elapsed_s": state.elapsed_s, "peak_memory_mib": peak_memory()[0] / MIB}
         self.log.write({"type": "train", **metrics})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -151,12 +181,13 @@ class Progress:
                   f"{metrics['tokens_per_s']:.0f} tokens/s, {state.elapsed_s:.0f} s", file=sys.stderr, flush=True)
         return metrics
 
-    def record_eval(self, update: int, ev: dict) -> None:
-        self.log.write({"type": "eval", "update": update, **ev})
+    def record_eval(self, update: int, ev: dict, echo: bool = True) -> None:
+        """Log an evaluation (and print it above the progress bar, or as a line without one, when ``echo``)."""
+        self.log.write({"type": "eval", "update": update, **ev, "peak_memory_mib": peak_memory()[0] / MIB})
         line = f"update {update}: held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})"
-        if self.bar is not None:
+        if self.bar is not None and echo:
             self.bar.write(line)
-        elif self.lines:
+        elif self.lines and echo:
             print(line, file=sys.stderr, flush=True)
 
 

@@ -105,9 +105,9 @@ def gather_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     names = trainable_parameters(model)
     if not is_sharded(model):
         return {k: p.detach().cpu() for k, p in names.items()}
-    options = full_options(cpu_offload=True, ignore_frozen_params=True)
-    state = dcp_state_dict().get_model_state_dict(model, options=options)
-    return {k: v.detach().cpu() for k, v in state.items() if k in names}
+    from finetune_ref.train.fsdp import gather_full
+
+    return gather_full(model, set(names), rank0_only=True)
 
 
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -217,7 +217,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     osd = unflatten_optimizer(optim_tensors, opt_meta)
     if is_sharded(model):
         dcp = dcp_state_dict()
-        dcp.set_model_state_dict(model, dict(model_state), options=full_options(strict=False))
+        from finetune_ref.train.fsdp import scatter_full
+
+        scatter_full(model, model_state)  # each rank keeps its shard (DCP's helper fails on NF4Linear's keys)
         dcp.set_optimizer_state_dict(model, optimizer, osd, options=full_options())
     else:
         set_local_state(model, optimizer, model_state, osd)

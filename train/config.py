@@ -13,6 +13,8 @@ from pathlib import Path
 
 from finetune_ref.optim import OPTIMIZER_NAMES
 
+from .loggers import LOGGERS
+
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 
 
@@ -42,6 +44,7 @@ class TrainConfig:
     metrics_path: Path | None = None   # JSON lines of every update and evaluation (None: not written)
     progress: bool = True              # a tqdm bar on the main rank
     log_every: int = 10                # without the bar: a line every this many updates (0: none) and per eval
+    log: tuple[str, ...] = ()          # loggers beside metrics.jsonl: "tensorboard", "wandb" (loggers.py)
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -62,5 +65,7 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
+        if any(name not in LOGGERS for name in self.log):
+            raise ValueError(f"log must hold names from {tuple(LOGGERS)}, got {self.log!r}")
         if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: off), got {self.max_grad_norm}")

@@ -17,12 +17,9 @@ Semantics (the same as one process with the whole global batch, up to floating-p
 * DDP (``wrap_ddp``, torch.nn.parallel.DistributedDataParallel) for every method: each rank holds the whole
   model; gradients are all-reduced in buckets during backward (only of trainable parameters, so LoRA
   communicates only A and B). 16-bit gradients are averaged in fp32 by a communication hook.
-* FSDP2 (``shard_model``, torch.distributed.fsdp.fully_shard; Zhao et al. 2023 "PyTorch FSDP") for full
-  fine-tuning of models that do not fit one device: each decoder layer is one shard group (all-gathered just
-  before its forward/backward, freed after), the root holds embeddings, final norm and lm_head (tied weights
-  stay tied: both modules are in the root group). Gradients are reduce-scattered; the optimizer steps on the
-  local shards. For bf16, sharded parameters stay fp32 (the master copy) and ``MixedPrecisionPolicy`` gathers
-  them in bf16 and reduces gradients in fp32.
+* FSDP2 (``train/fsdp.py``: ``shard_model``) for full fine-tuning, LoRA and QLoRA of models that do not fit
+  one device: each decoder layer (and each NF4 layer) is one shard group, all-gathered just before its
+  forward/backward and freed after; gradients are reduce-scattered and the optimizer steps on the local shards.
 
 What works on CPU with the gloo backend (torch 2.13, checked by tests/test_distributed.py): DDP (fp32, bf16,
 frozen parameters, gradient checkpointing), FSDP2 with fp32 and with bf16 ``MixedPrecisionPolicy``, and the
@@ -237,36 +234,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
         ddp.register_comm_hook(None, _fp32_allreduce_hook)
     return ddp
-
-
-def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2: ``fully_shard`` each decoder layer of ``model.model.layers``, then the root. In place.
-
-    Args:
-        model: a ``LlamaForCausalLM`` in fp32 (the sharded parameters are the fp32 master weights).
-        param_dtype: compute dtype for the gathered parameters (torch.bfloat16 for bf16 training; None: fp32).
-            Gradients are reduced in fp32.
-
-    Raises:
-        ValueError: not run under torch.distributed, the model has no ``model.layers``, or is not fp32.
-    """
-    if not info.enabled:
-        raise ValueError("FSDP needs several processes: launch with torchrun --nproc-per-node N (N >= 2)")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError("shard_model expects a LlamaForCausalLM-like model with model.layers")
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("load the model in fp32 for FSDP: the fp32 shards are the master weights, and "
-                         "param_dtype=torch.bfloat16 gives bf16 compute")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device_for(info).type, (info.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -101,6 +101,7 @@ class MemoryEstimate:
     peak_phase: str
     live_at_peak: dict[str, int]
     phases: dict[str, dict[str, int]]
+    gathered: int = 0  # FSDP: parameters all-gathered whole at once (train/memory_fsdp.py); 0 in one process
 
     @property
     def before_activations(self) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from finetune_ref.models.chat_template import validate_messages
 
@@ -108,14 +108,13 @@ def record_to_messages(record: object) -> list[dict]:
     raise ValueError(f"expected keys 'messages', or 'instruction' and 'output'; got {sorted(record)}")
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
-    """(line number, conversation) for every non-blank line of a JSONL file.
+def json_lines(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) for every non-blank line of a JSON-lines file (data, or a run's metrics.jsonl).
 
-    Raises ValueError ``"<file>:<line>: <what is wrong>"`` for a malformed line, and for a file with no
-    records.
+    Raises ValueError ``"<file>:<line>: invalid JSON (...)"`` for a line that is not JSON, and ``"<file>:<line>:
+    not UTF-8 (...)"`` for one that is not UTF-8.
     """
     path = Path(path)
-    out = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -126,13 +125,23 @@ def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
-            try:
-                out.append((lineno, record_to_messages(record)))
-            except ValueError as err:
-                raise ValueError(f"{path}:{lineno}: {err}") from err
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """(line number, conversation) for every non-blank line of a JSONL file.
+
+    Raises ValueError ``"<file>:<line>: <what is wrong>"`` for a malformed line, and for a file with no
+    records.
+    """
+    out = []
+    for lineno, record in json_lines(path):
+        try:
+            out.append((lineno, record_to_messages(record)))
+        except ValueError as err:
+            raise ValueError(f"{path}:{lineno}: {err}") from err
     if not out:
         raise ValueError(f"{path}: no records (the file is empty)")
     return out

@@ -1,12 +1,19 @@
 """Learning-rate schedule: linear warmup, then cosine decay to a minimum.
 
-Indexed by optimizer *update* (not micro-batch): update ``i`` (0-based) of ``total`` uses
+Indexed by optimizer *update* (not micro-batch). With ``T`` updates (0-based ``i``), ``W`` warmup updates and
+``p = max(W - 1, 0)`` the update at the peak, update ``i`` uses
 
-    i <  warmup:  peak * (i + 1) / warmup          (the first update already moves: LR > 0)
-    i >= warmup:  min + (peak - min) * (1 + cos(pi * (i - warmup) / (total - warmup))) / 2
+    i <  p:  peak * (i + 1) / W                                       (warmup; the first update already moves)
+    i >= p:  min + (peak - min) * (1 + cos(pi * (i - p) / (T - 1 - p))) / 2     (cosine decay)
 
-The "+1" is deliberate: the common ``i / warmup`` form spends the first update at LR 0, a wasted step that
-also hides bugs (nothing changes). Cosine decay as in Loshchilov & Hutter 2017 (SGDR), without restarts.
+so that the three points a reader checks are exact: the first update has LR > 0 (``peak / W``), the peak is
+reached at the last warmup update (and held for that one update only), and the minimum is the learning rate of
+the last update (``i = T - 1``). ``W = 0`` and ``W = 1`` both start at the peak. When the warmup covers every
+update (``W = T``) or there is one update, there is no decay and the last update runs at the peak.
+
+The "+1" of the warmup is deliberate: the common ``i / W`` form spends the first update at LR 0, a wasted step
+that also hides bugs (nothing changes). The cosine is Loshchilov & Hutter 2017 (SGDR), without restarts; the
+common ``(i - W) / (T - W)`` form repeats the peak on the update after warmup and never reaches the minimum.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import math
 
 
 def lr_at(update: int, total_updates: int, peak_lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
-    """Learning rate of optimizer update ``update`` (0-based).
+    """Learning rate of optimizer update ``update`` (0-based); see the module docstring for the convention.
 
     Raises:
         ValueError: negative counts, ``warmup > total_updates``, or ``min_lr > peak_lr``.
@@ -26,10 +33,16 @@ def lr_at(update: int, total_updates: int, peak_lr: float, warmup: int = 0, min_
         raise ValueError(f"warmup ({warmup}) must not exceed the number of updates ({total_updates})")
     if not 0 <= min_lr <= peak_lr:
         raise ValueError(f"need 0 <= min_lr <= peak_lr, got min_lr={min_lr}, peak_lr={peak_lr}")
-    if update < warmup:
+    peak_update = max(warmup - 1, 0)
+    if update < peak_update:
         return peak_lr * (update + 1) / warmup
-    progress = (update - warmup) / max(1, total_updates - warmup)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    decay_updates = total_updates - 1 - peak_update  # from the peak (progress 0) to the last update (progress 1)
+    if decay_updates <= 0:
+        return peak_lr
+    if update >= total_updates - 1:
+        return min_lr  # exactly, not through cos(pi) = -1 + rounding
+    progress = (update - peak_update) / decay_updates
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class WarmupCosine:
@@ -89,6 +102,16 @@ class WarmupCosine:
         """(update, lr) for every update: what ``--dry-run`` prints."""
         return [(i, lr_at(i, self.total_updates, self.peak_lr, self.warmup, self.min_lr))
                 for i in range(self.total_updates)]
+
+
+def describe_schedule(total_updates: int, peak_lr: float, warmup: int = 0, min_lr: float = 0.0) -> str:
+    """The convention in one line, with this run's numbers (``--dry-run`` prints it above the table)."""
+    first = lr_at(0, total_updates, peak_lr, warmup, min_lr)
+    peak_at = max(warmup, 1)
+    decay = (f"cosine to the minimum {min_lr:g} at update {total_updates} (the last)"
+             if total_updates - 1 > peak_at - 1 else "no decay (the warmup covers every update)")
+    return (f"schedule: update 1 at {first:g}, linear warmup to the peak {peak_lr:g} at update {peak_at}, "
+            f"then {decay}")
 
 
 def format_lr_table(total_updates: int, peak_lr: float, warmup: int = 0, min_lr: float = 0.0,

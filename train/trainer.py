@@ -62,7 +62,8 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
           optimizer: torch.optim.Optimizer | None = None,
           on_update: Callable[[int, dict], None] | None = None,
           checkpointer=None, resume_from: str | Path | None = None,
-          info: DistInfo | None = None, finish: Callable[[nn.Module], object] | None = None) -> dict:
+          info: DistInfo | None = None, finish: Callable[[nn.Module], object] | None = None,
+          eval_before: dict | None = None) -> dict:
     """Run optimizer updates until ``cfg.steps`` (or early stopping).
 
     Args:
@@ -80,6 +81,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
         info: ``DistInfo`` of this process (default: single process).
         finish: writes the result (e.g. the adapter) after the last update; called on every rank. If it fails
             with an OSError (full disk, read-only directory), the trained state is kept in a checkpoint first.
+        eval_before: the held-out result before training, logged as the evaluation of update 0 (a fresh run).
 
     Returns:
         The last update's metrics, plus "eval" (last evaluation), "best_loss"/"best_update",
@@ -94,7 +96,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
     """
     info = info or DistInfo()
     check_precision(model, cfg.precision)
-    log = MetricsLog(cfg.metrics_path if info.is_main else None)
+    log = MetricsLog(cfg.metrics_path if info.is_main else None, cfg.log, cfg)
     optimizer = optimizer if optimizer is not None else optimizer_for(model, cfg)
     scheduler = WarmupCosine(optimizer, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.lr * cfg.min_lr_ratio)
     state = _resume(resume_from, checkpointer, model, optimizer, scheduler, batches, log)
@@ -104,6 +106,8 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
     result: dict = {"update": state.update, "stopped_early": False}
     stopped_early = False
     with StopSignal(enabled=checkpointer is not None) as stop, Progress(cfg, state, log, info) as progress:
+        if eval_before is not None and state.update == 0:
+            progress.record_eval(0, eval_before, echo=False)  # the curves start where training did
         while state.update < cfg.steps and not stopped_early:
             # One update is grad_accum micro-batches on every rank; its loss is normalised by the label
             # tokens of all of them, so accumulation gives the gradient of one big batch.
