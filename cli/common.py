@@ -129,11 +129,12 @@ def name_flags(message: str, flags: dict[str, str]) -> str:
     """``message`` with the field names of a config (``min_lr_ratio``, ``eval_every > 0``, ``lr must ...``) written
     as the user's flags; ``name=True`` of an on/off flag becomes the flag (``overwrite=True`` -> ``--overwrite``).
     Names with an underscore are replaced anywhere as whole words; one-word names only where they are a subject
-    (``lr must``, ``seq_len=``), so that plain words (a "data" path) stay."""
+    (``lr must``, ``seq_len=``), so that plain words (a "data" path) stay; quoted names (``'min_lr_ratio'``, what
+    a user wrote, or a dict's key) stay as they are."""
     for dest, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
-        message = re.sub(rf"(?<![\w-]){re.escape(dest)}=True\b", flag, message)
-        pattern = rf"(?<![\w-])({re.escape(dest)})(?![\w-])" if "_" in dest \
-            else rf"(?<![\w-])({re.escape(dest)})(?=( must|=| >| <))"
+        message = re.sub(rf"(?<![\w'-]){re.escape(dest)}=True\b", flag, message)
+        pattern = rf"(?<![\w'-])({re.escape(dest)})(?![\w'-])" if "_" in dest \
+            else rf"(?<![\w'-])({re.escape(dest)})(?=( must|=| >| <))"
         message = re.sub(pattern, flag, message)
     return message
 

@@ -63,6 +63,7 @@ def test_name_flags_maps_fields_to_flags():
     assert name_flags("data path x does not exist", flags) == "data path x does not exist"
     assert name_flags("warmup_steps must be in [0, steps=3]", flags) == "--warmup must be in [0, steps=3]"
     assert name_flags("pass overwrite=True", {"overwrite": "--overwrite"}) == "pass --overwrite"
+    assert name_flags("unknown key 'min_lr_ratio'", flags) == "unknown key 'min_lr_ratio'"  # what the user wrote
 
 
 def test_errors_from_below_the_cli_name_the_flag(tiny, tmp_path, capsys):
