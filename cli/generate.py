@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from finetune_ref.cli.combine import weights
 from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, add_model_args, positive_int, resolve_model_dir,
                                      say_filled_defaults, seed, temperature, top_p)
 NO_ADAPTER = ("-", "__base__")
@@ -87,6 +88,8 @@ def cmd_generate(args) -> int:
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
+    model = load_inference_model(model_dir, args.dtype, dirs or None, adapter_names=names,
+                                 adapter_scales=args.adapter_scale)
     stop = frozenset({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else ())
     rows = []
     for i, prompt in enumerate(prompts):
@@ -124,6 +127,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
                    help="adapter directory, optionally named (repeat: stacked for every prompt, or chosen per "
                         "prompt with --adapter-per-prompt; default: none, the base alone)")
+    p.add_argument("--adapter-scale", type=weights, help="one factor per --adapter on its scaling, e.g. 1,0.5 "
+                                                         "(PEFT's set_scale; default 1 each)")
     p.add_argument("--adapter-per-prompt", metavar="NAME,NAME,...",
                    help="one adapter name per prompt ('-' for the base model): a mixed-adapter batch (default: none, "
                         "the adapters stacked for every prompt)")

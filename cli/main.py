@@ -20,6 +20,7 @@ import json
 import sys
 import warnings
 
+from finetune_ref.cli.combine import add_combine_parser, weights
 from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, Parser, add_data_args, add_model_args, add_out_args,
                                      flag_table, heldout_batches, name_flags, pick_threads, resolve_model_dir,
                                      say_filled_defaults, writing_to)
@@ -40,7 +41,7 @@ def cmd_eval(args) -> int:
     say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     batches = heldout_batches(args, tokenizer)  # before the weights: a data error should not wait for them
-    model = load_inference_model(model_dir, args.dtype, args.adapter)
+    model = load_inference_model(model_dir, args.dtype, args.adapter, adapter_scales=args.adapter_scale)
     result = evaluate(model, batches)
     if args.json:
         print(json.dumps(result))
@@ -79,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--adapter", action="append",
                    help="adapter directory (repeat to stack several; default: none, the base alone)")
+    p.add_argument("--adapter-scale", type=weights, help="one factor per --adapter on its scaling, e.g. 1,0.5 "
+                                                         "(PEFT's set_scale; default 1 each)")
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
     p.set_defaults(func=cmd_eval)
 
     add_generate_parser(sub)
     add_merge_parsers(sub)
+    add_combine_parser(sub)
     add_memory_parser(sub)
     add_advise_parser(sub)
     add_compare_parser(sub)

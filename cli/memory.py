@@ -33,7 +33,7 @@ _ROWS = (("weights", "weights"), ("quant_constants", "quantization constants"),
 def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings, world_size: int = 1) -> str:
     """A plain-text table: one row per class (GB = 1e9 bytes, GiB = 2**30, bytes per model parameter)."""
     s, est = settings, estimate
-    adapter = f", LoRA r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
+    adapter = f", {'DoRA' if s.dora else 'LoRA'} r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
         if s.method != "full" else ""
     quant = f", NF4 blocksize {s.blocksize}{' + double quant' if s.double_quant else ''}" \
         if s.method == "qlora" else ""
@@ -98,6 +98,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=rank, help=f"LoRA rank r ({recipe_default('rank')})")
     p.add_argument("--targets", type=_targets, default=LINEAR_NAMES,
                    help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
+    p.add_argument("--modules-to-save", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_const", const=False,
                    help="QLoRA without double quantization")
     p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES,
@@ -140,7 +143,8 @@ def settings(args: argparse.Namespace) -> MemorySettings:
         method=args.method, optimizer=recipe.optimizer, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
         gradient_checkpointing=recipe.grad_checkpointing, dtype=dtype or recipe.base_dtype(),
         adapter_dtype=None if args.method == "full" else adapter_dtype, rank=getattr(recipe, "rank", 8),
-        target_modules=tuple(args.targets), double_quant=getattr(recipe, "double_quant", None) is not False,
+        target_modules=tuple(args.targets), dora=args.dora, modules_to_save=args.modules_to_save,
+        double_quant=getattr(recipe, "double_quant", None) is not False,
         blocksize=getattr(recipe, "blocksize", None) or DEFAULT_BLOCKSIZE, attention_mask=not args.no_mask)
 
 

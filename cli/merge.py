@@ -31,7 +31,7 @@ from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_ar
                                      group_size, heldout_batches, non_negative_int, positive_int, resolve_model_dir,
                                      writing_to)
 from finetune_ref.models.output_dir import written_whole
-from finetune_ref.qlora.adapter_record import read_qlora_record
+from finetune_ref.qlora.adapter_record import check_loftq_base, read_qlora_record
 from finetune_ref.recipes.inference import copy_tokenizer_files
 
 REQUANTIZE = ("none", "nf4", "rtn4", "gptq4")
@@ -63,6 +63,7 @@ def _merge(args, model_dir: Path) -> int:
         raise ValueError(f"{model_dir} is a GPTQ model; merge adapters into the 16/32-bit or NF4 base they were "
                          "trained on")
     record = read_qlora_record(args.adapter)
+    check_loftq_base(record, model_dir)
     qlora = record is not None or args.base is not None or args.original is not None or is_quantized_dir(model_dir)
     dtype = args.dtype or "fp32"  # everything in one dtype (NF4 matmuls too), so the report measures the merge
     gptq_config = _gptq_config(args)  # bad settings fail before any weight is read

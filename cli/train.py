@@ -58,6 +58,9 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict | None, Path |
             return config_from_record(record, RECIPES, **given), record, run_dir
     defaults = DEFAULTS[method or DEFAULT_METHOD]
     fields = {f.name for f in dataclasses.fields(defaults)}
+    if "loraplus_lr_ratio" in given and (method or DEFAULT_METHOD) == "full":
+        raise ValueError("--loraplus-lr-ratio sets the learning rate of LoRA's B matrices: use it with --method lora "
+                         "or qlora")
     if any(k in given for k in NF4_FIELDS) and not set(NF4_FIELDS) <= fields:
         raise ValueError("--blocksize, --no-double-quant and --compute-dtype set up the NF4 base of --method qlora")
     # --warmup is capped at --steps, so that a short run keeps its default warmup valid.
@@ -268,6 +271,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--targets", type=targets,
                    help=f"'all-linear', module names like q_proj,v_proj, or re:<regex> ({_default('targets')})")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+    g.add_argument("--loraplus-lr-ratio", type=positive_float,
+                   help="LoRA+: B's learning rate = this x --lr (Hayou et al. 2024 use ~16; default off)")
+    g.add_argument("--init", metavar="INIT",
+                   help="how A and B start: default, gaussian, pissa, pissa_niter_K, olora (these three move part of "
+                        "W into the adapter; --method lora), loftq (--method qlora) (default default)")
+    g.add_argument("--loftq-iter", type=positive_int, help="LoftQ's alternating quantize/SVD steps (default 1)")
+    g.add_argument("--modules-to-save", type=targets, metavar="NAMES",
+                   help="modules trained in full and saved with the adapter, by name suffix, e.g. norm or lm_head "
+                        "(an untied one); default none")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")
     g.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES,
                    help="NF4 block size (default 64; a 4-bit --model keeps its own)")

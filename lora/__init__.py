@@ -9,6 +9,10 @@
                       merge_and_unload, unload, print_trainable_parameters
     lora.peft_format  save_adapter / load_adapter / load_adapters in PEFT's file format
     lora.mixed        mixed-adapter batches: set_row_adapters (PEFT's adapter_names), lora_bgmv / lora_sgmv
+    lora.dora         DoRA (Liu et al. 2024): magnitude vector, forward and merge math
+    lora.init         PiSSA / OLoRA initialisations and their conversion to plain LoRA on saving
+    lora.loraplus     LoRA+ (Hayou et al. 2024) optimizer parameter groups
+    lora.combine      add_weighted_adapter (linear, cat, svd) and set_scale
 """
 
 from finetune_ref.lora.adapters import (adapter_names, delete_adapter, disable_adapters, format_trainable_parameters,

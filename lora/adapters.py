@@ -28,6 +28,7 @@ from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, ge
                                      tied_weight_owners)
 from finetune_ref.lora.base_weight import RequantizationWarning, dense_weight, warn_requantization
 from finetune_ref.lora.layer import LoRALinear
+from finetune_ref.lora.modules_to_save import wrappers
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -71,8 +72,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: an adapter is merged (its update is inside W, so disabling cannot remove it; unmerge first).
     """
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = sorted({n for layer in layers for n in layer.merged_adapters})
+    layers = [layer for _, layer in lora_layers(model)] + [w for _, w in wrappers(model)]
+    merged = sorted({n for layer in layers for n in getattr(layer, "merged_adapters", [])})
     if merged:
         raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge_adapters before "
                          "disabling adapters")
@@ -103,6 +104,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.active_adapters.remove(adapter_name)
         if not layer.adapter_names:
             set_submodule(model, name, layer.base_layer)
+    for name, wrapper in wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
+        if not wrapper.modules_to_save:
+            set_submodule(model, name, wrapper.original_module)
     configs = dict(get_lora_configs(model))
     configs.pop(adapter_name, None)
     setattr(model, LORA_CONFIGS_ATTR, configs)
@@ -189,7 +195,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     Raises as ``merge_adapters``.
     """
     merge_adapters(model, adapter_names, safe_merge=safe_merge, untie_tied=untie_tied)
-    return _unwrap(model)
+    return _unwrap(model, keep_trained_copies=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -198,9 +204,12 @@ def unload(model: nn.Module) -> nn.Module:
     return _unwrap(model)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module, keep_trained_copies: bool = False) -> nn.Module:
     for name, layer in lora_layers(model):
         set_submodule(model, name, layer.base_layer)
+    for name, wrapper in wrappers(model):  # modules_to_save: the active copy when merging (PEFT), else the original
+        module = wrapper.active_module() if keep_trained_copies else wrapper.original_module
+        set_submodule(model, name, module.requires_grad_(False))
     if hasattr(model, LORA_CONFIGS_ATTR):
         delattr(model, LORA_CONFIGS_ATTR)
     return model

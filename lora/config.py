@@ -8,9 +8,10 @@ A LoRA adapter on a linear layer W (out_features, in_features) adds a rank-r upd
 
 ``LoraConfig`` holds r, lora_alpha, dropout, which modules to adapt and how to initialise; the field names and
 defaults are those of ``peft.LoraConfig`` (peft/tuners/lora/config.py) so that a config written here is read by
-PEFT and the other way round. Only plain LoRA is supported: a PEFT config that asks for anything else (DoRA,
-lora_bias, fan_in_fan_out, layers_to_transform, modules_to_save, ...) is refused with a ValueError instead of
-being loaded as something it is not.
+PEFT and the other way round. Plain LoRA, DoRA (``use_dora``, Liu et al. 2024; ``lora.dora``)
+and modules_to_save (``lora.modules_to_save``) are supported; a PEFT config that asks for anything else (lora_bias,
+fan_in_fan_out, layers_to_transform, trainable_token_indices, ...) is refused with a ValueError naming the option
+instead of being loaded as something it is not.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import math
 import numbers
 from typing import Any
 
+from finetune_ref.lora.init import is_mutating_init
+
 # PEFT's spelling of "every linear layer of the blocks" (peft/utils/constants.py INCLUDE_LINEAR_LAYERS_SHORTHAND).
 ALL_LINEAR = "all-linear"
 
@@ -28,6 +31,9 @@ ALL_LINEAR = "all-linear"
 #   "gaussian"  A ~ N(0, (1/r)^2), B = 0
 #   False       A and B both kaiming_uniform(a=sqrt(5)): NOT a no-op; for tests that need B != 0
 _INIT_SCHEMES = (True, False, "gaussian")
+# Inits that also rewrite the base weight (lora/init.py): "pissa", "pissa_niter_K" and "olora". A file saved
+# with one of them in its config is refused on load: its adapter is only right on the rewritten base (ours are
+# saved converted to a plain LoRA on the original base, with init_lora_weights True).
 
 # PEFT config keys that do not change what a saved LoRA adapter computes (bookkeeping, or options of init
 # schemes whose result is already in the saved weights): read and ignored.
@@ -40,6 +46,7 @@ _PEFT_IGNORED_KEYS = frozenset({
 _PEFT_KNOWN_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
     "init_lora_weights", "rank_pattern", "alpha_pattern", "bias", "base_model_name_or_path", "task_type",
+    "use_dora", "modules_to_save",
 })
 
 
@@ -59,7 +66,12 @@ class LoraConfig:
             ["all-linear", "lm_head"] to adapt the head as well; it is written out as the explicit list.
         exclude_modules: names (same suffix rule as a list target) or a regex string of modules to skip.
         use_rslora: scaling = lora_alpha / sqrt(r) instead of lora_alpha / r.
-        init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above.
+        use_dora: DoRA (Liu et al. 2024): a trainable magnitude per output feature times the normalised
+            direction W + scaling * B A (``lora.dora``); on a 4-bit base this is QDoRA.
+        modules_to_save: names (full-name suffixes) of modules trained in full, as copies saved with the adapter
+            (``lora.modules_to_save``), e.g. ["norm"]; None: none.
+        init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above; or "pissa",
+            "pissa_niter_K", "olora" (lora/init.py: part of W moves into the adapter; not with use_dora).
         rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for the modules whose full name
             matches ``(.*\\.)?(regex)$``; the first matching key (in dict order) wins, as in PEFT's
             ``get_pattern_key`` (peft/utils/other.py).
@@ -78,6 +90,8 @@ class LoraConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -99,7 +113,7 @@ class LoraConfig:
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of module-name suffixes such as "
                              "['q_proj', 'v_proj'], a regex string, or 'all-linear'")
-        for field in ("target_modules", "exclude_modules"):
+        for field in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, field)
             if value is None or isinstance(value, str):
                 continue
@@ -108,14 +122,20 @@ class LoraConfig:
                 setattr(self, field, value)
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise TypeError(f"{field} must be a list of non-empty strings or a regex string, got {value!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list: name at least one module (e.g. ['q_proj'])")
-        if not isinstance(self.use_rslora, bool):
-            raise TypeError(f"use_rslora must be True or False, got {self.use_rslora!r}")
-        if self.init_lora_weights not in _INIT_SCHEMES or (
-                isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)):
-            raise ValueError(f"init_lora_weights must be one of True, False, 'gaussian', "
-                             f"got {self.init_lora_weights!r}")
+        for field in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        if not is_mutating_init(self.init_lora_weights) and (self.init_lora_weights not in _INIT_SCHEMES or (
+                isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool))):
+            raise ValueError(f"init_lora_weights must be one of True, False, 'gaussian', 'pissa', "
+                             f"'pissa_niter_K', 'olora', got {self.init_lora_weights!r}")
+        if self.use_dora and is_mutating_init(self.init_lora_weights):
+            raise ValueError(f"use_dora with init_lora_weights={self.init_lora_weights!r} is not supported: the "
+                             "conversion to a plain LoRA adapter on saving has no DoRA form")
         for field, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
             pattern = getattr(self, field)
             if not isinstance(pattern, dict):
@@ -155,9 +175,9 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "bias": self.bias,
             "fan_in_fan_out": False,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
-            "modules_to_save": None,
+            "modules_to_save": self.modules_to_save,
             "layers_to_transform": None,
             "layers_pattern": None,
             "inference_mode": True,
@@ -187,12 +207,15 @@ class LoraConfig:
             unsupported.append(f"bias={d['bias']!r}")
         if unsupported:
             raise ValueError("this adapter uses PEFT features that lora/ does not implement: "
-                             + ", ".join(sorted(unsupported)) + ". Only plain LoRA (bias='none') is supported")
+                             + ", ".join(sorted(unsupported)) + ". Only plain LoRA and DoRA (bias='none') are supported")
         init = d.get("init_lora_weights", True)
         if init not in _INIT_SCHEMES:
-            # Other inits (pissa, olora, ...) change the base weights too; the adapter alone is not enough.
-            raise ValueError(f"init_lora_weights={init!r} is not supported (the base model would have to be "
-                             "changed as well); only True, False and 'gaussian' adapters can be loaded")
+            # Other inits (pissa, olora, loftq, ...) change the base weights too; the adapter alone is not enough.
+            raise ValueError(f"init_lora_weights={init!r}: this adapter is only right on the base weights its "
+                             "initialisation rewrote, which are not in the file. Save it from PEFT with "
+                             "path_initial_model_for_weight_conversion (a plain LoRA on the original base), or "
+                             "load it on the rewritten base with PEFT; only True, False and 'gaussian' adapters "
+                             "load here")
         return cls(
             r=d.get("r", 8),
             lora_alpha=d.get("lora_alpha", 8),
@@ -200,6 +223,8 @@ class LoraConfig:
             target_modules=d.get("target_modules"),
             exclude_modules=d.get("exclude_modules"),
             use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
+            modules_to_save=d.get("modules_to_save"),
             init_lora_weights=init,
             rank_pattern=dict(d.get("rank_pattern") or {}),
             alpha_pattern=dict(d.get("alpha_pattern") or {}),

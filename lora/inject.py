@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.config import ALL_LINEAR, LoraConfig, uses_all_linear
+from finetune_ref.lora.init import is_mutating_init
 from finetune_ref.lora.layer import LoRALinear, check_adapter_name
+from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper, find_modules_to_save, wrappers
 
 LORA_CONFIGS_ATTR = "lora_configs"
 
@@ -50,7 +52,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in inside):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, ModulesToSaveWrapper)):
             inside.append(name + ".")
         found.append((name, module))
     return found
@@ -206,6 +208,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it "
                          "(lora.adapters.delete_adapter) or choose another name")
     names = find_target_modules(model, config, strict_patterns=strict_patterns)
+    if is_mutating_init(config.init_lora_weights):
+        _refuse_shared_targets(model, names, config.init_lora_weights)
+    saved = find_modules_to_save(model, config.modules_to_save, candidate_modules(model)) \
+        if config.modules_to_save else []
+    if set(saved) & set(names):
+        raise ValueError(f"{sorted(set(saved) & set(names))} are in both target_modules and modules_to_save; a "
+                         "module is either adapted or trained in full")
     previous_active = get_active_adapters(model)
     for name in names:
         module = model.get_submodule(name)
@@ -216,7 +225,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         r, alpha = rank_and_alpha(config, name)
         module.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
-                           dtype=adapter_dtype)
+                           dtype=adapter_dtype, use_dora=config.use_dora)
+    for name in saved:  # trained in full: a copy per adapter (lora.modules_to_save)
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module)
+            set_submodule(model, name, module)
+        module.add_copy(adapter_name)
     configs[adapter_name] = config
     setattr(model, LORA_CONFIGS_ATTR, configs)
     tied = tied_weight_owners(model)
@@ -226,16 +241,34 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     return names
 
 
+def _refuse_shared_targets(model: nn.Module, names: list[str], init: str) -> None:
+    """PiSSA/OLoRA rewrite the base weight: refuse when a target's weight is shared (a tied lm_head would
+    silently rewrite the input embedding too)."""
+    owners: dict[tuple, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(_storage_key(p), []).append(name)
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and len(owners.get(_storage_key(weight), [])) > 1:
+            raise ValueError(f"init_lora_weights={init!r} rewrites the base weight of {name}, which is shared with "
+                             f"{[n for n in owners[_storage_key(weight)] if n != name]} (tied embeddings): untie "
+                             "them first or leave this module out of target_modules")
+
+
 def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     """Copy the model-wide active list to every LoRALinear (each skips names it does not carry), then make only
     the active adapters' A/B trainable. The caller has checked the names."""
     for _, layer in lora_layers(model):
         layer.set_adapter(names, strict=False)
+    for _, wrapper in wrappers(model):
+        wrapper.active_adapters = list(names)
     mark_only_lora_trainable(model)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad = True exactly for the A/B of active adapters; everything else (base included) is frozen."""
+    """requires_grad = True exactly for the A/B (and DoRA magnitude) of active adapters; everything else is frozen."""
     trainable = set()
     for _, layer in lora_layers(model):
         for name in layer.active_adapters:
@@ -243,5 +276,11 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
                 continue  # this adapter does not target this layer
             trainable.update(id(p) for p in layer.lora_A[name].parameters())
             trainable.update(id(p) for p in layer.lora_B[name].parameters())
+            if name in layer.lora_magnitude_vector:  # DoRA's magnitude m trains with A and B
+                trainable.update(id(p) for p in layer.lora_magnitude_vector[name].parameters())
+    for _, wrapper in wrappers(model):  # modules_to_save: the active adapter's copies train in full
+        for name in wrapper.active_adapters:
+            if name in wrapper.modules_to_save:
+                trainable.update(id(p) for p in wrapper.modules_to_save[name].parameters())
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)

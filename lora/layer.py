@@ -23,6 +23,9 @@ from torch import nn
 
 from finetune_ref.lora.base_weight import (dense_weight, quantized_snapshot, restore_snapshot, warn_requantization,
                                            write_dense_weight)
+from finetune_ref.lora.dora import (DoraMagnitude, dora_forward, dora_init_magnitude, dora_merge_factor,
+                                    dora_merged, dora_unmerged)
+from finetune_ref.lora.init import is_mutating_init, mutated_init
 from finetune_ref.lora.functional import (init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
                                          merged_weight)
 
@@ -57,7 +60,9 @@ class LoRALinear(nn.Module):
 
     Attributes:
         lora_A / lora_B: ``nn.ModuleDict`` adapter name -> bias-free nn.Linear with weight (r, in) / (out, r).
-        r, lora_alpha, scaling, lora_dropout, use_rslora: dicts keyed by adapter name.
+        r, lora_alpha, scaling, lora_dropout, use_rslora, use_dora: dicts keyed by adapter name.
+        lora_magnitude_vector: ``nn.ModuleDict`` adapter name -> ``lora.dora.DoraMagnitude`` (weight (out,)),
+            for the DoRA adapters only (Liu et al. 2024, section 4; see ``lora.dora``).
         active_adapters: names whose update is added in forward (in this order); names this layer does not
             carry are skipped (the list is model-wide).
         merged_adapters: names whose update is currently inside the base weight.
@@ -88,6 +93,14 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()
+        # DoRA's merge factor m / ||W0 + dW||_c per merged DoRA adapter, kept for unmerge: after merging, W0 is
+        # gone from the weight, so the factor cannot be recomputed (peft DoraLinearVariant caches it the same way).
+        self._dora_merge_factors: dict[str, torch.Tensor] = {}
+        # (A0, B0) of adapters made by PiSSA/OLoRA, which moved s B0 A0 out of the base weight: saving converts
+        # the adapter to a plain LoRA on the original weight with them (lora.init.converted_lora).
+        self.initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled: bool = False
@@ -125,12 +138,13 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str = True,
-                    dtype: torch.dtype = torch.float32) -> None:
+                    dtype: torch.dtype = torch.float32, use_dora: bool = False) -> None:
         """Create adapter ``adapter_name`` (A: (r, in), B: (out, r), in ``dtype``, on the base's device).
 
         The new adapter is not activated (call ``set_adapter``), as in PEFT's ``add_adapter``. A and B are
         created in fp32, initialised, then cast to ``dtype``, so an initialisation is the same in every dtype up
-        to that cast.
+        to that cast. With ``use_dora`` the magnitude m = ||W + s B A||_c is computed from those fp32 A and B
+        and the dense (dequantized) base weight, then cast to ``dtype`` too (``lora.dora.dora_init_magnitude``).
 
         Raises:
             ValueError: the name exists or is invalid; r, lora_alpha or lora_dropout out of range.
@@ -148,7 +162,26 @@ class LoRALinear(nn.Module):
         device = _base_device(self.base_layer)
         lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
-        init_lora_weights_(lora_A.weight, lora_B.weight, init_lora_weights, r)
+        if is_mutating_init(init_lora_weights):
+            # PiSSA / OLoRA (lora.init): the base becomes W - s B0 A0, as PEFT's pissa_init / olora_init do.
+            if callable(getattr(self.base_layer, "dequantize", None)) or self.merged_adapters or use_dora:
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} rewrites the base weight: it needs a "
+                                 "16/32-bit base without merged adapters and without DoRA (quantize after "
+                                 "initialising, as PEFT recommends)")
+            init_A, init_B, residual = mutated_init(init_lora_weights, dense_weight(self.base_layer), r, scaling)
+            with torch.no_grad():
+                lora_A.weight.copy_(init_A)
+                lora_B.weight.copy_(init_B)
+                write_dense_weight(self.base_layer, residual)
+            self.initial_lora[adapter_name] = (init_A.to(dtype), init_B.to(dtype))
+        else:
+            init_lora_weights_(lora_A.weight, lora_B.weight, init_lora_weights, r)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
+        if use_dora:
+            magnitude = dora_init_magnitude(dense_weight(self.base_layer), lora_A.weight, lora_B.weight, scaling)
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude.to(torch.float32)).to(dtype)
+        self.use_dora[adapter_name] = use_dora
         self.lora_A[adapter_name] = lora_A.to(dtype)
         self.lora_B[adapter_name] = lora_B.to(dtype)
         self.r[adapter_name] = r
@@ -164,7 +197,10 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge before deleting")
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora):
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        self.initial_lora.pop(adapter_name, None)
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora, self.use_dora):
             del table[adapter_name]
         if adapter_name in self.active_adapters:
             self.active_adapters.remove(adapter_name)
@@ -214,6 +250,13 @@ class LoRALinear(nn.Module):
             lora_A = self.lora_A[name].weight  # (r, in)
             lora_B = self.lora_B[name].weight  # (out, r)
             x_lora = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+            if self.use_dora[name]:
+                # As PEFT (layer.py Linear.forward), the running result is DoRA's base_result: an adapter
+                # before it in the active list is rescaled with the base, exactly as merging in turn does.
+                result = result + dora_forward(x_lora, result, dense_weight(self.base_layer), self.bias,
+                                               self.lora_magnitude_vector[name].weight, lora_A, lora_B,
+                                               self.scaling[name], self.lora_dropout[name], self.training)
+                continue
             # Adding a 16-bit update to an fp32 result promotes to fp32; the cast below restores the base dtype.
             result = result + lora_forward(x_lora, lora_A, lora_B, self.scaling[name],
                                            self.lora_dropout[name], self.training)
@@ -231,7 +274,33 @@ class LoRALinear(nn.Module):
     def merged_base_weight(self, adapter_names: list[str]) -> torch.Tensor:
         """What W would become if ``adapter_names`` were merged (new tensor, W's dtype); W is not touched."""
         self._check_exists(adapter_names)
-        return merged_weight(dense_weight(self.base_layer), [self.get_delta_weight(n) for n in adapter_names])
+        weight = dense_weight(self.base_layer)
+        if not any(self.use_dora[n] for n in adapter_names):
+            return merged_weight(weight, [self.get_delta_weight(n) for n in adapter_names])
+        return self._dora_merged_weight(weight, adapter_names)[0]
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken out again (fp32); W itself when none is merged."""
+        acc = dense_weight(self.base_layer).detach().float()  # (out, in)
+        for name in reversed(self.merged_adapters):
+            delta = self.get_delta_weight(name)
+            acc = dora_unmerged(acc, delta, self._dora_merge_factors[name]) if self.use_dora[name] else acc - delta
+        return acc
+
+    def _dora_merged_weight(self, weight: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
+        """W after merging ``names`` in turn (plain: W + dW; DoRA: f * (W + dW), f from the unmerged W as
+        peft DoraLinearVariant.merge_safe computes it), in fp32, rounded once; and the DoRA factors used."""
+        unmerged = self._unmerged_weight() if any(self.use_dora[n] for n in names) else None
+        acc = weight.detach().float()  # (out, in)
+        factors = {}
+        for name in names:
+            delta = self.get_delta_weight(name)
+            if self.use_dora[name]:
+                factors[name] = dora_merge_factor(unmerged, delta, self.lora_magnitude_vector[name].weight.float())
+                acc = dora_merged(acc, delta, factors[name])
+            else:
+                acc = acc + delta
+        return acc.to(weight.dtype), factors
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = True,
@@ -266,7 +335,7 @@ class LoRALinear(nn.Module):
         if self.shared_weight_with and not allow_shared_weight:
             raise ValueError(f"this layer's weight is shared with {self.shared_weight_with} (tied embeddings); "
                              "merging would change them too. Use lora.merge_adapters(model, untie_tied=True)")
-        new_weight = self.merged_base_weight(names)
+        new_weight, factors = self._dora_merged_weight(weight, names)
         if safe_merge and not torch.isfinite(new_weight).all():
             raise ValueError(f"merging adapter(s) {names} gives non-finite weights (NaN/inf, or overflow of "
                              f"{weight.dtype}); the base weight was left unchanged. The adapter is broken or "
@@ -275,6 +344,7 @@ class LoRALinear(nn.Module):
         # In place for a dense base (the Parameter survives); re-quantized for a quantized one, with a warning.
         self.requantization_drift = write_dense_weight(self.base_layer, new_weight)
         self.base_snapshot = snapshot
+        self._dora_merge_factors.update(factors)
         if self.requantization_drift is not None:
             warn_requantization(self.requantization_drift, stacklevel=4)  # 4: past torch.no_grad's wrapper
         self.merged_adapters.extend(names)
@@ -293,15 +363,20 @@ class LoRALinear(nn.Module):
         names = list(reversed(self.merged_adapters))
         if self.base_snapshot is not None:
             restore_snapshot(self.base_layer, self.base_snapshot)
+        elif any(self.use_dora[n] for n in names):
+            write_dense_weight(self.base_layer, self._unmerged_weight().to(dense_weight(self.base_layer).dtype))
         else:
             weight = dense_weight(self.base_layer)
             deltas = [self.get_delta_weight(n) for n in names]
             write_dense_weight(self.base_layer, merged_weight(weight, deltas, sign=-1))
+        for name in names:
+            self._dora_merge_factors.pop(name, None)
         self.base_snapshot, self.requantization_drift = None, None
         self.merged_adapters.clear()
         return names
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A)
+        adapters = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}{', dora' if self.use_dora[n] else ''}"
+                             for n in self.lora_A)
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={{{adapters}}}, "
                 f"active={self.active_adapters}, merged={self.merged_adapters}")

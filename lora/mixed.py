@@ -147,6 +147,10 @@ def check_row_adapters(model: nn.Module, names: Sequence[str | None]) -> list[st
     unknown = sorted({n for n in rows if n is not None and n not in known})
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {known} (or '{BASE_ADAPTER}' for none)")
+    dora = sorted({n for _, layer in lora_layers(model) for n in rows if n is not None and layer.use_dora.get(n)})
+    if dora:  # the gathered B(A(x)) has no DoRA form (PEFT: "Cannot pass `adapter_names` when DoRA is enabled")
+        raise ValueError(f"adapters {dora} are DoRA adapters, which cannot be chosen per row; serve them one at a "
+                         "time or merged")
     merged = sorted({m for _, layer in lora_layers(model) for m in layer.merged_adapters})
     if merged:
         raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them before choosing "

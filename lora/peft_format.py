@@ -7,6 +7,9 @@ A PEFT LoRA adapter directory (peft/peft_model.py ``save_pretrained``, peft/util
   adapter_model.safetensors   for every adapted module <path> (its name in the base model, HF spelling):
                                 base_model.model.<path>.lora_A.weight   (r, in_features)
                                 base_model.model.<path>.lora_B.weight   (out_features, r)
+                                base_model.model.<path>.lora_magnitude_vector   (out_features,)  DoRA only
+                                  (no ".weight": PEFT's file spelling; in memory it is
+                                  <path>.lora_magnitude_vector.<name>.weight, peft/tuners/lora/model.py)
 
 The adapter's name ("default") is not in the file keys; in memory the keys are ``<path>.lora_A.<name>.weight``.
 Conversion touches only the fixed prefix and the trailing ``lora_A|lora_B .weight`` part, so module paths that
@@ -21,6 +24,7 @@ touched. Files are written atomically (a temp file in the same directory, then `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -32,34 +36,37 @@ from torch import nn
 
 from finetune_ref.lora.adapters import set_adapter
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
-from finetune_ref.lora.inject import find_target_modules, get_lora_configs, inject_lora, lora_layers, rank_and_alpha
+from finetune_ref.lora.init import converted_lora, is_mutating_init
+from finetune_ref.lora.inject import (candidate_modules, find_target_modules, get_lora_configs, inject_lora,
+                                      lora_layers, rank_and_alpha)
+from finetune_ref.lora.modules_to_save import find_modules_to_save, wrappers
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
-LORA_PARTS = ("lora_A", "lora_B")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m (Liu et al. 2024, section 4)
+_FILE_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", MAGNITUDE: f".{MAGNITUDE}"}
 
 
 # ---- key names ----
 
 def peft_key(module_name: str, part: str) -> str:
-    """File key of one LoRA matrix: ("model.layers.0.self_attn.q_proj", "lora_A") ->
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
-    if part not in LORA_PARTS:
-        raise ValueError(f"part must be one of {LORA_PARTS}, got {part!r}")
-    return f"{PEFT_PREFIX}{module_name}.{part}.weight"
+    """File key of one LoRA tensor: ("model.layers.0.self_attn.q_proj", "lora_A") ->
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"; a DoRA magnitude has no ".weight"."""
+    if part not in _FILE_SUFFIX:
+        raise ValueError(f"part must be one of {tuple(_FILE_SUFFIX)}, got {part!r}")
+    return f"{PEFT_PREFIX}{module_name}{_FILE_SUFFIX[part]}"
 
 
 def parse_peft_key(key: str) -> tuple[str, str]:
-    """Inverse of ``peft_key``: file key -> (module path, "lora_A" | "lora_B").
+    """Inverse of ``peft_key``: file key -> (module path, "lora_A" | "lora_B" | "lora_magnitude_vector").
 
     Raises:
-        ValueError: the key is not a PEFT LoRA weight key (e.g. a DoRA magnitude, a bias, a modules_to_save
-            tensor or a key without the "base_model.model." prefix).
+        ValueError: the key is not a PEFT LoRA key (e.g. a bias, a modules_to_save tensor or a key without the
+            "base_model.model." prefix).
     """
-    for part in LORA_PARTS:
-        suffix = f".{part}.weight"
+    for part, suffix in _FILE_SUFFIX.items():
         if key.startswith(PEFT_PREFIX) and key.endswith(suffix) and len(key) > len(PEFT_PREFIX) + len(suffix):
             return key[len(PEFT_PREFIX):-len(suffix)], part
     raise ValueError(f"{key!r} is not a LoRA weight key of the form "
@@ -70,9 +77,10 @@ def module_key_to_peft_key(key: str, adapter_name: str) -> str:
     """In-memory state-dict key -> file key.
 
     "<path>.lora_A.<adapter>.weight" -> "base_model.model.<path>.lora_A.weight" (only the prefix and the
-    trailing part change, so a <path> containing "weight" or "lora" survives).
+    trailing part change, so a <path> containing "weight" or "lora" survives);
+    "<path>.lora_magnitude_vector.<adapter>.weight" -> "base_model.model.<path>.lora_magnitude_vector".
     """
-    for part in LORA_PARTS:
+    for part in _FILE_SUFFIX:
         suffix = f".{part}.{adapter_name}.weight"
         if key.endswith(suffix) and len(key) > len(suffix):
             return peft_key(key[:-len(suffix)], part)
@@ -93,6 +101,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in layer.adapter_names:
             state[peft_key(name, "lora_A")] = layer.lora_A[adapter_name].weight.detach()
             state[peft_key(name, "lora_B")] = layer.lora_B[adapter_name].weight.detach()
+            if adapter_name in layer.lora_magnitude_vector:
+                state[peft_key(name, MAGNITUDE)] = layer.lora_magnitude_vector[adapter_name].weight.detach()
+    for name, wrapper in wrappers(model):  # modules_to_save copies, under the module's own name (PEFT)
+        if adapter_name in wrapper.modules_to_save:
+            for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
     if not state:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
     return state
@@ -124,10 +138,12 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
                          "adapters must be added with lora.inject_lora or lora.load_adapter")
     config = configs[adapter_name]
     tensors = adapter_state_dict(model, adapter_name)
-    modules = sorted({parse_peft_key(k)[0] for k in tensors})
+    modules = sorted({parse_peft_key(k)[0] for k in tensors if k.endswith(tuple(_FILE_SUFFIX.values()))})
     targets = config.target_modules
     if uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
         targets = modules
+    if is_mutating_init(config.init_lora_weights):
+        config, tensors = _converted_to_plain_lora(model, config, adapter_name, tensors)
     peft_dict = config.to_peft_dict(target_modules=targets)
     if base_model_name_or_path is not None:
         peft_dict["base_model_name_or_path"] = base_model_name_or_path
@@ -137,6 +153,33 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     atomic_save_safetensors(cpu, out / ADAPTER_WEIGHTS_NAME, metadata={**(metadata or {}), "format": "pt"})
     atomic_write_text(out / ADAPTER_CONFIG_NAME, json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _converted_to_plain_lora(model: nn.Module, config: LoraConfig, adapter_name: str,
+                             tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter as the rank-2r plain LoRA on the *original* base (lora.init; PEFT's
+    ``path_initial_model_for_weight_conversion``): r and rank_pattern doubled, lora_alpha and alpha_pattern
+    doubled (times sqrt(2) with rsLoRA) so that the scaling is unchanged, init_lora_weights True.
+
+    Raises:
+        ValueError: a layer no longer knows its initial A0/B0 (e.g. the adapter was loaded from a file).
+    """
+    converted = dict(tensors)
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.adapter_names:
+            continue
+        if adapter_name not in layer.initial_lora:
+            raise ValueError(f"adapter {adapter_name!r} was initialised with {config.init_lora_weights!r}, which "
+                             f"rewrote the base weights, but {name} no longer has its initial A0/B0: it cannot be "
+                             "saved as an adapter on the original base")
+        key_a, key_b = peft_key(name, "lora_A"), peft_key(name, "lora_B")
+        converted[key_a], converted[key_b] = converted_lora(tensors[key_a], tensors[key_b],
+                                                            *layer.initial_lora[adapter_name])
+    factor = 2 ** 0.5 if config.use_rslora else 2
+    return dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()}), converted
 
 
 # ---- load ----
@@ -183,11 +226,19 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
     """
     modules = find_target_modules(model, config, strict_patterns=False)
     expected = {}
+    for name in find_modules_to_save(model, config.modules_to_save, candidate_modules(model)) \
+            if config.modules_to_save else []:
+        module = model.get_submodule(name)
+        module = getattr(module, "original_module", module)  # already wrapped for another adapter
+        for pname, p in module.named_parameters():
+            expected[f"{PEFT_PREFIX}{name}.{pname}"] = tuple(p.shape)
     for name in modules:
         target = model.get_submodule(name)
         r, _ = rank_and_alpha(config, name)
         expected[peft_key(name, "lora_A")] = (r, target.in_features)
         expected[peft_key(name, "lora_B")] = (target.out_features, r)
+        if config.use_dora:
+            expected[peft_key(name, MAGNITUDE)] = (target.out_features,)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     common = sorted(set(expected) & set(tensors))
@@ -237,6 +288,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         for name in modules:
             layers[name].lora_A[adapter_name].weight.copy_(tensors[peft_key(name, "lora_A")])
             layers[name].lora_B[adapter_name].weight.copy_(tensors[peft_key(name, "lora_B")])
+            if config.use_dora:
+                layers[name].lora_magnitude_vector[adapter_name].weight.copy_(tensors[peft_key(name, MAGNITUDE)])
+        for name, wrapper in wrappers(model):
+            if adapter_name in wrapper.modules_to_save:
+                for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                    p.copy_(tensors[f"{PEFT_PREFIX}{name}.{pname}"])
     if not is_trainable:
         _freeze_adapter(model, adapter_name)
     return modules
@@ -274,3 +331,8 @@ def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.adapter_names:
             layer.lora_A[adapter_name].weight.requires_grad_(False)
             layer.lora_B[adapter_name].weight.requires_grad_(False)
+            if adapter_name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(False)
+    for _, wrapper in wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter_name].requires_grad_(False)

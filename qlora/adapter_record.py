@@ -8,7 +8,10 @@ was trained against. ``finetune train --method qlora`` therefore writes this rec
 and eval, generate and merge read it to rebuild that base from a 16/32-bit model (``load_quantized`` with the
 same blocksize, double quantization and dtypes). The adapter's weights file says it needs the record
 (``QLORA_MARKER`` in its safetensors header), so an adapter copied without it is refused rather than run on a
-base it was not trained on; a 4-bit base must be stored with the record's settings (``check_record_fits``).
+base it was not trained on; a 4-bit base must be stored with the record's settings (``check_record_fits``). A
+LoftQ adapter (qlora/loftq.py) fits only the 4-bit base LoftQ made, which is saved beside it; its record says
+where (``"loftq_base": "loftq_base"``, relative to the adapter), and that base must be passed as the model
+(``check_loftq_base``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from finetune_ref.models.checkpoint import atomic_write_text
 QLORA_CONFIG_FILE = "qlora_config.json"
 RECORD_KEYS = ("blocksize", "double_quant", "compute_dtype", "dtype")
 QLORA_MARKER = {"base_quantization": "nf4"}  # in the adapter's safetensors header: "look for qlora_config.json"
+LOFTQ_BASE = "loftq_base"
 
 
 def write_qlora_record(adapter_dir: str | Path, settings: dict) -> None:
@@ -48,10 +52,12 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
             try:
                 record = json.loads(path.read_text())
                 records.append({k: record[k] for k in RECORD_KEYS})
+                if LOFTQ_BASE in record:
+                    records[-1][LOFTQ_BASE] = str(Path(d) / record[LOFTQ_BASE])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}: not a valid QLoRA record ({e}); it is written by `finetune train "
                                  "--method qlora`") from None
-    if any(r != records[0] for r in records):
+    if any(r != records[0] for r in records) or (len(records) > 1 and LOFTQ_BASE in records[0]):
         raise ValueError(f"the adapters were trained on differently quantized bases: {records}")
     return records[0] if records else None
 
@@ -84,3 +90,16 @@ def check_record_fits(record: dict, base_layer, model_dir: str | Path, adapter_d
         raise ValueError(f"the QLoRA adapter {', '.join(map(str, adapter_dirs))} was trained on NF4 with {wanted}, "
                          f"but the 4-bit --model {model_dir} is stored with {stored}; use the base it was trained "
                          "on (or its 16/32-bit model, quantized while loading as in training)")
+
+
+def check_loftq_base(record: dict | None, model_dir: str | Path) -> None:
+    """Refuse a LoftQ adapter on any base but a 4-bit one (the LoftQ base saved beside it).
+
+    Raises:
+        ValueError: naming the directory to pass instead.
+    """
+    from finetune_ref.qlora.bnb_config import is_quantized_dir
+
+    if record and LOFTQ_BASE in record and not is_quantized_dir(Path(model_dir)):
+        raise ValueError(f"the adapter was initialised with LoftQ and fits only its own 4-bit base: pass "
+                         f"--model {record[LOFTQ_BASE]} (quantizing {model_dir} again would give another base)")

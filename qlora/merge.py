@@ -184,6 +184,9 @@ def _original_with_adapters(model: LlamaForCausalLM, original, names: list[str],
             if name in layer.lora_A:
                 layer.lora_A[name].weight.copy_(layers[layer_name].lora_A[name].weight)
                 layer.lora_B[name].weight.copy_(layers[layer_name].lora_B[name].weight)
+                if name in layer.lora_magnitude_vector:  # DoRA's m (lora.dora)
+                    layer.lora_magnitude_vector[name].weight.copy_(
+                        layers[layer_name].lora_magnitude_vector[name].weight)
     set_adapter(orig, names)
     return orig
 

@@ -21,9 +21,10 @@ from typing import Sequence
 
 from finetune_ref.gptq.checkpoint import is_gptq_dir, load_gptq_model
 from finetune_ref.lora import load_adapters
+from finetune_ref.lora.combine import set_scale
 from finetune_ref.models.checkpoint import parse_dtype
 from finetune_ref.models.loader import load_model
-from finetune_ref.qlora.adapter_record import check_record_fits, read_qlora_record
+from finetune_ref.qlora.adapter_record import check_loftq_base, check_record_fits, read_qlora_record
 from finetune_ref.qlora.bnb_config import is_quantized_dir
 from finetune_ref.qlora.model import load_quantized, nf4_layers
 
@@ -32,8 +33,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Sequence[str] | None = None,
-                         adapter_names: Sequence[str] | None = None, quantize: str | None = None):
-    """The model for eval/generate: dense, NF4 or GPTQ base as stored (see the module docstring), plus adapters.
+                         adapter_names: Sequence[str] | None = None, quantize: str | None = None,
+                         adapter_scales: Sequence[float] | None = None):
+    """The model for eval/generate: dense, NF4 or GPTQ base as stored (see the module docstring), plus adapters,
+    each scaled by its ``adapter_scales`` factor (``lora.combine.set_scale``; default 1).
 
     ``dtype`` None means fp32, or for a QLoRA adapter the dtypes it was trained with. ``adapter_names``: one
     per directory (default as ``lora.load_adapters``). ``quantize="nf4"``: quantize a 16/32-bit base to NF4 while
@@ -42,7 +45,11 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
     Raises:
         ValueError / FileNotFoundError: as the loaders; adapters on a GPTQ base.
     """
+    if adapter_scales is not None and len(adapter_scales) != len(adapter_dirs or []):
+        raise ValueError(f"--adapter-scale has {len(adapter_scales)} numbers for {len(adapter_dirs or [])} --adapter "
+                         "directories; give one per adapter")
     record = read_qlora_record(adapter_dirs)
+    check_loftq_base(record, model_dir)
     if is_gptq_dir(model_dir):
         if adapter_dirs:
             raise ValueError(f"{model_dir} is a GPTQ model (already merged for serving); adapters go on a 16/32-bit "
@@ -63,8 +70,10 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
         model = load_model(model_dir, dtype=dtype or "fp32")
     if adapter_dirs:
         adapter_dtype = model.model.embed_tokens.weight.dtype
-        load_adapters(model, adapter_dirs, adapter_names=adapter_names, adapter_dtype=adapter_dtype if adapter_dtype.is_floating_point
-                      else parse_dtype("fp32"))
+        names = load_adapters(model, adapter_dirs, adapter_names=adapter_names,
+                              adapter_dtype=adapter_dtype if adapter_dtype.is_floating_point else parse_dtype("fp32"))
+        for name, scale in zip(names, adapter_scales or []):
+            set_scale(model, name, scale)
     return model
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from finetune_ref.lora import LoraConfig, inject_lora, save_adapter
+from finetune_ref.lora.init import is_mutating_init
 from finetune_ref.models.loader import load_model
 from finetune_ref.train.distributed import DistInfo, unwrap_model
 from finetune_ref.train.fsdp import gathered_trainable
@@ -33,19 +34,40 @@ class LoraRecipe(RunConfig):
     # full fine-tuning (Dettmers et al. 2023, section 4).
     targets: tuple[str, ...] | str = "all-linear"
     rslora: bool = False               # scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    dora: bool = False                 # DoRA (Liu et al. 2024): a trained magnitude per output (lora/dora.py)
+    # How A and B start: "default" (A random, B = 0), "gaussian", or "pissa", "pissa_niter_K", "olora", which
+    # move part of W into the adapter (lora/init.py); "loftq" is QLoRA's (qlora/loftq.py).
+    init: str = "default"
+    # Modules trained in full beside the adapters, saved with them (lora/modules_to_save.py), e.g. ("norm",);
+    # a module tied to another (SmolLM2's lm_head and embed_tokens) is refused.
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.lora_config()  # LoraConfig checks r, alpha, dropout and targets
 
     def lora_config(self) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.targets, use_rslora=self.rslora)
+        if self.init not in ("default", "gaussian", "loftq") and not is_mutating_init(self.init):
+            raise ValueError(f"--init {self.init!r} is not one of default, gaussian, pissa, pissa_niter_K (K >= 1), "
+                             "olora, loftq")
+        if self.init == "loftq" and self.method != "qlora":
+            raise ValueError("--init loftq quantizes the base together with the adapter: use it with --method qlora")
+        init = True if self.init in ("default", "loftq") else self.init
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.targets,
+                          use_rslora=self.rslora, use_dora=self.dora, init_lora_weights=init,
+                          modules_to_save=list(self.modules_to_save) or None)
 
     def lora_metadata(self) -> dict:
         """The adapter settings a resume must match."""
-        return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+        meta = {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
                 "target_modules": self.targets, "use_rslora": self.rslora}
+        if self.dora:  # only when on, so that checkpoints written before these options existed still resume
+            meta["use_dora"] = True
+        if self.init != "default":
+            meta["init"] = self.init
+        if self.modules_to_save:
+            meta["modules_to_save"] = list(self.modules_to_save)
+        return meta
 
     def base_dtype(self, world_size: int = 1) -> str:
         """The frozen base needs no fp32 master copy under FSDP (only the adapters train): ``dtype``, else the

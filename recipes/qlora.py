@@ -4,19 +4,23 @@ quantized, so eval, generate and merge rebuild the same base)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from finetune_ref.lora import save_adapter
-from finetune_ref.qlora.adapter_record import QLORA_MARKER, write_qlora_record
-from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model
+from finetune_ref.lora import save_adapter, unload
+from finetune_ref.models.checkpoint import parse_dtype
+from finetune_ref.qlora.adapter_record import LOFTQ_BASE, QLORA_MARKER, write_qlora_record
+from finetune_ref.qlora.loftq import prepare_loftq_model
+from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model, save_quantized
 from finetune_ref.train.distributed import DistInfo, unwrap_model
 from finetune_ref.train.fsdp import gathered_trainable, shard_nf4_layers
 
 from .base import Trainable
+from .inference import copy_tokenizer_files
 from .lora import LoraRecipe
 
 
@@ -35,6 +39,15 @@ class QLoraRecipe(LoraRecipe):
     blocksize: int | None = None       # None: 64
     double_quant: bool | None = None   # None: on
     compute_dtype: str | None = None   # the NF4 matmuls; None: fp32 for precision fp32, else bf16
+    loftq_iter: int = 1                # LoftQ's alternating steps with --init loftq (PEFT's loftq_iter default)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init in ("pissa", "olora") or self.init.startswith("pissa_niter_"):
+            raise ValueError(f"--init {self.init} rewrites the 16/32-bit base, which --method qlora quantizes while "
+                             "loading; use it with --method lora (or --init loftq for a 4-bit base)")
+        if self.loftq_iter < 1:
+            raise ValueError(f"--loftq-iter must be >= 1, got {self.loftq_iter}")
 
     def build(self, model_dir: Path, info: DistInfo) -> Trainable:
         """The NF4 base (its other weights in ``base_dtype``), adapters on ``targets``; the result is a PEFT
@@ -45,20 +58,33 @@ class QLoraRecipe(LoraRecipe):
         # share of the 4-bit model while loading, plus one layer as stored (benchmarks/bench_fsdp_load_memory.py).
         sharded = self.parallel == "fsdp" and info.enabled
         on_layer = (lambda layer: shard_nf4_layers(layer, info)) if sharded else None
-        model = prepare_qlora_model(model_dir, lora_config=self.lora_config(), blocksize=self.blocksize,
-                                    double_quant=self.double_quant, compute_dtype=compute,
-                                    adapter_dtype=torch.bfloat16 if self.trained_dtype(info.world_size) == "bf16"
-                                    else torch.float32,  # under FSDP the fp32 adapter shards are the master copy
-                                    dtype=dtype, on_layer=on_layer)
+        adapter_dtype = torch.bfloat16 if self.trained_dtype(info.world_size) == "bf16" else torch.float32
+        if self.init == "loftq":  # LoftQ (qlora/loftq.py): the base is quantized with the adapter's start
+            if sharded:
+                raise ValueError("--init loftq loads the whole 16/32-bit model to quantize it; it is not supported "
+                                 "with --parallel fsdp")
+            model = prepare_loftq_model(model_dir, lora_config=self.lora_config(), num_iter=self.loftq_iter,
+                                        blocksize=self.blocksize, double_quant=self.double_quant,
+                                        compute_dtype=parse_dtype(compute), adapter_dtype=adapter_dtype,
+                                        dtype=parse_dtype(dtype))
+        else:
+            model = prepare_qlora_model(model_dir, lora_config=self.lora_config(), blocksize=self.blocksize,
+                                        double_quant=self.double_quant, compute_dtype=compute,
+                                        adapter_dtype=adapter_dtype,  # under FSDP the fp32 shards are the master
+                                        dtype=dtype, on_layer=on_layer)
         layer = nf4_layers(model)[0][1]  # every layer shares the settings (a 4-bit --model: those it was saved with)
         settings = {"blocksize": layer.blocksize, "double_quant": layer.double_quant, "compute_dtype": compute,
                     "dtype": dtype}
+        record = {**settings, LOFTQ_BASE: LOFTQ_BASE} if self.init == "loftq" else settings
 
         def export(m, directory):
             with gathered_trainable(unwrap_model(m)) as whole:  # collective: FSDP2 adapters gathered whole
                 if info.is_main:
                     save_adapter(whole, directory, base_model_name_or_path=str(model_dir), metadata=QLORA_MARKER)
-                    write_qlora_record(directory, settings)
+                    if self.init == "loftq":  # the adapter fits only this base: save it beside the adapter
+                        save_quantized(unload(copy.deepcopy(whole)), Path(directory) / LOFTQ_BASE)
+                        copy_tokenizer_files(model_dir, Path(directory) / LOFTQ_BASE)
+                    write_qlora_record(directory, record)
 
         return Trainable(model, {"method": "qlora", "lora": self.lora_metadata(), "qlora": settings}, export,
                          "QLoRA adapter")

@@ -92,7 +92,9 @@ def test_config_round_trips_through_peft_dict():
     assert lora.LoraConfig.from_peft_dict(d) == cfg
     with pytest.raises(ValueError, match="expanded"):
         lora.LoraConfig(target_modules="all-linear").to_peft_dict()
-    for key, value in (("lora_bias", True), ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0]),
+    both = {**d, "use_dora": True, "modules_to_save": ["lm_head"]}  # supported: lora/dora.py, lora/modules_to_save.py
+    assert lora.LoraConfig.from_peft_dict(both).to_peft_dict() == both
+    for key, value in (("lora_bias", True), ("trainable_token_indices", [1, 2]), ("layers_to_transform", [0]),
                        ("fan_in_fan_out", True), ("init_lora_weights", "pissa")):
         with pytest.raises(ValueError, match=key):
             lora.LoraConfig.from_peft_dict({**d, key: value})

@@ -234,8 +234,11 @@ def test_unsupported_config_and_bad_files_are_errors(tmp_path):
     base = _saved_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
     cfg_path = tmp_path / ADAPTER_CONFIG_NAME
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+    cfg_path.write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias"):
+        lora.load_adapter(copy.deepcopy(base), tmp_path)
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))  # DoRA without its magnitudes in the file
+    with pytest.raises(ValueError, match="missing keys.*lora_magnitude_vector"):
         lora.load_adapter(copy.deepcopy(base), tmp_path)
     cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="LORA"):

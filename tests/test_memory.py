@@ -226,7 +226,8 @@ def prepare(model, settings: MemorySettings):
     if settings.method == "qlora":
         quantize_model(model, compute_dtype=DTYPES[settings.dtype], double_quant=settings.double_quant)
     if settings.method in ("lora", "qlora"):
-        inject_lora(model, LoraConfig(r=settings.rank, lora_alpha=16, target_modules=list(settings.target_modules)),
+        inject_lora(model, LoraConfig(r=settings.rank, lora_alpha=16, target_modules=list(settings.target_modules),
+                                      use_dora=settings.dora, modules_to_save=list(settings.modules_to_save) or None),
                     adapter_dtype=DTYPES[settings.adapter_dtype or settings.dtype])
     model.model.gradient_checkpointing = settings.gradient_checkpointing
     return model
@@ -259,13 +260,17 @@ CASES = [
                            target_modules=("q_proj", "v_proj", "down_proj"))),
     (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, gradient_checkpointing=True)),
     (SMALL, MemorySettings(method="qlora", dtype="bf16", batch_size=4, seq_len=128)),
+    (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, dora=True)),
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"))),
+    (SMALL, MemorySettings(method="qlora", dtype="bf16", batch_size=4, seq_len=128, dora=True,
+                           target_modules=("q_proj", "v_proj", "up_proj"))),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, double_quant=False,
                           gradient_checkpointing=True)),
 ]
 
 
 @pytest.mark.parametrize("config,settings", CASES, ids=lambda x: "" if isinstance(x, LlamaConfig) else
-                         f"{x.method}-{x.dtype}-a{x.adapter_dtype}-ckpt{int(x.gradient_checkpointing)}")
+                         f"{x.method}-{x.dtype}-a{x.adapter_dtype}-ckpt{int(x.gradient_checkpointing)}{'-dora' * x.dora}{'-save' * bool(x.modules_to_save)}")
 def test_predicted_peak_matches_measured_peak(config, settings):
     from finetune_ref.models.llama import LlamaForCausalLM
 

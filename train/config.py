@@ -11,6 +11,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+from finetune_ref.lora.loraplus import check_loraplus_lr_ratio
 from finetune_ref.optim import OPTIMIZER_NAMES
 
 from .loggers import LOGGERS
@@ -33,6 +34,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 4              # linear warmup (schedule.py)
     weight_decay: float = 0.0          # AdamW's decoupled decay, on matrices only (step.param_groups)
+    loraplus_lr_ratio: float | None = None  # LoRA+: lr of LoRA's B = ratio * lr (lora/loraplus.py); None: off
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_accum: int = 1                # micro-batches per update (per rank)
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ValueError("eval_every, early_stopping_patience and log_every must be >= 0")
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early_stopping_patience needs periodic evaluation: set eval_every > 0 too")
+        if self.loraplus_lr_ratio is not None:
+            check_loraplus_lr_ratio(self.loraplus_lr_ratio)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZER_NAMES:

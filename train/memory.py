@@ -6,7 +6,8 @@ it counts the bytes of every tensor class a training step holds, and the peak:
     weights            base weights as stored: 2 or 4 B/param; NF4 codes 0.5 B/param for QLoRA's linears
     quant_constants    NF4 block constants: fp32 absmax (32/64 bits/param) or, double-quantized, an 8-bit
                        absmax plus an fp32 one per 256 blocks (8/64 + 32/(64*256) bits/param)
-    lora_parameters    A (r, in) and B (out, r) per adapted linear, in the adapter dtype
+    lora_parameters    A (r, in) and B (out, r) per adapted linear, in the adapter dtype; DoRA adds m (out,);
+                       modules_to_save copies (norms, an untied lm_head) in the model dtype
     gradients          one per trainable parameter, in its dtype
     optimizer_states   AdamW's two moments: 8 B/param in fp32; 2 B/param + fp32 absmax per 256 in 8-bit
     master_weights     fp32 copy of each 16-bit trainable parameter (optim.adamw.MasterWeightAdamW)
@@ -37,6 +38,9 @@ layer and token, on the gradient path:
     projections      the input of q/k/v, gate/up and down once (H, H, I) * e when a weight or an adapter of
                      the adapter's dtype needs it; an adapter of another dtype keeps its own cast copy each
     LoRA             A's output r * adapter bytes per adapted linear
+    DoRA             also the base output (out * e) and B(A(x)) (out * adapter bytes) per adapted linear: the
+                     two products with m / ||W + s B A||_c keep them for m's gradient (lora/dora.py); the norm
+                     is detached (Liu et al. 2024, section 4.3), so nothing of it is saved
     attention        q, the repeated k and v (GQA expands to all heads before SDPA), the output: 4 * Hq * e;
                      logsumexp nh * 4; the boolean mask as a float additive mask (B, 1, T, T) per layer
     SwiGLU           gate output, silu(gate), up output: 3 * I * e
@@ -109,8 +113,14 @@ def _trainable_tensors(c: LlamaConfig, s: MemorySettings) -> list[int]:
     per_layer = []
     for name in s.target_modules:
         out_f, in_f = shapes[name]
-        per_layer += [s.rank * in_f, out_f * s.rank]
-    return per_layer * c.num_hidden_layers
+        per_layer += [s.rank * in_f, out_f * s.rank] + ([out_f] if s.dora else [])
+    return per_layer * c.num_hidden_layers + _saved_copies(c, s)
+
+
+def _saved_copies(c: LlamaConfig, s: MemorySettings) -> list[int]:
+    """Element counts of the modules_to_save copies (trained in full, in the model dtype)."""
+    norms = [c.hidden_size] * (2 * c.num_hidden_layers + 1) if "norm" in s.modules_to_save else []
+    return norms + ([c.vocab_size * c.hidden_size] if "lm_head" in s.modules_to_save else [])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,13 +147,17 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
             return 0 if shared_with_saved else n * in_dim * e
         return len(hit) * n * in_dim * a
 
+    out_dim = {name: o for name, (o, _) in linear_shapes(c).items()}
+
     def lora_mid(names: tuple[str, ...]) -> int:
-        return 0 if full else sum(n * s.rank * a for x in names if targeted[x])
+        dora = (lambda x: n * out_dim[x] * (e + a)) if s.dora else (lambda x: 0)
+        return 0 if full else sum(n * s.rank * a + dora(x) for x in names if targeted[x])
 
     def norm(x_requires_grad: bool) -> int:
         # models/llama.rms_norm: x.float() (or x itself in fp32) and rsqrt are saved by pow/mul; the weight's
         # gradient needs the normalised x (in the model dtype).
-        return (n * h * 4 + n * 4 if x_requires_grad else 0) + (n * h * e if full else 0)
+        return (n * h * 4 + n * 4 if x_requires_grad else 0) + (n * h * e if full or "norm" in s.modules_to_save
+                                                                 else 0)
 
     saved = norm(grad_in)
     y_grad = grad_in or full
@@ -211,11 +225,12 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         quant = L * consts + 16 * 4 + (NESTED_BLOCKSIZE * 4 if s.double_quant else 0)  # + the two shared maps
     trainable = _trainable_tensors(c, s)
     trainable_params = sum(trainable)
-    t_bytes = e if full else a  # dtype of the trainable tensors
-    lora_params = 0 if full else trainable_params * a
-    gradients = trainable_params * t_bytes
+    t_bytes = e if full else a  # dtype of the trainable tensors (the adapters'; modules_to_save copies: e)
+    copies = 0 if full else sum(_saved_copies(c, s))
+    lora_params = 0 if full else (trainable_params - copies) * a + copies * e
+    gradients = trainable_params * t_bytes + copies * (e - t_bytes)
     optimizer_states = sum(optimizer_state_bytes(x, s.optimizer) for x in trainable)
-    master = trainable_params * 4 if t_bytes < 4 else 0
+    master = (trainable_params - copies) * 4 * (t_bytes < 4) + copies * 4 * (e < 4)
 
     # Gradients present at the start / end of the layers' backward (full: the head's first, the layers' last).
     if full:
@@ -223,12 +238,14 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         layer_grads = (sum(linear_numels) + 2 * H) * e
         embed_transient = V * H * e  # embedding backward builds a dense (V, H) gradient before accumulation
     else:
-        head_grads, layer_grads, embed_transient = 0, gradients // L, 0
+        head = V * H * e if "lm_head" in s.modules_to_save else 0  # the head copy's gradient comes first
+        head_grads, layer_grads, embed_transient = head, (gradients - head) // L, 0
 
     # Activations saved for backward.
     batch = (BATCH_TENSORS if s.attention_mask else 2) * n * 8  # the batch's int64 tensors (or ids and labels)
     rope = 2 * n * c.head_dim * e  # cos and sin, shared by all layers
     final_norm = n * H * 4 + n * 4 + (2 * n * H * e if full else 0)  # + normalised x and lm_head's input
+    final_norm += 0 if full else n * H * e * (("norm" in s.modules_to_save) + ("lm_head" in s.modules_to_save))
     first = _layer_saved(c, s, grad_in=full)
     rest = _layer_saved(c, s, grad_in=True)
     workspace = _layer_workspace(c, s)

@@ -28,6 +28,11 @@ class MemorySettings:
         dtype: weights and activations of the unquantized model (full: bf16 means fp32 master weights).
         adapter_dtype: LoRA A/B dtype; None means ``dtype``.
         rank: LoRA r; target_modules: which of q/k/v/o/gate/up/down_proj carry adapters (all-linear default).
+        modules_to_save: modules trained in full beside the adapters (lora/modules_to_save.py): "norm" (every
+            RMSNorm) and/or "lm_head" (an untied head): a trainable copy in the model dtype, its gradient, optimizer
+            state and master copy, and the tensor its weight gradient needs (the normalised input; the head's input).
+        dora: DoRA adapters (lora/dora.py): a trained magnitude (out,) per adapted linear, and two more
+            (N, out) activations saved per adapted linear (the base output and B(A(x)), multiplied by m / norm).
         double_quant, blocksize: QLoRA's NF4 settings.
         attention_mask: the batches carry an attention mask / document ids (train/data.collate does, so the
             training loop passes one); then SDPA saves a float (B, 1, T, T) mask per layer. False: plain causal.
@@ -44,6 +49,8 @@ class MemorySettings:
     adapter_dtype: str | None = None
     rank: int = 8
     target_modules: tuple[str, ...] = LINEAR_NAMES
+    dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
     double_quant: bool = True
     blocksize: int = 64
     attention_mask: bool = True
@@ -70,6 +77,9 @@ class MemorySettings:
         if unknown or not self.target_modules:
             raise ValueError(f"target_modules must be a non-empty subset of {LINEAR_NAMES}, got "
                              f"{tuple(self.target_modules)!r}")
+        if not set(self.modules_to_save) <= {"norm", "lm_head"} or (self.modules_to_save and self.method == "full"):
+            raise ValueError(f"modules_to_save must be a subset of ('norm', 'lm_head') with method lora or qlora, got "
+                             f"{tuple(self.modules_to_save)!r}")
         if self.method == "qlora" and self.blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"blocksize must be a power of two in [32, 4096], got {self.blocksize}")
 

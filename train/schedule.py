@@ -48,6 +48,8 @@ def lr_at(update: int, total_updates: int, peak_lr: float, warmup: int = 0, min_
 class WarmupCosine:
     """Sets ``lr`` on every param group of an optimizer; call ``step()`` once per optimizer update.
 
+    A group with an ``lr_scale`` entry gets the scheduled lr times it (LoRA+'s B groups, lora/loraplus.py).
+
     Its state (the update counter) goes into checkpoints through ``state_dict``/``load_state_dict``.
     """
 
@@ -61,7 +63,7 @@ class WarmupCosine:
     def _apply(self) -> None:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def current_lr(self) -> float:
         return lr_at(min(self.update, self.total_updates - 1), self.total_updates, self.peak_lr, self.warmup,

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from finetune_ref.lora.loraplus import loraplus_param_groups
 from finetune_ref.optim import build_optimizer
 
 from .config import TrainConfig
@@ -41,8 +42,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over ``param_groups`` (see ``optim.build_optimizer``): for "adamw",
     ``torch.optim.AdamW`` if every trainable parameter is fp32, else ``MasterWeightAdamW`` (fp32 master
-    copy and moments for the 16-bit ones); the paged and 8-bit ones keep fp32 master weights too."""
-    groups = param_groups(model, cfg.weight_decay)
+    copy and moments for the 16-bit ones); the paged and 8-bit ones keep fp32 master weights too. With
+    ``cfg.loraplus_lr_ratio`` the groups are LoRA+'s (``lora.loraplus.loraplus_param_groups``)."""
+    if cfg.loraplus_lr_ratio is not None:
+        groups = loraplus_param_groups(model, cfg.loraplus_lr_ratio, cfg.weight_decay)
+    else:
+        groups = param_groups(model, cfg.weight_decay)
     return build_optimizer(cfg.optimizer, groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 

@@ -1,0 +1,135 @@
+"""Combining trained adapters into a new one, and scaling an adapter at inference.
+
+Adapters trained for different tasks can be mixed without training (task arithmetic, Ilharco et al. 2023,
+"Editing Models with Task Arithmetic", section 2: the weighted sum of task vectors). PEFT's
+``LoraModel.add_weighted_adapter`` (peft/tuners/lora/model.py) defines three ways for LoRA, reproduced here with
+s_i the scaling of adapter i and w_i its weight:
+
+  linear   same rank r everywhere: A = sum_i sign(w_i s_i) sqrt|w_i s_i| A_i,  B = sum_i sqrt|w_i s_i| B_i
+           (NOT the weighted sum of the updates: B A has cross terms B_i A_j; exact for one adapter)
+  cat      rank sum_i r_i: A = [w_1 s_1 A_1 ; w_2 s_2 A_2 ; ...],  B = [B_1 | B_2 | ...], so that
+           B A = sum_i w_i s_i B_i A_i exactly
+  svd      dW = sum_i w_i s_i B_i A_i, then its best rank-k approximation (k = svd_rank, default the largest r_i):
+           dW = U S V^T,  B = U_k S_k,  A = V_k^T  (torch.linalg.svd with full_matrices=True, as PEFT)
+
+The new adapter has lora_alpha = r (scaling 1), since the scalings are inside A; a layer that only some adapters
+adapt combines those. PEFT copies the first adapter's other options (use_rslora among them, which would then
+scale the result by sqrt(r): wrong; here use_rslora is False). DoRA adapters and PiSSA/OLoRA ones cannot be
+combined this way (their update is not B A alone) and are refused.
+
+``set_scale`` (PEFT's ``LoraLayer.set_scale``): scaling = scale * lora_alpha / r, or scale * lora_alpha / sqrt(r)
+with rsLoRA, per layer carrying the adapter; scale 1 restores the trained scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from finetune_ref.lora.config import LoraConfig
+from finetune_ref.lora.functional import lora_scaling
+from finetune_ref.lora.init import is_mutating_init
+from finetune_ref.lora.inject import get_lora_configs, inject_lora, lora_layers
+
+COMBINATIONS = ("linear", "cat", "svd")
+
+
+def combine_linear(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], scalings: Sequence[float],
+                   weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "linear": A = sum sign(w s) sqrt|w s| A_i (r, in), B = sum sqrt|w s| B_i (out, r)."""
+    if len({tuple(a.shape) for a in As}) != 1:
+        raise ValueError(f"'linear' combines adapters of one rank; got ranks {[a.shape[0] for a in As]} (use 'cat' "
+                         "or 'svd')")
+    ws = [w * s for w, s in zip(weights, scalings)]
+    wa = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws], device=As[0].device)
+    wb = torch.tensor([math.sqrt(abs(x)) for x in ws], device=Bs[0].device)
+    A = (torch.stack(As) * wa.view(-1, 1, 1)).sum(dim=0)  # (n, r, in) -> (r, in)
+    B = (torch.stack(Bs) * wb.view(-1, 1, 1)).sum(dim=0)  # (n, out, r) -> (out, r)
+    return A.to(As[0].dtype), B.to(Bs[0].dtype)
+
+
+def combine_cat(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], scalings: Sequence[float],
+                weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "cat": A = [w_i s_i A_i] stacked (sum r_i, in), B = [B_i] side by side (out, sum r_i)."""
+    A = torch.cat([a * w * s for a, s, w in zip(As, scalings, weights)], dim=0)
+    return A, torch.cat(list(Bs), dim=1)
+
+
+def combine_svd(deltas: Sequence[torch.Tensor], weights: Sequence[float], rank: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "svd": the rank-``rank`` SVD truncation of sum w_i dW_i (dW_i = s_i B_i A_i, (out, in))."""
+    delta = (torch.stack(list(deltas)) * torch.tensor(weights, device=deltas[0].device).view(-1, 1, 1)).sum(dim=0)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=True)  # u (out, out), s (k,), vh (in, in)
+    return vh[:rank, :], u[:, :rank] @ torch.diag(s[:rank])  # A (rank, in), B (out, rank)
+
+
+def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> list[str]:
+    """Add ``adapter_name``, the combination of ``adapters`` (module docstring), inactive; returns its modules.
+
+    Raises:
+        ValueError: unknown or duplicate names, weights and adapters of different lengths, an unknown
+            combination, DoRA or PiSSA/OLoRA adapters, ranks that differ with "linear".
+    """
+    configs = get_lora_configs(model)
+    adapters = list(adapters)
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+    unknown = [a for a in adapters if a not in configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(configs)}")
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination_type!r}")
+    odd = [a for a in adapters if configs[a].use_dora or is_mutating_init(configs[a].init_lora_weights)
+           or configs[a].modules_to_save]
+    if odd:
+        raise ValueError(f"adapters {odd} are DoRA, PiSSA/OLoRA or modules_to_save adapters, whose update is not "
+                         "B A alone; only plain LoRA adapters can be combined")
+    combination_type = "linear" if len(adapters) == 1 else combination_type
+    layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.adapter_names for a in adapters)]
+    ranks = [max(layer.r[a] for _, layer in layers if a in layer.adapter_names) for a in adapters]
+    new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination_type]
+    if combination_type == "linear" and len(set(ranks)) != 1:
+        raise ValueError(f"'linear' combines adapters of one rank; got ranks {ranks} (use 'cat' or 'svd')")
+    config = LoraConfig(r=new_rank, lora_alpha=new_rank, lora_dropout=configs[adapters[0]].lora_dropout,
+                        target_modules=[n for n, _ in layers])
+    names = inject_lora(model, config, adapter_name=adapter_name, strict_patterns=False)
+    with torch.no_grad():
+        for _, layer in layers:
+            here = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
+            As = [layer.lora_A[a].weight for a, _ in here]
+            Bs = [layer.lora_B[a].weight for a, _ in here]
+            scalings, ws = [layer.scaling[a] for a, _ in here], [w for _, w in here]
+            if combination_type == "linear":
+                A, B = combine_linear(As, Bs, scalings, ws)
+            elif combination_type == "cat":
+                A, B = combine_cat(As, Bs, scalings, ws)
+            else:
+                A, B = combine_svd([layer.get_delta_weight(a) for a, _ in here], ws, new_rank)
+            target_A, target_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            target_A.zero_()
+            target_B.zero_()
+            target_A[:A.shape[0]] = A  # a layer with fewer of the adapters fills only part of "cat"'s rank
+            target_B[:, :B.shape[1]] = B
+    return names
+
+
+def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
+    """scaling = scale * (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) on every layer carrying the adapter.
+
+    Raises:
+        ValueError: no layer carries the adapter, or scale is not a finite number; it is merged (unmerge first).
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.adapter_names]
+    if not layers:
+        raise ValueError(f"no layer carries adapter {adapter_name!r}")
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before changing its scale")
+    for layer in layers:
+        layer.scaling[adapter_name] = scale * lora_scaling(layer.r[adapter_name], layer.lora_alpha[adapter_name],
+                                                           layer.use_rslora[adapter_name])

@@ -1,0 +1,96 @@
+"""Fully trained copies of whole modules beside LoRA adapters: PEFT's ``modules_to_save``.
+
+Some modules are better trained in full than through a low-rank update, e.g. the output head or a norm when
+the task changes the output distribution, or new token embeddings. PEFT's ``ModulesToSaveWrapper``
+(peft/utils/other.py) keeps the frozen ``original_module`` and, per adapter, a trainable deep copy in
+``modules_to_save.<adapter>``; the wrapper computes with the copy of the active adapter, or with the original
+when adapters are disabled or an active adapter has no copy here. In the adapter file the copy's tensors are
+saved under the module's own name: ``base_model.model.<path>.<param>`` (e.g. ``base_model.model.lm_head.weight``).
+
+Selection is PEFT's ``_set_trainable`` rule: a module is chosen when its full name *ends with* an entry (plain
+string suffix: "norm" also chooses "input_layernorm"). A module whose weight is shared with another (tied input
+embedding and lm_head) is refused: training one copy would silently untie them (PEFT only warns; with
+``ensure_weight_tying`` it ties the copies, which is not implemented here). LoRA layers and modules inside them
+cannot be chosen.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """``original_module`` (frozen) plus trainable copies per adapter in ``modules_to_save`` (see module docstring).
+
+    Attributes:
+        active_adapters: the model-wide active list (set by ``lora.inject.set_active_adapters``).
+        disabled: when True, forward is the original module's.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add_copy(self, adapter_name: str) -> None:
+        """A trainable deep copy of the original for ``adapter_name``."""
+        if adapter_name in self.modules_to_save:
+            raise ValueError(f"adapter {adapter_name!r} already has a copy of this module")
+        module = copy.deepcopy(self.original_module)
+        module.requires_grad_(True)
+        self.modules_to_save[adapter_name] = module
+
+    def active_module(self) -> nn.Module:
+        """The module forward uses: the first active adapter's copy, or the original (PEFT's rule)."""
+        if self.disabled or not self.active_adapters or \
+                any(a not in self.modules_to_save for a in self.active_adapters):
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The active module's weight (models read e.g. ``lm_head.weight`` or ``embed_tokens.weight``)."""
+        return self.active_module().weight
+
+
+def wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
+    """(full name, wrapper) for every ModulesToSaveWrapper, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def find_modules_to_save(model: nn.Module, names: list[str], candidates: list[tuple[str, nn.Module]]) -> list[str]:
+    """Full names chosen by ``names`` (suffix rule) among ``candidates`` ((name, module) outside LoRA layers).
+
+    Raises:
+        ValueError: nothing matches, a match is a LoRA layer, or its parameters are shared with another module.
+    """
+    from finetune_ref.lora.layer import LoRALinear
+
+    chosen = [(n, m) for n, m in candidates if any(n.endswith(key) for key in names) and
+              not any(n.startswith(other + ".") for other, _ in candidates if other != n and
+                      any(other.endswith(key) for key in names))]
+    if not chosen:
+        raise ValueError(f"modules_to_save={names} matches no module of the model")
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(name)
+    for name, module in chosen:
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} carries LoRA adapters; it cannot also be in modules_to_save")
+        for p in module.parameters():
+            others = [o for o in owners.get(id(p), []) if o != name and not o.startswith(name + ".")]
+            if others:
+                raise ValueError(f"modules_to_save: {name} shares its weights with {others} (tied embeddings); "
+                                 "training a copy of one would silently untie them. Untie the model first (load it "
+                                 "with tie_word_embeddings=False) or leave it out")
+    return [n for n, _ in chosen]

@@ -1,0 +1,102 @@
+"""Weighted combination of adapters and per-adapter scale against PEFT 0.21 on a tiny random Llama (GQA).
+
+Both sides hold the same two (non-zero) adapters; ``add_weighted_adapter`` must give the same new A and B
+(linear and cat: the same elementwise operations, compared within 1e-6 relative; svd: the same SVD call on the
+same matrix, 1e-5 relative since singular vectors of near-equal singular values may rotate by rounding, so
+there B A is compared). The combined adapter then gives PEFT's outputs."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from finetune_ref import lora  # noqa: E402
+from finetune_ref.lora.combine import add_weighted_adapter, set_scale  # noqa: E402
+
+PREFIX = "base_model.model."
+
+
+def assert_rel_close(actual, expected, rel):
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rel * expected.double().abs().max().item(), err
+
+
+def models(r2=4):
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    c1 = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    c2 = dict(r=r2, lora_alpha=3, target_modules=["v_proj", "down_proj"], use_rslora=True)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **c1), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(init_lora_weights=False, **c2))
+    ours = copy.deepcopy(base)
+    lora.inject_lora(ours, lora.LoraConfig(**c1), "a")
+    lora.inject_lora(ours, lora.LoraConfig(**c2), "b")
+    theirs = {k.removeprefix(PREFIX): v for k, v in pm.state_dict().items() if ".lora_" in k}
+    with torch.no_grad():
+        for k, v in theirs.items():
+            ours.get_parameter(k).copy_(v)
+    return ours, pm
+
+
+@pytest.mark.parametrize("combination, r2", [("linear", 4), ("cat", 2), ("svd", 2)])
+def test_add_weighted_adapter_matches_peft(combination, r2):
+    ours, pm = models(r2)
+    weights = [0.7, -0.3]
+    pm.add_weighted_adapter(["a", "b"], weights, "mix", combination_type=combination)
+    add_weighted_adapter(ours, ["a", "b"], weights, "mix", combination_type=combination)
+    peft_layers = {n: m for n, m in pm.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    layers = dict(lora.lora_layers(ours))
+    assert {n for n, layer in layers.items() if "mix" in layer.adapter_names} == \
+        {n for n, m in peft_layers.items() if "mix" in m.lora_A}
+    for name, layer in layers.items():
+        ref = peft_layers[name]
+        assert layer.r["mix"] == ref.r["mix"] and layer.scaling["mix"] == 1.0
+        if combination == "svd":
+            assert_rel_close(layer.get_delta_weight("mix"), ref.get_delta_weight("mix"), 1e-5)
+        else:
+            assert_rel_close(layer.lora_A["mix"].weight, ref.lora_A["mix"].weight, 1e-6)
+            assert_rel_close(layer.lora_B["mix"].weight, ref.lora_B["mix"].weight, 1e-6)
+    if combination == "cat":  # cat is exact: B A = sum w_i s_i B_i A_i
+        for name, layer in layers.items():
+            expected = sum(w * layer.get_delta_weight(a) for a, w in zip("ab", weights) if a in layer.adapter_names)
+            assert_rel_close(layer.get_delta_weight("mix"), expected, 1e-5)
+    lora.set_adapter(ours, "mix")
+    pm.base_model.set_adapter("mix")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_rel_close(ours(ids).logits, pm(input_ids=ids).logits, 1e-5)
+
+
+def test_set_scale_is_peft_set_scale_and_rslora_aware():
+    ours, pm = models()
+    lora.set_adapter(ours, ["a", "b"])
+    pm.base_model.set_adapter(["a", "b"])
+    for _, m in pm.base_model.model.named_modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            m.set_scale("b", 0.25)
+    set_scale(ours, "b", 0.25)
+    layer = dict(lora.lora_layers(ours))["model.layers.0.self_attn.v_proj"]
+    assert layer.scaling["b"] == 0.25 * 3 / 2.0  # rsLoRA: alpha / sqrt(r)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_rel_close(ours(ids).logits, pm(input_ids=ids).logits, 1e-6)
+    set_scale(ours, "b", 1)
+    assert layer.scaling["b"] == 3 / 2.0
+
+
+def test_bad_combinations_are_refused():
+    ours, _ = models(r2=2)
+    with pytest.raises(ValueError, match="one rank"):
+        add_weighted_adapter(ours, ["a", "b"], [0.5, 0.5], "mix", combination_type="linear")
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        add_weighted_adapter(ours, ["a", "b"], [0.5], "mix")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        add_weighted_adapter(ours, ["a", "zz"], [0.5, 0.5], "mix")
+    with pytest.raises(ValueError, match="combination"):
+        add_weighted_adapter(ours, ["a", "b"], [0.5, 0.5], "mix", combination_type="ties")

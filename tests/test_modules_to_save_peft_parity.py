@@ -1,0 +1,100 @@
+"""``modules_to_save`` (fully trained copies saved with the adapter) against PEFT 0.21 on a tiny random Llama
+(GQA, untied head). Same base, same LoRA tensors, same copies: logits, loss and every trainable gradient within
+1e-6 relative (the same operations); files both ways; merge_and_unload keeps the trained copy, unload the
+original; tied embeddings are refused."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from finetune_ref import lora  # noqa: E402
+from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper  # noqa: E402
+from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME  # noqa: E402
+
+PREFIX = "base_model.model."
+KWARGS = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm"])
+
+
+def assert_rel_close(actual, expected, rel=1e-6):
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rel * expected.double().abs().max().item(), err
+
+
+def tiny_llama(tie=False):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)).eval()
+
+
+def pair():
+    base = tiny_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **KWARGS))
+    ours = copy.deepcopy(base)
+    lora.inject_lora(ours, lora.LoraConfig(**KWARGS))
+    theirs = dict(pm.named_parameters())
+    torch.manual_seed(3)
+    with torch.no_grad():  # the copies as if trained: perturbed, the same on both sides
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                ref = theirs[PREFIX + name]
+                p.copy_(ref if "lora_" in name else ref + 0.01 * torch.randn_like(ref))
+                ref.copy_(p)
+    return base, ours, pm
+
+
+def test_outputs_and_all_trainable_gradients_match_peft():
+    _, ours, pm = pair()
+    wrapped = sorted(n for n, m in ours.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    assert wrapped == ["lm_head", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                       "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"]
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    out, ref = ours(ids, labels=ids), pm(input_ids=ids, labels=ids)
+    assert_rel_close(out.logits, ref.logits)
+    out.loss.backward()
+    ref.loss.backward()
+    g = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    g_ref = {n.removeprefix(PREFIX): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    assert set(g) == set(g_ref) and any("modules_to_save.default" in k for k in g)
+    for k in g_ref:
+        assert_rel_close(g[k], g_ref[k])
+    assert lora.trainable_parameters(ours) == pm.get_nb_trainable_parameters()
+
+
+def test_files_both_ways_and_merge_keeps_the_trained_copy(tmp_path):
+    base, ours, pm = pair()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    lora.save_adapter(ours, tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    mine, theirs = load_file(tmp_path / "ours" / ADAPTER_WEIGHTS_NAME), load_file(tmp_path / "peft" / ADAPTER_WEIGHTS_NAME)
+    assert set(mine) == set(theirs) and "base_model.model.lm_head.weight" in mine
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    loaded = copy.deepcopy(base)
+    lora.load_adapter(loaded, tmp_path / "peft")
+    with torch.no_grad():
+        expected = pm(input_ids=ids).logits
+        assert_rel_close(back(input_ids=ids).logits, expected)
+        assert_rel_close(loaded(ids).logits, expected)
+        with lora.disable_adapters(loaded):
+            assert_rel_close(loaded(ids).logits, base(ids).logits)
+        merged = lora.merge_and_unload(copy.deepcopy(loaded))
+        assert not any(isinstance(m, ModulesToSaveWrapper) for m in merged.modules())
+        assert_rel_close(merged(ids).logits, expected, 1e-5)
+        assert_rel_close(lora.unload(loaded)(ids).logits, base(ids).logits)
+
+
+def test_tied_embeddings_and_overlaps_are_refused():
+    with pytest.raises(ValueError, match="tied"):
+        lora.inject_lora(tiny_llama(tie=True), lora.LoraConfig(r=2, target_modules=["q_proj"],
+                                                               modules_to_save=["embed_tokens"]))
+    with pytest.raises(ValueError, match="both target_modules and modules_to_save"):
+        lora.inject_lora(tiny_llama(), lora.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                       modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="matches no module"):
+        lora.inject_lora(tiny_llama(), lora.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["nothing"]))
