@@ -5,7 +5,16 @@ repository and become its sub-packages (``models/`` -> ``finetune_ref.models``, 
 ``models`` or ``kernels`` (Hugging Face's kernel hub is a PyPI package of that name) is installed.
 """
 
+import os
+import sys
+
 from setuptools import setup
+
+# Building from this checkout must not make its folders importable: Hugging Face's `kernels` package (required by
+# transformers >= 5.25) registers a setuptools egg-info hook that imports `kernels`, which our kernels/ folder would
+# shadow when the build runs without isolation (`pip install --no-build-isolation`).
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 # Each room, in the order imports may point: a room imports only rooms before it (tests/test_layout.py).
 ROOMS = ["models", "lora", "kernels", "optim", "qlora", "gptq", "full", "train", "recipes", "parity", "serve", "cli"]

@@ -83,9 +83,9 @@ def test_rooms_are_the_packages_setup_installs():
 
 def test_installing_adds_exactly_one_import_name(tmp_path):
     target = tmp_path / "site"
-    # Built in pip's isolated build environment, as users build it: without isolation, Hugging Face's `kernels`
-    # package (which transformers >= 5.25 requires) adds a setuptools egg-info hook that imports `kernels`, and the
-    # build runs in this checkout, where that name is our kernels/ folder.
+    # Built in pip's isolated build environment, as users build it (a venv's own setuptools may lack bdist_wheel).
+    # Without isolation, setup.py keeps the checkout off sys.path: Hugging Face's `kernels` package (transformers
+    # >= 5.25 requires it) hooks setuptools' egg-info step with an import of `kernels`, which our folder would shadow.
     result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                              "--no-compile", "--target", str(target), str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
