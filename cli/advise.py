@@ -8,7 +8,7 @@ import json
 import re
 import sys
 
-from finetune_ref.cli.common import positive_int, show_number
+from finetune_ref.cli.common import HelpFormatter, positive_int, show_number, tokens_per_sequence
 from finetune_ref.recipes import advice
 from finetune_ref.recipes.advice import DEFAULT_SEQ_LEN, TARGET_BATCH, TASKS, Advice, advise
 from finetune_ref.train.memory_shapes import DEFAULT_PRESET, PRESETS, parameter_count, shape_from
@@ -84,7 +84,8 @@ def format_advice(a: Advice, model_name: str, parameters: int, gpu_memory: int, 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``finetune advise`` options to ``p``; ``p.set_defaults(func=cmd_advise)``."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR|config.json", help="a Hugging Face model directory or its config.json")
+    src.add_argument("--model", metavar="DIR|config.json",
+                     help="a Hugging Face model directory or its config.json (default: --preset)")
     src.add_argument("--preset", choices=sorted(PRESETS),
                      help=f"a published model shape (default without --model: {DEFAULT_PRESET}, the embedded model)")
     p.add_argument("--gpu-memory", type=memory_size, required=True, metavar="SIZE",
@@ -92,7 +93,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=positive_int, default=1, help="how many such GPUs (default 1)")
     p.add_argument("--examples", type=positive_int, help="training examples (decides full fine-tuning, rank, "
                    "dropout and the warmup steps; default unknown)")
-    p.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN,
+    p.add_argument("--seq-len", type=tokens_per_sequence, default=DEFAULT_SEQ_LEN,
                    help=f"tokens per sequence (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--target-batch", type=positive_int, default=TARGET_BATCH,
                    help=f"sequences per update, reached by gradient accumulation (default {TARGET_BATCH})")
@@ -104,11 +105,15 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The description as written (its paragraphs and list), the flags as every command shows them."""
+
+
 def add_advise_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``advise`` on a ``parser.add_subparsers()`` object (as ``cli/main.py`` builds its commands)."""
     p = subparsers.add_parser("advise", help="which method and settings for a model on your GPUs",
                               description="\n\n".join([DESCRIPTION] + advice.__doc__.split("\n\n")[1:4]).replace("``", ""),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=RawDescriptionHelpFormatter)
     return configure_parser(p)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -18,42 +20,128 @@ from finetune_ref.recipes.base import RunConfig
 
 
 # --------------------------------------------------------------------------------------------------------
-# Argument types: reject bad values at parse time with argparse's one-line error.
+# Argument types: every numeric flag is checked at parse time against a finite range, so a bad value fails with
+# argparse's one-line error naming the flag, before anything loads.
 # --------------------------------------------------------------------------------------------------------
-def _number(text: str, parse, accept, expected: str):
-    """``parse(text)`` if ``accept`` holds for it, else argparse's one-line error saying what was ``expected``."""
-    try:
-        value = parse(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not accept(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-    return value
+class Number:
+    """An argparse ``type``: an int or a finite float in a range; ``range_text`` is what ``--help`` shows.
+
+    ``Number(int, 1, 10**7)`` accepts 1 ... 10000000; ``Number(float, 0, 1, low_open=True)`` accepts (0, 1].
+    """
+
+    def __init__(self, kind: type, low: float, high: float, *, low_open: bool = False, high_open: bool = False,
+                 also: tuple = ()):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.also = also  # single values accepted besides the range (GPTQ's group size -1)
+        self.__name__ = "integer" if kind is int else "number"  # what argparse calls the type
+
+    @property
+    def range_text(self) -> str:
+        if self.also:
+            return " or ".join(map(str, self.also)) + f" or {self.low}..{self.high}"
+        if self.kind is int:
+            return f"{self.low}..{self.high}"
+        return f"{'(' if self.low_open else '['}{show_number(self.low)}, {show_number(self.high)}" \
+               f"{')' if self.high_open else ']'}"
+
+    def __call__(self, text: str):
+        expected = f"{'an integer' if self.kind is int else 'a number'} {'' if self.also else 'in '}{self.range_text}"
+        try:
+            value = self.kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        ok = value in self.also or (math.isfinite(value) and above and below)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
 
 
-def positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v > 0, "a positive integer")
+# The ranges of the flags. Generous: wide enough for any real run, narrow enough that a typo (20 digits, nan,
+# 1e300) is caught before it becomes an out-of-memory, a traceback or an all-NaN result.
+MAX_COUNT = 10**7                      # updates, intervals, samples
+positive_int = Number(int, 1, MAX_COUNT)
+non_negative_int = Number(int, 0, MAX_COUNT)
+positive_float = Number(float, 0, 1e6, low_open=True)
+finite_non_negative = Number(float, 0, 1e6)
+probability = Number(float, 0, 1, high_open=True)
+fraction = Number(float, 0, 1)                               # --min-lr-ratio
+learning_rate = Number(float, 0, 10, low_open=True)          # --lr: AdamW's rate; above ~1 nothing trains
+weight_decay = Number(float, 0, 1)                           # AdamW multiplies the weights by 1 - lr * wd
+tokens_per_sequence = Number(int, 2, 2**20)                  # one token predicts the next; at most 1M tokens
+sequences_per_batch = Number(int, 1, 2**16)
+grad_accum = Number(int, 1, 2**16)
+rank = Number(int, 1, 2**16)
+seed = Number(int, 0, 2**63 - 1)                             # torch.manual_seed's range
+top_p = Number(float, 0, 1, low_open=True)
+temperature = Number(float, 0, 100)
+port = Number(int, 1, 65535)
+group_size = Number(int, 1, 2**16, also=(-1,))              # GPTQ: input columns per scale; -1: one group per row
 
 
-def non_negative_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+# --------------------------------------------------------------------------------------------------------
+# The parser of every ``finetune`` command: help shows each flag's range and default; errors are one line.
+# --------------------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a numeric flag's range, and its default unless the help text already says it (``default ...``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or "%(default)" in text or not action.option_strings or action.required \
+                or isinstance(action, argparse._HelpAction):
+            pass
+        elif action.const is not None and action.nargs == 0:  # store_true / store_false / store_const
+            text += " (default: off)"
+        elif action.default is not None and action.default is not argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        if isinstance(action.type, Number) and action.type.range_text not in text:
+            text += f" (range {action.type.range_text})"
+        return text
 
 
-def positive_float(text: str) -> float:
-    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number (finite)")
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with ``HelpFormatter`` and a one-line error (no usage block)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def finite_non_negative(text: str) -> float:
-    return _number(text, float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+# Library parameters whose name differs from the flag's ``dest`` (errors raised below the CLI use the former).
+PARAMETER_DESTS = {"untie_tied": "untie"}
 
 
-def probability(text: str) -> float:
-    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each parsed name (``dest``) -> the flag that sets it, as typed (``min_lr_ratio`` -> ``--min-lr-ratio``), plus
+    the library parameters of ``PARAMETER_DESTS`` (``untie_tied`` -> ``--untie``); not the flags that turn a
+    setting off (``--no-double-quant``), whose name says the opposite of the field."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions
+             if a.option_strings and a.dest not in ("help", argparse.SUPPRESS)
+             and not (a.nargs == 0 and a.const is False)}  # --no-double-quant does not name double_quant=True
+    return {**flags, **{p: flags[d] for p, d in PARAMETER_DESTS.items() if d in flags}}
+
+
+def name_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with the field names of a config (``min_lr_ratio``, ``eval_every > 0``, ``lr must ...``) written
+    as the user's flags; ``name=True`` of an on/off flag becomes the flag (``overwrite=True`` -> ``--overwrite``).
+    Names with an underscore are replaced anywhere as whole words; one-word names only where they are a subject
+    (``lr must``, ``seq_len=``), so that plain words (a "data" path) stay; quoted names (``'min_lr_ratio'``, what
+    a user wrote, or a dict's key) stay as they are."""
+    for dest, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"(?<![\w'-]){re.escape(dest)}=True\b", flag, message)
+        pattern = rf"(?<![\w'-])({re.escape(dest)})(?![\w'-])" if "_" in dest \
+            else rf"(?<![\w'-])({re.escape(dest)})(?=( must|=| >| <))"
+        message = re.sub(pattern, flag, message)
+    return message
 
 
 def show_number(value) -> str:
     """A default as ``--help`` shows it: 1e-3, 2e-5, 0.1, 16."""
-    if isinstance(value, float) and value and abs(value) < 1e-2:
+    if isinstance(value, float) and value and not 1e-2 <= abs(value) < 1e5:
         mantissa, exponent = f"{value:e}".split("e")
         return f"{float(mantissa):g}e{int(exponent)}"
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -78,6 +166,10 @@ def pick_threads() -> int:
 def targets(text: str) -> tuple[str, ...] | str:
     """'all-linear', a comma-separated list of module-name suffixes, or 're:<regex>'."""
     if text.startswith("re:"):
+        try:
+            re.compile(text[3:])
+        except re.error as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {e}") from None
         return text[3:]
     if text == "all-linear":
         return text
@@ -119,22 +211,27 @@ def run_default(name: str):
 
 
 def add_data_args(p: argparse.ArgumentParser, batch_size: int | None = None, given_only: bool = False) -> None:
-    """``--data``, ``--eval-data``, ``--eval-fraction``, ``--seq-len``, ``--batch-size``, with the defaults of
-    ``finetune train`` (``RunConfig``), so that eval finds the held-out split train used. ``given_only``: a flag
-    left out sets no attribute (``finetune train`` gives its recipe only the flags given)."""
-    batch_size = run_default("batch_size") if batch_size is None else batch_size
-    eval_fraction, seq_len = run_default("eval_fraction"), run_default("seq_len")
+    """``--data``, ``--eval-data``, ``--eval-fraction``, ``--eval-tokens``, ``--seq-len``, ``--batch-size``, with the
+    defaults of ``finetune train`` (``RunConfig``), so that eval finds the held-out split train used.
+    ``given_only``: a flag left out sets no attribute (``finetune train`` gives its recipe only the flags given)."""
+    size = run_default("batch_size") if batch_size is None else batch_size
+    fraction_default, seq_len_default = run_default("eval_fraction"), run_default("seq_len")
+    tokens_default = run_default("eval_tokens")
     p.add_argument("--data", default=_default(None, given_only),
                    help=".txt file, folder of .txt files, or .jsonl (instruction/output or chat "
                         "messages); default: Python's reference docs (pydoc_data.topics)")
     p.add_argument("--eval-data", default=_default(None, given_only),
-                   help="separate held-out file (then all of --data trains)")
-    p.add_argument("--eval-fraction", type=probability, default=_default(eval_fraction, given_only),
-                   help=f"share of --data held out for evaluation (default {eval_fraction})")
-    p.add_argument("--seq-len", type=positive_int, default=_default(seq_len, given_only),
-                   help=f"tokens per sequence (default {seq_len})")
-    p.add_argument("--batch-size", type=positive_int, default=_default(batch_size, given_only),
-                   help=f"sequences per micro-batch (default {batch_size})")
+                   help="separate held-out file, then all of --data trains (default: none, the held-out "
+                        "part of --data)")
+    p.add_argument("--eval-fraction", type=probability, default=_default(fraction_default, given_only),
+                   help=f"share of --data held out for evaluation (default {fraction_default})")
+    p.add_argument("--eval-tokens", type=non_negative_int, default=_default(tokens_default, given_only),
+                   help="held-out tokens evaluated at most: evenly spaced sequences, the same every time, so a big "
+                        f"--data evaluates quickly; 0: all (default {tokens_default})")
+    p.add_argument("--seq-len", type=tokens_per_sequence, default=_default(seq_len_default, given_only),
+                   help=f"tokens per sequence, at most the model's context (default {seq_len_default})")
+    p.add_argument("--batch-size", type=sequences_per_batch, default=_default(size, given_only),
+                   help=f"sequences per micro-batch (default {size})")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -158,7 +255,30 @@ def resolve_model_dir(model: str | None, cache_dir: str | None) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--model {model}: not a directory (expected config.json + *.safetensors) "
                                 "or a .gguf file")
+    if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        base = adapter_base(path)
+        raise ValueError(f"--model {model} is an adapter, not a model: pass it as --adapter {model}"
+                         + (f" with --model {base} (its base)" if base else " with --model <its base>"))
     return path
+
+
+def adapter_base(adapter_dir: str | Path) -> str | None:
+    """The ``base_model_name_or_path`` an adapter's adapter_config.json records (None if none or unreadable)."""
+    from finetune_ref.lora import read_adapter_config
+
+    try:
+        return read_adapter_config(adapter_dir).base_model_name_or_path
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def say_filled_defaults(model_dir: Path) -> None:
+    """One line on stderr naming the config.json fields that took transformers' LlamaConfig defaults, if any."""
+    from finetune_ref.models.config import describe_filled_defaults
+
+    note = describe_filled_defaults(model_dir)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def heldout_batches(args, tokenizer) -> list[dict]:
@@ -166,7 +286,7 @@ def heldout_batches(args, tokenizer) -> list[dict]:
     from finetune_ref.train.data import build_datasets, iter_batches
 
     _, held = build_datasets(tokenizer, args.data, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
-                             eval_data=args.eval_data)
+                             eval_data=args.eval_data, eval_tokens=args.eval_tokens)
     if not held:
         raise ValueError("no held-out data: use --eval-fraction > 0 or --eval-data FILE")
     return list(iter_batches(held, args.batch_size, tokenizer.pad_token_id))

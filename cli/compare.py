@@ -152,7 +152,8 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on a ``parser.add_subparsers()`` object; ``func=cmd_compare``."""
-    from finetune_ref.cli.common import non_negative_int, positive_float, positive_int, show_number
+    from finetune_ref.cli.common import (learning_rate, non_negative_int, positive_float, positive_int, rank, seed,
+                                         sequences_per_batch, show_number, tokens_per_sequence)
 
     d = CompareSettings()  # the defaults shown and used are the settings'
     p = subparsers.add_parser("compare", help="full fine-tuning vs LoRA vs QLoRA on one base, data and budget",
@@ -163,20 +164,20 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                    help="bf16 (2-3x faster on CPUs with AVX512-BF16) or fp32; QLoRA computes in it "
                         f"(default {d.precision})")
     p.add_argument("--quick", action="store_true", help=f"a ~3 minute version: {QUICK}")
-    for name, kind, help_ in (("steps", positive_int, "optimizer updates"), ("batch-size", positive_int,
-                              "sequences per update"), ("seq-len", positive_int, "tokens per sequence"),
+    for name, kind, help_ in (("steps", positive_int, "optimizer updates"), ("batch-size", sequences_per_batch,
+                              "sequences per update"), ("seq-len", tokens_per_sequence, "tokens per sequence"),
                               ("warmup", non_negative_int, "warmup updates"),
                               ("eval-every", non_negative_int, "updates between held-out evaluations"),
                               ("eval-tokens", positive_int, "at most this many tokens per evaluation set")):
         p.add_argument(f"--{name}", type=kind, help=f"{help_} (default {DEFAULTS[name.replace('-', '_')]}; "
                                                     f"--quick {QUICK[name.replace('-', '_')]})")
     for m in METHODS:
-        p.add_argument(f"--lr-{m}", type=positive_float, default=d.lr[m],
+        p.add_argument(f"--lr-{m}", type=learning_rate, default=d.lr[m],
                        help=f"peak LR of {m} (default {show_number(d.lr[m])})")
-    p.add_argument("--rank", type=positive_int, default=d.rank, help=f"LoRA/QLoRA rank r (default {d.rank})")
+    p.add_argument("--rank", type=rank, default=d.rank, help=f"LoRA/QLoRA rank r (default {d.rank})")
     p.add_argument("--alpha", type=positive_float, default=d.alpha,
                    help=f"LoRA/QLoRA alpha (default {show_number(d.alpha)})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"data order and LoRA initialisation (default {d.seed})")
+    p.add_argument("--seed", type=seed, default=d.seed, help=f"data order and LoRA initialisation (default {d.seed})")
     p.add_argument("--regression-data", help=".txt file or folder for the forgetting score (default: "
                                              "chatterbot-corpus English, from the 'compare' extra)")
     p.add_argument("--threads", type=positive_int,

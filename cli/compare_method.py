@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from finetune_ref.cli.compare_settings import CompareSettings, regression_documents, spread
+from finetune_ref.cli.compare_settings import CompareSettings, regression_documents
 from finetune_ref.recipes import FullRecipe, LoraRecipe, QLoraRecipe, RunConfig
-from finetune_ref.train.data import count_label_tokens
+from finetune_ref.train.data import cap_tokens, count_label_tokens
 from finetune_ref.train.memory_tracker import TensorMemoryTracker, tensor_bytes
 from finetune_ref.train.step import autocast_context, clip_grad_norm_, model_inputs
 
@@ -91,10 +91,10 @@ def run_method(method: str, s: CompareSettings) -> dict:
     model_dir = Path(s.model_dir) if s.model_dir else default_model_dir()
     tokenizer = Tokenizer.from_dir(model_dir)
     train_examples, held = build_datasets(tokenizer, None, seq_len=s.seq_len)
-    eval_sets = {"heldout": spread(held, s.eval_tokens)}
+    eval_sets = {"heldout": cap_tokens(held, s.eval_tokens)}
     reg_name, reg_docs = regression_documents(s.regression_data)
     if reg_docs:
-        eval_sets["regression"] = spread(text_examples(tokenizer, reg_docs, s.seq_len), s.eval_tokens)
+        eval_sets["regression"] = cap_tokens(text_examples(tokenizer, reg_docs, s.seq_len), s.eval_tokens)
     batches_of = {k: list(iter_batches(v, s.batch_size, tokenizer.pad_token_id)) for k, v in eval_sets.items()}
     torch.manual_seed(s.seed)  # the same LoRA A initialisation for LoRA and QLoRA
     cfg = method_recipe(method, s)

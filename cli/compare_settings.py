@@ -88,11 +88,3 @@ def regression_documents(path: str | Path | None = None) -> tuple[str | None, li
         conversations = yaml.safe_load(entry.read_text(encoding="utf-8")).get("conversations") or []
         documents.append("\n\n".join("\n".join(str(turn) for turn in conv) for conv in conversations))
     return "chatterbot-corpus (English, non-computing categories)", [d for d in documents if d.strip()]
-
-
-def spread(examples: list, max_tokens: int) -> list:
-    """At most ``max_tokens`` worth of examples, evenly spaced over the list (so every part is sampled)."""
-    n = min(len(examples), max(1, max_tokens // len(examples[0]["input_ids"])))
-    return [examples[k * len(examples) // n] for k in range(n)]
-
-

@@ -16,8 +16,8 @@ import argparse
 from pathlib import Path
 
 from finetune_ref.cli.combine import weights
-from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, add_model_args, finite_non_negative, positive_int,
-                                     resolve_model_dir)
+from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, add_model_args, positive_int, resolve_model_dir,
+                                     say_filled_defaults, seed, temperature, top_p)
 NO_ADAPTER = ("-", "__base__")
 
 
@@ -77,6 +77,7 @@ def row_adapter_names(args, prompts: list[str], names: list[str] | None) -> list
 
 def cmd_generate(args) -> int:
     from finetune_ref.lora.mixed import set_row_adapters
+    from finetune_ref.models.config import check_context
     from finetune_ref.models.batching import Row, generate_batch
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.recipes.inference import load_inference_model
@@ -85,6 +86,7 @@ def cmd_generate(args) -> int:
     dirs, names = parse_named_adapters(args.adapter)
     per_row = row_adapter_names(args, prompts, names)
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_inference_model(model_dir, args.dtype, dirs or None, adapter_names=names,
                                  adapter_scales=args.adapter_scale)
@@ -99,6 +101,12 @@ def cmd_generate(args) -> int:
         rows.append(Row(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         stop_ids=stop, seed=None if args.seed is None else args.seed + i,
                         adapter=None if per_row is None else per_row[i]))
+    longest = max(len(row.prompt) for row in rows)  # before the weights load: refuse what would run past the context
+    check_context(model_dir, longest + args.max_new_tokens,
+                  f"the prompt ({longest} tokens) + max_new_tokens={args.max_new_tokens}",
+                  lambda context: f"use max_new_tokens <= {context - longest}" if context > longest
+                  else "shorten the prompt")
+    model = load_inference_model(model_dir, args.dtype, dirs or None, adapter_names=names)
     on_rows = None if per_row is None else (lambda batch: set_row_adapters(model, [r.adapter for r in batch]))
     model.eval()
     generate_batch(model, rows, decode=tokenizer.decode, on_rows=on_rows)
@@ -110,22 +118,27 @@ def cmd_generate(args) -> int:
 
 
 def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text for one or more prompts (chat template applied unless --raw)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("generate", help="generate text for one or more prompts (chat template applied unless --raw)")
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     p.add_argument("--prompt", action="append",
-                   help="a user message (or raw text with --raw); repeat for several prompts, generated as one batch")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line (after any --prompt)")
+                   help="a user message (or raw text with --raw); repeat for several prompts, generated as one batch "
+                        "(default: none; give --prompt or --prompts-file)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line, after any --prompt (default: none)")
     p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
                    help="adapter directory, optionally named (repeat: stacked for every prompt, or chosen per "
-                        "prompt with --adapter-per-prompt)")
+                        "prompt with --adapter-per-prompt; default: none, the base alone)")
     p.add_argument("--adapter-scale", type=weights, help="one factor per --adapter on its scaling, e.g. 1,0.5 "
                                                          "(PEFT's set_scale; default 1 each)")
     p.add_argument("--adapter-per-prompt", metavar="NAME,NAME,...",
-                   help="one adapter name per prompt ('-' for the base model): a mixed-adapter batch")
+                   help="one adapter name per prompt ('-' for the base model): a mixed-adapter batch (default: none, "
+                        "the adapters stacked for every prompt)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, no chat template")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=finite_non_negative, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="tokens to generate at most; prompt + these must fit the model's context "
+                        "(max_position_embeddings)")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="softmax temperature, 0 = greedy")
+    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "whose probability reaches this")
+    p.add_argument("--seed", type=seed, default=None,
+                   help="sampling seed, prompt i uses seed + i (default: none, a fresh draw)")
     p.set_defaults(func=cmd_generate, parser=p)

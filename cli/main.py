@@ -18,20 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from finetune_ref.cli.combine import add_combine_parser, weights
-from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, add_data_args, add_model_args, add_out_args, heldout_batches,
-                                     pick_threads, resolve_model_dir, writing_to)
+from finetune_ref.cli.common import (INFERENCE_DTYPE_HELP, Parser, add_data_args, add_model_args, add_out_args,
+                                     flag_table, heldout_batches, name_flags, pick_threads, resolve_model_dir,
+                                     say_filled_defaults, writing_to)
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1       # a run that stopped on a non-finite loss or gradient norm
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (``| head``), as a Unix tool exits
 
 
 def cmd_eval(args) -> int:
+    from finetune_ref.models.config import check_context
     from finetune_ref.models.tokenizer import Tokenizer
     from finetune_ref.recipes.inference import load_inference_model
     from finetune_ref.train.evaluation import evaluate
 
     model_dir = resolve_model_dir(args.model, args.cache_dir)
+    check_context(model_dir, args.seq_len, f"seq_len={args.seq_len}")
+    say_filled_defaults(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     batches = heldout_batches(args, tokenizer)  # before the weights: a data error should not wait for them
     model = load_inference_model(model_dir, args.dtype, args.adapter, adapter_scales=args.adapter_scale)
@@ -54,9 +61,8 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="finetune", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     from finetune_ref.cli.advise import add_advise_parser
     from finetune_ref.cli.compare import add_compare_parser
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss and perplexity, optionally with adapters")
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     add_data_args(p)
-    p.add_argument("--adapter", action="append", help="adapter directory (repeat to stack several)")
+    p.add_argument("--adapter", action="append",
+                   help="adapter directory (repeat to stack several; default: none, the base alone)")
     p.add_argument("--adapter-scale", type=weights, help="one factor per --adapter on its scaling, e.g. 1,0.5 "
                                                          "(PEFT's set_scale; default 1 each)")
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, tokens)")
@@ -92,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the .gguf file")
     add_out_args(p, "output directory", required=True)
     p.set_defaults(func=cmd_convert)
+    for command in sub.choices.values():  # what an error calls a config field: the flag that sets it
+        command.set_defaults(flags=flag_table(command))
     return parser
 
 
@@ -112,15 +121,41 @@ def main(argv: list[str] | None = None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        with warnings.catch_warnings():  # restores the formatter when main returns (in-process callers)
+            warnings.formatwarning = warning_formatter(args.command, args.flags)
+            status = args.func(args)
+        sys.stdout.flush()  # a closed pipe fails here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except FloatingPointError as e:  # train/step.check_finite: the run diverged; not the user's input
         print(f"finetune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, TypeError, OSError) as e:
+        print(f"finetune {args.command}: error: {name_flags(str(e), args.flags)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
     finally:
         torch.set_num_threads(before)  # main() may be called in-process (tests, notebooks)
+
+
+def warning_formatter(command: str, flags: dict[str, str]):
+    """``warnings.formatwarning`` for the command: one line, ``finetune <command>: warning: ...``, naming flags.
+    (A formatter, not ``showwarning``: callers that record warnings, such as pytest, still get them.)"""
+    return lambda message, *_, **__: f"finetune {command}: warning: {name_flags(str(message), flags)}\n"
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise BrokenPipeError again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to flush
+        pass
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ import dataclasses
 import json
 import sys
 
-from finetune_ref.cli.common import positive_int
+from finetune_ref.cli.common import NF4_BLOCKSIZES, Parser, positive_int, rank, sequences_per_batch, tokens_per_sequence
+from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_config
+from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
 from finetune_ref.train import memory
 from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, shape_from
 from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
 from finetune_ref.train.memory import estimate_memory
 from finetune_ref.train.memory_fsdp import estimate_memory_fsdp
+
+# The flags that are recipe fields: parsed into the method's recipe, as finetune train does.
+RECIPE_FLAGS = ("optimizer", "batch_size", "seq_len", "grad_checkpointing", "dtype", "rank", "double_quant",
+                "blocksize", "parallel")
 
 DESCRIPTION = memory.__doc__.split("\n\n")[0]
 
@@ -70,31 +76,37 @@ def _targets(text: str) -> tuple[str, ...]:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``finetune memory`` options to ``p``; ``p.set_defaults(func=cmd_memory)``."""
+    """Add the ``finetune memory`` options to ``p``; ``p.set_defaults(func=cmd_memory)``.
+
+    A flag left out takes ``finetune train``'s default for the method (its recipe, ``recipes/``), so the estimate
+    is of the run ``finetune train --method M`` would make; what train refuses, this refuses too (``settings``).
+    """
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR|config.json", help="a Hugging Face model directory or its config.json")
+    src.add_argument("--model", metavar="DIR|config.json",
+                     help="a Hugging Face model directory or its config.json (default: --preset)")
     src.add_argument("--preset", choices=sorted(PRESETS),
                      help=f"a published model shape (default without --model: {DEFAULT_PRESET}, the embedded model)")
-    d = MemorySettings()  # the defaults shown and used are the estimator's
-    p.add_argument("--method", choices=METHODS, default=d.method, help=f"what trains (default {d.method})")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help=f"AdamW's state format (default {d.optimizer})")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                   help=f"sequences per micro-batch (default {d.batch_size})")
-    p.add_argument("--seq-len", type=positive_int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in backward")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype,
-                   help=f"weights and activations (full bf16 keeps fp32 master weights; default {d.dtype})")
-    p.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES), default=d.adapter_dtype,
-                   help="LoRA A/B dtype (default: --dtype)")
-    p.add_argument("--rank", type=positive_int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
-    p.add_argument("--targets", type=_targets, default=d.target_modules,
+    p.add_argument("--method", choices=METHODS, default="lora", help="what trains (default lora)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"AdamW's state format ({recipe_default('optimizer')})")
+    p.add_argument("--batch-size", type=sequences_per_batch,
+                   help=f"sequences per micro-batch ({recipe_default('batch_size')})")
+    p.add_argument("--seq-len", type=tokens_per_sequence, help=f"tokens per sequence ({recipe_default('seq_len')})")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute each layer in backward")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES),
+                   help="weights and activations (full: bf16 is --precision bf16, with fp32 master weights; "
+                        f"default: {_dtype_defaults()})")
+    p.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES),
+                   help="LoRA A/B dtype (default: bf16 where the method's precision is bf16, else fp32)")
+    p.add_argument("--rank", type=rank, help=f"LoRA rank r ({recipe_default('rank')})")
+    p.add_argument("--targets", type=_targets, default=LINEAR_NAMES,
                    help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
     p.add_argument("--modules-to-save", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
-    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization")
-    p.add_argument("--blocksize", type=int, default=d.blocksize, help=f"QLoRA NF4 block size (default {d.blocksize})")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_const", const=False,
+                   help="QLoRA without double quantization")
+    p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES,
+                   help=f"QLoRA NF4 block size (default {DEFAULT_BLOCKSIZE})")
     p.add_argument("--no-mask", action="store_true",
                    help="batches without attention mask / document ids (plain causal attention; the training "
                         "loop's packed batches carry them)")
@@ -111,6 +123,38 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _dtype_defaults() -> str:
+    by_dtype: dict[str, list[str]] = {}
+    for method, recipe in DEFAULTS.items():
+        by_dtype.setdefault(recipe.base_dtype(), []).append(method)
+    return ", ".join(f"{dtype} for {' and '.join(methods)}" for dtype, methods in by_dtype.items())
+
+
+def settings(args: argparse.Namespace) -> MemorySettings:
+    """The ``MemorySettings`` of the run ``finetune train`` would make with these flags: the method's recipe
+    (``cli.train.run_config``, so the same defaults and the same refusals) plus the estimator's own flags.
+
+    Raises:
+        ValueError: what train refuses (NF4 flags without --method qlora, ...) or the estimator does.
+    """
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k, None) is not None}
+    dtype = given.pop("dtype", None)
+    if dtype is not None and args.method == "full":  # full trains the weights in the precision's dtype
+        given["precision"] = "bf16" if dtype == "bf16" else "fp32"
+    elif dtype is not None:
+        given["dtype"] = dtype
+    recipe, _, _ = run_config(argparse.Namespace(method=args.method, **given))
+    adapter_dtype = args.adapter_dtype or ("bf16" if recipe.precision == "bf16" else "fp32")
+    return MemorySettings(
+        method=args.method, optimizer=recipe.optimizer, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
+        gradient_checkpointing=recipe.grad_checkpointing, dtype=dtype or recipe.base_dtype(),
+        adapter_dtype=None if args.method == "full" else adapter_dtype, rank=getattr(recipe, "rank", 8),
+        target_modules=tuple(args.targets), dora=args.dora, modules_to_save=args.modules_to_save,
+        double_quant=getattr(recipe, "double_quant", None) is not False,
+        blocksize=getattr(recipe, "blocksize", None) or DEFAULT_BLOCKSIZE, attention_mask=not args.no_mask,
+        chunked_loss=not args.no_chunked_loss, selective_recompute=args.selective_recompute)
+
+
 def add_memory_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``memory`` on a ``parser.add_subparsers()`` object (as ``cli/main.py`` builds its commands)."""
     p = subparsers.add_parser("memory", help="estimate the memory of full, LoRA or QLoRA fine-tuning",
@@ -121,28 +165,20 @@ def add_memory_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_memory(args: argparse.Namespace) -> int:
     """Run ``finetune memory``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
     config, name = shape_from(args.model, args.preset)
-    settings = MemorySettings(method=args.method, optimizer=args.optimizer, batch_size=args.batch_size,
-                              seq_len=args.seq_len, gradient_checkpointing=args.grad_checkpointing,
-                              dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank,
-                              target_modules=tuple(args.targets), dora=args.dora,
-                              modules_to_save=args.modules_to_save,
-                              double_quant=not args.no_double_quant,
-                              blocksize=args.blocksize, attention_mask=not args.no_mask,
-                              chunked_loss=not args.no_chunked_loss,
-                              selective_recompute=args.selective_recompute)
+    setup = settings(args)
     world = args.world_size if args.parallel == "fsdp" else 1
-    estimate = estimate_memory_fsdp(config, settings, world) if world > 1 else estimate_memory(config, settings)
+    estimate = estimate_memory_fsdp(config, setup, world) if world > 1 else estimate_memory(config, setup)
     if args.json:
-        print(json.dumps({"model": name, "settings": dataclasses.asdict(settings), "parallel": args.parallel,
+        print(json.dumps({"model": name, "settings": dataclasses.asdict(setup), "parallel": args.parallel,
                           "world_size": world, **estimate.to_dict()}, indent=2))
     else:
-        print(format_table(estimate, name, settings, world))
+        print(format_table(estimate, name, setup, world))
     return 0
 
 
 def memory_main(argv: list[str] | None = None) -> int:
     """``finetune memory`` as a standalone entry point: returns the exit status (2 with a one-line error)."""
-    parser = configure_parser(argparse.ArgumentParser(prog="finetune memory", description=DESCRIPTION))
+    parser = configure_parser(Parser(prog="finetune memory", description=DESCRIPTION))
     args = parser.parse_args(argv)
     try:
         return cmd_memory(args)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, directory_bytes,
-                                     heldout_batches, non_negative_int, positive_int, resolve_model_dir, writing_to)
+                                     group_size, heldout_batches, non_negative_int, positive_int, resolve_model_dir,
+                                     writing_to)
 from finetune_ref.models.output_dir import written_whole
 from finetune_ref.qlora.adapter_record import check_loftq_base, read_qlora_record
 from finetune_ref.recipes.inference import copy_tokenizer_files
@@ -54,8 +55,10 @@ def _merge(args, model_dir: Path) -> int:
     from finetune_ref.gptq.checkpoint import is_gptq_dir
     from finetune_ref.qlora.merge import adapter_deltas, merge_qlora, merge_report, quantize_merged
     from finetune_ref.qlora.bnb_config import is_quantized_dir
+    from finetune_ref.models.config import check_context
     from finetune_ref.qlora.model import load_quantized
 
+    check_context(model_dir, args.seq_len, f"seq_len={args.seq_len}")
     if is_gptq_dir(model_dir):
         raise ValueError(f"{model_dir} is a GPTQ model; merge adapters into the 16/32-bit or NF4 base they were "
                          "trained on")
@@ -240,7 +243,7 @@ def add_merge_parsers(sub) -> None:
     g.add_argument("--no-double-quant", action="store_true",
                    help="NF4 without double quantization (default: as the adapter was trained)")
     g = p.add_argument_group("--requantize rtn4 / gptq4")
-    g.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+    g.add_argument("--group-size", type=group_size, default=DEFAULT_GROUP_SIZE,
                    help="input columns per scale and zero point (-1: one group per row)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian "
                                                             "diagonal")

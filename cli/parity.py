@@ -49,7 +49,8 @@ def add_parity_parser(sub) -> None:
     p.add_argument("--model", default=None,
                    help="Hugging Face model directory or .gguf file for the real-model checks "
                         "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--cache-dir", default=None, help="where converted models are kept")
+    p.add_argument("--cache-dir", default=None, help="where converted models are kept (default: "
+                   "$FINETUNE_CACHE_DIR or ~/.cache/finetune-ref)")
     p.add_argument("--peers", default=",".join(PEERS),
                    help=f"comma-separated peers to check (default: all of {','.join(PEERS)}); "
                         "one that is not installed is reported as skipped")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from finetune_ref.cli.common import INFERENCE_DTYPE_HELP, add_model_args, positive_int, resolve_model_dir
+from finetune_ref.cli.common import INFERENCE_DTYPE_HELP, add_model_args, port, positive_int, resolve_model_dir
 from finetune_ref.cli.generate import parse_named_adapters
 
 
@@ -44,14 +44,17 @@ def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the model and its LoRA adapters with an OpenAI-compatible API")
     add_model_args(p, dtype_help=INFERENCE_DTYPE_HELP)
     p.add_argument("--quantize", choices=["nf4"], default=None,
-                   help="quantize a 16/32-bit base to NF4 (blocksize 64, double quantization) while loading")
+                   help="quantize a 16/32-bit base to NF4 (blocksize 64, double quantization) while loading "
+                        "(default: none, serve the weights as stored)")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
-                   help="a PEFT adapter directory served as model NAME (repeat for several)")
+                   help="a PEFT adapter directory served as model NAME (repeat for several; default: none, the "
+                        "base alone)")
     p.add_argument("--served-model-name", default=None,
                    help="the base model's id in the API (default: its folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="requests decoded together at most; more wait (default 8)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's log level (uvicorn's)")
     p.set_defaults(func=cmd_serve)

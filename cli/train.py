@@ -17,9 +17,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, non_negative_int,
-                                     positive_float, positive_int, probability, resolve_model_dir, show_number,
-                                     targets, writing_to)
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, finite_non_negative,
+                                     fraction, grad_accum, learning_rate, non_negative_int, positive_float,
+                                     positive_int, probability, rank, resolve_model_dir, seed, show_number, targets,
+                                     weight_decay, writing_to)
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.recipes.run_record import config_from_record, holds_run, read_run_record, run_dir_of
@@ -116,7 +117,7 @@ def cmd_train(args) -> int:
         info = init_distributed()
         finished = False
         try:
-            status = _run(cfg, model_dir, info, extend, args.flag_names,
+            status = _run(cfg, model_dir, info, extend, args.flags,
                           {CONFIG_FILE: config_text(cfg, train_arguments())})
             finished = True  # every rank got here (an interruption is agreed on by all ranks)
             return status
@@ -189,8 +190,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full) and save the adapter or model",
                        argument_default=argparse.SUPPRESS)
     add_train_arguments(p)
-    flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
-    p.set_defaults(func=cmd_train, flag_names=flags)  # the flag of each config field, for messages
+    p.set_defaults(func=cmd_train)  # cli/main.py adds ``flags``: the flag of each config field, for messages
     return p
 
 
@@ -209,7 +209,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="take flags from a YAML file: one 'flag-name: value' line per flag, without the dashes "
                         "(e.g. min-lr-ratio: 0.1; flags given here override it); a file the package ships can be "
                         "named without its path (lora, qlora, full, ...; see recipes/); OUT/train_config.yaml "
-                        "repeats a run")
+                        "repeats a run (default: none)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (as the YAML --config reads) and exit")
     p.add_argument("--method", choices=sorted(RECIPES), help=f"what to train (default {DEFAULT_METHOD})")
@@ -219,15 +219,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_out_args(p, "output directory: the adapter (lora, qlora) or model (full), run_config.json, metrics.jsonl "
                     "and checkpoints/ (default runs/<method>; with --resume, the run's own directory)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer updates ({_default('steps')})")
-    p.add_argument("--lr", type=positive_float, help=f"peak learning rate ({_default('lr')})")
+    p.add_argument("--lr", type=learning_rate, help=f"peak learning rate ({_default('lr')})")
     p.add_argument("--warmup", dest="warmup_steps", metavar="WARMUP", type=non_negative_int,
                    help=f"linear-warmup updates, at most --steps ({_default('warmup_steps')})")
-    p.add_argument("--min-lr-ratio", type=float, help=f"cosine decays to lr * this ({_default('min_lr_ratio')})")
-    p.add_argument("--weight-decay", type=float,
+    p.add_argument("--min-lr-ratio", type=fraction, help=f"cosine decays to lr * this ({_default('min_lr_ratio')})")
+    p.add_argument("--weight-decay", type=weight_decay,
                    help=f"AdamW decoupled weight decay, matrices only ({_default('weight_decay')})")
-    p.add_argument("--max-grad-norm", type=float,
+    p.add_argument("--max-grad-norm", type=finite_non_negative,
                    help=f"clip the global gradient norm, 0: off ({_default('max_grad_norm')})")
-    p.add_argument("--grad-accum", type=positive_int,
+    p.add_argument("--grad-accum", type=grad_accum,
                    help=f"micro-batches per optimizer update ({_default('grad_accum')})")
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
                    help="AdamW with 32-bit states (adamw), states paged to host memory (paged_adamw), blockwise "
@@ -260,7 +260,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoints to keep, 0: all ({_default('keep_last')})")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run (its --out directory, or one of its checkpoints) with its recorded "
-                        "settings; flags given must agree with them")
+                        "settings; flags given must agree with them (default: none, a fresh run)")
     p.add_argument("--extend", action="store_true", default=False,
                    help="with --resume and a --steps larger than recorded: train a run further on purpose")
     p.add_argument("--parallel", choices=["ddp", "fsdp"],
@@ -271,11 +271,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the plan and the learning rate of every update, then exit")
     p.add_argument("--log", type=log_names, metavar="tensorboard|wandb",
                    help="also log to tensorboard (OUT/tensorboard) or wandb (OUT/wandb; offline unless W&B is "
-                        "configured), or both: tensorboard,wandb (metrics.jsonl is always written)")
+                        "configured), or both: tensorboard,wandb (default: none; metrics.jsonl is always written)")
     p.add_argument("--plot", action="store_true",
                    help="draw the loss, learning-rate and tokens/s curves into OUT/loss.png at the end")
     g = p.add_argument_group("LoRA and QLoRA adapters")
-    g.add_argument("--rank", type=positive_int, help=f"LoRA rank r ({_default('rank')})")
+    g.add_argument("--rank", type=rank, help=f"LoRA rank r ({_default('rank')})")
     g.add_argument("--alpha", type=positive_float, help=f"LoRA alpha, scaling = alpha / r ({_default('alpha')})")
     g.add_argument("--dropout", type=probability,
                    help=f"LoRA dropout on the adapter input ({_default('dropout')})")
@@ -300,5 +300,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the absmax values in fp32 (4.5 instead of 4.127 bits per weight)")
     g.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the NF4 matmuls (default: fp32 for --precision fp32, else bf16)")
-    p.add_argument("--seed", type=int, help=f"seed for initialisation and data order ({_default('seed')})")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.add_argument("--seed", type=seed, help=f"seed for initialisation and data order ({_default('seed')})")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bar: a line every --log-every updates and one per evaluation instead (for logs)")
+    p.add_argument("--log-every", type=non_negative_int,
+                   help=f"with --no-progress, updates between progress lines, 0: none ({_default('log_every')})")

@@ -38,9 +38,9 @@ from finetune_ref.lora.adapters import set_adapter
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.init import converted_lora, is_mutating_init
 from finetune_ref.lora.inject import (candidate_modules, find_target_modules, get_lora_configs, inject_lora,
-                                     lora_layers, rank_and_alpha)
+                                      lora_layers, rank_and_alpha)
 from finetune_ref.lora.modules_to_save import find_modules_to_save, wrappers
-from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text
+from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -115,7 +115,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 # ---- save ----
 
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str = "default",
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for one adapter, as PEFT would.
 
     target_modules is written as configured, except that "all-linear" (or a config whose matching would not
@@ -124,6 +124,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
 
     Args:
         base_model_name_or_path: recorded in the config (default: the config's own value).
+        metadata: extra string entries for the safetensors header (besides PEFT's ``format: pt``).
 
     Returns:
         The directory.
@@ -149,7 +150,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.to("cpu") for k, v in tensors.items()}
-    atomic_save_safetensors(cpu, out / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_save_safetensors(cpu, out / ADAPTER_WEIGHTS_NAME, metadata={**(metadata or {}), "format": "pt"})
     atomic_write_text(out / ADAPTER_CONFIG_NAME, json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -202,22 +203,26 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """{file key: tensor} from ``<directory>/adapter_model.safetensors`` (CPU)."""
+    """{file key: tensor} from ``<directory>/adapter_model.safetensors`` (CPU). Raises ValueError for an
+    unreadable file or a NaN/inf weight (named)."""
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (only the safetensors format is read, never pickle)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    check_finite_tensors(tensors, path)
+    return tensors
 
 
 def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Check that ``tensors`` hold exactly the A/B matrices ``config`` implies on ``model``; return the modules.
 
     Raises:
-        ValueError: listing the missing keys, unexpected keys, wrong shapes and non-floating tensors together.
+        ValueError: in one line, how many keys are missing, unexpected, misshapen or not floating (the first of
+            each), and the base model the adapter records.
     """
     modules = find_target_modules(model, config, strict_patterns=False)
     expected = {}
@@ -236,21 +241,18 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
             expected[peft_key(name, MAGNITUDE)] = (target.out_features,)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''} ({len(missing)})")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} "
-                        f"({len(unexpected)})")
-    for key in sorted(set(expected) & set(tensors)):
-        t = tensors[key]
-        if tuple(t.shape) != expected[key]:
-            problems.append(f"{key} has shape {tuple(t.shape)}, expected {expected[key]}")
-        elif not t.is_floating_point():
-            problems.append(f"{key} has dtype {t.dtype}, expected a floating dtype")
+    common = sorted(set(expected) & set(tensors))
+    misshapen = [f"{k} is {tuple(tensors[k].shape)}, expected {expected[k]}" for k in common
+                 if tuple(tensors[k].shape) != expected[k]]
+    wrong_dtype = [f"{k} is {tensors[k].dtype}" for k in common if not tensors[k].is_floating_point()]
+    # One short line: counts, and the first of each kind (a whole list of keys helps nobody).
+    problems = [f"{len(items)} {what} (first: {items[0]})" for what, items in (
+        ("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen), ("not floating", wrong_dtype))
+        if items]
     if problems:
-        raise ValueError("adapter weights do not match the adapter config on this model: " + "; ".join(problems)
-                         + ". Was the adapter trained on another base model or config?")
+        base = config.base_model_name_or_path
+        raise ValueError("the adapter does not fit this model: " + "; ".join(problems) + ". "
+                         + (f"It was trained on {base}" if base else "Was it trained on another base model?"))
     return modules
 
 
@@ -275,7 +277,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """
     config = read_adapter_config(directory)
     tensors = read_adapter_weights(directory)
-    check_adapter_weights(model, config, tensors)
+    try:
+        check_adapter_weights(model, config, tensors)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
     modules = inject_lora(model, config, adapter_name=adapter_name, adapter_dtype=adapter_dtype,
                           strict_patterns=False)
     layers = dict(lora_layers(model))

@@ -88,6 +88,16 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return {k: v for path, keys in by_file.items() for k, v in read_safetensors(path, keys).items()}
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Raise ValueError naming the first floating tensor that holds NaN or inf: a corrupt or diverged checkpoint
+    would otherwise give a NaN loss many steps later. One reduction per tensor (cheap beside reading it)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"tensor {name!r} in {where} holds NaN or inf ({bad} of {t.numel()} values): the "
+                             "file is corrupt or was saved from a run that diverged")
+
+
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Read every tensor of a checkpoint directory, cast to ``dtype`` (floating tensors only)."""
     files = checkpoint_files(Path(model_dir))
@@ -97,6 +107,15 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
 # --------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------
+def make_readable(path: str | Path) -> None:
+    """Give a file or directory made private (0600/0700) by ``tempfile.mkstemp``/``mkdtemp`` or safetensors'
+    ``save_file`` the mode ``open`` or ``mkdir`` would have given it: 0666/0777 less the umask (0644/0755 under the usual 022), so that a result
+    renamed into place reads like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """safetensors ``save_file`` into a temp file in the same directory, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +123,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        make_readable(tmp)  # safetensors writes 0600 (its own temp file), whatever the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -115,6 +135,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     crash leaves either the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_readable(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -21,6 +21,25 @@ from typing import Any
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
+# config.json fields of other architectures that would change what the model computes; this Llama has none of
+# them, so a config that turns one on is refused (naming the field) instead of being run as plain Llama.
+_ONE = (None, 0, 1, 1.0, False)
+UNSUPPORTED_FIELDS = {
+    "num_experts": ("mixture-of-experts layers", lambda v: v not in _ONE),           # Qwen-MoE, OLMoE
+    "num_local_experts": ("mixture-of-experts layers", lambda v: v not in _ONE),     # Mixtral
+    "n_routed_experts": ("mixture-of-experts layers", lambda v: v not in _ONE),      # DeepSeek
+    "partial_rotary_factor": ("RoPE on part of each head", lambda v: v not in _ONE),  # Phi, GPT-NeoX
+    "attn_logit_softcapping": ("attention logit soft-capping", lambda v: v is not None),     # Gemma 2
+    "final_logit_softcapping": ("final logit soft-capping", lambda v: v is not None),
+    "use_qk_norm": ("normalised queries and keys", lambda v: bool(v)),
+    "layer_types": ("per-layer attention types", lambda v: any(t != "full_attention" for t in v or [])),
+}
+# Fields whose transformers LlamaConfig default is used when config.json lacks them (``filled_defaults``):
+# the ones that change the computation and are not derived from others (head_dim, num_key_value_heads are).
+DEFAULTED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+                    "attention_bias", "mlp_bias")
+
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """The raw JSON object of a ``config.json``. Raises FileNotFoundError / ValueError naming the path."""
@@ -123,6 +142,13 @@ class LlamaConfig:
             raise ValueError("config field 'pretraining_tp' must be 1 (tensor-parallel slicing is not implemented)")
         if d.get("attention_dropout", 0.0) not in (0, 0.0):
             raise ValueError("config field 'attention_dropout' must be 0.0 (attention dropout is not implemented)")
+        if d.get("use_sliding_window") and d.get("sliding_window") is not None:
+            raise ValueError(f"config field 'sliding_window' is {d['sliding_window']} with use_sliding_window true; "
+                             "sliding-window attention is not implemented (this model attends to every position)")
+        for name, (what, unsupported) in UNSUPPORTED_FIELDS.items():
+            if name in d and unsupported(d[name]):
+                raise ValueError(f"config field {name!r} is {d[name]!r}: {what}, which this Llama does not implement")
+        _check_types(d)
         # transformers 5.x folds rope_theta and the scaling into one dict, "rope_parameters".
         rope_parameters = d.pop("rope_parameters", None)
         if rope_parameters is not None:
@@ -137,6 +163,14 @@ class LlamaConfig:
                 d["rope_scaling"] = None
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
+
+    @staticmethod
+    def filled_defaults(d: dict[str, Any]) -> dict[str, Any]:
+        """The ``DEFAULTED_FIELDS`` a config.json dict lacks, with the default ``from_dict`` gives them (those of
+        transformers' LlamaConfig)."""
+        rope = d.get("rope_parameters") or {}
+        defaults = {f.name: f.default for f in dataclasses.fields(LlamaConfig)}
+        return {k: defaults[k] for k in DEFAULTED_FIELDS if k not in d and not (k == "rope_theta" and k in rope)}
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "LlamaConfig":
@@ -158,3 +192,49 @@ class LlamaConfig:
         d["architectures"] = ["LlamaForCausalLM"]
         d["hidden_act"] = "silu"
         return d
+
+
+def _check_types(d: dict[str, Any]) -> None:
+    """Numbers must be JSON numbers and flags JSON booleans: ``"hidden_size": "576"`` is refused by name, not
+    compared as a string later."""
+    for f in dataclasses.fields(LlamaConfig):
+        if f.name not in d or d[f.name] is None:
+            continue
+        value, kind = d[f.name], str(f.type)
+        if kind.startswith("bool"):
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kind.startswith("int") and "list" not in kind:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind.startswith("float"):
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif kind.startswith("dict"):
+            ok, expected = isinstance(value, dict), "an object or null"
+        else:
+            continue
+        if not ok:
+            quoted = " (write it without quotes)" if isinstance(value, str) else ""
+            raise ValueError(f"config field {f.name!r} must be {expected}, got {value!r}{quoted}")
+
+
+def describe_filled_defaults(model_dir: str | Path) -> str | None:
+    """One line naming the fields ``model_dir``'s config.json lacks and the defaults used for them, or None."""
+    path = Path(model_dir) / "config.json"
+    filled = LlamaConfig.filled_defaults(read_config_json(path)) if path.is_file() else {}
+    if not filled:
+        return None
+    return (f"{path} lacks {', '.join(filled)}: using transformers' LlamaConfig defaults "
+            + ", ".join(f"{k}={v}" for k, v in filled.items()))
+
+
+def check_context(model_dir: str | Path, tokens: int, what: str, fix=None) -> None:
+    """Refuse ``tokens`` positions beyond ``model_dir``'s context (``max_position_embeddings``): RoPE would still
+    run, but on positions the model never saw in training, silently degrading every result (transformers warns;
+    here it is an error, since a reference run should not do it by accident).
+
+    Raises:
+        ValueError: ``what`` (e.g. "seq_len=4096"), the context, and ``fix(context)`` (default: "use at most N").
+    """
+    context = LlamaConfig.from_json_file(Path(model_dir) / "config.json").max_position_embeddings
+    if tokens > context:
+        raise ValueError(f"{what} is beyond the model's context of {context} tokens (max_position_embeddings in "
+                         f"{Path(model_dir) / 'config.json'}); " + (fix(context) if fix else f"use at most {context}"))

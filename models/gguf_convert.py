@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from finetune_ref.models.checkpoint import SUPPORTED_DTYPES
+from finetune_ref.models.checkpoint import SUPPORTED_DTYPES, make_readable
 from finetune_ref.models.gguf_reader import open_gguf, read_llama_config, read_llama_state_dict
 from finetune_ref.models.gguf_tokenizer import build_tokenizer, build_tokenizer_config
 from finetune_ref.models.output_dir import check_output_dir, written_whole
@@ -88,5 +88,5 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None})
         _write_json(tmp / "config.json", config)
         for f in tmp.iterdir():  # safetensors writes 0600; a model dir should read like any other
-            os.chmod(f, 0o644)
+            make_readable(f)
     return out_dir

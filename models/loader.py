@@ -8,9 +8,9 @@ a :class:`LinearBuilder`, which says how to build some of the linear layers. In 
 2. asks the builder, for every ``nn.Linear``, which checkpoint tensors it is made of, and compares all the
    expected names with the checkpoint's, naming every missing and unexpected one before any weight is read
    (with tied embeddings, ``lm_head.weight`` may be present and must equal ``model.embed_tokens.weight``);
-3. reads one decoder layer at a time, then the rest (embeddings, final norm, head). Each file is opened for
-   the group and closed again, and nothing read is kept as a view of the file's memory map, so the pages read
-   do not stay resident. The builder's layers are built as soon as their tensors are read; every other tensor
+3. reads one decoder layer at a time, then the rest (embeddings, final norm, head), and refuses a NaN or inf
+   in any floating tensor, naming it. Each file is opened for the group and closed again, and nothing read is
+   kept as a view of the file's memory map, so the pages read do not stay resident. The builder's layers are built as soon as their tensors are read; every other tensor
    is shape-checked and copied in ``dtype``. Peak memory: the model being built plus one decoder layer as
    stored (an NF4 model is never whole in 16/32-bit);
 4. restores the tied head, rebuilds the RoPE buffer, and refuses to return anything left on the meta device.
@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional, Set
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_files, parse_dtype, read_tensors
+from .checkpoint import check_finite_tensors, checkpoint_files, parse_dtype, read_tensors
 from .config import LlamaConfig
 from .llama import LlamaForCausalLM
 
@@ -119,6 +119,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = torch.float32, 
         groups.setdefault(_group_of(name), []).append(name)
     for group in sorted(groups, key=lambda g: (g == "", int(g.split(".")[2]) if g else 0)):
         tensors = read_tensors(files, groups[group])
+        check_finite_tensors(tensors, model_dir)
         for name in [n for n in built if _group_of(n + ".") == group]:
             own = {k: tensors.pop(k) for k in built[name]}
             model.set_submodule(name, builder.build(name, model.get_submodule(name), own))

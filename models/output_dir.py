@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .checkpoint import make_readable
+
 OVERWRITE_FLAG = "--overwrite"
 
 
@@ -124,7 +126,7 @@ def staging_dir(out: Path) -> Path:
     """A new empty directory beside ``out`` to write the result into before ``replace_dir`` renames it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result directory should read like any other
+    make_readable(tmp)  # mkdtemp makes it 0700; a result directory should read like any other
     return tmp
 
 

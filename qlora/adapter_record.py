@@ -6,9 +6,12 @@ was trained against. ``finetune train --method qlora`` therefore writes this rec
     {"quant_type": "nf4", "blocksize": 64, "double_quant": true, "compute_dtype": "bf16", "dtype": "bf16"}
 
 and eval, generate and merge read it to rebuild that base from a 16/32-bit model (``load_quantized`` with the
-same blocksize, double quantization and dtypes). A LoftQ adapter (qlora/loftq.py) fits only the 4-bit base LoftQ
-made, which is saved beside it; its record says where (``"loftq_base": "loftq_base"``, relative to the adapter),
-and that base must be passed as the model (``check_loftq_base``).
+same blocksize, double quantization and dtypes). The adapter's weights file says it needs the record
+(``QLORA_MARKER`` in its safetensors header), so an adapter copied without it is refused rather than run on a
+base it was not trained on; a 4-bit base must be stored with the record's settings (``check_record_fits``). A
+LoftQ adapter (qlora/loftq.py) fits only the 4-bit base LoftQ made, which is saved beside it; its record says
+where (``"loftq_base": "loftq_base"``, relative to the adapter), and that base must be passed as the model
+(``check_loftq_base``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from finetune_ref.models.checkpoint import atomic_write_text
 
 QLORA_CONFIG_FILE = "qlora_config.json"
 RECORD_KEYS = ("blocksize", "double_quant", "compute_dtype", "dtype")
+QLORA_MARKER = {"base_quantization": "nf4"}  # in the adapter's safetensors header: "look for qlora_config.json"
 LOFTQ_BASE = "loftq_base"
 
 
@@ -34,11 +38,16 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
     """The QLoRA settings (``RECORD_KEYS``) of the first adapter that has them (None: plain LoRA adapters).
 
     Raises:
-        ValueError: unreadable record, or adapters trained on differently quantized bases.
+        ValueError: unreadable or missing record (of an adapter marked as QLoRA), or adapters trained on
+            differently quantized bases.
     """
     records = []
     for d in adapter_dirs or []:
         path = Path(d) / QLORA_CONFIG_FILE
+        if not path.is_file() and _marked(Path(d)):
+            raise ValueError(f"{d} is a QLoRA adapter (trained on an NF4 base) but its {QLORA_CONFIG_FILE} is "
+                             "missing; copy it from the training run's --out directory (it says how the base was "
+                             "quantized)")
         if path.is_file():
             try:
                 record = json.loads(path.read_text())
@@ -51,6 +60,36 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
     if any(r != records[0] for r in records) or (len(records) > 1 and LOFTQ_BASE in records[0]):
         raise ValueError(f"the adapters were trained on differently quantized bases: {records}")
     return records[0] if records else None
+
+
+def _marked(adapter_dir: Path) -> bool:
+    """Whether the adapter's weights file carries ``QLORA_MARKER`` (written by ``finetune train --method qlora``)."""
+    from safetensors import SafetensorError, safe_open
+
+    from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME
+
+    try:
+        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS_NAME), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return False  # reading the weights reports it
+    return all(header.get(k) == v for k, v in QLORA_MARKER.items())
+
+
+def check_record_fits(record: dict, base_layer, model_dir: str | Path, adapter_dirs: Sequence[str | Path]) -> None:
+    """A 4-bit base must be stored with the NF4 settings the QLoRA adapter was trained on (``record``).
+
+    ``base_layer`` is one NF4Linear of the loaded base (every layer shares the settings).
+
+    Raises:
+        ValueError: naming both settings.
+    """
+    stored = {"blocksize": base_layer.blocksize, "double_quant": base_layer.double_quant}
+    wanted = {k: record[k] for k in stored}
+    if stored != wanted:
+        raise ValueError(f"the QLoRA adapter {', '.join(map(str, adapter_dirs))} was trained on NF4 with {wanted}, "
+                         f"but the 4-bit --model {model_dir} is stored with {stored}; use the base it was trained "
+                         "on (or its 16/32-bit model, quantized while loading as in training)")
 
 
 def check_loftq_base(record: dict | None, model_dir: str | Path) -> None:

@@ -48,6 +48,7 @@ class RunConfig(TrainConfig):
     data: str | None = None              # .txt file, folder or .jsonl; None: Python's docs (pydoc_data.topics)
     eval_data: str | None = None         # a separate held-out set (then all of ``data`` trains)
     eval_fraction: float = 0.1           # share of ``data`` held out (train/data.py says which part)
+    eval_tokens: int = 65536             # held-out tokens evaluated at most (train/data.cap_tokens; 0: all)
     seq_len: int = 256                   # tokens per sequence
     batch_size: int = 4                  # sequences per micro-batch, per process
     out: str | None = None               # the result, metrics.jsonl and checkpoints/; None: runs/<method>
@@ -68,6 +69,8 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES} or None, got {self.dtype!r}")
+        if not isinstance(self.eval_tokens, int) or self.eval_tokens < 0:
+            raise ValueError(f"eval_tokens must be an integer >= 0 (0: no cap), got {self.eval_tokens!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.parallel == "fsdp" and self.optimizer != "adamw":

@@ -24,9 +24,9 @@ from finetune_ref.lora import load_adapters
 from finetune_ref.lora.combine import set_scale
 from finetune_ref.models.checkpoint import parse_dtype
 from finetune_ref.models.loader import load_model
-from finetune_ref.qlora.adapter_record import check_loftq_base, read_qlora_record
+from finetune_ref.qlora.adapter_record import check_loftq_base, check_record_fits, read_qlora_record
 from finetune_ref.qlora.bnb_config import is_quantized_dir
-from finetune_ref.qlora.model import load_quantized
+from finetune_ref.qlora.model import load_quantized, nf4_layers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
@@ -58,6 +58,8 @@ def load_inference_model(model_dir: Path, dtype: str | None, adapter_dirs: Seque
     elif is_quantized_dir(model_dir):
         compute = dtype or (record or {}).get("compute_dtype", "fp32")
         model = load_quantized(model_dir, compute_dtype=compute, dtype=dtype or (record or {}).get("dtype", compute))
+        if record is not None:
+            check_record_fits(record, nf4_layers(model)[0][1], model_dir, adapter_dirs)
     elif record is not None:
         model = load_quantized(model_dir, blocksize=record["blocksize"], double_quant=record["double_quant"],
                                compute_dtype=dtype or record["compute_dtype"], dtype=dtype or record["dtype"])

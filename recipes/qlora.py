@@ -13,7 +13,7 @@ import torch
 
 from finetune_ref.lora import save_adapter, unload
 from finetune_ref.models.checkpoint import parse_dtype
-from finetune_ref.qlora.adapter_record import LOFTQ_BASE, write_qlora_record
+from finetune_ref.qlora.adapter_record import LOFTQ_BASE, QLORA_MARKER, write_qlora_record
 from finetune_ref.qlora.loftq import prepare_loftq_model
 from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model, save_quantized
 from finetune_ref.train.distributed import DistInfo, unwrap_model
@@ -80,7 +80,7 @@ class QLoraRecipe(LoraRecipe):
         def export(m, directory):
             with gathered_trainable(unwrap_model(m)) as whole:  # collective: FSDP2 adapters gathered whole
                 if info.is_main:
-                    save_adapter(whole, directory, base_model_name_or_path=str(model_dir))
+                    save_adapter(whole, directory, base_model_name_or_path=str(model_dir), metadata=QLORA_MARKER)
                     if self.init == "loftq":  # the adapter fits only this base: save it beside the adapter
                         save_quantized(unload(copy.deepcopy(whole)), Path(directory) / LOFTQ_BASE)
                         copy_tokenizer_files(model_dir, Path(directory) / LOFTQ_BASE)

@@ -18,6 +18,7 @@ import torch
 
 from finetune_ref.lora import format_trainable_parameters
 from finetune_ref.models.checkpoint import atomic_write_text
+from finetune_ref.models.config import check_context, describe_filled_defaults
 from finetune_ref.models.tokenizer import Tokenizer
 from finetune_ref.train.checkpointing import Checkpointer
 from finetune_ref.models.output_dir import publish_files
@@ -90,10 +91,14 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     if cfg.plot:
         check_matplotlib()
     torch.manual_seed(cfg.seed)  # the same initialisation (e.g. LoRA A) on every rank
+    check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
+    filled = describe_filled_defaults(model_dir)
+    if filled:
+        say(filled, file=sys.stderr)
     tokenizer = Tokenizer.from_dir(model_dir)
     # The data before the weights: a data error should not wait for them.
     train_examples, held = build_datasets(tokenizer, cfg.data, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
-                                          eval_data=cfg.eval_data)
+                                          eval_data=cfg.eval_data, eval_tokens=cfg.eval_tokens)
     now = fingerprint(model_dir, train_examples, held, info.world_size)
     if record is not None:  # every difference from the recorded run at once, before the weights load
         check_resume(record, cfg, now, run_dir, flag, extend)

@@ -38,8 +38,8 @@ FORMAT = "finetune-ref-run"
 VERSION = 1
 
 # May differ on resume: they change where files go and what is shown, not what is trained.
-FREE_ON_RESUME = frozenset({"out", "resume", "cache_dir", "progress", "metrics_path", "save_every", "keep_last",
-                            "eval_every", "log", "plot"})
+FREE_ON_RESUME = frozenset({"out", "resume", "cache_dir", "progress", "log_every", "metrics_path", "save_every",
+                            "keep_last", "eval_every", "log", "plot"})
 # Compared by content (``fingerprint``), not by path.
 BY_CONTENT = frozenset({"model", "data", "eval_data"})
 PATHS = ("model", "data", "eval_data", "cache_dir")

@@ -98,7 +98,7 @@ def test_cli_json_and_text(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--gpu-memory", "lots"], "--gpu-memory: expected a size like 24GB"),
     (["--gpu-memory", "0GB"], "--gpu-memory: expected a size"),
-    (["--gpu-memory", "24GB", "--gpus", "0"], "--gpus: expected a positive integer"),
+    (["--gpu-memory", "24GB", "--gpus", "0"], "--gpus: expected an integer in 1.."),
     (["--preset", "llama-2-7b", "--gpu-memory", "24GB", "--seq-len", "9000"], "--seq-len 9000 is longer than"),
 ])
 def test_cli_bad_input_is_one_line(argv, message, capsys):

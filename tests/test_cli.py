@@ -79,8 +79,8 @@ def test_merge_writes_a_plain_model_equal_to_the_adapted_one(trained_adapter, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--steps", "0"], "positive integer"),
-    (["train", "--lr", "abc"], "positive number"),
+    (["train", "--steps", "0"], "an integer in 1.."),
+    (["train", "--lr", "abc"], "a number in (0, 10]"),
     (["train", "--dropout", "1.5"], "[0, 1)"),
     (["train", "--bogus"], "unrecognized arguments"),
     (["generate"], "--prompt"),

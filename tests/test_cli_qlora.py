@@ -181,4 +181,4 @@ def test_nothing_a_user_made_is_overwritten(tiny, trained, tmp_path, capsys):
 def test_generate_rejects_a_temperature_that_is_not_a_finite_number_ge_0(value, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--prompt", "hi", "--temperature", value])
-    assert exc.value.code == 2 and "finite number >= 0" in capsys.readouterr().err or value == "-1"
+    assert exc.value.code == 2 and "a number in [0, 100]" in capsys.readouterr().err or value == "-1"

@@ -228,13 +228,17 @@ def test_jsonl_empty_truncation_and_split(tok, tmp_path):
     long = {"instruction": "Explain. " * 40, "output": "Because."}
     short = {"instruction": "Why?", "output": "Because " * 30}
     path = _write_jsonl(tmp_path / "d.jsonl", [short, long])
-    with pytest.warns(UserWarning, match="skipped 1 conversation.*d.jsonl:2"):
+    with pytest.warns(UserWarning, match=r"of 2 records: 2 truncated to seq_len=40 \(first: .*d.jsonl:1\); "
+                                         r"1 skipped .*d.jsonl:2"):
         (ex,) = load_examples(tok, path, seq_len=40)  # the long prompt leaves no reply within 40 tokens
     full_ids, full_labels = tok.encode_chat(read_jsonl(path)[0][1])
     assert len(full_ids) > 40 and ex["input_ids"].tolist() == full_ids[:40]  # right truncation
     assert ex["labels"].tolist() == full_labels[:40]
     with pytest.raises(ValueError, match="no conversation has an assistant token within seq_len=8"):
         load_examples(tok, path, seq_len=8)
+    path = _write_jsonl(tmp_path / "e.jsonl", [short, {"instruction": "Why?", "output": " "}])
+    with pytest.warns(UserWarning, match=r"of 2 records: 1 with an empty assistant reply \(first: .*e.jsonl:2"):
+        load_examples(tok, path, seq_len=400)
     records = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(30)]
     path = _write_jsonl(tmp_path / "many.jsonl", records)
     train, held = build_datasets(tok, path, seq_len=64, eval_fraction=0.1)

@@ -459,6 +459,10 @@ def test_fsdp_per_rank_estimate_divides_the_sharded_state(capsys):
     assert qlora.weights == pytest.approx(estimate_memory(c, MemorySettings(method="qlora")).weights / 2, abs=1)
     with pytest.raises(ValueError, match="--world-size"):
         estimate_memory_fsdp(c, MemorySettings(), 0)
-    assert memory_main(["--preset", "llama-2-70b", "--method", "qlora", "--parallel", "fsdp", "--world-size", "4"]) == 0
+    # QLoRA's default paged AdamW does not step FSDP2's shards: memory refuses it as train does.
+    assert memory_main(["--preset", "llama-2-70b", "--method", "qlora", "--parallel", "fsdp", "--world-size", "4"]) == 2
+    assert "--optimizer adamw" in capsys.readouterr().err
+    assert memory_main(["--preset", "llama-2-70b", "--method", "qlora", "--parallel", "fsdp", "--world-size", "4",
+                        "--optimizer", "adamw"]) == 0
     out = capsys.readouterr().out
     assert "per rank of 4 (FSDP2)" in out and "FSDP all-gathered" in out

@@ -60,12 +60,12 @@ def test_values_are_parsed_by_the_flags_types(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("method: lora\nsteps: 0\n", "run.yaml, line 2: steps: expected a positive integer, got 0"),
+    ("method: lora\nsteps: 0\n", "run.yaml, line 2: steps: expected an integer in 1..10000000, got 0"),
     ("lr: 1e-3\n\nmin_lr_ratio: 0.2\n", "run.yaml, line 3: unknown key 'min_lr_ratio'; did you mean 'min-lr-ratio'?"),
     ("precision: fp8\n", "run.yaml, line 1: precision: invalid choice: 'fp8'"),
     ("rank: [4, 8]\n", "run.yaml, line 1: rank: expected one value, got a list"),
     ("rank: {r: 4}\n", "run.yaml, line 1: rank: expected one value, got a mapping"),
-    ("steps: many\n", "run.yaml, line 1: steps: expected a positive integer, got 'many'"),
+    ("steps: many\n", "run.yaml, line 1: steps: expected an integer in 1..10000000, got 'many'"),
     ("lr: 1e-3\nrslora: 1\n", "run.yaml, line 2: rslora: expected true or false, got '1'"),
     ("lr: 1e-3\nseed: 1\nlr: 2e-3\n", "run.yaml, line 3: lr: given twice (first on line 1)"),
     ("# a comment\nmin-lr-ratio: 2\n", "run.yaml, line 2: min-lr-ratio: "),  # out of [0, 1]

@@ -140,11 +140,15 @@ def _update_of(line: str) -> float:
 
 class Progress:
     """One session of the loop as the user sees it: the metrics log (closed on exit), the progress bar (main rank,
-    unless ``cfg.progress`` is off) and the training clock, which goes on from the resumed state's ``elapsed_s``."""
+    unless ``cfg.progress`` is off: then a line every ``cfg.log_every`` updates and per evaluation) and the
+    training clock, which goes on from the resumed state's ``elapsed_s``."""
 
     def __init__(self, cfg: TrainConfig, state: TrainState, log: MetricsLog, info: DistInfo):
         self.log, self.info = log, info
         self.bar = _progress_bar(cfg, state.update) if info.is_main else None
+        # Without a bar (``progress`` off: CI, nohup), a plain line every ``log_every`` updates and per evaluation.
+        self.lines = info.is_main and self.bar is None
+        self.log_every, self.steps = cfg.log_every, cfg.steps
         self.start, self.elapsed_before = time.perf_counter(), state.elapsed_s
 
     def __enter__(self) -> "Progress":
@@ -171,13 +175,20 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             self.bar.update(1)
+        elif self.lines and self.log_every and (state.update % self.log_every == 0 or state.update == self.steps):
+            loss = f"{loss_total:.4f}" if n_label else "-"
+            print(f"update {state.update}/{self.steps}: loss {loss}, lr {lr:.2e}, grad norm {grad_norm:.3g}, "
+                  f"{metrics['tokens_per_s']:.0f} tokens/s, {state.elapsed_s:.0f} s", file=sys.stderr, flush=True)
         return metrics
 
     def record_eval(self, update: int, ev: dict, echo: bool = True) -> None:
-        """Log an evaluation (and print it above the progress bar when ``echo``)."""
+        """Log an evaluation (and print it above the progress bar, or as a line without one, when ``echo``)."""
         self.log.write({"type": "eval", "update": update, **ev, "peak_memory_mib": peak_memory()[0] / MIB})
+        line = f"update {update}: held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})"
         if self.bar is not None and echo:
-            self.bar.write(f"update {update}: held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})")
+            self.bar.write(line)
+        elif self.lines and echo:
+            print(line, file=sys.stderr, flush=True)
 
 
 def _progress_bar(cfg: TrainConfig, initial: int):

@@ -81,9 +81,21 @@ def read_checkpoint_record(path: str | Path, verify: bool = True) -> dict:
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: unreadable JSON, another format or version, or a file missing, truncated or altered
-            (its size or SHA-256 differs from what was recorded when it was written).
+            (its size or SHA-256 differs from what was recorded when it was written); the message names the
+            previous checkpoint of the same run, if there is one, to resume from instead.
     """
     ckpt = resolve_checkpoint(path)
+    try:
+        return _read_record(ckpt, verify)
+    except ValueError as e:
+        earlier = sorted(p for p in ckpt.parent.glob(f"{CHECKPOINT_PREFIX}*") if p.name < ckpt.name
+                         and (p / STATE_FILE).is_file()) if ckpt.name.startswith(CHECKPOINT_PREFIX) else []
+        if not earlier:
+            raise
+        raise ValueError(f"{e}; the previous checkpoint may be intact: --resume {earlier[-1]}") from None
+
+
+def _read_record(ckpt: Path, verify: bool) -> dict:
     try:
         record = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from finetune_ref.models.checkpoint import atomic_write_text, read_safetensors
+from finetune_ref.models.checkpoint import atomic_write_text, make_readable, read_safetensors
 from finetune_ref.train.checkpoint_files import (BEST_DIR, BEST_FILE, CHECKPOINT_PREFIX, FORMAT, LATEST_FILE,
                                                  MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, VERSION,
                                                  checkpoint_name, fsync_file, read_checkpoint_record, replace_dir,
@@ -97,12 +97,14 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
         }
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+        make_readable(tmp)
         try:
             files = {MODEL_FILE: model_state, OPTIMIZER_FILE: optim_tensors, RNG_FILE: rng}
             record["files"] = {}
             for name, tensors in files.items():
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name),
                           metadata={"format": "pt"})
+                make_readable(tmp / name)  # safetensors writes 0600
                 fsync_file(tmp / name)
                 record["files"][name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
             record["state_sha256"] = state_sha256(record)  # trainer_state.json is checked too, by itself
@@ -132,6 +134,7 @@ def export_trainable(model: nn.Module, directory: str | Path, info: DistInfo | N
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+            make_readable(tmp)  # safetensors writes 0600
             os.replace(tmp, directory / MODEL_FILE)
         finally:
             if os.path.exists(tmp):

@@ -46,6 +46,7 @@ class TrainConfig:
     fused_adamw: bool = False          # "adamw" on fp32 parameters: torch's fused kernel (optim/optimizers.py)
     metrics_path: Path | None = None   # JSON lines of every update and evaluation (None: not written)
     progress: bool = True              # a tqdm bar on the main rank
+    log_every: int = 10                # without the bar: a line every this many updates (0: none) and per eval
     log: tuple[str, ...] = ()          # loggers beside metrics.jsonl: "tensorboard", "wandb" (loggers.py)
 
     def __post_init__(self) -> None:
@@ -59,11 +60,10 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
-        if self.eval_every < 0 or self.early_stopping_patience < 0:
-            raise ValueError("eval_every and early_stopping_patience must be >= 0")
+        if self.eval_every < 0 or self.early_stopping_patience < 0 or self.log_every < 0:
+            raise ValueError("eval_every, early_stopping_patience and log_every must be >= 0")
         if self.early_stopping_patience and not self.eval_every:
-            raise ValueError("early stopping needs periodic evaluation: set eval_every > 0 "
-                             "(--eval-every N) together with the patience")
+            raise ValueError("early_stopping_patience needs periodic evaluation: set eval_every > 0 too")
         if self.loraplus_lr_ratio is not None:
             check_loraplus_lr_ratio(self.loraplus_lr_ratio)
         if self.precision not in PRECISIONS:

@@ -16,8 +16,8 @@ model shifts them, so logits at t predict ``labels[t + 1]``):
 * **Chat / instruction** (``.jsonl``). One conversation per example, rendered with the model's chat
   template; labels only on the assistant's replies (``Tokenizer.encode_chat``). Not packed. A conversation
   longer than ``seq_len`` keeps its first ``seq_len`` tokens (right truncation; a reply cut there loses its
-  tail and its end-of-turn token); one whose labelled tokens all fall past ``seq_len`` is skipped, with a
-  warning.
+  tail and its end-of-turn token); one whose labelled tokens all fall past ``seq_len`` is skipped. One warning
+  counts the truncated, skipped and empty-reply conversations.
 
 Held-out splits, identical on every machine:
 
@@ -29,7 +29,9 @@ Held-out splits, identical on every machine:
 * text files: the last ``round(eval_fraction * n_blocks)`` packed blocks (documents in sorted path order),
   i.e. the end of the text, as nanoGPT does; this works for a single file as well as for a folder.
 
-With ``eval_data`` given, all of ``data`` trains and ``eval_data`` (same formats) is the held-out set.
+With ``eval_data`` given, all of ``data`` trains and ``eval_data`` (same formats) is the held-out set. Either
+way the held-out set is capped at ``eval_tokens`` tokens (``cap_tokens``: evenly spaced sequences, the same
+ones every time), so evaluating a big data set stays quick.
 """
 
 from __future__ import annotations
@@ -88,22 +90,31 @@ def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, eos_token_i
 
 
 def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[list[dict]], seq_len: int,
-                         sources: Sequence[str] | None = None) -> list[Example]:
+                         sources: Sequence[str] | None = None, name: str = "conversations") -> list[Example]:
     """One example per conversation, truncated to ``seq_len`` tokens (see the module docstring).
 
-    ``sources`` (e.g. ``"file.jsonl:12"``) prefix error messages. Raises ValueError if the template rejects a
+    ``sources`` (e.g. ``"file.jsonl:12"``) prefix error messages. What was changed is reported in one warning
+    (about ``len(conversations)`` ``name``):
+    conversations truncated, those with an empty assistant reply (they teach only the end of a turn), and those
+    skipped because no reply token is left within ``seq_len``. Raises ValueError if the template rejects a
     conversation or if no conversation keeps a labelled token.
     """
     _check_seq_len(seq_len)
-    examples, skipped = [], []
+    examples = []
+    report: dict[str, list[str]] = {"truncated": [], "empty": [], "skipped": []}
     for k, messages in enumerate(conversations):
         where = sources[k] if sources is not None else f"conversation {k}"
         try:
-            ids, labels = tokenizer.encode_chat(messages, max_len=seq_len)
+            ids, labels = tokenizer.encode_chat(messages)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            report["empty"].append(where)
+        if len(ids) > seq_len:  # right truncation: a reply cut here loses its tail and its end-of-turn token
+            report["truncated"].append(where)
+            ids, labels = ids[:seq_len], labels[:seq_len]
         if all(label == IGNORE_INDEX for label in labels[1:]):  # the shifted loss would see no token
-            skipped.append(where)
+            report["skipped"].append(where)
             continue
         examples.append({"input_ids": torch.tensor(ids, dtype=torch.int64),
                          "labels": torch.tensor(labels, dtype=torch.int64),
@@ -111,9 +122,11 @@ def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[list[dict
                          "document_ids": torch.zeros(len(ids), dtype=torch.int64)})
     if not examples:
         raise ValueError(f"no conversation has an assistant token within seq_len={seq_len}")
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} conversation(s) whose reply starts past seq_len={seq_len} "
-                      f"(first: {skipped[0]})", stacklevel=2)
+    what = {"truncated": f"truncated to seq_len={seq_len}", "empty": "with an empty assistant reply",
+            "skipped": f"skipped (no reply token within seq_len={seq_len})"}
+    parts = [f"{len(where)} {what[key]} (first: {where[0]})" for key, where in report.items() if where]
+    if parts:
+        warnings.warn(f"of {len(conversations)} {name}: " + "; ".join(parts), stacklevel=2)
     return examples
 
 
@@ -134,9 +147,9 @@ def text_examples(tokenizer: Tokenizer, documents: list[str], seq_len: int) -> l
 
 
 def _jsonl_examples(tokenizer: Tokenizer, records: list[tuple[int, list[dict]]], path: Path,
-                    seq_len: int) -> list[Example]:
+                    seq_len: int, name: str = "records") -> list[Example]:
     return encode_conversations(tokenizer, [m for _, m in records], seq_len,
-                                sources=[f"{path}:{lineno}" for lineno, _ in records])
+                                sources=[f"{path}:{lineno}" for lineno, _ in records], name=name)
 
 
 def load_examples(tokenizer: Tokenizer, path: str | Path, seq_len: int) -> list[Example]:
@@ -147,9 +160,32 @@ def load_examples(tokenizer: Tokenizer, path: str | Path, seq_len: int) -> list[
     return _jsonl_examples(tokenizer, read_jsonl(path), path, seq_len)
 
 
+def cap_tokens(examples: Sequence[Example], max_tokens: int | None) -> list[Example]:
+    """At most ``max_tokens`` tokens' worth of ``examples`` (at least one), evenly spaced over the list so every
+    part is sampled, in order; all of them when they fit or ``max_tokens`` is 0/None. Deterministic."""
+    total = sum(len(e["input_ids"]) for e in examples)
+    if not max_tokens or total <= max_tokens:
+        return list(examples)
+    n = max(1, min(len(examples), int(max_tokens * len(examples) // total)))  # the mean length sets the count
+    return [examples[k * len(examples) // n] for k in range(n)]
+
+
 def build_datasets(tokenizer: Tokenizer, data: str | Path | None = None, seq_len: int = 256,
-                   eval_fraction: float = 0.1,
-                   eval_data: str | Path | None = None) -> tuple[list[Example], list[Example]]:
+                   eval_fraction: float = 0.1, eval_data: str | Path | None = None,
+                   eval_tokens: int | None = None) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples: ``_split``, then the held-out part capped at ``eval_tokens`` (``cap_tokens``; a
+    warning says so), so that evaluating a big ``data`` does not take minutes. Arguments as ``_split``."""
+    train, held = _split(tokenizer, data, seq_len, eval_fraction, eval_data)
+    capped = cap_tokens(held, eval_tokens)
+    if len(capped) < len(held):
+        warnings.warn(f"the held-out set is capped at eval_tokens={eval_tokens}: {len(capped)} of {len(held)} "
+                      "sequences, evenly spaced", stacklevel=2)
+    return train, capped
+
+
+def _split(tokenizer: Tokenizer, data: str | Path | None = None, seq_len: int = 256,
+           eval_fraction: float = 0.1,
+           eval_data: str | Path | None = None) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples for the training loop.
 
     Args:
@@ -179,8 +215,9 @@ def build_datasets(tokenizer: Tokenizer, data: str | Path | None = None, seq_len
     records = read_jsonl(data)
     keys = [json.dumps(m, sort_keys=True, ensure_ascii=False) for _, m in records]
     train_idx, eval_idx = holdout_split(keys, eval_fraction, what="record(s)")
-    train = _jsonl_examples(tokenizer, [records[i] for i in train_idx], data, seq_len)
-    held = _jsonl_examples(tokenizer, [records[i] for i in eval_idx], data, seq_len) if eval_idx else []
+    train = _jsonl_examples(tokenizer, [records[i] for i in train_idx], data, seq_len, "training records")
+    held = _jsonl_examples(tokenizer, [records[i] for i in eval_idx], data, seq_len, "held-out records") \
+        if eval_idx else []
     return train, held
 
 

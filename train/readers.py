@@ -111,11 +111,17 @@ def record_to_messages(record: object) -> list[dict]:
 def json_lines(path: str | Path) -> Iterator[tuple[int, object]]:
     """(line number, value) for every non-blank line of a JSON-lines file (data, or a run's metrics.jsonl).
 
-    Raises ValueError ``"<file>:<line>: invalid JSON (...)"`` for a line that is not JSON.
+    Raises ValueError ``"<file>:<line>: invalid JSON (...)"`` for a line that is not JSON, and ``"<file>:<line>:
+    not UTF-8 (...)"`` for one that is not UTF-8.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start + 1} of the "
+                                 "line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -14,7 +14,7 @@ from finetune_ref.optim import build_optimizer
 
 from .config import TrainConfig
 from .data import count_label_tokens
-from .distributed import DistInfo, all_reduce_sum, gradient_sync, local_tensor
+from .distributed import DistInfo, all_reduce_sum, any_rank, gradient_sync, local_tensor
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "document_ids", "labels")
 
@@ -131,8 +131,15 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float | None, info: Di
     return norm
 
 
-def check_finite(grad_norm: float, update: int) -> None:
-    """Raises FloatingPointError for a non-finite gradient norm, before the update is applied."""
-    if not math.isfinite(grad_norm):
-        raise FloatingPointError(f"gradient norm is {grad_norm} at update {update}; the update was not "
-                                 "applied. Lower the learning rate, or use fp32/bf16-autocast")
+def check_finite(grad_norm: float, update: int, loss: float | None = None,
+                 info: DistInfo | None = None) -> None:
+    """Raises FloatingPointError, naming the update, for a non-finite loss (on any rank) or gradient norm, before
+    the update is applied: the weights stay as they were and training stops (never a "loss nan" that exits 0).
+    Under torch.distributed every rank takes the same decision (the norm is global, the loss flag all-reduced)."""
+    bad_loss = loss is not None and not math.isfinite(loss)
+    if info is not None and info.enabled:
+        bad_loss = any_rank(bad_loss, info)
+    if bad_loss or not math.isfinite(grad_norm):
+        what = "the loss is not finite (NaN or inf)" if bad_loss else f"the gradient norm is {grad_norm}"
+        raise FloatingPointError(f"update {update}: {what}; the update was not applied and training stopped. "
+                                 "Lower --lr, check the data, or use --precision fp32")

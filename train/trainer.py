@@ -14,8 +14,8 @@ Guarantees (each has a test in tests/test_trainer.py, test_checkpointing.py or t
 * **Schedule** (``schedule.py``): linear warmup then cosine to ``lr * min_lr_ratio``; the first update has
   LR > 0; the scheduler advances once per optimizer update, never per micro-batch.
 * **Clipping** by the global L2 norm of all gradients (Pascanu et al. 2013), computed in fp32 (also across
-  FSDP shards); the norm before clipping is logged. A non-finite norm stops training with an error before the
-  update (the weights stay as they were).
+  FSDP shards); the norm before clipping is logged. A non-finite loss or norm stops training with an error
+  naming the update, before it is applied (the weights stay as they were).
 * **AdamW** (Loshchilov & Hutter 2019) without weight decay on biases and norm weights (ndim < 2) and without
   state for frozen parameters. 16-bit trainable weights get ``optim.MasterWeightAdamW`` (fp32 master + moments).
 * **Evaluation** every ``eval_every`` updates and after the last; the best held-out loss is tracked (and
@@ -90,7 +90,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
     Raises:
         ValueError: trainable weights that do not suit ``cfg.precision``, or a checkpoint that does not match
             (see ``checkpointing.load_checkpoint``).
-        FloatingPointError: a non-finite gradient norm (the update is not applied).
+        FloatingPointError: a non-finite loss or gradient norm (the update is not applied).
         TrainingInterrupted: Ctrl-C or SIGTERM; a checkpoint was written first when ``checkpointer`` is set.
         ResultNotSaved: ``finish`` failed; it names the checkpoint that holds the trained state.
     """
@@ -119,7 +119,7 @@ def train(model: nn.Module, batches: Iterator[dict], cfg: TrainConfig,
             # Clip by the global norm (the norm before clipping is logged); a non-finite one stops here,
             # before the weights change.
             grad_norm = clip_grad_norm_(trainable, cfg.max_grad_norm, info)
-            check_finite(grad_norm, state.update + 1)
+            check_finite(grad_norm, state.update + 1, loss_sum, info)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the next forward
             scheduler.step()  # once per update, never per micro-batch

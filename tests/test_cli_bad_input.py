@@ -1,0 +1,383 @@
+"""What ``finetune`` does with bad input: one line naming the flag or the file, exit status 2, no traceback.
+
+Everything runs in-process (``finetune_ref.cli.main.main``) on tiny random models (``tiny_model_dir``): seconds.
+"""
+
+import json
+
+import pytest
+
+from finetune_ref.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fails(argv, capsys, after_progress: bool = False) -> str:
+    """The one-line error of a command that must exit with status 2 (from argparse or from the command);
+    ``after_progress``: the error is the last line, after the run's progress report."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and (after_progress or len(lines) == 1), err
+    assert lines[-1].startswith(f"finetune {argv[0]}: error: "), err
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every numeric flag is checked at parse time, against a finite range, naming the flag.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--weight-decay", "nan"], "--weight-decay"),
+    (["train", "--lr", "1e300"], "--lr"),
+    (["train", "--steps", "1" * 20], "--steps"),
+    (["train", "--min-lr-ratio", "1.5"], "--min-lr-ratio"),
+    (["train", "--max-grad-norm", "inf"], "--max-grad-norm"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--seq-len", "1"], "--seq-len"),
+    (["train", "--targets", "re:(q_proj"], "--targets"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "--prompt", "x", "--temperature", "nan"], "--temperature"),
+    (["merge", "--adapter", "a", "--out", "b", "--group-size", "0"], "--group-size"),
+    (["memory", "--rank", "0"], "--rank"),
+])
+def test_numeric_flags_are_checked_at_parse_time(argv, flag, capsys):
+    err = fails([*argv, "--dry-run"] if argv[0] == "train" else argv, capsys)
+    assert f"argument {flag}:" in err
+
+
+def test_config_errors_name_the_flag_not_the_field(capsys):
+    err = fails(["train", "--early-stopping-patience", "2", "--dry-run"], capsys)
+    assert "--early-stopping-patience" in err and "--eval-every" in err and "eval_every" not in err
+
+
+def test_name_flags_maps_fields_to_flags():
+    from finetune_ref.cli.common import name_flags
+
+    flags = {"min_lr_ratio": "--min-lr-ratio", "lr": "--lr", "data": "--data", "warmup_steps": "--warmup"}
+    assert name_flags("min_lr_ratio must be in [0, 1]", flags) == "--min-lr-ratio must be in [0, 1]"
+    assert name_flags("lr must be a positive number", flags) == "--lr must be a positive number"
+    assert name_flags("data path x does not exist", flags) == "data path x does not exist"
+    assert name_flags("warmup_steps must be in [0, steps=3]", flags) == "--warmup must be in [0, steps=3]"
+    assert name_flags("pass overwrite=True", {"overwrite": "--overwrite"}) == "pass --overwrite"
+    assert name_flags("unknown key 'min_lr_ratio'", flags) == "unknown key 'min_lr_ratio'"  # what the user wrote
+
+
+def test_errors_from_below_the_cli_name_the_flag(tiny, tmp_path, capsys):
+    run = tmp_path / "head"
+    assert main(train_argv(tiny, run, "--targets", "lm_head")) == 0  # the head is tied to the input embedding
+    capsys.readouterr()
+    err = fails(["merge", "--model", str(tiny[0]), "--adapter", str(run), "--out", str(tmp_path / "merged"),
+                 "--report-batches", "0", "--data", str(tiny[1]), "--seq-len", "32"], capsys)
+    assert "Pass --untie to give" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny model directory shared by the tests below.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, corpus .txt): a 2-layer Llama with its own 350-token tokenizer."""
+    from tiny_model_dir import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def copy_model(tiny, tmp_path, name="model"):
+    import shutil
+
+    return shutil.copytree(tiny[0], tmp_path / name)
+
+
+def train_argv(tiny, out, *extra):
+    model, corpus = tiny
+    return ["train", "--model", str(model), "--data", str(corpus), "--out", str(out), "--seq-len", "32",
+            "--batch-size", "2", "--steps", "2", "--warmup", "0", "--eval-fraction", "0.2", "--no-progress", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerics: NaN/inf in loaded weights is refused at load, naming the tensor; a non-finite loss stops training.
+# ---------------------------------------------------------------------------------------------------------
+def test_nan_in_weights_is_refused_at_load_naming_the_tensor(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(tiny, tmp_path)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 3] = float("nan")
+    save_file(tensors, model / "model.safetensors")
+    err = fails(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "32"], capsys)
+    assert "model.layers.1.mlp.down_proj.weight" in err and "NaN" in err
+
+
+def test_non_finite_loss_stops_training_naming_the_update(tiny, tmp_path, capsys, monkeypatch):
+    import finetune_ref.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", lambda *a, **k: float("nan"))
+    status = main(train_argv(tiny, tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert status == 1 and "update 1: the loss is not finite" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config.json: unsupported architecture fields and string-typed numbers are refused by name; missing fields take
+# transformers' LlamaConfig defaults, said in one line.
+# ---------------------------------------------------------------------------------------------------------
+def edit_config(model, **changes):
+    path = model / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"use_sliding_window": True, "sliding_window": 16}, "sliding_window"),
+    ({"num_experts": 4}, "num_experts"),
+    ({"num_local_experts": 8}, "num_local_experts"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_scaling"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"hidden_size": "32"}, "hidden_size"),
+])
+def test_unsupported_or_mistyped_config_fields_are_named(tiny, tmp_path, capsys, changes, field):
+    model = copy_model(tiny, tmp_path)
+    edit_config(model, **changes)
+    err = fails(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "32"], capsys)
+    assert f"'{field}'" in err
+
+
+def test_missing_config_fields_are_reported_in_one_line(tiny, tmp_path, capsys):
+    model = copy_model(tiny, tmp_path)
+    edit_config(model, rope_theta=None, rope_parameters=None, attention_bias=None)
+    assert main(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "32"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "LlamaConfig defaults" in line]
+    assert len(lines) == 1 and "rope_theta=10000.0" in lines[0] and "attention_bias=False" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A QLoRA adapter needs its quantization record, and a 4-bit base stored with the record's settings.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qlora_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    assert main(train_argv(tiny, out, "--method", "qlora", "--precision", "fp32")) == 0
+    return out
+
+
+def test_qlora_adapter_without_its_record_is_refused(tiny, qlora_run, tmp_path, capsys):
+    import shutil
+
+    adapter = shutil.copytree(qlora_run, tmp_path / "adapter", ignore=shutil.ignore_patterns("checkpoints"))
+    (adapter / "qlora_config.json").unlink()
+    err = fails(["eval", "--model", str(tiny[0]), "--data", str(tiny[1]), "--seq-len", "32", "--adapter",
+                 str(adapter)], capsys)
+    assert "qlora_config.json is missing" in err
+
+
+def test_qlora_adapter_on_a_4bit_base_with_another_blocksize_is_refused(tiny, qlora_run, tmp_path, capsys):
+    assert main(["quantize", "--model", str(tiny[0]), "--out", str(tmp_path / "nf4"), "--blocksize", "128",
+                 "--compute-dtype", "fp32"]) == 0
+    capsys.readouterr()
+    err = fails(["eval", "--model", str(tmp_path / "nf4"), "--data", str(tiny[1]), "--seq-len", "32", "--adapter",
+                 str(qlora_run)], capsys)
+    assert "'blocksize': 64" in err and "'blocksize': 128" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model's context: --seq-len and generation beyond it are refused; truncated and empty chat records counted.
+# ---------------------------------------------------------------------------------------------------------
+def test_seq_len_and_generation_beyond_the_context_are_refused(tiny, tmp_path, capsys):
+    model = copy_model(tiny, tmp_path)
+    edit_config(model, max_position_embeddings=64)
+    err = fails(train_argv((model, tiny[1]), tmp_path / "run", "--seq-len", "128"), capsys)
+    assert "--seq-len=128 is beyond the model's context of 64 tokens" in err
+    err = fails(["eval", "--model", str(model), "--data", str(tiny[1]), "--seq-len", "65"], capsys)
+    assert "--seq-len=65" in err
+    err = fails(["generate", "--model", str(model), "--prompt", "hello", "--max-new-tokens", "64"], capsys)
+    assert "--max-new-tokens=64 is beyond the model's context of 64" in err
+
+
+def test_truncated_and_empty_chat_records_are_counted(tiny, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    records = [{"instruction": "Say it.", "output": "word " * 40}, {"instruction": "Nothing?", "output": ""},
+               {"instruction": "Hi", "output": "Hello."}] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(UserWarning) as record:
+        assert main(["eval", "--model", str(tiny[0]), "--data", str(data), "--seq-len", "24", "--eval-fraction",
+                     "0.5"]) == 0
+    messages = [str(w.message) for w in record if "records" in str(w.message)]
+    assert [m.split(":")[0] for m in messages] == ["of 6 training records", "of 6 held-out records"]
+    assert all("truncated to seq_len=24" in m for m in messages)
+    assert any("empty assistant reply" in m for m in messages)
+
+
+def test_warnings_print_one_line_naming_flags():
+    from finetune_ref.cli.main import warning_formatter
+
+    line = warning_formatter("eval", {"seq_len": "--seq-len"})("3 truncated to seq_len=24", UserWarning, "x.py", 1)
+    assert line == "finetune eval: warning: 3 truncated to --seq-len=24\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: one line, status 2, saying what to do.
+# ---------------------------------------------------------------------------------------------------------
+def test_a_closed_stdout_is_no_traceback(monkeypatch, capsys):
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["train", "--dry-run", "--steps", "1000"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_non_utf8_jsonl_line_is_named(tiny, tmp_path, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    err = fails(["eval", "--model", str(tiny[0]), "--data", str(data), "--seq-len", "32"], capsys)
+    assert f"{data}:2: not UTF-8" in err
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    assert main(train_argv(tiny, out, "--save-every", "1", "--keep-last", "0")) == 0
+    return out
+
+
+def test_an_adapter_passed_as_model_suggests_adapter(tiny, lora_run, capsys):
+    err = fails(["eval", "--model", str(lora_run), "--data", str(tiny[1])], capsys)
+    assert f"pass it as --adapter {lora_run} with --model {tiny[0]}" in err
+
+
+def test_an_adapter_on_another_base_names_its_base_in_one_short_line(tiny, lora_run, tmp_path, capsys):
+    import torch
+
+    from finetune_ref.models.checkpoint import save_model
+    from finetune_ref.models.config import LlamaConfig
+    from finetune_ref.models.llama import LlamaForCausalLM
+
+    config = json.loads((tiny[0] / "config.json").read_text())
+    other = copy_model(tiny, tmp_path, "one-layer")
+    torch.manual_seed(0)
+    save_model(LlamaForCausalLM(LlamaConfig.from_dict({**config, "num_hidden_layers": 1})), other)
+    err = fails(["eval", "--model", str(other), "--data", str(tiny[1]), "--seq-len", "32", "--adapter",
+                 str(lora_run)], capsys)
+    assert f"It was trained on {tiny[0]}" in err and "unexpected" in err and len(err) < 500
+
+
+def test_a_corrupt_latest_checkpoint_suggests_the_previous_one(tiny, lora_run, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    with open(latest / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    err = fails(train_argv(tiny, run, "--steps", "3", "--save-every", "1", "--keep-last", "0", "--resume", str(run), "--extend"),
+                capsys, after_progress=True)
+    assert "corrupt checkpoint" in err and "--resume " + str(run / "checkpoints" / "checkpoint-000001") in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --help: every flag of every command has a help text and shows its default; memory's defaults are train's.
+# ---------------------------------------------------------------------------------------------------------
+def commands():
+    import argparse
+
+    from finetune_ref.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_flag_has_a_help_text_and_shows_its_default():
+    from finetune_ref.cli.common import HelpFormatter
+
+    undocumented = []
+    for name, parser in commands().items():
+        formatter = HelpFormatter(prog=parser.prog)
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.dest == "help":
+                continue
+            text = formatter._get_help_string(action)
+            if not action.help or "default" not in text:
+                undocumented.append(f"{name} {action.option_strings[-1]}: {text!r}")
+    assert not undocumented, "\n".join(undocumented)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_memory_defaults_are_trains(method, capsys):
+    from finetune_ref.recipes import RECIPES
+
+    assert main(["memory", "--method", method, "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    recipe = RECIPES[method]()
+    assert (settings["optimizer"], settings["batch_size"], settings["seq_len"], settings["dtype"]) == \
+        (recipe.optimizer, recipe.batch_size, recipe.seq_len, recipe.base_dtype())
+    assert settings["adapter_dtype"] == {"full": None, "lora": "fp32", "qlora": "bf16"}[method]
+
+
+@pytest.mark.parametrize("argv", [["--method", "lora", "--blocksize", "128"], ["--method", "qlora", "--blocksize", "48"],
+                                  ["--method", "full", "--no-double-quant"]])
+def test_memory_refuses_what_train_refuses(argv, capsys):
+    fails(["train", *argv, "--dry-run"], capsys)
+    fails(["memory", *argv], capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files we write read like any other: 0644 files and 0755 directories under the usual umask 022.
+# ---------------------------------------------------------------------------------------------------------
+def test_written_files_are_readable_by_others(tiny, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(train_argv(tiny, tmp_path / "run", "--save-every", "1")) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").rglob("*")}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
+    assert len(modes) > 8 and not wrong, wrong
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --no-progress prints plain lines (logs under nohup or CI show progress); --eval-tokens caps the held-out split.
+# ---------------------------------------------------------------------------------------------------------
+def test_no_progress_prints_a_line_per_evaluation_and_every_n_updates(tiny, tmp_path, capsys):
+    assert main(train_argv(tiny, tmp_path / "run", "--steps", "5", "--log-every", "2", "--eval-every", "2")) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("update ") and "/5" in line] == \
+        ["update 2/5", "update 4/5", "update 5/5"]
+    assert [line.split(":")[0] for line in lines if "held-out loss" in line] == ["update 2", "update 4", "update 5"]
+
+
+def test_eval_tokens_caps_the_held_out_split_deterministically(tiny, capsys):
+    argv = ["eval", "--model", str(tiny[0]), "--data", str(tiny[1]), "--seq-len", "32", "--json"]
+    assert main(argv) == 0
+    full = json.loads(capsys.readouterr().out)
+    with pytest.warns(UserWarning, match="capped at eval_tokens=320"):
+        assert main([*argv, "--eval-tokens", "320"]) == 0
+    capped = json.loads(capsys.readouterr().out)
+    assert full["tokens"] > 320 >= capped["tokens"] > 200
+    with pytest.warns(UserWarning, match="capped"):
+        assert main([*argv, "--eval-tokens", "320"]) == 0
+    assert json.loads(capsys.readouterr().out) == capped  # the same sequences every time
+
+
+def test_log_every_may_change_on_resume(tiny, lora_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    assert main(train_argv(tiny, run, "--steps", "3", "--resume", str(run), "--extend", "--log-every", "1")) == 0
