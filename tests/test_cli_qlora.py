@@ -7,7 +7,6 @@ GPTQ model vs the in-memory one to 1e-3 relative (the saved non-quantized tensor
 """
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -15,25 +14,13 @@ from safetensors.torch import load_file
 
 from finetune_ref.cli.main import main
 from finetune_ref.gptq.checkpoint import is_gptq_dir
-
-CONFIG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+from tiny_model_dir import make_hf_model_dir
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
     """(model dir, corpus file): a tiny HF Llama with SmolLM2's tokenizer, and a few pydoc topics as text."""
-    from pydoc_data.topics import topics
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("tiny-qlora")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(root / "fp")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(smollm2_dir / name, root / "fp" / name)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(topics[t] for t in ("naming", "assignment", "if", "while", "for", "try")))
-    return root / "fp", corpus
+    return make_hf_model_dir(tmp_path_factory.mktemp("tiny-qlora"), smollm2_dir)
 
 
 def train_args(tiny, out, *extra):
