@@ -23,7 +23,8 @@ from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_ar
                                      weight_decay, writing_to)
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
-from finetune_ref.recipes.run_record import config_from_record, holds_run, read_run_record, run_dir_of
+from finetune_ref.recipes.run_record import (config_from_record, holds_run, latest_checkpoint_update, read_run_record,
+                                             run_dir_of)
 from finetune_ref.train.config import PRECISIONS
 from finetune_ref.train.loggers import LOGGERS
 
@@ -99,9 +100,14 @@ def cmd_train(args) -> int:
     own = run_dir is not None and out.resolve() == run_dir.resolve()
     if own and record is not None and record.get("finished") and not extend:  # (another --out: a branch)
         done = record["finished"]
-        print(f"run {run_dir} already finished at update {done['update']} of {record['config']['steps']}"
-              f"{' (stopped early)' if done.get('stopped_early') else ''}; its result is in {run_dir}. To train it "
-              f"further: finetune train --resume {run_dir} --steps N --extend (N > {record['config']['steps']})")
+        steps = record["config"]["steps"]
+        at = latest_checkpoint_update(run_dir)
+        further = (f"To train it further: finetune train --resume {run_dir} --steps N --extend (N > {steps})"
+                   if at == done["update"] else
+                   f"It keeps no checkpoint of its last update (newest: {'none' if at is None else f'update {at}'}; "
+                   "a --method full run writes one only with --save-every), so it cannot be trained further in place")
+        print(f"run {run_dir} already finished at update {done['update']} of {steps}"
+              f"{' (stopped early)' if done.get('stopped_early') else ''}; its result is in {run_dir}. {further}")
         return 0
     from finetune_ref.train.distributed import destroy_distributed, init_distributed
 

@@ -33,8 +33,8 @@ from finetune_ref.train.plots import check_matplotlib, plot_runs, read_curves
 from finetune_ref.train.trainer import train
 
 from .base import RunConfig
-from .run_record import (CHECKPOINTS_DIR, RUN_FILE, check_resume, fingerprint, holds_run, new_record,
-                         read_run_record, run_dir_of, write_run_record)
+from .run_record import (CHECKPOINTS_DIR, RUN_FILE, check_not_behind_result, check_resume, fingerprint, holds_run,
+                         new_record, read_run_record, run_dir_of, write_run_record)
 
 PLOT_FILE = "loss.png"  # --plot
 
@@ -44,7 +44,8 @@ def check_run_dir(cfg: RunConfig) -> tuple[Path | None, dict | None, Path | None
     the record of the run it belongs to and that run's directory (Nones for a new run).
 
     Raises:
-        ValueError: ``out`` holds a run and ``resume`` is not set; a corrupt run record.
+        ValueError: ``out`` holds a run and ``resume`` is not set; a corrupt run record; a resume that would go
+            back past the run's finished result (``run_record.check_not_behind_result``).
         FileNotFoundError: ``resume`` names no checkpoint.
     """
     out = cfg.out_dir
@@ -58,7 +59,10 @@ def check_run_dir(cfg: RunConfig) -> tuple[Path | None, dict | None, Path | None
         return None, None, None
     ckpt = resolve_checkpoint(cfg.resume)
     run_dir = run_dir_of(cfg.resume)
-    return ckpt, (read_run_record(run_dir) if run_dir is not None else None), run_dir
+    record = read_run_record(run_dir) if run_dir is not None else None
+    check_not_behind_result(record, cfg.resume, ckpt, read_checkpoint_record(ckpt, verify=False)["update"], run_dir,
+                            out)
+    return ckpt, record, run_dir
 
 
 def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: bool = False,
@@ -135,9 +139,11 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     config_text = (model_dir / "config.json").read_bytes()
     metadata = {**method.metadata, "precision": cfg.precision, "base_model": model_dir.name,
                 "base_config_sha256": hashlib.sha256(config_text).hexdigest(), "seq_len": cfg.seq_len}
+    # An adapter run always ends with a checkpoint (a few MB: the adapter and its AdamW moments), so it can be
+    # extended; full fine-tuning's would be a copy of the model and two moments, so only with --save-every.
     checkpointer = Checkpointer(out / CHECKPOINTS_DIR, save_every=cfg.save_every, keep_last=cfg.keep_last, info=info,
                                 metadata=metadata, export_best=method.export, track_best=cfg.eval_every > 0,
-                                extend=extend)
+                                extend=extend, save_final=cfg.method != "full")
     start = time.perf_counter()
     try:
         result = train(model, batches, dataclasses.replace(cfg, metrics_path=out / METRICS_FILE), eval_fn=eval_fn,

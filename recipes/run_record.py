@@ -57,6 +57,37 @@ def run_dir_of(path: str | Path) -> Path | None:
     return None
 
 
+def latest_checkpoint_update(run_dir: Path) -> int | None:
+    """The update of the run's newest checkpoint (its ``latest``), or None when it has none."""
+    from finetune_ref.train.checkpoint_files import read_checkpoint_record
+
+    try:
+        return read_checkpoint_record(run_dir, verify=False)["update"]
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def check_not_behind_result(record: dict | None, given: str | Path, ckpt: Path, at: int, run_dir: Path | None,
+                            out: Path) -> None:
+    """``--resume given`` continues from update ``at`` (checkpoint ``ckpt``). Refuse it when the run already
+    finished past that update and the resume would replace its result (in place) or the checkpoint was not named
+    (``--resume RUN_DIR`` took the newest): it would silently discard the finished updates. A checkpoint named on
+    purpose, into another ``--out``, is a branch and allowed.
+
+    Raises:
+        ValueError: naming the updates that would be lost and how to branch from the checkpoint instead.
+    """
+    done = (record or {}).get("finished")
+    if done is None or run_dir is None or at >= done["update"]:
+        return
+    named = Path(given).resolve() == ckpt.resolve()
+    if out.resolve() == run_dir.resolve() or not named:
+        raise ValueError(f"--resume {given}: the newest checkpoint ({ckpt.name}, update {at}) is older than the "
+                         f"run's finished result (update {done['update']}); continuing from it would discard updates "
+                         f"{at + 1}-{done['update']}. To branch from update {at} on purpose: finetune train --resume "
+                         f"{ckpt} --out NEW_DIR")
+
+
 def holds_run(out: Path) -> bool:
     return any((out / name).exists() for name in (RUN_FILE, METRICS_FILE, CHECKPOINTS_DIR))
 

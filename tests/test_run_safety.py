@@ -274,3 +274,33 @@ def test_a_failed_final_write_keeps_a_checkpoint_and_says_how_to_export(tiny, st
         assert same_adapter(tmp_path / "exported", straight)
     finally:
         shutil.rmtree(Path(command[3]).parents[1])
+
+
+def test_every_run_ends_with_a_checkpoint_so_the_printed_extend_command_works(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(tiny, run)) == 0  # --save-every 0 (the default)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    said = capsys.readouterr().out
+    command = said.split("To train it further: ")[1].split(" (N >")[0].replace("N", "8").split()
+    assert main(command[1:]) == 0
+    assert train_updates(run)[0] == list(range(1, 9))
+
+
+def test_resume_never_goes_back_past_a_finished_result(tiny, tmp_path, monkeypatch, capsys):
+    run = crashed_run(tiny, tmp_path / "run", monkeypatch, at=3)  # checkpoint at update 2
+    # A finished run whose newest checkpoint is older than its result (as runs finished before every run
+    # ended with a checkpoint): simulated by dropping the final checkpoint.
+    assert main(["train", "--resume", str(run)]) == 0
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "checkpoint-000006", ignore_errors=True)
+    (ckpts / "latest").write_text("checkpoint-000002\n")
+    adapter = (run / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "8", "--extend"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "update 2" in err and "updates 3-6" in err
+    assert train_updates(run)[0] == [1, 2, 3, 4, 5, 6]  # nothing dropped
+    assert (run / "adapter_model.safetensors").read_bytes() == adapter
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "--extend" not in capsys.readouterr().out  # it cannot work here: not offered

@@ -245,7 +245,9 @@ class Checkpointer:
 
     Args:
         root: checkpoint root directory (created on first save).
-        save_every: updates between checkpoints (0: only at the end and on interrupt).
+        save_every: updates between checkpoints (0: only on interrupt, and at the end with ``save_final``).
+        save_final: also checkpoint the last update when ``save_every`` is 0, so a finished run can be extended
+            (``finetune train --extend``) without going back to an older checkpoint.
         keep_last: how many ``checkpoint-*`` directories to keep (0: all).
         metadata: JSON-able facts a resume must match (checked by ``load_checkpoint``).
         export_best: ``fn(model, directory)`` writing the best model in a usable format (e.g. a PEFT adapter);
@@ -260,7 +262,7 @@ class Checkpointer:
     def __init__(self, root: str | Path, save_every: int = 0, keep_last: int = 2, info: DistInfo | None = None,
                  metadata: dict | None = None,
                  export_best: Callable[[nn.Module, Path], object] | None = None, track_best: bool = True,
-                 extend: bool = False):
+                 extend: bool = False, save_final: bool = False):
         for name, value in (("save_every", save_every), ("keep_last", keep_last)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -270,6 +272,7 @@ class Checkpointer:
         self.metadata = metadata or {}
         self.export_best = export_best or (lambda model, directory: export_trainable(model, directory, self.info))
         self.track_best, self.extend = track_best, extend
+        self.save_final = bool(save_every) or save_final
         self.last_saved: Path | None = None
 
     def due(self, update: int) -> bool:

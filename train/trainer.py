@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -182,9 +183,17 @@ def _finish(finish, model, checkpointer, state: TrainState, optimizer, scheduler
 
 def _checkpoint_if_due(checkpointer, state: TrainState, interrupted: bool, finished: bool, model, optimizer,
                        scheduler, batches) -> None:
-    """A checkpoint every ``save_every`` updates, after the last one (when ``save_every`` is set) and on an
-    interrupt."""
+    """A checkpoint every ``save_every`` updates, after the last one (when ``save_every`` or ``save_final`` is
+    set) and on an interrupt."""
     if checkpointer is None:
         return
     if interrupted or checkpointer.due(state.update) or (finished and checkpointer.save_every):
         checkpointer.save(model, optimizer, scheduler, batches, dataclasses.asdict(state))
+    elif finished and checkpointer.save_final:
+        # Only so the run can be extended later: where it cannot be written (full disk), the result is still
+        # written, and if that fails too ``_finish`` keeps the state in a checkpoint elsewhere.
+        try:
+            checkpointer.save(model, optimizer, scheduler, batches, dataclasses.asdict(state))
+        except OSError as err:
+            warnings.warn(f"could not write the final checkpoint into {checkpointer.root} ({err}); the run's result "
+                          "is still written, but the run cannot be extended with --extend", stacklevel=2)
