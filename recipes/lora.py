@@ -69,6 +69,36 @@ class LoraRecipe(RunConfig):
             meta["modules_to_save"] = list(self.modules_to_save)
         return meta
 
+    def check_shapes(self, model_dir: Path, flag) -> None:
+        """On the model built on the meta device (no memory): ``targets`` must match its linear layers, and
+        ``rank`` be at most min(in_features, out_features) of each (a larger rank adds parameters, and memory
+        enough to kill the process, but no expressiveness: B @ A has rank <= that minimum anyway).
+
+        Raises:
+            ValueError: naming --targets or --rank and the layer that bounds the rank.
+        """
+        import torch
+
+        from finetune_ref.lora.inject import find_target_modules
+        from finetune_ref.models.config import LlamaConfig
+        from finetune_ref.models.llama import LlamaForCausalLM
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig.from_json_file(Path(model_dir) / "config.json"))
+        try:
+            names = find_target_modules(model, self.lora_config())
+        except ValueError as err:
+            raise ValueError(f"{flag('targets')}: {err}") from None
+        modules = dict(model.named_modules())
+        name = min(names, key=lambda n: min(modules[n].in_features, modules[n].out_features))
+        layer = modules[name]
+        limit = min(layer.in_features, layer.out_features)
+        if self.rank > limit:
+            raise ValueError(f"{flag('rank')} {self.rank} is larger than {name.rsplit('.', 1)[-1]} allows "
+                             f"({layer.in_features} -> {layer.out_features} features: a rank above "
+                             f"min(in_features, out_features) adds memory but no expressiveness); use --rank {limit} "
+                             "or less")
+
     def base_dtype(self, world_size: int = 1) -> str:
         """The frozen base needs no fp32 master copy under FSDP (only the adapters train): ``dtype``, else the
         precision's dtype at any world size."""

@@ -95,7 +95,9 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     if cfg.plot:
         check_matplotlib()
     torch.manual_seed(cfg.seed)  # the same initialisation (e.g. LoRA A) on every rank
+    flag = flag or (lambda name: "--" + name.replace("_", "-"))
     check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
+    cfg.check_shapes(model_dir, flag)
     filled = describe_filled_defaults(model_dir)
     if filled:
         say(filled, file=sys.stderr)

@@ -381,3 +381,20 @@ def test_log_every_may_change_on_resume(tiny, lora_run, tmp_path):
 
     run = shutil.copytree(lora_run, tmp_path / "run")
     assert main(train_argv(tiny, run, "--steps", "3", "--resume", str(run), "--extend", "--log-every", "1")) == 0
+
+
+def test_a_rank_beyond_the_targeted_layers_or_a_target_matching_nothing_is_refused_before_loading(tiny, tmp_path,
+                                                                                                  capsys, monkeypatch):
+    from finetune_ref.recipes import lora
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(lora, "load_model", no_loading)
+    err = fails(train_argv(tiny, tmp_path / "run", "--rank", "17"), capsys)  # k_proj: 32 -> 16 features
+    assert "--rank 17" in err and "k_proj" in err and "--rank 16 or less" in err
+    err = fails(train_argv(tiny, tmp_path / "run", "--rank", "33", "--targets", "q_proj"), capsys)
+    assert "--rank 32 or less" in err  # q_proj: 32 -> 32
+    err = fails(train_argv(tiny, tmp_path / "run", "--targets", "re:.*nothing"), capsys)
+    assert err.startswith("finetune train: error: --targets") and "matches no module" in err
+    assert not (tmp_path / "run").exists()
