@@ -10,6 +10,7 @@ authentication). Needs the ``[serve]`` extra: ``pip install -e '.[serve]'``.
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from finetune_ref.cli.common import INFERENCE_DTYPE_HELP, add_model_args, port, positive_int, resolve_model_dir
@@ -30,14 +31,34 @@ def cmd_serve(args) -> int:
     dirs, names = parse_named_adapters(args.adapter)
     if dirs and names is None:
         raise ValueError("--adapter: name each adapter (NAME=DIR); clients choose it with \"model\": \"NAME\"")
+    sock = listen(args.host, args.port)  # before the model loads: a taken port fails in a second, not minutes
     model_dir = resolve_model_dir(args.model, args.cache_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_inference_model(model_dir, args.dtype, dirs or None, adapter_names=names, quantize=args.quantize)
     engine = Engine(model, tokenizer, model_name=args.served_model_name or model_dir.name, max_batch=args.max_batch)
     print(f"serving {engine.model_name}" + (f" with adapters {names}" if names else "") +
           f" on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})", file=sys.stderr, flush=True)
-    uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), host=args.host, port=args.port,
+                                          log_level=args.log_level))
+    server.run(sockets=[sock])  # the socket bound above: no other process can take the port meanwhile
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (what uvicorn would bind), or one line naming --host / --port.
+
+    Raises:
+        ValueError: the host does not resolve, or the port is taken or not allowed (below 1024 without rights).
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); stop what uses it or "
+                         "choose another --port") from None
 
 
 def add_serve_parser(sub) -> None:

@@ -398,3 +398,21 @@ def test_a_rank_beyond_the_targeted_layers_or_a_target_matching_nothing_is_refus
     err = fails(train_argv(tiny, tmp_path / "run", "--targets", "re:.*nothing"), capsys)
     assert err.startswith("finetune train: error: --targets") and "matches no module" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_serve_on_a_taken_port_fails_before_loading(tiny, capsys, monkeypatch):
+    import socket
+
+    pytest.importorskip("uvicorn")
+    from finetune_ref.recipes import inference
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(inference, "load_inference_model", no_loading)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        err = fails(["serve", "--model", str(tiny[0]), "--port", str(port)], capsys)
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err
+    err = fails(["serve", "--model", str(tiny[0]), "--port", "99999"], capsys)
+    assert "argument --port" in err
