@@ -108,6 +108,9 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        if message.endswith("expected one argument"):  # argparse reads a value like -5GB as a flag
+            flag = message.split(":")[0].replace("argument ", "").split("/")[-1]
+            message += f" (a value that starts with '-' is given as {flag}=VALUE)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

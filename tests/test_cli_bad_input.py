@@ -416,3 +416,10 @@ def test_serve_on_a_taken_port_fails_before_loading(tiny, capsys, monkeypatch):
     assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err
     err = fails(["serve", "--model", str(tiny[0]), "--port", "99999"], capsys)
     assert "argument --port" in err
+
+
+def test_a_value_starting_with_a_dash_is_told_to_use_the_equals_form(capsys):
+    err = fails(["advise", "--gpu-memory", "-5GB"], capsys)
+    assert "--gpu-memory=VALUE" in err
+    err = fails(["advise", "--gpu-memory=-5GB"], capsys)
+    assert "expected a size like 24GB" in err
