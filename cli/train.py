@@ -64,8 +64,12 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict | None, Path |
                          "or qlora")
     if any(k in given for k in NF4_FIELDS) and not set(NF4_FIELDS) <= fields:
         raise ValueError("--blocksize, --no-double-quant and --compute-dtype set up the NF4 base of --method qlora")
-    # --warmup is capped at --steps, so that a short run keeps its default warmup valid.
-    given["warmup_steps"] = min(given.get("warmup_steps", defaults.warmup_steps), given.get("steps", defaults.steps))
+    steps = given.get("steps", defaults.steps)
+    if given.get("warmup_steps", 0) > steps:  # asked for: a warmup the run cannot hold is a mistake, not a cap
+        raise ValueError(f"--warmup {given['warmup_steps']} is longer than the run (--steps {steps}): give --warmup "
+                         f"{steps} or less, or more --steps")
+    # The recipe's default warmup is capped at --steps, so that a short run keeps it valid (the dry run says so).
+    given["warmup_steps"] = min(given.get("warmup_steps", defaults.warmup_steps), steps)
     return dataclasses.replace(defaults, **{k: v for k, v in given.items() if k in fields}), record, run_dir
 
 
@@ -88,8 +92,11 @@ def cmd_train(args) -> int:
         from finetune_ref.train.schedule import describe_schedule, format_lr_table
 
         min_lr = cfg.lr * cfg.min_lr_ratio
+        default_warmup = DEFAULTS[cfg.method].warmup_steps
+        capped = (f" (the default {default_warmup}, capped at --steps)" if not hasattr(args, "warmup_steps")
+                  and cfg.warmup_steps < default_warmup else "")
         print(f"method {cfg.method}, precision {cfg.precision}, optimizer {cfg.optimizer}, {cfg.steps} updates "
-              f"of {cfg.batch_size} x {cfg.grad_accum} sequences per process, warmup {cfg.warmup_steps}, peak lr "
+              f"of {cfg.batch_size} x {cfg.grad_accum} sequences per process, warmup {cfg.warmup_steps}{capped}, peak lr "
               f"{cfg.lr:g}, min lr {min_lr:g}")
         print(describe_schedule(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))

@@ -423,3 +423,12 @@ def test_a_value_starting_with_a_dash_is_told_to_use_the_equals_form(capsys):
     assert "--gpu-memory=VALUE" in err
     err = fails(["advise", "--gpu-memory=-5GB"], capsys)
     assert "expected a size like 24GB" in err
+
+
+def test_a_warmup_longer_than_the_run_is_refused_and_the_capped_default_is_said(capsys):
+    err = fails(["train", "--warmup", "50", "--steps", "2", "--dry-run"], capsys)
+    assert "--warmup 50" in err and "--steps 2" in err
+    assert main(["train", "--steps", "2", "--dry-run"]) == 0
+    assert "warmup 2 (the default 4, capped at --steps)" in capsys.readouterr().out.splitlines()[0]
+    assert main(["train", "--steps", "2", "--warmup", "2", "--dry-run"]) == 0
+    assert "capped" not in capsys.readouterr().out
