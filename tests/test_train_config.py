@@ -26,7 +26,7 @@ def resolve(*argv):
      "--grad-checkpointing", "--log", "tensorboard,wandb", "--plot", "--data", "my data: v1.jsonl", "--seed", "7"),
     ("--method", "lora", "--targets", r"re:.*\.(q|v)_proj", "--rslora", "--dropout", "0.05", "--no-progress"),
     ("--method", "qlora", "--blocksize", "128", "--no-double-quant", "--compute-dtype", "fp32", "--lr", "2e-4",
-     "--steps", "3", "--warmup", "10"),
+     "--steps", "3", "--warmup", "2"),
     ("--method", "full", "--precision", "bf16", "--lr", "2e-5", "--min-lr-ratio", "0", "--weight-decay", "0.01",
      "--max-grad-norm", "0", "--eval-every", "5", "--early-stopping-patience", "2", "--out", "runs/x"),
 ])
