@@ -130,8 +130,8 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
         before = eval_fn()
         say(f"held-out before: loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f} "
             f"({before['tokens']} tokens)")
-    elif resume is not None:
-        at = read_checkpoint_record(resume, verify=False)["update"]
+    at = read_checkpoint_record(resume, verify=False)["update"] if resume is not None else 0
+    if resume is not None:
         say(f"resuming from {resume}" + (": the last update of the run; writing its result" if at >= cfg.steps
                                          else ""))
     run = _start_record(cfg, now, command, record, run_dir, resume, extend) if info.is_main else None
@@ -160,7 +160,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     if run is not None:
         run["finished"] = {"update": result["update"], "stopped_early": result["stopped_early"]}
         write_run_record(out, run)
-    _report(say, before, result, cfg, out, elapsed)
+    _report(say, before, result, cfg, out, elapsed, at)
     say(f"{method.what} saved to {out}")
     if cfg.plot and info.is_main:
         say(f"curves plotted in {plot_runs([read_curves(out)], out / PLOT_FILE)}")
@@ -202,8 +202,9 @@ def _write_result(method, model, out: Path, info: DistInfo) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _report(say, before: dict | None, result: dict, cfg: RunConfig, out: Path, elapsed: float) -> None:
-    """The held-out losses after training, the best one, throughput and peak memory."""
+def _report(say, before: dict | None, result: dict, cfg: RunConfig, out: Path, elapsed: float, start: int) -> None:
+    """The held-out losses after training, the best one, throughput and peak memory; ``start``: the update this
+    session resumed from (0 for a fresh run)."""
     after = result.get("eval")
     if before and after:
         say(f"held-out after:  loss {after['loss']:.4f}, perplexity {after['perplexity']:.2f} "
@@ -215,5 +216,8 @@ def _report(say, before: dict | None, result: dict, cfg: RunConfig, out: Path, e
             f"({out / CHECKPOINTS_DIR / 'best'}){' - stopped early' if result['stopped_early'] else ''}")
     peak, what = peak_memory()
     tokens_per_s = result.get("tokens_per_s", 0.0)
-    say(f"trained {result['update']} updates in {elapsed:.0f} s ({tokens_per_s:.0f} tokens/s); peak memory "
+    end = result["update"]
+    what = (f"{end} updates" if start == 0 else f"updates {start + 1}-{end} ({end - start} in this session)"
+            if end > start else f"no update (the run had reached update {end})")
+    say(f"trained {what} in {elapsed:.0f} s ({tokens_per_s:.0f} tokens/s); peak memory "
         f"{peak / MIB:.0f} MiB ({what} of rank 0)")

@@ -81,13 +81,16 @@ def straight(tiny, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------
 # Resume: where it writes, what it logs, what it checks.
 # ---------------------------------------------------------------------------------------------------------
-def test_resume_alone_writes_into_the_run_and_logs_each_update_once(tiny, straight, tmp_path, monkeypatch):
+def test_resume_alone_writes_into_the_run_and_logs_each_update_once(tiny, straight, tmp_path, monkeypatch,
+                                                                     capsys):
     run = crashed_run(tiny, tmp_path / "run", monkeypatch, at=3)  # checkpoint at 2, update 3 logged
     assert train_updates(run)[0] == [1, 2, 3]
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # --resume DIR alone: the recorded settings, from any directory
+    capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 0
+    assert "trained updates 3-6 (4 in this session)" in capsys.readouterr().out
     assert not (elsewhere / "runs").exists()  # nothing written into runs/<method>
     assert same_adapter(run, straight)
     updates, resumes = train_updates(run)
