@@ -88,7 +88,12 @@ def cmd_train(args) -> int:
     if getattr(args, "print_config", False):
         print(config_text(cfg, train_arguments()), end="")
         return 0
+    if extend and cfg.resume is None:
+        raise ValueError("--extend trains a run further: give it with --resume DIR and a larger --steps")
+    out = cfg.out_dir
+    own = run_dir is not None and out.resolve() == run_dir.resolve()
     if args.dry_run:
+        _dry_run_checks(cfg, args, own)
         from finetune_ref.train.schedule import describe_schedule, format_lr_table
 
         min_lr = cfg.lr * cfg.min_lr_ratio
@@ -101,10 +106,6 @@ def cmd_train(args) -> int:
         print(describe_schedule(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         return 0
-    if extend and cfg.resume is None:
-        raise ValueError("--extend trains a run further: give it with --resume DIR and a larger --steps")
-    out = cfg.out_dir
-    own = run_dir is not None and out.resolve() == run_dir.resolve()
     if own and record is not None and record.get("finished") and not extend:  # (another --out: a branch)
         done = record["finished"]
         steps = record["config"]["steps"]
@@ -136,6 +137,30 @@ def cmd_train(args) -> int:
             return status
         finally:
             destroy_distributed(info, synchronize=finished)
+
+
+def _dry_run_checks(cfg: RunConfig, args, own: bool) -> None:
+    """What a real run checks before loading weights, without writing anything: the model directory (its
+    config.json: context, --targets, --rank; a missing one is a warning, as a plan may be made on a machine
+    without the weights), the data files, and --out (when its parent exists)."""
+    from finetune_ref.models.config import check_context
+    from finetune_ref.models.output_dir import check_output_dir
+
+    model_dir = None
+    if cfg.model is not None and not Path(cfg.model).exists():  # a plan may be made away from the weights
+        print(f"finetune train: warning: --model {cfg.model} does not exist here: its shapes are not checked, and "
+              "a real run here would fail", file=sys.stderr)
+    elif cfg.model is not None and Path(cfg.model).suffix != ".gguf":  # converting a .gguf is the real run's work
+        model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
+        check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
+        cfg.check_shapes(model_dir, lambda name: args.flags.get(name, name))
+    for name in ("data", "eval_data"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{args.flags.get(name, name)} {path}: no such file or directory")
+    if cfg.out_dir.parent.is_dir():
+        check_output_dir(cfg.out_dir, (model_dir, cfg.data, cfg.eval_data), overwrite=args.overwrite, own=own,
+                         explain=_explain)
 
 
 def _run(cfg: RunConfig, model_dir, info, extend: bool, flag_names: dict, files: dict[str, str]) -> int:
@@ -281,7 +306,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "adapters, gradients and optimizer states) "
                         f"({_default('parallel')})")
     p.add_argument("--dry-run", action="store_true", default=False,
-                   help="print the plan and the learning rate of every update, then exit")
+                   help="check what needs no weights (flags, --model's config.json, the data files, --out), print the plan "
+                        "and the learning rate of every update, then exit")
     p.add_argument("--log", type=log_names, metavar="tensorboard|wandb",
                    help="also log to tensorboard (OUT/tensorboard) or wandb (OUT/wandb; offline unless W&B is "
                         "configured), or both: tensorboard,wandb (default: none; metrics.jsonl is always written)")

@@ -432,3 +432,16 @@ def test_a_warmup_longer_than_the_run_is_refused_and_the_capped_default_is_said(
     assert "warmup 2 (the default 4, capped at --steps)" in capsys.readouterr().out.splitlines()[0]
     assert main(["train", "--steps", "2", "--warmup", "2", "--dry-run"]) == 0
     assert "capped" not in capsys.readouterr().out
+
+
+def test_dry_run_makes_the_checks_that_need_no_weights(tiny, tmp_path, capsys):
+    model, corpus = tiny
+    dry = ["train", "--model", str(model), "--data", str(corpus), "--dry-run"]
+    assert "--data" in fails([*dry, "--data", str(tmp_path / "missing.txt")], capsys)
+    assert "--rank 17" in fails([*dry, "--rank", "17"], capsys)
+    assert "--seq-len=4096" in fails([*dry, "--seq-len", "4096"], capsys)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("a user's file")
+    assert "--out" in fails([*dry, "--out", str(tmp_path / "full")], capsys)
+    assert main([*dry, "--out", str(tmp_path / "new")]) == 0
+    assert not (tmp_path / "new").exists()  # a dry run writes nothing
