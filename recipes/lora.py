@@ -85,10 +85,16 @@ class LoraRecipe(RunConfig):
 
         with torch.device("meta"):
             model = LlamaForCausalLM(LlamaConfig.from_json_file(Path(model_dir) / "config.json"))
+        shown = (self.targets if self.targets == "all-linear" else f"re:{self.targets}"
+                 if isinstance(self.targets, str) else ",".join(self.targets))  # as the user typed it
         try:
             names = find_target_modules(model, self.lora_config())
         except ValueError as err:
-            raise ValueError(f"{flag('targets')}: {err}") from None
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            reason = ("matches no layer of this model" if "matches no module" in str(err)
+                      else str(err).replace("target_modules matched", "matches"))
+            raise ValueError(f"{flag('targets')} {shown}: {reason}; its linear layers are {', '.join(linear)} "
+                             "(e.g. --targets q_proj,v_proj, all-linear, or re:<regex of full names>)") from None
         modules = dict(model.named_modules())
         name = min(names, key=lambda n: min(modules[n].in_features, modules[n].out_features))
         layer = modules[name]

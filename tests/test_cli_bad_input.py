@@ -396,7 +396,8 @@ def test_a_rank_beyond_the_targeted_layers_or_a_target_matching_nothing_is_refus
     err = fails(train_argv(tiny, tmp_path / "run", "--rank", "33", "--targets", "q_proj"), capsys)
     assert "--rank 32 or less" in err  # q_proj: 32 -> 32
     err = fails(train_argv(tiny, tmp_path / "run", "--targets", "re:.*nothing"), capsys)
-    assert err.startswith("finetune train: error: --targets") and "matches no module" in err
+    assert err.startswith("finetune train: error: --targets re:.*nothing: matches no layer") and "q_proj" in err
+    assert "target_modules" not in err
     assert not (tmp_path / "run").exists()
 
 
