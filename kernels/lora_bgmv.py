@@ -24,6 +24,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _add(a, b):
+    """The combine function of the row sums below. ``tl.sum`` (like ``tl.zeros``) is a ``@triton.jit`` helper of
+    ``triton.language``: where Triton was imported before ``TRITON_INTERPRET=1`` was set (bitsandbytes imports it),
+    the interpreter cannot call it, while ``tl.reduce`` (a builtin) with this module's own combine function runs in
+    both orders, as the NF4 kernels' builtins-only rule (``kernels/nf4_dequant.py``) requires."""
+    return a + b
+
+
+@triton.jit
 def bgmv_shrink_kernel(
     # pointers
     x_ptr, a_ptr, idx_ptr, h_ptr,
@@ -39,13 +48,13 @@ def bgmv_shrink_kernel(
     pid_r = tl.program_id(1)
     adapter = tl.maximum(tl.load(idx_ptr + n), 0).to(tl.int64)  # -1 reads adapter 0; expand scales it by 0
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.full((BLOCK_R,), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + n * stride_xn + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
         a_ptrs = a_ptr + adapter * stride_aa + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
         a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        acc += tl.sum(a * x[None, :], axis=1)  # (BLOCK_R, BLOCK_K) -> (BLOCK_R,)
+        acc += tl.reduce(a * x[None, :], 1, _add)  # (BLOCK_R, BLOCK_K) -> (BLOCK_R,)
     tl.store(h_ptr + n * stride_hn + offs_r * stride_hr, acc, mask=offs_r < R)
 
 
@@ -67,13 +76,13 @@ def bgmv_expand_kernel(
     adapter = tl.maximum(raw, 0).to(tl.int64)
     scale = tl.where(raw >= 0, tl.load(scaling_ptr + adapter), 0.0)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    acc = tl.full((BLOCK_O,), 0.0, tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         h = tl.load(h_ptr + n * stride_hn + offs_r * stride_hr, mask=offs_r < R, other=0.0)
         b_ptrs = b_ptr + adapter * stride_ba + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br
         b = tl.load(b_ptrs, mask=(offs_o[:, None] < N_OUT) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
-        acc += tl.sum(b * h[None, :], axis=1)  # (BLOCK_O, BLOCK_R) -> (BLOCK_O,)
+        acc += tl.reduce(b * h[None, :], 1, _add)  # (BLOCK_O, BLOCK_R) -> (BLOCK_O,)
     y = acc * scale
     tl.store(y_ptr + n * stride_yn + offs_o * stride_yo, y.to(y_ptr.dtype.element_ty), mask=offs_o < N_OUT)
 

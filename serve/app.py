@@ -136,13 +136,21 @@ def build_app(engine: Engine) -> FastAPI:
         return result
 
     async def _events(http: Request, handle):
-        """The request's events until "done"; stops (the caller cancels) when the client has gone."""
+        """The request's events until "done"; stops (the caller cancels) when the client has gone. The client is
+        asked every DISCONNECT_POLL_S whether or not events keep coming: a fast decode never leaves the queue
+        empty for that long, and must still notice a client that hung up."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         while True:
             try:
                 event, value = await asyncio.wait_for(handle.events.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                event = None
+            if loop.time() >= next_check:
                 if await http.is_disconnected():
                     return
+                next_check = loop.time() + DISCONNECT_POLL_S
+            if event is None:
                 continue
             yield event, value
             if event == "done":

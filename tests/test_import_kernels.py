@@ -110,6 +110,12 @@ x, dy = torch.randn(3, 67), torch.randn(3, 65)
 torch.testing.assert_close(nf4_matmul_triton(x, *nw), reference.nf4_matmul(x, *nw), atol=1e-4, rtol=1e-5)
 torch.testing.assert_close(nf4_matmul_input_grad_triton(dy, *nw), reference.nf4_matmul_input_grad(dy, *nw),
                            atol=1e-4, rtol=1e-5)
+from finetune_ref.kernels.lora_bgmv import lora_bgmv_triton
+from finetune_ref.lora.mixed import lora_bgmv, stack_adapters
+A, B = stack_adapters([torch.randn(4, 67), torch.randn(2, 67)], [torch.randn(65, 4), torch.randn(65, 2)])
+x, idx, scaling = torch.randn(3, 2, 67), torch.tensor([0, -1, 1]), torch.tensor([2.0, 0.5])  # x: (B, T, in)
+torch.testing.assert_close(lora_bgmv_triton(x, A, B, scaling, idx), lora_bgmv(x, A, B, scaling, idx),
+                           atol=1e-4, rtol=1e-5)
 print("OK")
 """
 
