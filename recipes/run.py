@@ -141,7 +141,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     config_text = (model_dir / "config.json").read_bytes()
     metadata = {**method.metadata, "precision": cfg.precision, "base_model": model_dir.name,
                 "base_config_sha256": hashlib.sha256(config_text).hexdigest(), "seq_len": cfg.seq_len}
-    # An adapter run always ends with a checkpoint (a few MB: the adapter and its AdamW moments), so it can be
+    # An adapter run always ends with a checkpoint (3x the adapter: it and its AdamW moments), so it can be
     # extended; full fine-tuning's would be a copy of the model and two moments, so only with --save-every.
     checkpointer = Checkpointer(out / CHECKPOINTS_DIR, save_every=cfg.save_every, keep_last=cfg.keep_last, info=info,
                                 metadata=metadata, export_best=method.export, track_best=cfg.eval_every > 0,
