@@ -35,7 +35,8 @@ assert not heavy, f"import kernels loaded {{heavy}}"
 assert kernels.__name__ == "finetune_ref.kernels"
 import importlib.util
 spec = importlib.util.find_spec("kernels")  # Hugging Face's package (transformers >= 5.25 requires it), or none
-assert spec is None or not spec.origin.startswith({str(REPO)!r}), "the project must not install a top-level 'kernels'"
+ours = {str(REPO / "kernels" / "__init__.py")!r}
+assert spec is None or spec.origin != ours, "the project must not install a top-level 'kernels'"
 print("OK")
 """
 
@@ -57,9 +58,10 @@ import finetune_ref.kernels.nf4_dequant, finetune_ref.kernels.nf4_matmul  # noqa
 assert kernels.__file__ == {str(REPO / "kernels" / "__init__.py")!r}, kernels.__file__
 # Only finetune_ref is ours at the top level: no generic name of the project was imported or is importable.
 import importlib.util
-for name in ("models", "lora", "qlora", "kernels", "full", "optim", "gptq", "train", "recipes", "cli", "finetune"):
+for name in ("models", "lora", "qlora", "kernels", "full", "optim", "gptq", "train", "recipes", "parity", "serve", "cli",
+             "finetune"):
     spec = importlib.util.find_spec(name)  # "kernels" may be Hugging Face's (transformers >= 5.25 requires it)
-    assert spec is None or not spec.origin.startswith({str(REPO)!r}), (name, spec)
+    assert spec is None or spec.origin != f"{str(REPO)}/{{name}}/__init__.py", (name, spec)
 
 # bitsandbytes took its built-in CPU path, not a hub kernel.
 import bitsandbytes.backends.cpu.ops as cpu_ops
