@@ -328,6 +328,22 @@ def test_predicted_peak_of_a_plain_loop(method, dtype):
     assert abs(predicted / tracker.peak - 1) <= PEAK_TOLERANCE, (predicted, tracker.peak)
 
 
+def _track_one_step(model, opt) -> TensorMemoryTracker:
+    """One full-model update on a (1, 32) batch, then a second one measured (the steady state)."""
+    ids = torch.randint(0, WIDE.vocab_size, (1, 32))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with TensorMemoryTracker() as tracker:
+        tracker.track(model, opt, ids)
+        step()
+    return tracker
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_predicted_peak_with_each_optimizer(optimizer, dtype):
@@ -341,17 +357,7 @@ def test_predicted_peak_with_each_optimizer(optimizer, dtype):
     model = LlamaForCausalLM(WIDE).to(DTYPES[dtype]).train()
     model.chunked_loss = settings.chunked_loss
     opt = optimizers.build_optimizer(optimizer, model.parameters(), lr=1e-4)
-    ids = torch.randint(0, WIDE.vocab_size, (1, 32))
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    with TensorMemoryTracker() as tracker:
-        tracker.track(model, opt, ids)
-        step()
+    tracker = _track_one_step(model, opt)
     estimate = estimate_memory(WIDE, settings)
     assert estimate.peak_phase == "optimizer step"
     assert abs(estimate.peak / tracker.peak - 1) <= PEAK_TOLERANCE, (estimate.peak, tracker.peak)
@@ -368,17 +374,7 @@ def test_predicted_peak_with_fused_adamw():
     model = LlamaForCausalLM(WIDE).train()
     model.chunked_loss = settings.chunked_loss
     opt = build_optimizer("adamw", model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, WIDE.vocab_size, (1, 32))
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    with TensorMemoryTracker() as tracker:
-        tracker.track(model, opt, ids)
-        step()
+    tracker = _track_one_step(model, opt)
     estimate = estimate_memory(WIDE, settings)
     assert estimate.peak < estimate_memory(WIDE, dataclasses.replace(settings, fused_adamw=False)).peak
     assert abs(estimate.peak / tracker.peak - 1) <= PEAK_TOLERANCE, (estimate.peak, tracker.peak)

@@ -217,6 +217,17 @@ def test_load_and_unload_adapters_at_run_time(server, tmp_path):
     assert httpx.post(f"{url}/v1/completions", json={"model": "c", "prompt": "x"}, timeout=60).status_code == 404
 
 
+def wait_until_cancelled(url: str, before: int) -> None:
+    """Until the server has counted a cancellation more than ``before`` and runs no row (at most 60 s)."""
+    deadline = time.time() + 60
+    while True:
+        stats = httpx.get(f"{url}/health").json()
+        if stats["cancelled"] > before and stats["running"] == 0:
+            return
+        assert time.time() < deadline, stats
+        time.sleep(0.2)
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     url, _ = server
     before = httpx.get(f"{url}/health").json()["cancelled"]
@@ -226,13 +237,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one chunk, then hang up
-    deadline = time.time() + 60
-    while True:
-        stats = httpx.get(f"{url}/health").json()
-        if stats["cancelled"] > before and stats["running"] == 0:
-            break
-        assert time.time() < deadline, stats
-        time.sleep(0.2)
+    wait_until_cancelled(url, before)
     assert complete(url, "a", "x", 2)[2] >= 1
 
 
@@ -305,13 +310,7 @@ def test_a_client_that_gives_up_waiting_frees_its_slot(server):
     body = {"model": "a", "prompt": "The list", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)  # not streamed: hangs up after 1 s
-    deadline = time.time() + 60
-    while True:
-        stats = httpx.get(f"{url}/health").json()
-        if stats["cancelled"] > before and stats["running"] == 0:
-            break
-        assert time.time() < deadline, stats
-        time.sleep(0.2)
+    wait_until_cancelled(url, before)
 
 
 def test_a_long_request_does_not_hold_back_a_short_one(server):
