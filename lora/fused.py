@@ -12,9 +12,9 @@ them as before; in backward the input gradient through the A's is again one matm
 (r x in_features each: small) and the adapters keep their parameters, names and files.
 
 The adapters may share the matmul only when they see the same input: no dropout in training (each layer draws
-its own mask, as PEFT does), no DoRA (``lora.dora`` needs the base output per layer), no per-row adapters of a
-mixed batch, the same active, unmerged adapters on every layer, in one dtype. Otherwise each layer adds its own
-adapters to its (still fused) base output (``LoRALinear.lora_output``).
+its own mask, as PEFT does), no per-row adapters of a mixed batch, the same active, unmerged adapters on every layer, in one dtype. Otherwise each layer adds its own
+adapters to its (still fused) base output (``LoRALinear.lora_output``). A group with a DoRA adapter runs unfused
+altogether (``LoRAProjectionGroup.usable``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ def shared_adapters(layers: list[LoRALinear]) -> list[str] | None:
 class LoRAProjectionGroup(ProjectionGroup):
     """A ``ProjectionGroup`` whose projections may be ``LoRALinear``s (the bases fused, the A's shared)."""
 
+    def usable(self, owner: nn.Module) -> bool:
+        # DoRA (lora.dora) saves each layer's base output for backward: a column block of the fused output
+        # would keep the whole (N, sum of out_features) tensor alive, so DoRA layers run unfused.
+        return not any(isinstance(m, LoRALinear) and any(m.use_dora.values())
+                       for m in (getattr(owner, name) for name in self.names))
+
     def adapted(self, owner: nn.Module, x: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         modules = [getattr(owner, name) for name in self.names]
         if any(base_of(m) is not m and not isinstance(m, LoRALinear) for m in modules):
@@ -91,8 +97,8 @@ class LoRAProjectionGroup(ProjectionGroup):
 def fuse_projections(model: nn.Module, enabled: bool = True) -> int:
     """Give every Attention and MLP of ``model`` a fused q/k/v or gate/up group (``enabled``), or none.
 
-    Call after the base is frozen (and LoRA injected or not: the groups look the projections up at each call).
-    Stacks the dense frozen bases' weights (their named parameters become views; nothing else changes). A group
+    Call after the base is frozen (and LoRA injected or not: the groups look the projections up at each call);
+    calling it again keeps the groups already stacked. Stacks the dense frozen bases' weights (their named parameters become views; nothing else changes). A group
     whose bases are trainable (full fine-tuning), sharded or mixed runs unfused at each call.
 
     Returns:
@@ -106,7 +112,10 @@ def fuse_projections(model: nn.Module, enabled: bool = True) -> int:
         if not enabled:
             module.fused_projections = None
             continue
-        group = LoRAProjectionGroup(names)
-        stacked += group.fuse_(module)
-        module.fused_projections = group
+        group = module.fused_projections
+        if group is None or group.stacked_weight(group.bases(module)) is None:  # else already stacked: keep it
+            group = LoRAProjectionGroup(names)
+            group.fuse_(module)
+            module.fused_projections = group
+        stacked += group.weight is not None
     return stacked

@@ -174,9 +174,13 @@ class ProjectionGroup:
             return None
         return outputs
 
+    def usable(self, owner: nn.Module) -> bool:
+        """Whether to fuse at all this call (``lora.fused`` says no for DoRA, which keeps each base output)."""
+        return True
+
     def __call__(self, owner: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The projections of x, in ``names`` order: fused where possible, else each module's own forward."""
-        outputs = self.base_outputs(owner, x)
+        outputs = self.base_outputs(owner, x) if self.usable(owner) else None
         if outputs is not None:
             outputs = self.adapted(owner, x, outputs)
         if outputs is None:

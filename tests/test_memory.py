@@ -226,6 +226,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def prepare(model, settings: MemorySettings):
     """Turn a fresh model into the one ``settings`` trains, as the CLI/qlora.model do."""
     from finetune_ref.lora import LoraConfig, inject_lora
+    from finetune_ref.lora.fused import fuse_projections
     from finetune_ref.qlora.model import quantize_model
 
     if settings.method == "qlora":
@@ -237,6 +238,7 @@ def prepare(model, settings: MemorySettings):
     model.model.gradient_checkpointing = settings.gradient_checkpointing
     model.chunked_loss = settings.chunked_loss
     model.model.selective_recompute = settings.selective_recompute
+    fuse_projections(model, settings.fused_projections)  # as RunConfig.configure_model
     return model
 
 
