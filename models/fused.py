@@ -153,8 +153,8 @@ class ProjectionGroup:
             return None  # e.g. CUDA: each NF4 layer keeps its fused dequantize-matmul kernel
         dtype = compute.pop()
         has_bias = [b.bias is not None for b in bases]
-        if any(has_bias) and not all(has_bias):
-            return None
+        if (any(has_bias) and not all(has_bias)) or any(b.bias is not None and b.bias.requires_grad for b in bases):
+            return None  # FrozenStackedMatmul gives a frozen bias no gradient
         bias = torch.cat([b.bias.to(dtype) for b in bases]) if all(has_bias) else None  # (N,) small, per call
 
         def make_weight(dt: torch.dtype) -> torch.Tensor:

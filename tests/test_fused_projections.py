@@ -229,3 +229,39 @@ def test_frozen_dense_model_with_biases_inference():
     assert owner.fused_projections.bias is not None and base_of(owner.up_proj) is owner.up_proj
     ids = torch.randint(0, 64, (2, 9))
     assert rel_err(fused(ids).logits, model(ids).logits) <= 1e-5
+
+
+def test_two_active_adapters_and_gradient_checkpointing():
+    from finetune_ref.lora import set_adapter
+
+    model, fused = lora_pair()
+    for m in (model, fused):
+        inject_lora(m, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                                  init_lora_weights=False), adapter_name="second")
+        set_adapter(m, ["default", "second"])
+        m.model.gradient_checkpointing = True
+    fused.load_state_dict(model.state_dict())  # the same second adapter (its random init drew other numbers)
+    attn = fused.model.layers[0].self_attn
+    assert shared_adapters([attn.q_proj, attn.k_proj, attn.v_proj]) == ["default", "second"]
+    ids = torch.randint(0, 64, (2, 9))
+    logits, loss, grads = step(model, ids)
+    f_logits, f_loss, f_grads = step(fused, ids)
+    assert rel_err(f_logits, logits) <= 1e-5 and rel_err(f_loss, loss) <= 1e-5
+    assert grads.keys() == f_grads.keys() and any(".second." in n for n in grads)
+    for name in grads:
+        assert rel_err(f_grads[name], grads[name]) <= 1e-4, name
+
+
+def test_recipes_fuse_by_default_and_the_flag_turns_it_off():
+    from finetune_ref.cli.main import build_parser
+    from finetune_ref.recipes.lora import LoraRecipe
+
+    model, _ = lora_pair()
+    LoraRecipe().configure_model(model)
+    assert_stacked(model)
+    LoraRecipe(fused_projections=False).configure_model(model)
+    assert not groups(model)
+    LoraRecipe(compile=False, parallel="fsdp", optimizer="adamw").configure_model(model)  # FSDP2: unfused
+    assert not groups(model)
+    args = build_parser().parse_args(["train", "--no-fused-projections"])
+    assert args.fused_projections is False
