@@ -325,7 +325,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA+: B's learning rate = this x --lr (Hayou et al. 2024 use ~16; default off)")
     g.add_argument("--init", metavar="INIT",
                    help="how A and B start: default, gaussian, pissa, pissa_niter_K, olora (these three move part of "
-                        "W into the adapter; --method lora), loftq (--method qlora) (default default)")
+                        "W into the adapter; pissa with --method lora only; olora with --method qlora saves its "
+                        "re-quantized base in OUT/olora_base), loftq (--method qlora) (default default)")
     g.add_argument("--loftq-iter", type=positive_int, help="LoftQ's alternating quantize/SVD steps (default 1)")
     g.add_argument("--modules-to-save", type=targets, metavar="NAMES",
                    help="modules trained in full and saved with the adapter, by name suffix, e.g. norm or lm_head "
