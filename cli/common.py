@@ -75,6 +75,7 @@ grad_accum = Number(int, 1, 2**16)
 rank = Number(int, 1, 2**16)
 seed = Number(int, 0, 2**63 - 1)                             # torch.manual_seed's range
 top_p = Number(float, 0, 1, low_open=True)
+density = Number(float, 0, 1, low_open=True)                 # combine: the fraction of entries TIES/DARE keep
 temperature = Number(float, 0, 100)
 port = Number(int, 1, 65535)
 group_size = Number(int, 1, 2**16, also=(-1,))              # GPTQ: input columns per scale; -1: one group per row

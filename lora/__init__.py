@@ -12,7 +12,7 @@
     lora.dora         DoRA (Liu et al. 2024): magnitude vector, forward and merge math
     lora.init         PiSSA / OLoRA initialisations and their conversion to plain LoRA on saving
     lora.loraplus     LoRA+ (Hayou et al. 2024) optimizer parameter groups
-    lora.combine      add_weighted_adapter (linear, cat, svd) and set_scale
+    lora.combine      add_weighted_adapter (linear, cat, svd, ties, dare_*, magnitude_prune) and set_scale
 """
 
 from finetune_ref.lora.adapters import (adapter_names, adopt_rewritten_base, delete_adapter, disable_adapters, format_trainable_parameters,

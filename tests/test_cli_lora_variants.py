@@ -85,6 +85,33 @@ def test_combine_two_adapters_then_eval_with_scales(tiny, tmp_path, capsys):
     assert main(["combine", "--model", str(model), "--adapter", runs[0], "--adapter", runs[1], "--weights", "1",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--weights" in capsys.readouterr().err
+    # TIES / DARE: a plain adapter eval takes; DARE's masks follow --seed (same seed, same file)
+    combine = ["combine", "--model", str(model), "--adapter", runs[0], "--adapter", runs[1], "--weights", "0.6,0.4"]
+    assert main([*combine, "--method", "ties", "--density", "0.5", "--majority-sign-method", "frequency",
+                 "--out", str(tmp_path / "ties")]) == 0
+    assert main([*evaluate, "--adapter", str(tmp_path / "ties")]) == 0
+    files = []
+    for name, s in (("dare1", "3"), ("dare2", "3"), ("dare3", "4")):
+        assert main([*combine, "--method", "dare_ties", "--density", "0.7", "--seed", s, "--out",
+                     str(tmp_path / name)]) == 0
+        files.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
+    assert files[0] == files[1] != files[2]
+    capsys.readouterr()
+    for flags, message in [(["--method", "ties"], "needs --density"),
+                           (["--method", "cat", "--density", "0.5"], "--density applies to"),
+                           (["--method", "ties", "--density", "0"], "--density: expected a number in (0, 1]"),
+                           (["--method", "magnitude_prune", "--density", "0.5", "--majority-sign-method", "total"],
+                            "--majority-sign-method applies to"),
+                           (["--method", "ties", "--density", "0.5", "--seed", "1"], "--seed seeds DARE"),
+                           (["--method", "linear", "--svd-rank", "2"], "--svd-rank")]:
+        try:
+            code = main([*combine, *flags, "--out", str(tmp_path / "bad")])
+        except SystemExit as e:  # argparse's own refusals (a --density out of range)
+            code = e.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_qlora_refuses_pissa_naming_why(tiny, tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_add_weighted_adapter_matches_peft(combination, r2):
             assert_rel_close(layer.get_delta_weight("mix"), expected, 1e-5)
     lora.set_adapter(ours, "mix")
     pm.base_model.set_adapter("mix")
-    pm.eval()  # PEFT makes the new adapter's dropout modules in training mode, whatever the model's mode
+    pm.eval()  # get_peft_model leaves the model in training mode (adapter a has dropout)
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_rel_close(ours(ids).logits, pm(input_ids=ids).logits, 1e-5)
@@ -137,7 +137,7 @@ def test_ties_dare_magnitude_prune_match_peft(combination, sign_method, monkeypa
             assert_rel_close(layer.lora_B["mix"].weight, ref.lora_B["mix"].weight, 1e-6)
     lora.set_adapter(ours, "mix")
     pm.base_model.set_adapter("mix")
-    pm.eval()  # PEFT makes the new adapter's dropout modules in training mode, whatever the model's mode
+    pm.eval()  # get_peft_model leaves the model in training mode (adapter a has dropout)
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_rel_close(ours(ids).logits, pm(input_ids=ids).logits, 1e-5)
