@@ -183,6 +183,18 @@ def targets(text: str) -> tuple[str, ...] | str:
     return names
 
 
+def module_names(text: str) -> tuple[str, ...]:
+    """--modules-to-save: comma-separated module-name suffixes (PEFT's modules_to_save rule, which has no regex and
+    no 'all-linear': ``lora.modules_to_save.find_modules_to_save``)."""
+    if text.startswith("re:") or text == "all-linear":
+        raise argparse.ArgumentTypeError(f"takes module names (suffixes of the full name, as PEFT's modules_to_save), "
+                                         f"not {text!r}: list them, e.g. norm or lm_head,model.norm")
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected module names like norm or lm_head,model.norm")
+    return names
+
+
 def targets_text(value: tuple[str, ...] | str) -> str:
     """What ``targets`` reads back as ``value``: the inverse of the --targets type."""
     if isinstance(value, str):
