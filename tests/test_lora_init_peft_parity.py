@@ -2,7 +2,8 @@
 2 KV heads), fp32. The arithmetic is PEFT's (lora/init.py), so A0, B0 and the residual base weights are
 compared bitwise; the saved (converted, rank-2r) adapter is compared with the one PEFT writes with
 ``path_initial_model_for_weight_conversion`` within 1e-6 relative (the same values; the trained A/B differ only
-by the fp32 update copied in), and PEFT loads it on the original base with our outputs."""
+by the fp32 update copied in), and PEFT loads it on the original base with our outputs. OLoRA on a bitsandbytes
+4-bit base (and PiSSA's refusal there) is compared with PEFT on transformers' 4-bit load."""
 
 import copy
 
@@ -16,6 +17,7 @@ peft = pytest.importorskip("peft")
 from finetune_ref import lora  # noqa: E402
 from finetune_ref.lora.init import pissa_init  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME, read_adapter_config  # noqa: E402
+from test_dora_peft_parity import QCONFIG, check_4bit_loss_and_grads, fp_dir, hf_4bit  # noqa: E402, F401 (fixture)
 
 PREFIX = "base_model.model."
 
@@ -106,24 +108,12 @@ def test_mutating_inits_refuse_tied_weights_dora_and_unconverted_files(tmp_path)
 
 # ---- OLoRA on a bitsandbytes 4-bit base (PEFT's olora_init dequantizes, QRs and quantizes the residual) ----
 
-@pytest.fixture(scope="module")
-def fp_dir(tmp_path_factory):
-    from test_dora_peft_parity import QCONFIG
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("fp")
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**QCONFIG)).save_pretrained(path)
-    return path
-
-
 def test_olora_on_a_4bit_base_matches_peft_on_bitsandbytes(fp_dir, tmp_path):
     """A0, B0 bitwise (the same QR of the same dequantized weight); the re-quantized residual has bnb's NF4 bytes
     and absmax (qlora/nf4.py is byte-for-byte bnb); loss within 1e-6 and gradients rtol 1e-4 as for QDoRA
     (bitsandbytes' CPU matmul sums in another order). The 4-bit model is not unchanged at step 0: the residual is
     rounded to the NF4 grid, so outputs move (bounded here), which is why the adapter keeps its base."""
     import bitsandbytes as bnb
-    from test_dora_peft_parity import QCONFIG, grads, hf_4bit
-
     from finetune_ref.qlora.model import load_quantized
 
     targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
@@ -144,17 +134,7 @@ def test_olora_on_a_4bit_base_matches_peft_on_bitsandbytes(fp_dir, tmp_path):
         assert torch.equal(layer.base_layer.weight.view(-1), w.data.view(-1)), name  # the packed NF4 codes
         assert torch.equal(layer.base_layer.dequantize(), bnb.functional.dequantize_4bit(w.data, w.quant_state))
     ids = torch.randint(0, QCONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
-    ours.train()
-    theirs.train()
-    loss = ours(ids, labels=ids).loss
-    ref = theirs(input_ids=ids, labels=ids).loss
-    assert abs(loss.item() - ref.item()) <= 1e-6
-    loss.backward()
-    ref.backward()
-    g, g_ref = grads(ours), grads(theirs, PREFIX)
-    assert set(g) == set(g_ref) and len(g) == 16
-    for k in g_ref:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
+    assert len(check_4bit_loss_and_grads(ours, theirs, ids)) == 16
     with torch.no_grad():  # W_res rounded to NF4: close to, not equal to, the 4-bit model before OLoRA
         moved = (ours(ids).logits - start(ids).logits).abs().max().item()
     assert 0 < moved < 0.5
