@@ -95,8 +95,8 @@ def add_combine_parser(sub) -> None:
     p.add_argument("--svd-rank", type=rank, default=None,
                    help="rank of --method svd and the _svd forms (default: the largest input rank)")
     p.add_argument("--density", type=density, default=None,
-                   help=f"fraction of entries kept by ties, dare_*, magnitude_prune, in {density.range_text} "
-                        "(required for them)")
+                   help="fraction of entries kept by ties, dare_*, magnitude_prune (required for them; no "
+                        "default)")
     p.add_argument("--majority-sign-method", choices=SIGN_METHODS, default=None,
                    help="TIES' sign election for ties / dare_ties: total (sign of the sum) or frequency (sign of "
                         "the count) (default total)")
