@@ -288,7 +288,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "hidden states in chunks (same loss to rounding, more memory)")
     p.add_argument("--no-fused-projections", dest="fused_projections", action="store_const", const=False,
                    help="run q/k/v and gate/up (and their LoRA A's) as separate matmuls instead of one each over "
-                        "the frozen base (same results to float rounding; for timing comparisons)")
+                        "the frozen base (same results to float rounding; slower, and with fp32 adapters on a 16-bit base "
+                        "more memory)")
     p.add_argument("--selective-recompute", action="store_true",
                    help="recompute RMSNorm outputs and SwiGLU products in backward instead of storing them "
                         "(less memory, the same gradients, a few elementwise ops more)")

@@ -265,3 +265,15 @@ def test_recipes_fuse_by_default_and_the_flag_turns_it_off():
     assert not groups(model)
     args = build_parser().parse_args(["train", "--no-fused-projections"])
     assert args.fused_projections is False
+
+
+def test_a_run_recorded_before_fused_projections_resumes():
+    from finetune_ref.recipes.lora import LoraRecipe
+    from finetune_ref.recipes.run_record import config_json, differences
+
+    cfg = LoraRecipe()
+    old = {k: v for k, v in config_json(cfg).items() if k != "fused_projections"}
+    now = {"data": "d", "base": "b", "base_dir": "/m", "world_size": 1}
+    record = {"method": "lora", "config": old, "fingerprint": now}
+    assert differences(record, cfg, now) == []
+    assert differences(record, LoraRecipe(fused_projections=False), now) == []
