@@ -157,8 +157,10 @@ class ProjectionGroup:
             return None  # FrozenStackedMatmul gives a frozen bias no gradient
         bias = torch.cat([b.bias.to(dtype) for b in bases]) if all(has_bias) else None  # (N,) small, per call
 
+        device = x.device  # not x itself: the closure lives until backward and must not keep x alive
+
         def make_weight(dt: torch.dtype) -> torch.Tensor:
-            workspace = torch.empty(sum(sizes), bases[0].in_features, dtype=dt, device=x.device)  # (N, K)
+            workspace = torch.empty(sum(sizes), bases[0].in_features, dtype=dt, device=device)  # (N, K)
             for b, rows in zip(bases, workspace.split(sizes)):
                 b.dequantize_into(rows)
             return workspace

@@ -286,6 +286,8 @@ CASES = [
     (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
                            selective_recompute=True)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    # fp32 adapters on an NF4 base computing in bf16 (PEFT's default adapter dtype): the fused q/k/v and gate/up
+    (SMALL, MemorySettings(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128)),
 ]
 
 
