@@ -284,6 +284,13 @@ CASES = [
     (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
                            selective_recompute=True)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    (WIDE, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    (WIDE, MemorySettings(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=2, seq_len=64,
+                          selective_recompute=True)),
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"),
+                          selective_recompute=True)),
+    (SMALL, MemorySettings(method="full", dtype="bf16", batch_size=4, seq_len=128, gradient_checkpointing=True,
+                           selective_recompute=True)),
 ]
 
 
