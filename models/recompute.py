@@ -37,19 +37,23 @@ class _Recompute:
 
 
 class _Source:
-    """The function that makes the tensor again, run once for all its consumers: the result is kept from the
-    first consumer's backward until the last one (of ``pending``) has taken it (q, k, v share one norm)."""
+    """The function that makes the tensor again, run once for all its consumers: the result (and any cast of it
+    that consumers saved, made once per dtype) is kept from the first consumer's backward until the last one
+    (of ``pending``) has taken it (q, k, v share one norm, and fp32 adapters on a bf16 base one cast of it)."""
 
     def __init__(self, fn: Callable[[], torch.Tensor]):
-        self.fn, self.pending, self.result = fn, 0, None
+        self.fn, self.pending, self.results = fn, 0, {}
 
-    def take(self) -> torch.Tensor:
-        result = self.result
-        if result is None:
+    def take(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if None not in self.results:
             with torch.no_grad():
-                result = self.fn()
+                self.results[None] = self.fn()
+        if dtype not in self.results:
+            self.results[dtype] = self.results[None].to(dtype)
+        result = self.results[dtype]
         self.pending -= 1
-        self.result = result if self.pending > 0 else None
+        if self.pending <= 0:  # (below 0 only when a retained graph is run backward again)
+            self.results = {}
         return result
 
 
@@ -96,10 +100,7 @@ class recompute_saved(torch.autograd.graph.saved_tensors_hooks):
 
         def unpack(saved):
             if isinstance(saved, _Recompute):
-                result = saved.source.take()
-                if saved.dtype is not None:
-                    result = result.to(saved.dtype)
-                return result.as_strided(saved.shape, saved.stride)
+                return saved.source.take(saved.dtype).as_strided(saved.shape, saved.stride)
             return saved
 
         super().__init__(pack, unpack)

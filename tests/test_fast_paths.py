@@ -127,27 +127,35 @@ def test_selective_recompute_is_bitwise_and_saves_memory(method, dtype):
 
 
 def test_recompute_saved_runs_once_for_all_consumers():
+    """Two matmuls save the target, two more each their own cast of it (adapters of another dtype): one
+    recomputation, one cast, bitwise the same gradients."""
     from finetune_ref.models.recompute import recompute_saved
 
     torch.manual_seed(0)
     a = torch.randn(4, 6, requires_grad=True)
     w1, w2 = torch.randn(5, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    w3, w4 = torch.randn(2, 6, dtype=torch.float64, requires_grad=True), torch.randn(3, 6, dtype=torch.float64,
+                                                                                      requires_grad=True)
     calls = []
 
     def remake():
         calls.append(1)
         return a.detach() * 2
 
+    def loss(x):
+        return (F.linear(x, w1).sum() + F.linear(x, w2).square().sum() + F.linear(x.double(), w3).square().sum()
+                + F.linear(x.double(), w4).sum())
+
     grads = []
     for recompute in (False, True):
         x = a * 2  # the tensor both matmuls save for their weight gradients
         if recompute:
             with recompute_saved(x, remake):
-                y = F.linear(x, w1).sum() + F.linear(x, w2).square().sum()
+                y = loss(x)
         else:
-            y = F.linear(x, w1).sum() + F.linear(x, w2).square().sum()
-        grads.append(torch.autograd.grad(y, (a, w1, w2)))
-    assert len(calls) == 1  # one recomputation shared by the two consumers
+            y = loss(x)
+        grads.append(torch.autograd.grad(y, (a, w1, w2, w3, w4)))
+    assert len(calls) == 1  # one recomputation shared by the four consumers
     for g0, g1 in zip(*grads):
         assert torch.equal(g0, g1)
 
