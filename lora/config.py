@@ -46,7 +46,7 @@ _PEFT_IGNORED_KEYS = frozenset({
 _PEFT_KNOWN_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
     "init_lora_weights", "rank_pattern", "alpha_pattern", "bias", "base_model_name_or_path", "task_type",
-    "use_dora", "modules_to_save",
+    "use_dora", "modules_to_save", "ensure_weight_tying",
 })
 
 
@@ -70,6 +70,8 @@ class LoraConfig:
             direction W + scaling * B A (``lora.dora``); on a 4-bit base this is QDoRA.
         modules_to_save: names (full-name suffixes) of modules trained in full, as copies saved with the adapter
             (``lora.modules_to_save``), e.g. ["norm"]; None: none.
+        ensure_weight_tying: when a targeted embedding is tied to the output head, give the head the same adapter
+            (``lora.embedding.TiedLoRAHead``, PEFT's option of that name); without it such a target is refused.
         init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above; or "pissa",
             "pissa_niter_K", "olora" (lora/init.py: part of W moves into the adapter; not with use_dora).
         rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for the modules whose full name
@@ -92,6 +94,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] | None = None
+    ensure_weight_tying: bool = False
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -126,7 +129,7 @@ class LoraConfig:
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list: name at least one module (e.g. ['q_proj'])")
-        for field in ("use_rslora", "use_dora"):
+        for field in ("use_rslora", "use_dora", "ensure_weight_tying"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field} must be True or False, got {getattr(self, field)!r}")
         if not is_mutating_init(self.init_lora_weights) and (self.init_lora_weights not in _INIT_SCHEMES or (
@@ -178,6 +181,7 @@ class LoraConfig:
             "use_dora": self.use_dora,
             "lora_bias": False,
             "modules_to_save": self.modules_to_save,
+            "ensure_weight_tying": self.ensure_weight_tying,
             "layers_to_transform": None,
             "layers_pattern": None,
             "inference_mode": True,
@@ -225,6 +229,7 @@ class LoraConfig:
             use_rslora=bool(d.get("use_rslora", False)),
             use_dora=bool(d.get("use_dora", False)),
             modules_to_save=d.get("modules_to_save"),
+            ensure_weight_tying=bool(d.get("ensure_weight_tying", False)),
             init_lora_weights=init,
             rank_pattern=dict(d.get("rank_pattern") or {}),
             alpha_pattern=dict(d.get("alpha_pattern") or {}),
