@@ -319,7 +319,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=probability,
                    help=f"LoRA dropout on the adapter input ({_default('dropout')})")
     g.add_argument("--targets", type=targets,
-                   help=f"'all-linear', module names like q_proj,v_proj, or re:<regex> ({_default('targets')})")
+                   help=f"'all-linear', module names like q_proj,v_proj (embed_tokens: LoRA on the input embedding), "
+                        f"or re:<regex> ({_default('targets')})")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     g.add_argument("--loraplus-lr-ratio", type=positive_float,
                    help="LoRA+: B's learning rate = this x --lr (Hayou et al. 2024 use ~16; default off)")
@@ -330,6 +331,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modules-to-save", type=targets, metavar="NAMES",
                    help="modules trained in full and saved with the adapter, by name suffix, e.g. norm or lm_head "
                         "(an untied one); default none")
+    g.add_argument("--ensure-weight-tying", action="store_true",
+                   help="with embed_tokens in --targets on a model whose lm_head is tied to it: give the head the "
+                        "same adapter (PEFT's ensure_weight_tying); without it such targets are refused")
     g.add_argument("--dora", action="store_true",
                    help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")

@@ -110,7 +110,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig, strict_patterns: b
     not_linear = [f"{n} ({type(modules[n]).__name__})" for n in chosen
                   if not is_linear_like(modules[n]) and not is_embedding(modules[n])]
     if not_linear:
-        raise ValueError(f"target_modules matched modules that are neither linear layers nor embeddings: "
+        raise ValueError(f"target_modules matched modules that are not linear layers or embeddings: "
                          f"{not_linear[:5]}. Name the layers themselves (e.g. 'q_proj', not 'self_attn')")
     if not chosen:
         linear = [n for n, m in candidates if is_linear_like(m)]
@@ -239,7 +239,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"{sorted(set(saved) & set(names))} are in both target_modules and modules_to_save; a "
                          "module is either adapted or trained in full")
     previous_active = get_active_adapters(model)
-    heads = _tied_heads_to_wrap(model, names, config)
+    heads = tied_heads_to_wrap(model, names, config)
     for name in names:
         module = model.get_submodule(name)
         if is_embedding(module):  # lora.embedding: lora_embedding_A/B, no dropout, no DoRA
@@ -292,7 +292,7 @@ def weight_sharers(model: nn.Module, name: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _tied_heads_to_wrap(model: nn.Module, names: list[str], config: LoraConfig) -> list[tuple[str, str]]:
+def tied_heads_to_wrap(model: nn.Module, names: list[str], config: LoraConfig) -> list[tuple[str, str]]:
     """(head name, embedding name) for each targeted embedding whose weight another module shares (a tied
     lm_head). With ``ensure_weight_tying`` the head will read the embedding's adapters (``TiedLoRAHead``);
     without it the tie would be silently broken in training (only the input side adapted), so it is refused.
