@@ -57,6 +57,12 @@ def test_train_then_eval_the_saved_adapter(tiny, tmp_path, capsys, method, flags
         assert (config["r"], config["init_lora_weights"]) == (16, True)  # converted to plain LoRA on the original
     assert main(["eval", "--model", str(base), "--data", str(corpus), *DATA, "--json", "--adapter", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(after, abs=tol)
+    if "--ensure-weight-tying" in flags:  # merged into the tied embedding (and so the head): the same loss
+        merged = tmp_path / "merged"
+        assert main(["merge", "--model", str(model), "--adapter", str(out), "--out", str(merged)]) == 0
+        capsys.readouterr()
+        assert main(["eval", "--model", str(merged), "--data", str(corpus), *DATA, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(after, abs=tol)
 
 
 def test_a_tied_embedding_target_without_ensure_weight_tying_is_refused_by_name(tiny, tmp_path, capsys):
