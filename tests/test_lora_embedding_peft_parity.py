@@ -134,3 +134,20 @@ def test_tied_embedding_without_ensure_weight_tying_and_dora_are_refused_by_name
     with pytest.raises(ValueError, match="tied to"):
         lora.inject_lora(tiny_llama(tie=True), lora.LoraConfig(r=2, target_modules=["embed_tokens", "lm_head"],
                                                                ensure_weight_tying=True))
+
+
+def test_combine_and_per_row_adapters_refuse_embedding_adapters_and_set_scale_reaches_them():
+    from finetune_ref.lora.combine import add_weighted_adapter, set_scale
+    from finetune_ref.lora.mixed import set_row_adapters
+
+    _, ours, pm = pair()
+    with pytest.raises(ValueError, match="adapt an embedding"):
+        add_weighted_adapter(ours, ["default"], [1.0], "combined", "linear")
+    with pytest.raises(ValueError, match="adapt an embedding"):
+        set_row_adapters(ours, ["default", None])
+    set_scale(ours, "default", 0.5)
+    for _, m in pm.base_model.model.named_modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            m.set_scale("default", 0.5)
+    with torch.no_grad():
+        assert_rel_close(ours(IDS).logits, pm(input_ids=IDS).logits)
