@@ -65,13 +65,12 @@ def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySett
 
 
 def _targets(text: str) -> tuple[str, ...]:
-    if text == "all-linear":
-        return LINEAR_NAMES
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in LINEAR_NAMES]
-    if unknown or not names:
+    names = tuple(n for t in names for n in (LINEAR_NAMES if t == "all-linear" else (t,)))
+    unknown = [t for t in names if t not in (*LINEAR_NAMES, "embed_tokens")]
+    if unknown or not set(names) & set(LINEAR_NAMES):
         raise argparse.ArgumentTypeError(f"expected 'all-linear' or a comma-separated subset of {LINEAR_NAMES}, "
-                                         f"got {text!r}")
+                                         f"either plus embed_tokens, got {text!r}")
     return names
 
 
