@@ -105,7 +105,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not layer.adapter_names:
             set_submodule(model, name, layer.base_layer)
     for name, head in tied_heads(model):  # a head tied to an embedding left without adapters
-        if not head.embedding.adapter_names:
+        if not head.source.adapter_names:
             set_submodule(model, name, head.base_layer)
     for name, wrapper in wrappers(model):
         if adapter_name in wrapper.modules_to_save:

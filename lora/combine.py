@@ -32,7 +32,7 @@ from torch import nn
 from finetune_ref.lora.config import LoraConfig
 from finetune_ref.lora.functional import lora_scaling
 from finetune_ref.lora.init import is_mutating_init
-from finetune_ref.lora.inject import embedding_layers, get_lora_configs, inject_lora, lora_layers, tuner_layers
+from finetune_ref.lora.inject import embedding_layers, get_lora_configs, inject_lora, lora_layers
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -129,7 +129,7 @@ def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    layers = [layer for _, layer in tuner_layers(model) if adapter_name in layer.adapter_names]
+    layers = [layer for _, layer in [*lora_layers(model), *embedding_layers(model)] if adapter_name in layer.adapter_names]
     if not layers:
         raise ValueError(f"no layer carries adapter {adapter_name!r}")
     if any(adapter_name in layer.merged_adapters for layer in layers):

@@ -252,6 +252,11 @@ class TiedLoRAHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    @property
+    def source(self) -> LoRAEmbedding:
+        """The layer whose adapters this head mirrors."""
+        return self.embedding
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         emb = self.embedding

@@ -36,6 +36,7 @@ from finetune_ref.lora.embedding import LoRAEmbedding, TiedLoRAHead
 from finetune_ref.lora.init import is_mutating_init
 from finetune_ref.lora.layer import LoRALinear, check_adapter_name
 from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper, find_modules_to_save, wrappers
+from finetune_ref.lora.trainable_tokens import TrainableTokensLayer, token_targets
 
 LORA_CONFIGS_ATTR = "lora_configs"
 
@@ -58,7 +59,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in inside):
             continue
-        if isinstance(module, (LoRALinear, LoRAEmbedding, TiedLoRAHead, ModulesToSaveWrapper)):
+        if isinstance(module, (LoRALinear, LoRAEmbedding, TiedLoRAHead, ModulesToSaveWrapper, TrainableTokensLayer)):
             inside.append(name + ".")
         found.append((name, module))
     return found
@@ -151,15 +152,23 @@ def embedding_layers(model: nn.Module) -> list[tuple[str, LoRAEmbedding]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAEmbedding)]
 
 
-def tuner_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding]]:
-    """Every layer carrying LoRA adapters (LoRALinear and LoRAEmbedding), in module order: what switching,
-    disabling, deleting and merging act on."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+def token_layers(model: nn.Module) -> list[tuple[str, TrainableTokensLayer]]:
+    """(full name, layer) for every embedding with trainable token rows (not the tied heads mirroring one)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableTokensLayer) and m.tied_to is None]
 
 
-def tied_heads(model: nn.Module) -> list[tuple[str, TiedLoRAHead]]:
-    """(full name, head) for every output head tied to a LoRAEmbedding (ensure_weight_tying)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, TiedLoRAHead)]
+def tuner_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding | TrainableTokensLayer]]:
+    """Every layer carrying adapters (LoRALinear, LoRAEmbedding, TrainableTokensLayer), in module order: what
+    switching, disabling, deleting and merging act on. Tied heads mirror their embedding and are not listed."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding)) or
+            (isinstance(m, TrainableTokensLayer) and m.tied_to is None)]
+
+
+def tied_heads(model: nn.Module) -> list[tuple[str, TiedLoRAHead | TrainableTokensLayer]]:
+    """(full name, head) for every output head mirroring an embedding's adapters: a TiedLoRAHead
+    (ensure_weight_tying) or a tied TrainableTokensLayer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TiedLoRAHead) or
+            (isinstance(m, TrainableTokensLayer) and m.tied_to is not None)]
 
 
 def get_active_adapters(model: nn.Module) -> list[str]:
@@ -240,6 +249,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                          "module is either adapted or trained in full")
     previous_active = get_active_adapters(model)
     heads = tied_heads_to_wrap(model, names, config)
+    tokens = token_targets(model, config.trainable_token_indices, names)
     for name in names:
         module = model.get_submodule(name)
         if is_embedding(module):  # lora.embedding: lora_embedding_A/B, no dropout, no DoRA
@@ -268,6 +278,14 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for head_name, embedding_name in heads:  # ensure_weight_tying: the head reads the embedding's adapters
         set_submodule(model, head_name, TiedLoRAHead(model.get_submodule(head_name),
                                                      model.get_submodule(embedding_name)))
+    for name, (indices, tied) in tokens.items():  # trainable_token_indices (lora.trainable_tokens)
+        module = model.get_submodule(name)
+        if not isinstance(module, TrainableTokensLayer):
+            module = TrainableTokensLayer(module)
+            set_submodule(model, name, module)
+        module.add_adapter(adapter_name, indices)
+        for head_name in tied:  # a tied head computes with the same rows (PEFT wraps it with tied_adapter)
+            set_submodule(model, head_name, TrainableTokensLayer(model.get_submodule(head_name), tied_to=module))
     configs[adapter_name] = config
     setattr(model, LORA_CONFIGS_ATTR, configs)
     tied = tied_weight_owners(model)
@@ -363,6 +381,9 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
         for name in layer.active_adapters:
             if name in layer.lora_embedding_A:
                 trainable.update((id(layer.lora_embedding_A[name]), id(layer.lora_embedding_B[name])))
+    for _, layer in token_layers(model):  # trainable_token_indices: the chosen rows
+        trainable.update(id(layer.trainable_tokens_delta[n]) for n in layer.active_adapters
+                         if n in layer.trainable_tokens_delta)
     for _, wrapper in wrappers(model):  # modules_to_save: the active adapter's copies train in full
         for name in wrapper.active_adapters:
             if name in wrapper.modules_to_save:

@@ -39,7 +39,9 @@ from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.init import converted_lora, is_mutating_init
 from finetune_ref.lora.inject import (candidate_modules, embedding_layers, find_target_modules, get_lora_configs,
                                       inject_lora, is_embedding, lora_layers, rank_and_alpha, tied_heads,
-                                      tuner_layers, weight_sharers)
+                                      token_layers, weight_sharers)
+from finetune_ref.lora.embedding import TiedLoRAHead
+from finetune_ref.lora.trainable_tokens import token_targets
 from finetune_ref.lora.modules_to_save import find_modules_to_save, wrappers
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
@@ -48,6 +50,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's m (Liu et al. 2024, section 4)
 EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")  # LoRA on an nn.Embedding (lora.embedding)
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # trainable_token_indices' rows (PEFT's TrainableTokensWrapper)
 # Parameters without a ".weight" in the file (and, except m, in memory: nn.ParameterDict entries).
 _FILE_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", MAGNITUDE: f".{MAGNITUDE}",
                 **{part: f".{part}" for part in EMBEDDING_PARTS}}
@@ -112,9 +115,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             state[peft_key(name, "lora_embedding_A")] = layer.lora_embedding_A[adapter_name].detach()
             state[peft_key(name, "lora_embedding_B")] = layer.lora_embedding_B[adapter_name].detach()
     for name, head in tied_heads(model):  # ensure_weight_tying: PEFT also writes the tied head's A = B_e^T, B = A_e^T
-        if adapter_name in head.embedding.adapter_names:
+        if isinstance(head, TiedLoRAHead) and adapter_name in head.embedding.adapter_names:
             state[peft_key(name, "lora_A")] = head.embedding.lora_embedding_B[adapter_name].detach().T.contiguous()
             state[peft_key(name, "lora_B")] = head.embedding.lora_embedding_A[adapter_name].detach().T.contiguous()
+    for name, layer in token_layers(model):  # trainable_token_indices: the rows' values (lora.trainable_tokens)
+        if adapter_name in layer.adapter_names:
+            state[f"{PEFT_PREFIX}{name}.{TOKENS_KEY}"] = layer.trainable_tokens_delta[adapter_name].detach()
     for name, wrapper in wrappers(model):  # modules_to_save copies, under the module's own name (PEFT)
         if adapter_name in wrapper.modules_to_save:
             for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
@@ -150,7 +156,8 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
                          "adapters must be added with lora.inject_lora or lora.load_adapter")
     config = configs[adapter_name]
     tensors = adapter_state_dict(model, adapter_name)
-    modules = sorted(n for n, layer in tuner_layers(model) if adapter_name in layer.adapter_names)
+    modules = sorted(n for n, layer in [*lora_layers(model), *embedding_layers(model)]
+                     if adapter_name in layer.adapter_names)
     targets = config.target_modules
     if uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
         targets = modules
@@ -262,6 +269,10 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
         expected[peft_key(name, "lora_B")] = (target.out_features, r)
         if config.use_dora:
             expected[peft_key(name, MAGNITUDE)] = (target.out_features,)
+    for name, (indices, _) in token_targets(model, config.trainable_token_indices, modules).items():
+        base = model.get_submodule(name)
+        base = getattr(base, "base_layer", base)
+        expected[f"{PEFT_PREFIX}{name}.{TOKENS_KEY}"] = (len(indices), base.embedding_dim)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - set(optional))
     for key in sorted(set(optional) & set(tensors)):
@@ -322,6 +333,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             if adapter_name in layer.adapter_names:
                 for part in EMBEDDING_PARTS:
                     getattr(layer, part)[adapter_name].copy_(tensors[peft_key(name, part)])
+        for name, layer in token_layers(model):
+            if adapter_name in layer.adapter_names:
+                layer.trainable_tokens_delta[adapter_name].copy_(tensors[f"{PEFT_PREFIX}{name}.{TOKENS_KEY}"])
         for name, wrapper in wrappers(model):
             if adapter_name in wrapper.modules_to_save:
                 for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
@@ -369,6 +383,9 @@ def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.adapter_names:
             for part in EMBEDDING_PARTS:
                 getattr(layer, part)[adapter_name].requires_grad_(False)
+    for _, layer in token_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.trainable_tokens_delta[adapter_name].requires_grad_(False)
     for _, wrapper in wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             wrapper.modules_to_save[adapter_name].requires_grad_(False)
