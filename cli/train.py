@@ -20,7 +20,7 @@ from pathlib import Path
 from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, finite_non_negative,
                                      fraction, grad_accum, learning_rate, non_negative_int, positive_float,
                                      positive_int, probability, rank, resolve_model_dir, seed, show_number, targets,
-                                     weight_decay, writing_to)
+                                     token_ids, weight_decay, writing_to)
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.recipes.run_record import (config_from_record, holds_run, latest_checkpoint_update, read_run_record,
@@ -331,6 +331,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modules-to-save", type=targets, metavar="NAMES",
                    help="modules trained in full and saved with the adapter, by name suffix, e.g. norm or lm_head "
                         "(an untied one); default none")
+    g.add_argument("--trainable-tokens", type=token_ids, metavar="IDS",
+                   help="token ids whose embedding rows train directly, e.g. 0,5,17 (PEFT's trainable_token_indices; "
+                        "a tied lm_head follows them); default none")
     g.add_argument("--ensure-weight-tying", action="store_true",
                    help="with embed_tokens in --targets on a model whose lm_head is tied to it: give the head the "
                         "same adapter (PEFT's ensure_weight_tying); without it such targets are refused")

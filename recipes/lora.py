@@ -44,6 +44,9 @@ class LoraRecipe(RunConfig):
     # With embed_tokens in targets on a model whose lm_head is tied to it (SmolLM2): give the head the same
     # adapter (PEFT's ensure_weight_tying, lora/embedding.py); without it such targets are refused.
     ensure_weight_tying: bool = False
+    # Token ids whose embedding rows train directly (PEFT's trainable_token_indices, lora/trainable_tokens.py),
+    # e.g. newly added tokens; a tied lm_head follows the same rows.
+    trainable_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,7 +62,8 @@ class LoraRecipe(RunConfig):
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.targets,
                           use_rslora=self.rslora, use_dora=self.dora, init_lora_weights=init,
                           modules_to_save=list(self.modules_to_save) or None,
-                          ensure_weight_tying=self.ensure_weight_tying)
+                          ensure_weight_tying=self.ensure_weight_tying,
+                          trainable_token_indices=list(self.trainable_tokens) or None)
 
     def lora_metadata(self) -> dict:
         """The adapter settings a resume must match."""
@@ -73,6 +77,8 @@ class LoraRecipe(RunConfig):
             meta["modules_to_save"] = list(self.modules_to_save)
         if self.ensure_weight_tying:
             meta["ensure_weight_tying"] = True
+        if self.trainable_tokens:
+            meta["trainable_token_indices"] = list(self.trainable_tokens)
         return meta
 
     def check_shapes(self, model_dir: Path, flag) -> None:
@@ -86,6 +92,7 @@ class LoraRecipe(RunConfig):
         import torch
 
         from finetune_ref.lora.inject import find_target_modules, tied_heads_to_wrap
+        from finetune_ref.lora.trainable_tokens import token_targets
         from finetune_ref.models.config import LlamaConfig
         from finetune_ref.models.llama import LlamaForCausalLM
 
@@ -105,6 +112,10 @@ class LoraRecipe(RunConfig):
             raise ValueError(f"{flag('targets')} {shown}: {reason}; its linear layers are {', '.join(linear)} "
                              "and its embedding is embed_tokens (e.g. --targets q_proj,v_proj, all-linear, "
                              "all-linear,embed_tokens, or re:<regex of full names>)") from None
+        try:
+            token_targets(model, self.lora_config().trainable_token_indices, names)
+        except ValueError as err:
+            raise ValueError(f"{flag('trainable_tokens')} {','.join(map(str, self.trainable_tokens))}: {err}") from None
         modules = dict(model.named_modules())
         features = {n: (modules[n].num_embeddings, modules[n].embedding_dim) if isinstance(modules[n], torch.nn.Embedding)
                     else (modules[n].in_features, modules[n].out_features) for n in names}
