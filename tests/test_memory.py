@@ -233,7 +233,8 @@ def prepare(model, settings: MemorySettings):
     if settings.method in ("lora", "qlora"):
         inject_lora(model, LoraConfig(r=settings.rank, lora_alpha=16, target_modules=list(settings.target_modules),
                                       use_dora=settings.dora, modules_to_save=list(settings.modules_to_save) or None,
-                                      ensure_weight_tying="embed_tokens" in settings.target_modules),
+                                      ensure_weight_tying="embed_tokens" in settings.target_modules,
+                                      trainable_token_indices=list(range(settings.trainable_tokens)) or None),
                     adapter_dtype=DTYPES[settings.adapter_dtype or settings.dtype])
     model.model.gradient_checkpointing = settings.gradient_checkpointing
     model.chunked_loss = settings.chunked_loss
@@ -290,6 +291,8 @@ CASES = [
                           target_modules=(*LINEAR_NAMES, "embed_tokens"))),
     (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128,
                            target_modules=("q_proj", "v_proj", "embed_tokens"))),
+    # trainable token rows (lora/trainable_tokens.py) with a tied head (it keeps E' with the rows replaced)
+    (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, trainable_tokens=6)),
 ]
 
 
