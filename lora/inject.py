@@ -15,7 +15,9 @@ the blocks. The selection rules here are PEFT's, so that a config means the same
     sets that module's r / lora_alpha (peft/utils/other.py ``get_pattern_key``).
 
 "Linear layer" means any module with int ``in_features`` and ``out_features`` (nn.Linear, a LoRALinear, or a
-quantized linear such as a 4-bit NF4 base). Modules inside a LoRALinear (its base_layer, lora_A, lora_B) are
+quantized linear such as a 4-bit NF4 base); an nn.Embedding target gets a ``lora.embedding.LoRAEmbedding``
+(never chosen by "all-linear": name it, e.g. ["all-linear", "embed_tokens"]), and ``trainable_token_indices``
+wraps embeddings in ``lora.trainable_tokens.TrainableTokensLayer``. Modules inside a LoRALinear (its base_layer, lora_A, lora_B) are
 never targets. Grouped-query attention needs nothing special: k_proj/v_proj simply have fewer out_features.
 
 ``inject_lora`` wraps the targets in place, freezes every parameter of the model that is not a LoRA A or B,
