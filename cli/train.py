@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, finite_non_negative,
-                                     fraction, grad_accum, learning_rate, non_negative_int, positive_float,
-                                     positive_int, probability, rank, resolve_model_dir, seed, show_number, targets,
-                                     token_ids, weight_decay, writing_to)
+                                     fraction, grad_accum, learning_rate, module_names, non_negative_int,
+                                     positive_float, positive_int, probability, rank, resolve_model_dir, seed,
+                                     show_number, targets, token_ids, weight_decay, writing_to)
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.recipes.run_record import (config_from_record, holds_run, latest_checkpoint_update, read_run_record,
@@ -326,11 +326,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA+: B's learning rate = this x --lr (Hayou et al. 2024 use ~16; default off)")
     g.add_argument("--init", metavar="INIT",
                    help="how A and B start: default, gaussian, pissa, pissa_niter_K, olora (these three move part of "
-                        "W into the adapter; --method lora), loftq (--method qlora) (default default)")
+                        "W into the adapter; pissa with --method lora only; olora with --method qlora saves its "
+                        "re-quantized base in OUT/olora_base), loftq (--method qlora) (default default)")
     g.add_argument("--loftq-iter", type=positive_int, help="LoftQ's alternating quantize/SVD steps (default 1)")
-    g.add_argument("--modules-to-save", type=targets, metavar="NAMES",
-                   help="modules trained in full and saved with the adapter, by name suffix, e.g. norm or lm_head "
-                        "(an untied one); default none")
+    g.add_argument("--modules-to-save", type=module_names, metavar="NAMES",
+                   help="modules trained in full and saved with the adapter, by name suffix as PEFT (no re: or "
+                        "all-linear), e.g. norm or lm_head (an untied one); default none")
     g.add_argument("--trainable-tokens", type=token_ids, metavar="IDS",
                    help="token ids whose embedding rows train directly, e.g. 0,5,17 (PEFT's trainable_token_indices; "
                         "a tied lm_head follows them); default none")

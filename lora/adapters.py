@@ -17,6 +17,7 @@ config. (PEFT only warns and then changes both.)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -116,6 +117,24 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs.pop(adapter_name, None)
     setattr(model, LORA_CONFIGS_ATTR, configs)
     mark_only_lora_trainable(model)
+
+
+def adopt_rewritten_base(model: nn.Module, adapter_name: str = "default") -> None:
+    """Take the base that PiSSA/OLoRA rewrote (W_res, lora/init.py) as the adapter's base from now on: the adapter
+    becomes a plain LoRA (init_lora_weights True, its A0/B0 forgotten), saved as it is instead of converted for
+    the original base. The caller must then ship W_res with the adapter; this is the exact way for OLoRA on a 4-bit
+    base, where W_res was re-quantized (``save_adapter`` refuses the conversion there), as LoftQ ships its base.
+
+    Raises:
+        ValueError: unknown adapter.
+    """
+    _check_names(model, [adapter_name])
+    configs = dict(get_lora_configs(model))
+    if adapter_name in configs:
+        configs[adapter_name] = dataclasses.replace(configs[adapter_name], init_lora_weights=True)
+        setattr(model, LORA_CONFIGS_ATTR, configs)
+    for _, layer in lora_layers(model):
+        layer.initial_lora.pop(adapter_name, None)
 
 
 # ---- merging ----

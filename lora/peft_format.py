@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from finetune_ref.lora.adapters import set_adapter
+from finetune_ref.lora.base_weight import is_quantized
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.init import converted_lora, is_mutating_init
 from finetune_ref.lora.inject import (candidate_modules, embedding_layers, find_target_modules, get_lora_configs,
@@ -187,6 +188,13 @@ def _converted_to_plain_lora(model: nn.Module, config: LoraConfig, adapter_name:
     for name, layer in lora_layers(model):
         if adapter_name not in layer.adapter_names:
             continue
+        if is_quantized(layer.base_layer):
+            raise ValueError(f"adapter {adapter_name!r} was initialised with {config.init_lora_weights!r} on a 4-bit "
+                             f"base ({name}), whose residual W - s B0 A0 was quantized again: as a plain LoRA on the "
+                             "original 4-bit base (PEFT's path_initial_model_for_weight_conversion) it would be off "
+                             "by that rounding, about one NF4 step per weight. Keep the rewritten base instead: "
+                             "lora.adopt_rewritten_base, then save the 4-bit base beside the adapter "
+                             "(finetune train --method qlora --init olora does)")
         if adapter_name not in layer.initial_lora:
             raise ValueError(f"adapter {adapter_name!r} was initialised with {config.init_lora_weights!r}, which "
                              f"rewrote the base weights, but {name} no longer has its initial A0/B0: it cannot be "
