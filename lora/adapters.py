@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs,
+from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
                                      mark_only_lora_trainable, set_active_adapters, set_submodule, tied_heads,
                                      tied_weight_owners, tuner_layers)
 from finetune_ref.lora.base_weight import RequantizationWarning, dense_weight, warn_requantization
