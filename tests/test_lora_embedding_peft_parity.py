@@ -26,10 +26,10 @@ def assert_rel_close(actual, expected, rel=1e-6):
     assert err <= rel * expected.double().abs().max().item(), err
 
 
-def tiny_llama(tie=False):
+def tiny_llama(tie=False, intermediate_size=96):
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=96, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)).eval()
 
 
@@ -151,3 +151,41 @@ def test_combine_and_per_row_adapters_refuse_embedding_adapters_and_set_scale_re
             m.set_scale("default", 0.5)
     with torch.no_grad():
         assert_rel_close(ours(IDS).logits, pm(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("variant", ["lora_embedding", "trainable_tokens"])
+def test_on_an_nf4_base_matches_peft_on_bitsandbytes(tmp_path, variant):
+    """QLoRA: the embedding is not quantized, the linear layers are NF4 (the same bytes on both sides, see
+    test_qlora_peft_parity.py); loss within 1e-6 relative, gradients rtol 1e-4 (bitsandbytes' 4-bit matmul)."""
+    from finetune_ref.parity import oracles
+    from finetune_ref.qlora.model import load_quantized
+
+    # in_features multiples of 64: bitsandbytes' CPU dequantize is wrong otherwise (test_qlora_peft_parity.py)
+    tiny_llama(tie=True, intermediate_size=128).save_pretrained(tmp_path)
+    extra = (dict(target_modules=["q_proj", "v_proj", "embed_tokens"], ensure_weight_tying=True)
+             if variant == "lora_embedding" else dict(target_modules=["q_proj", "v_proj"], trainable_token_indices=[1, 5]))
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(oracles.hf_4bit(tmp_path, compute_dtype=torch.float32),
+                             peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra))
+    ours = load_quantized(tmp_path, compute_dtype=torch.float32, dtype=torch.float32)
+    lora.inject_lora(ours, lora.LoraConfig(r=4, lora_alpha=8, **extra))
+    theirs = {n.removeprefix(PREFIX).replace(".token_adapter", ""): p for n, p in pm.named_parameters()}
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(theirs[name] if "lora_" in name else theirs[name] + 0.1 * torch.randn_like(p))
+                theirs[name].copy_(p)
+    ours.train(), pm.train()
+    out, ref = ours(IDS, labels=IDS), pm(input_ids=IDS, labels=IDS)
+    assert_rel_close(out.loss, ref.loss)
+    out.loss.backward()
+    ref.loss.backward()
+    g_ref = {n: p.grad for n, p in theirs.items() if p.requires_grad}
+    if variant == "lora_embedding":  # the tied head's two Parameters in PEFT, one here (see above)
+        g_ref["model.embed_tokens.lora_embedding_A.default"] += g_ref.pop("lm_head.lora_B.default.weight").T
+        g_ref["model.embed_tokens.lora_embedding_B.default"] += g_ref.pop("lm_head.lora_A.default.weight").T
+    g = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(g) == set(g_ref)
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)

@@ -113,3 +113,7 @@ def test_dict_form_and_refusals():
     lora.set_adapter(model, ["default", "b"])
     with pytest.raises(ValueError, match="disjoint"):
         model(IDS)
+    from finetune_ref.lora.mixed import set_row_adapters
+
+    with pytest.raises(ValueError, match="adapt an embedding"):
+        set_row_adapters(model, ["default", "b"])
