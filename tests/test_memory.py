@@ -293,6 +293,7 @@ CASES = [
                            target_modules=("q_proj", "v_proj", "embed_tokens"))),
     # trainable token rows (lora/trainable_tokens.py) with a tied head (it keeps E' with the rows replaced)
     (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, trainable_tokens=6)),
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, trainable_tokens=6)),
 ]
 
 
