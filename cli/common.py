@@ -75,6 +75,7 @@ grad_accum = Number(int, 1, 2**16)
 rank = Number(int, 1, 2**16)
 seed = Number(int, 0, 2**63 - 1)                             # torch.manual_seed's range
 top_p = Number(float, 0, 1, low_open=True)
+density = Number(float, 0, 1, low_open=True)                 # combine: the fraction of entries TIES/DARE keep
 temperature = Number(float, 0, 100)
 port = Number(int, 1, 65535)
 group_size = Number(int, 1, 2**16, also=(-1,))              # GPTQ: input columns per scale; -1: one group per row
@@ -179,6 +180,29 @@ def targets(text: str) -> tuple[str, ...] | str:
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if not names:
         raise argparse.ArgumentTypeError("expected 'all-linear', names like q_proj,v_proj, or re:<regex>")
+    return names
+
+
+def token_ids(text: str) -> tuple[int, ...]:
+    """A comma-separated list of distinct token ids >= 0, e.g. '0,5,17' (--trainable-tokens)."""
+    try:
+        ids = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids like 0,5,17, got {text!r}") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected distinct token ids >= 0 like 0,5,17, got {text!r}")
+    return ids
+
+
+def module_names(text: str) -> tuple[str, ...]:
+    """--modules-to-save: comma-separated module-name suffixes (PEFT's modules_to_save rule, which has no regex and
+    no 'all-linear': ``lora.modules_to_save.find_modules_to_save``)."""
+    if text.startswith("re:") or text == "all-linear":
+        raise argparse.ArgumentTypeError(f"takes module names (suffixes of the full name, as PEFT's modules_to_save), "
+                                         f"not {text!r}: list them, e.g. norm or lm_head,model.norm")
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected module names like norm or lm_head,model.norm")
     return names
 
 

@@ -13,6 +13,14 @@ starts on the most important directions of W instead of at zero, and the base is
 The arithmetic is PEFT's (peft/tuners/lora/layer.py ``pissa_init``, ``olora_init``): in fp32, W_res rounded once
 to W's dtype.
 
+On a 4-bit base (qlora.nf4_linear.NF4Linear) only OLoRA runs, as in PEFT: ``olora_init`` dequantizes the bnb 4-bit
+weight, takes the QR of it in fp32 and stores W_res quantized again (bnb ``Params4bit`` of the fp32 residual, so
+the layer's stored dtype becomes fp32; ours re-quantizes with the layer's own blocksize and double quantization,
+PEFT with bnb's default blocksize 64). W_res is then W_res rounded to the NF4 grid, so the model is NOT unchanged
+at step 0: it moves by about one NF4 step, the rounding of the residual. PEFT's ``pissa_init`` refuses a
+quantized weight ("initialize PiSSA under float32, float16, or bfloat16; subsequently, re-quantize the residual
+model"), and so does this file.
+
 Because the base changed, a trained adapter is only right on W_res. ``lora.peft_format.save_adapter`` therefore
 writes it as a plain LoRA adapter on the original W, PEFT's conversion (peft/tuners/lora/model.py
 ``subtract_mutated_init``, ``path_initial_model_for_weight_conversion``): W + dW = W_res + s B A gives
@@ -24,6 +32,9 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
+
+from finetune_ref.lora.base_weight import dense_weight, is_quantized, write_dense_weight
 
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 MUTATING_INITS = ("pissa", "olora")  # plus "pissa_niter_K": inits that change the base weight
@@ -89,3 +100,27 @@ def converted_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, init_A: torch.Ten
     """The rank-2r plain LoRA on the original W equal to a PiSSA/OLoRA adapter on W_res (module docstring):
     A' = [A ; A0] (2r, in), B' = [B | -B0] (out, 2r) (peft subtract_mutated_init)."""
     return torch.cat([lora_A, init_A.to(lora_A.dtype)], dim=0), torch.cat([lora_B, -init_B.to(lora_B.dtype)], dim=1)
+
+
+def rewrite_base_for_init(base_layer: nn.Module, init: str, r: int, scaling: float, *, merged: bool, use_dora: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run PiSSA/OLoRA on ``base_layer``: store W_res in it (re-quantized on a 4-bit base) and return (A0, B0) in
+    fp32 (module docstring).
+
+    Raises:
+        ValueError: merged adapters or DoRA on the layer; PiSSA on a quantized base (PEFT refuses it too).
+    """
+    if merged or use_dora:
+        raise ValueError(f"init_lora_weights={init!r} rewrites the base weight: it needs a base without merged "
+                         "adapters and without DoRA")
+    quantized = is_quantized(base_layer)
+    if quantized and init != "olora":
+        raise ValueError(f"init_lora_weights={init!r} needs a 16/32-bit base, as PEFT's pissa_init (\"initialize "
+                         "PiSSA under float32, float16, or bfloat16; subsequently, re-quantize the residual model\"); "
+                         "on a 4-bit base use 'olora' or LoftQ")
+    weight = dense_weight(base_layer)  # (out, in); dequantized in the stored dtype on a 4-bit base, as bnb
+    # On a 4-bit base PEFT quantizes the fp32 residual (Params4bit of it): keep it in fp32 for requantize_.
+    init_A, init_B, residual = mutated_init(init, weight.float() if quantized else weight, r, scaling)
+    with torch.no_grad():
+        write_dense_weight(base_layer, residual)
+    return init_A, init_B

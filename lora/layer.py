@@ -25,7 +25,7 @@ from finetune_ref.lora.base_weight import (dense_weight, quantized_snapshot, res
                                            write_dense_weight)
 from finetune_ref.lora.dora import (DoraMagnitude, dora_forward, dora_init_magnitude, dora_merge_factor,
                                     dora_merged, dora_unmerged)
-from finetune_ref.lora.init import is_mutating_init, mutated_init
+from finetune_ref.lora.init import is_mutating_init, rewrite_base_for_init
 from finetune_ref.lora.functional import (init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
                                          merged_weight)
 
@@ -164,15 +164,11 @@ class LoRALinear(nn.Module):
         lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         if is_mutating_init(init_lora_weights):
             # PiSSA / OLoRA (lora.init): the base becomes W - s B0 A0, as PEFT's pissa_init / olora_init do.
-            if callable(getattr(self.base_layer, "dequantize", None)) or self.merged_adapters or use_dora:
-                raise ValueError(f"init_lora_weights={init_lora_weights!r} rewrites the base weight: it needs a "
-                                 "16/32-bit base without merged adapters and without DoRA (quantize after "
-                                 "initialising, as PEFT recommends)")
-            init_A, init_B, residual = mutated_init(init_lora_weights, dense_weight(self.base_layer), r, scaling)
+            init_A, init_B = rewrite_base_for_init(self.base_layer, init_lora_weights, r, scaling,
+                                                   merged=bool(self.merged_adapters), use_dora=use_dora)
             with torch.no_grad():
                 lora_A.weight.copy_(init_A)
                 lora_B.weight.copy_(init_B)
-                write_dense_weight(self.base_layer, residual)
             self.initial_lora[adapter_name] = (init_A.to(dtype), init_B.to(dtype))
         else:
             init_lora_weights_(lora_A.weight, lora_B.weight, init_lora_weights, r)

@@ -9,9 +9,10 @@ and eval, generate and merge read it to rebuild that base from a 16/32-bit model
 same blocksize, double quantization and dtypes). The adapter's weights file says it needs the record
 (``QLORA_MARKER`` in its safetensors header), so an adapter copied without it is refused rather than run on a
 base it was not trained on; a 4-bit base must be stored with the record's settings (``check_record_fits``). A
-LoftQ adapter (qlora/loftq.py) fits only the 4-bit base LoftQ made, which is saved beside it; its record says
-where (``"loftq_base": "loftq_base"``, relative to the adapter), and that base must be passed as the model
-(``check_loftq_base``).
+LoftQ adapter (qlora/loftq.py), or an OLoRA one trained on NF4 (lora/init.py: the residual base re-quantized),
+fits only the 4-bit base its initialisation made, which is saved beside it; its record says where
+(``"loftq_base": "loftq_base"`` or ``"olora_base"``, relative to the adapter), and that base must be passed as
+the model (``check_loftq_base``).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def check_record_fits(record: dict, base_layer, model_dir: str | Path, adapter_d
 
 
 def check_loftq_base(record: dict | None, model_dir: str | Path) -> None:
-    """Refuse a LoftQ adapter on any base but a 4-bit one (the LoftQ base saved beside it).
+    """Refuse a LoftQ (or 4-bit OLoRA) adapter on any base but a 4-bit one (the base saved beside it).
 
     Raises:
         ValueError: naming the directory to pass instead.
@@ -101,5 +102,5 @@ def check_loftq_base(record: dict | None, model_dir: str | Path) -> None:
     from finetune_ref.qlora.bnb_config import is_quantized_dir
 
     if record and LOFTQ_BASE in record and not is_quantized_dir(Path(model_dir)):
-        raise ValueError(f"the adapter was initialised with LoftQ and fits only its own 4-bit base: pass "
+        raise ValueError(f"the adapter was initialised with its own 4-bit base (LoftQ, or OLoRA on NF4) and fits only that: pass "
                          f"--model {record[LOFTQ_BASE]} (quantizing {model_dir} again would give another base)")

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from finetune_ref.lora import save_adapter, unload
+from finetune_ref.lora import adopt_rewritten_base, save_adapter, unload
 from finetune_ref.models.checkpoint import parse_dtype
 from finetune_ref.qlora.adapter_record import LOFTQ_BASE, QLORA_MARKER, write_qlora_record
 from finetune_ref.qlora.loftq import prepare_loftq_model
@@ -22,6 +22,10 @@ from finetune_ref.train.fsdp import gathered_trainable, shard_nf4_layers
 from .base import Trainable
 from .inference import copy_tokenizer_files
 from .lora import LoraRecipe
+
+
+# Inits that make their own 4-bit base, saved beside the adapter in this directory (qlora/adapter_record.py).
+OWN_BASE = {"loftq": LOFTQ_BASE, "olora": "olora_base"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,9 +47,9 @@ class QLoraRecipe(LoraRecipe):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init in ("pissa", "olora") or self.init.startswith("pissa_niter_"):
-            raise ValueError(f"--init {self.init} rewrites the 16/32-bit base, which --method qlora quantizes while "
-                             "loading; use it with --method lora (or --init loftq for a 4-bit base)")
+        if self.init == "pissa" or self.init.startswith("pissa_niter_"):
+            raise ValueError(f"--init {self.init} needs the 16/32-bit base (PEFT's pissa_init refuses a quantized "
+                             "one); use it with --method lora, or --init olora / loftq with --method qlora")
         if self.loftq_iter < 1:
             raise ValueError(f"--loftq-iter must be >= 1, got {self.loftq_iter}")
 
@@ -59,10 +63,10 @@ class QLoraRecipe(LoraRecipe):
         sharded = self.parallel == "fsdp" and info.enabled
         on_layer = (lambda layer: shard_nf4_layers(layer, info)) if sharded else None
         adapter_dtype = torch.bfloat16 if self.trained_dtype(info.world_size) == "bf16" else torch.float32
+        if self.init in OWN_BASE and sharded:
+            raise ValueError(f"--init {self.init} rewrites the whole 4-bit base with the adapter's start; it is not "
+                             "supported with --parallel fsdp")
         if self.init == "loftq":  # LoftQ (qlora/loftq.py): the base is quantized with the adapter's start
-            if sharded:
-                raise ValueError("--init loftq loads the whole 16/32-bit model to quantize it; it is not supported "
-                                 "with --parallel fsdp")
             model = prepare_loftq_model(model_dir, lora_config=self.lora_config(), num_iter=self.loftq_iter,
                                         blocksize=self.blocksize, double_quant=self.double_quant,
                                         compute_dtype=parse_dtype(compute), adapter_dtype=adapter_dtype,
@@ -72,18 +76,20 @@ class QLoraRecipe(LoraRecipe):
                                         double_quant=self.double_quant, compute_dtype=compute,
                                         adapter_dtype=adapter_dtype,  # under FSDP the fp32 shards are the master
                                         dtype=dtype, on_layer=on_layer)
+            if self.init == "olora":  # PEFT's olora_init on the 4-bit base (lora/init.py): W_res re-quantized,
+                adopt_rewritten_base(model)  # so the exact adapter is plain LoRA on that base, saved beside it
         layer = nf4_layers(model)[0][1]  # every layer shares the settings (a 4-bit --model: those it was saved with)
         settings = {"blocksize": layer.blocksize, "double_quant": layer.double_quant, "compute_dtype": compute,
                     "dtype": dtype}
-        record = {**settings, LOFTQ_BASE: LOFTQ_BASE} if self.init == "loftq" else settings
+        record = {**settings, LOFTQ_BASE: OWN_BASE[self.init]} if self.init in OWN_BASE else settings
 
         def export(m, directory):
             with gathered_trainable(unwrap_model(m)) as whole:  # collective: FSDP2 adapters gathered whole
                 if info.is_main:
                     save_adapter(whole, directory, base_model_name_or_path=str(model_dir), metadata=QLORA_MARKER)
-                    if self.init == "loftq":  # the adapter fits only this base: save it beside the adapter
-                        save_quantized(unload(copy.deepcopy(whole)), Path(directory) / LOFTQ_BASE)
-                        copy_tokenizer_files(model_dir, Path(directory) / LOFTQ_BASE)
+                    if self.init in OWN_BASE:  # the adapter fits only this base: save it beside the adapter
+                        save_quantized(unload(copy.deepcopy(whole)), Path(directory) / OWN_BASE[self.init])
+                        copy_tokenizer_files(model_dir, Path(directory) / OWN_BASE[self.init])
                     write_qlora_record(directory, record)
 
         return Trainable(model, {"method": "qlora", "lora": self.lora_metadata(), "qlora": settings}, export,

@@ -2,7 +2,8 @@
 2 KV heads), fp32. The arithmetic is PEFT's (lora/init.py), so A0, B0 and the residual base weights are
 compared bitwise; the saved (converted, rank-2r) adapter is compared with the one PEFT writes with
 ``path_initial_model_for_weight_conversion`` within 1e-6 relative (the same values; the trained A/B differ only
-by the fp32 update copied in), and PEFT loads it on the original base with our outputs."""
+by the fp32 update copied in), and PEFT loads it on the original base with our outputs. OLoRA on a bitsandbytes
+4-bit base (and PiSSA's refusal there) is compared with PEFT on transformers' 4-bit load."""
 
 import copy
 
@@ -16,6 +17,7 @@ peft = pytest.importorskip("peft")
 from finetune_ref import lora  # noqa: E402
 from finetune_ref.lora.init import pissa_init  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME, read_adapter_config  # noqa: E402
+from test_dora_peft_parity import QCONFIG, check_4bit_loss_and_grads, fp_dir, hf_4bit  # noqa: E402, F401 (fixture)
 
 PREFIX = "base_model.model."
 
@@ -102,3 +104,60 @@ def test_mutating_inits_refuse_tied_weights_dora_and_unconverted_files(tmp_path)
     pm.save_pretrained(tmp_path)  # not converted: only right on PEFT's residual base
     with pytest.raises(ValueError, match="path_initial_model_for_weight_conversion"):
         lora.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+# ---- OLoRA on a bitsandbytes 4-bit base (PEFT's olora_init dequantizes, QRs and quantizes the residual) ----
+
+def test_olora_on_a_4bit_base_matches_peft_on_bitsandbytes(fp_dir, tmp_path):
+    """A0, B0 bitwise (the same QR of the same dequantized weight); the re-quantized residual has bnb's NF4 bytes
+    and absmax (qlora/nf4.py is byte-for-byte bnb); loss within 1e-6 and gradients rtol 1e-4 as for QDoRA
+    (bitsandbytes' CPU matmul sums in another order). The 4-bit model is not unchanged at step 0: the residual is
+    rounded to the NF4 grid, so outputs move (bounded here), which is why the adapter keeps its base."""
+    import bitsandbytes as bnb
+    from finetune_ref.qlora.model import load_quantized
+
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    kwargs = dict(r=4, lora_alpha=12, target_modules=targets)
+    theirs = peft.get_peft_model(hf_4bit(fp_dir), peft.LoraConfig(init_lora_weights="olora", **kwargs))
+    ours = load_quantized(fp_dir, compute_dtype=torch.float32, dtype=torch.float32)
+    start = load_quantized(fp_dir, compute_dtype=torch.float32, dtype=torch.float32)
+    lora.inject_lora(ours, lora.LoraConfig(init_lora_weights="olora", **kwargs))
+    peft_layers = {n.removeprefix(PREFIX): m for n, m in theirs.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    layers = dict(lora.lora_layers(ours))
+    assert set(layers) == set(peft_layers) and len(layers) == 8
+    for name, layer in layers.items():
+        ref = peft_layers[name]
+        assert torch.equal(layer.lora_A["default"].weight, ref.lora_A["default"].weight), name
+        assert torch.equal(layer.lora_B["default"].weight, ref.lora_B["default"].weight), name
+        w = ref.base_layer.weight
+        assert torch.equal(layer.base_layer.weight.view(-1), w.data.view(-1)), name  # the packed NF4 codes
+        assert torch.equal(layer.base_layer.dequantize(), bnb.functional.dequantize_4bit(w.data, w.quant_state))
+    ids = torch.randint(0, QCONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+    assert len(check_4bit_loss_and_grads(ours, theirs, ids)) == 16
+    with torch.no_grad():  # W_res rounded to NF4: close to, not equal to, the 4-bit model before OLoRA
+        moved = (ours(ids).logits - start(ids).logits).abs().max().item()
+    assert 0 < moved < 0.5
+    # Saving: the conversion for the original 4-bit base would be off by the rounding, so it is refused; adopting
+    # the rewritten base gives a plain LoRA that PEFT loads on that base (our 4-bit save) with our loss.
+    with pytest.raises(ValueError, match="4-bit base.*adopt_rewritten_base"):
+        lora.save_adapter(ours, tmp_path / "refused")
+    assert not (tmp_path / "refused" / ADAPTER_WEIGHTS_NAME).exists()
+    lora.adopt_rewritten_base(ours)
+    lora.save_adapter(ours, tmp_path / "adapter")
+    assert read_adapter_config(tmp_path / "adapter").init_lora_weights is True
+    from finetune_ref.qlora.model import save_quantized
+
+    ours.eval()
+    save_quantized(lora.unload(copy.deepcopy(ours)), tmp_path / "base")
+    back = peft.PeftModel.from_pretrained(hf_4bit(tmp_path / "base"), tmp_path / "adapter")
+    with torch.no_grad():
+        assert abs(back(input_ids=ids, labels=ids).loss.item() - ours(ids, labels=ids).loss.item()) < 1e-6
+
+
+def test_pissa_on_a_4bit_base_is_refused_as_peft_does(fp_dir):
+    from finetune_ref.qlora.model import load_quantized
+
+    ours = load_quantized(fp_dir, compute_dtype=torch.float32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="16/32-bit base.*pissa_init"):
+        lora.inject_lora(ours, lora.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))

@@ -25,6 +25,7 @@ def resolve(*argv):
     ("--method", "lora", "--rank", "16", "--alpha", "32", "--targets", "q_proj,v_proj", "--lr", "3e-4",
      "--grad-checkpointing", "--log", "tensorboard,wandb", "--plot", "--data", "my data: v1.jsonl", "--seed", "7"),
     ("--method", "lora", "--targets", r"re:.*\.(q|v)_proj", "--rslora", "--dropout", "0.05", "--no-progress"),
+    ("--method", "lora", "--modules-to-save", "norm,lm_head", "--dora"),
     ("--method", "qlora", "--blocksize", "128", "--no-double-quant", "--compute-dtype", "fp32", "--lr", "2e-4",
      "--steps", "3", "--warmup", "2"),
     ("--method", "full", "--precision", "bf16", "--lr", "2e-5", "--min-lr-ratio", "0", "--weight-decay", "0.01",
@@ -132,3 +133,14 @@ def test_file_keys_are_the_flags_of_train():
     assert set(file_keys(train_arguments())) == flags - {"config", "print-config", "overwrite", "extend"}
     assert {"min-lr-ratio", "warmup", "no-double-quant", "log", "plot"} <= flags
     assert isinstance(train_arguments(), argparse.ArgumentParser)
+
+
+@pytest.mark.parametrize("value", ["re:.*norm", "all-linear"])
+def test_modules_to_save_takes_names_not_a_regex(value, capsys):
+    """PEFT's modules_to_save is a list of name suffixes: a regex (which --targets takes) would have been matched
+    as a literal suffix and chosen nothing or the wrong modules; it is refused naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--modules-to-save", value, "--print-config"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--modules-to-save" in err and "not " + repr(value) in err and "norm" in err

@@ -119,10 +119,12 @@ def _trainable_tensors(c: LlamaConfig, s: MemorySettings) -> list[int]:
         return per_layer * c.num_hidden_layers + head
     shapes = linear_shapes(c)
     per_layer = []
-    for name in s.target_modules:
+    for name in (t for t in s.target_modules if t in shapes):
         out_f, in_f = shapes[name]
         per_layer += [s.rank * in_f, out_f * s.rank] + ([out_f] if s.dora else [])
-    return per_layer * c.num_hidden_layers + _saved_copies(c, s)
+    embedding = [s.rank * c.vocab_size, c.hidden_size * s.rank] if "embed_tokens" in s.target_modules else []
+    embedding += [s.trainable_tokens * c.hidden_size] if s.trainable_tokens else []
+    return per_layer * c.num_hidden_layers + embedding + _saved_copies(c, s)
 
 
 def _saved_copies(c: LlamaConfig, s: MemorySettings) -> list[int]:
@@ -266,7 +268,11 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         raise TypeError(f"config must be a models.config.LlamaConfig, got {type(config).__name__}")
     s, c = settings, config
     s.validate()
-    if "lm_head" in s.modules_to_save:
+    # LoRA on embed_tokens (lora/embedding.py): the residual stream needs gradients from the first layer on, and a
+    # tied head is wrapped too (lora.embedding.TiedLoRAHead), keeping its input and x B_e for A_e's gradient.
+    emb = "embed_tokens" in s.target_modules or s.trainable_tokens > 0
+    tied_head = emb and config.tie_word_embeddings
+    if "lm_head" in s.modules_to_save or tied_head:
         # a wrapped head is not a plain linear: the model computes the plain loss on logits (LlamaForCausalLM)
         s = dataclasses.replace(s, chunked_loss=False)
     e = DTYPE_BYTES[s.dtype]
@@ -311,7 +317,11 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
     # (the final norm is outside the checkpointed layers: models/llama.LlamaModel recomputes it either way)
     final_norm = _norm_saved(n, H, e, True, full or "norm" in s.modules_to_save, s.selective_recompute)
     final_norm += n * H * e if (full and not s.chunked_loss) or "lm_head" in s.modules_to_save else 0
-    first = _layer_saved(c, s, grad_in=full)
+    lora_emb = "embed_tokens" in s.target_modules
+    final_norm += (n * H * a + n * s.rank * a) if tied_head and lora_emb else 0
+    # trainable tokens: a tied head's F.linear(x, E') keeps x and E' = E with the rows replaced (V, H)
+    final_norm += (n * H * e + V * H * e) if tied_head and s.trainable_tokens else 0
+    first = _layer_saved(c, s, grad_in=full or emb) + (n * s.rank * a if lora_emb else 0)  # + F.embedding(ids, A^T)
     rest = _layer_saved(c, s, grad_in=True)
     workspace = _layer_workspace(c, s)
     if s.gradient_checkpointing:
