@@ -73,13 +73,16 @@ def _saved_bytes_per_token(method: str, dtype: torch.dtype, first_layer: bool) -
     """Bytes per token one decoder layer no longer holds with selective recomputation (models/norm.py,
     models/recompute.py): each norm's fp32 input copy becomes its input in its own dtype, the normalised input
     kept for the norm weight's gradient (full) goes, and every saved norm output and SwiGLU product goes: as
-    the tensor itself (full, adapters of the model dtype) or as each fp32 adapter's cast of it (bf16 LoRA)."""
+    the tensor itself (full, adapters of the model dtype) or as the fp32 adapters' casts of it (bf16 LoRA).
+    A lower bound: more goes where each adapter casts its own copy."""
     H, I, e = CONFIG.hidden_size, CONFIG.intermediate_size, torch.finfo(dtype).bits // 8
     norm = 4 - e + (e if method == "full" else 0)  # per norm, per hidden element
     if method == "full" or e == 4:
         attn, mlp = norm * H + e * H, norm * H + e * H + e * I  # the norm output saved once, shared
     else:
-        attn, mlp = norm * H + 3 * 4 * H, norm * H + 2 * 4 * H + 4 * I  # q/k/v, gate/up and down casts
+        # at least one fp32 cast of each norm output (one per adapter, or one shared by the q/k/v and the
+        # gate/up adapters) and of the product
+        attn, mlp = norm * H + 4 * H, norm * H + 4 * H + 4 * I
     return mlp if first_layer and method == "lora" else attn + mlp  # LoRA: the first layer's input needs no grad
 
 
