@@ -11,7 +11,8 @@ The chunked path (``chunked_causal_lm_loss``) is the fused linear cross-entropy 
 tokens the logits h_c W^T are made, their log-softmax gives the loss, and at once the gradient
 d(loss)/d(logits) = (softmax - onehot) / num_items, from which d(loss)/dh = g W and d(loss)/dW = g^T h are
 accumulated. Backward only scales what the forward kept by the incoming gradient. No extra matmul; the extra
-memory is a few (C, V) fp32 tensors, d(loss)/dh (N, H) and, when the head trains, an fp32 d(loss)/dW (V, H).
+memory is one (C, V) workspace that every chunk reuses (``_Workspace``: fp32 log-softmax, and the logits in a
+16-bit model dtype), d(loss)/dh (N, H) and, when the head trains, an fp32 d(loss)/dW (V, H).
 
 Exactness (tests/test_loss.py): the per-token gradient is autograd's formula for the plain loss (log_softmax's
 backward of nll_loss's), but its exp and the matmuls run as separate kernels on chunks, so results differ in
@@ -103,13 +104,15 @@ class _Workspace:
     log-softmax (one tensor when the model is fp32), and the gradient cast back to the model dtype (in the
     logits' place). A fresh tensor this large (50 MB at C = 256, V = 49,152) is a fresh ``mmap`` on Linux
     (glibc serves blocks over 32 MB from the kernel), and the kernel zeroing its pages on first touch costs
-    more than the arithmetic on them: on one core, fp32 log_softmax into a new tensor took ~9x as long as into
-    a reused one. The kernels and their order are the ones the plain path runs, so the values are bitwise the
-    same (tests/test_loss.py)."""
+    more than the arithmetic on them: on one loaded core, fp32 log_softmax of (256, 49152) into a new tensor
+    took ~9x as long as into a reused one (benchmarks/PROFILE_BF16_STEP.md). The kernels and their order are
+    the ones the per-chunk tensors ran, so the values are bitwise the same (tests/test_loss.py)."""
 
     def __init__(self, h: torch.Tensor, weight: torch.Tensor, chunk: int):
-        # Under autocast (or a head in another dtype) F.linear decides the logits' dtype: no reuse for them.
-        self.plain = torch.is_autocast_enabled(h.device.type) or weight.dtype != h.dtype
+        # Under autocast (or a head in another dtype) F.linear decides the logits' dtype, and a tensor subclass
+        # (a DTensor) its own kernels: those keep the per-chunk tensors of the plain expressions.
+        self.plain = (torch.is_autocast_enabled(h.device.type) or weight.dtype != h.dtype
+                      or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (h, weight)))
         self.dtype = h.dtype
         shape = (chunk, weight.shape[0])
         self.logits = None if self.plain else torch.empty(shape, dtype=h.dtype, device=h.device)  # (C, V)
@@ -151,7 +154,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         weight: (V, H) the output head's weight (``lm_head.weight``).
         labels: int64 (B, T), -100 where no loss is taken; shifted here (h at t predicts labels[t+1]).
         num_items_in_batch: the loss's denominator (see ``causal_lm_loss``).
-        chunk_tokens: tokens per chunk; the (chunk, V) fp32 temporaries bound the extra memory.
+        chunk_tokens: tokens per chunk; the (chunk, V) workspace bounds the extra memory.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")

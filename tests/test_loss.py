@@ -6,6 +6,8 @@ d(loss)/dW sums over chunks in fp32 where the plain path sums in one matmul in t
 relative; bf16: 2^-7 relative, the plain path's own rounding).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -71,21 +73,24 @@ def previous_chunked_loss(h, w, labels, chunk):
     return total / num_items, grad_h, grad_w
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize("chunk", [7, 64])
-def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, chunk):
+def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, autocast, chunk):
     """The (C, V) workspace reused across chunks (in-place log-softmax, matmuls into it) runs the same kernels
-    in the same order as new tensors per chunk: loss and gradients bitwise equal."""
+    in the same order as new tensors per chunk: loss and gradients bitwise equal (under bf16 autocast, where
+    F.linear picks the logits' dtype, the per-chunk expressions themselves)."""
     torch.manual_seed(2)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     B, T, H, V = 3, 30, 32, 300
     h = torch.randn(B, T, H, dtype=dtype)
     w = (torch.randn(V, H) * 0.2).to(dtype)
     labels = torch.randint(0, V, (B, T))
     labels[1, 4:20] = -100  # whole ignored rows inside a chunk
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = chunked_causal_lm_loss(hh, ww, labels, chunk_tokens=chunk)
+    with context:
+        loss = chunked_causal_lm_loss(hh, ww, labels, chunk_tokens=chunk)
+        ref_loss, ref_dh, ref_dw = previous_chunked_loss(h, w, labels, chunk)
     loss.backward()
-    ref_loss, ref_dh, ref_dw = previous_chunked_loss(h, w, labels, chunk)
     assert torch.equal(loss.detach(), ref_loss)
     assert torch.equal(hh.grad.view(B, T, H)[:, :-1].reshape(-1, H), ref_dh)
     assert torch.equal(ww.grad, ref_dw.to(dtype))
