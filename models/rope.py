@@ -155,6 +155,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim): broadcast over heads
     if x.shape[-1] % 2 or torch.broadcast_shapes(x.shape, cos.shape, sin.shape) != x.shape or \
             torch.promote_types(x.dtype, cos.dtype) != x.dtype or cos.dtype != sin.dtype or \
-            cos.requires_grad or sin.requires_grad:
-        return x * cos + rotate_half(x) * sin
+            cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling():
+        return x * cos + rotate_half(x) * sin  # (compiled: inductor fuses these itself)
     return _Rotary.apply(x, cos, sin)
