@@ -101,60 +101,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class _Rotary(torch.autograd.Function):
-    """x * cos + rotate_half(x) * sin without the rotated copy of x: on the halves x1, x2 of the last dimension,
-
-        out1 = x1 * cos1 - x2 * sin1        out2 = x2 * cos2 + x1 * sin2
-
-    written into one output. These are the products and sums that the plain expression makes, in x's dtype
-    (a + (-b) is a - b exactly in IEEE arithmetic), so the output is bitwise that of
-    ``x * cos + rotate_half(x) * sin``; without the negated half, the concatenated copy and the two full-size
-    products it builds. Backward is the transposed rotation, the sums autograd forms for the plain expression:
-
-        dx1 = g1 * cos1 + g2 * sin2         dx2 = g2 * cos2 - g1 * sin1
-
-    The tables need no gradient (they are made from positions); they are the only tensors saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, sign=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, sign=-1), None, None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
-    """sign 1: (x1 c1 - x2 s1, x2 c2 + x1 s2); sign -1: (x1 c1 + x2 s2, x2 c2 - x1 s1). x (..., d); cos, sin
-    broadcast to x, d even. The output has x's memory layout (``empty_like``), as the elementwise ops give."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
-    out = torch.empty_like(x)
-    o1, o2 = out[..., :half], out[..., half:]  # views: the halves are written in place
-    torch.mul(x1, c1, out=o1)
-    torch.mul(x2, c2, out=o2)
-    if sign > 0:
-        o1.sub_(x2 * s1)
-        o2.add_(x1 * s2)
-    else:
-        o1.add_(x2 * s2)
-        o2.sub_(x1 * s1)
-    return out
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys. x: (B, H, T, head_dim); cos, sin: (B, T, head_dim).
-
-    Bitwise ``x * cos + rotate_half(x) * sin`` (transformers' ``apply_rotary_pos_emb``), in x's dtype, and its
-    gradient; computed half by half (``_Rotary``) when the result will not be broadcast larger than x.
-    """
+    """Rotate queries or keys. x: (B, H, T, head_dim); cos, sin: (B, T, head_dim)."""
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim): broadcast over heads
-    if x.shape[-1] % 2 or torch.broadcast_shapes(x.shape, cos.shape, sin.shape) != x.shape or \
-            torch.promote_types(x.dtype, cos.dtype) != x.dtype or cos.dtype != sin.dtype or \
-            cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling():
-        return x * cos + rotate_half(x) * sin  # (compiled: inductor fuses these itself)
-    return _Rotary.apply(x, cos, sin)
+    return x * cos + rotate_half(x) * sin

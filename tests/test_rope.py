@@ -83,33 +83,3 @@ def test_rope_meta_device_build_then_materialize():
         model = llama31_tiny()
     model.to_empty(device="cpu")
     assert torch.equal(model.model.rotary_emb.inv_freq, rope_inv_freq(model.config))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_rotary_is_bitwise_the_rotate_half_expression(dtype):
-    """apply_rotary computes half by half; output and input gradient must be bitwise those of transformers'
-    ``x * cos + rotate_half(x) * sin`` under autograd, for the model's (B, T, heads, d) -> (B, heads, T, d)
-    transposed views as for contiguous ones."""
-    from finetune_ref.models.rope import RotaryEmbedding, apply_rotary, rotate_half
-
-    torch.manual_seed(3)
-    B, T, heads, d = 2, 7, 3, 16
-    cfg = LlamaConfig(vocab_size=64, hidden_size=heads * d, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=heads, num_key_value_heads=heads)
-    cos, sin = RotaryEmbedding(cfg)(torch.arange(T).repeat(B, 1) * 37, dtype)  # (B, T, d)
-    grad = torch.randn(B, heads, T, d, dtype=dtype)
-    for layout in ("transposed", "contiguous"):
-        base = torch.randn(B, T, heads, d, dtype=dtype)
-        results = []
-        for fused in (False, True):
-            leaf = base.clone().requires_grad_()
-            x = leaf.transpose(1, 2) if layout == "transposed" else leaf.transpose(1, 2).contiguous()
-            if fused:
-                out = apply_rotary(x, cos, sin)
-            else:
-                out = x * cos[:, None] + rotate_half(x) * sin[:, None]
-            out.backward(grad)
-            results.append((out.detach(), leaf.grad))
-        (out0, dx0), (out1, dx1) = results
-        assert out1.dtype == dtype and out1.stride() == out0.stride()
-        assert torch.equal(out1, out0) and torch.equal(dx1, dx0), layout
