@@ -232,7 +232,9 @@ def prepare(model, settings: MemorySettings):
         quantize_model(model, compute_dtype=DTYPES[settings.dtype], double_quant=settings.double_quant)
     if settings.method in ("lora", "qlora"):
         inject_lora(model, LoraConfig(r=settings.rank, lora_alpha=16, target_modules=list(settings.target_modules),
-                                      use_dora=settings.dora, modules_to_save=list(settings.modules_to_save) or None),
+                                      use_dora=settings.dora, modules_to_save=list(settings.modules_to_save) or None,
+                                      ensure_weight_tying="embed_tokens" in settings.target_modules,
+                                      trainable_token_indices=list(range(settings.trainable_tokens)) or None),
                     adapter_dtype=DTYPES[settings.adapter_dtype or settings.dtype])
     model.model.gradient_checkpointing = settings.gradient_checkpointing
     model.chunked_loss = settings.chunked_loss
@@ -284,6 +286,14 @@ CASES = [
     (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
                            selective_recompute=True)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    # LoRA on the input embedding (lora/embedding.py): untied, and tied (the head wrapped: no chunked loss)
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64,
+                          target_modules=(*LINEAR_NAMES, "embed_tokens"))),
+    (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128,
+                           target_modules=("q_proj", "v_proj", "embed_tokens"))),
+    # trainable token rows (lora/trainable_tokens.py) with a tied head (it keeps E' with the rows replaced)
+    (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, trainable_tokens=6)),
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, trainable_tokens=6)),
 ]
 
 

@@ -116,10 +116,12 @@ def _trainable_tensors(c: LlamaConfig, s: MemorySettings) -> list[int]:
         return per_layer * c.num_hidden_layers + head
     shapes = linear_shapes(c)
     per_layer = []
-    for name in s.target_modules:
+    for name in (t for t in s.target_modules if t in shapes):
         out_f, in_f = shapes[name]
         per_layer += [s.rank * in_f, out_f * s.rank] + ([out_f] if s.dora else [])
-    return per_layer * c.num_hidden_layers + _saved_copies(c, s)
+    embedding = [s.rank * c.vocab_size, c.hidden_size * s.rank] if "embed_tokens" in s.target_modules else []
+    embedding += [s.trainable_tokens * c.hidden_size] if s.trainable_tokens else []
+    return per_layer * c.num_hidden_layers + embedding + _saved_copies(c, s)
 
 
 def _saved_copies(c: LlamaConfig, s: MemorySettings) -> list[int]:
@@ -249,7 +251,11 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         raise TypeError(f"config must be a models.config.LlamaConfig, got {type(config).__name__}")
     s, c = settings, config
     s.validate()
-    if "lm_head" in s.modules_to_save:
+    # LoRA on embed_tokens (lora/embedding.py): the residual stream needs gradients from the first layer on, and a
+    # tied head is wrapped too (lora.embedding.TiedLoRAHead), keeping its input and x B_e for A_e's gradient.
+    emb = "embed_tokens" in s.target_modules or s.trainable_tokens > 0
+    tied_head = emb and config.tie_word_embeddings
+    if "lm_head" in s.modules_to_save or tied_head:
         # a wrapped head is not a plain linear: the model computes the plain loss on logits (LlamaForCausalLM)
         s = dataclasses.replace(s, chunked_loss=False)
     e = DTYPE_BYTES[s.dtype]
@@ -293,7 +299,11 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
     # + normalised x and lm_head's input (the chunked loss saves no input: it keeps gradients instead)
     final_norm = n * H * 4 + n * 4 + ((1 if s.chunked_loss else 2) * n * H * e if full else 0)
     final_norm += 0 if full else n * H * e * (("norm" in s.modules_to_save) + ("lm_head" in s.modules_to_save))
-    first = _layer_saved(c, s, grad_in=full)
+    lora_emb = "embed_tokens" in s.target_modules
+    final_norm += (n * H * a + n * s.rank * a) if tied_head and lora_emb else 0
+    # trainable tokens: a tied head's F.linear(x, E') keeps x and E' = E with the rows replaced (V, H)
+    final_norm += (n * H * e + V * H * e) if tied_head and s.trainable_tokens else 0
+    first = _layer_saved(c, s, grad_in=full or emb) + (n * s.rank * a if lora_emb else 0)  # + F.embedding(ids, A^T)
     rest = _layer_saved(c, s, grad_in=True)
     workspace = _layer_workspace(c, s)
     if s.gradient_checkpointing:
