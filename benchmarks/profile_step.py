@@ -51,7 +51,7 @@ def text_batch(model_dir: Path, batch: int, seq: int) -> torch.Tensor:
     return batch_of(Tokenizer.from_dir(model_dir), batch, seq)
 
 
-def step(model, ids, optimizer, max_norm, phases: bool):
+def step(model, ids, optimizer, max_norm):
     from finetune_ref.train.step import clip_grad_norm_
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,12 +99,12 @@ def main() -> None:
     cfg, model, optimizer = build(args.method, args.precision, args.model_dir)
     ids = text_batch(args.model_dir, args.batch_size, args.seq_len)
     for _ in range(args.warmup):
-        step(model, ids, optimizer, cfg.max_grad_norm, False)
+        step(model, ids, optimizer, cfg.max_grad_norm)
     start = time.perf_counter()
-    step(model, ids, optimizer, cfg.max_grad_norm, False)
+    step(model, ids, optimizer, cfg.max_grad_norm)
     plain = time.perf_counter() - start
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
-        step(model, ids, optimizer, cfg.max_grad_norm, True)
+        step(model, ids, optimizer, cfg.max_grad_norm)
     text, summary = table(prof, args.top)
     print(f"## {args.method} {args.precision}, {args.batch_size} x {args.seq_len}, threads {args.threads}, "
           f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.2f}")
