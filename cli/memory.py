@@ -114,8 +114,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "loop's packed batches carry them)")
     p.add_argument("--no-chunked-loss", action="store_true",
                    help="the loss on materialised logits (finetune train --no-chunked-loss)")
-    p.add_argument("--selective-recompute", action="store_true",
-                   help="RMSNorm outputs and SwiGLU products recomputed in backward (finetune train's flag)")
+    p.add_argument("--no-selective-recompute", action="store_true",
+                   help="RMSNorm and SwiGLU outputs stored for backward, not recomputed (finetune train's flag)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="ddp: every rank holds the model (the one-process estimate, per rank); fsdp: FSDP2 shards "
                         "weights, gradients and optimizer states over --world-size ranks (train/memory_fsdp.py)")
@@ -155,7 +155,7 @@ def settings(args: argparse.Namespace) -> MemorySettings:
         trainable_tokens=args.trainable_tokens,
         double_quant=getattr(recipe, "double_quant", None) is not False,
         blocksize=getattr(recipe, "blocksize", None) or DEFAULT_BLOCKSIZE, attention_mask=not args.no_mask,
-        chunked_loss=not args.no_chunked_loss, selective_recompute=args.selective_recompute)
+        chunked_loss=not args.no_chunked_loss, selective_recompute=not args.no_selective_recompute)
 
 
 def add_memory_parser(subparsers) -> argparse.ArgumentParser:

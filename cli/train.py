@@ -286,9 +286,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_const", const=False,
                    help="compute the loss on materialised (batch, seq_len, vocab) logits instead of from the "
                         "hidden states in chunks (same loss to rounding, more memory)")
-    p.add_argument("--selective-recompute", action="store_true",
-                   help="recompute RMSNorm outputs and SwiGLU products in backward instead of storing them "
-                        "(less memory, the same gradients, a few elementwise ops more)")
+    p.add_argument("--no-selective-recompute", dest="selective_recompute", action="store_const", const=False,
+                   help="store RMSNorm and SwiGLU outputs for backward instead of recomputing them there (the "
+                        "same gradients; more memory, a few elementwise ops fewer)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (the first steps compile; needs a C++ compiler on CPU)")
     p.add_argument("--save-every", type=non_negative_int,

@@ -142,9 +142,9 @@ def test_recipes_train_with_the_chunked_loss_by_default():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
     LoraRecipe().configure_model(model)
-    assert model.chunked_loss and not model.model.selective_recompute and not model.model.gradient_checkpointing
-    LoraRecipe(chunked_loss=False, selective_recompute=True).configure_model(model)  # --no-chunked-loss etc.
-    assert not model.chunked_loss and model.model.selective_recompute
+    assert model.chunked_loss and model.model.selective_recompute and not model.model.gradient_checkpointing
+    LoraRecipe(chunked_loss=False, selective_recompute=False).configure_model(model)  # --no-chunked-loss etc.
+    assert not model.chunked_loss and not model.model.selective_recompute
     assert dataclasses.replace(LoraRecipe(), grad_checkpointing=True).grad_checkpointing
 
 

@@ -44,8 +44,8 @@ class MemorySettings:
         chunked_loss: the loss is computed from the hidden states in chunks, without logits (models/loss.py;
             the training recipes' default); False: the plain loss on (B, T, vocab) logits.
         fused_adamw: "adamw" through torch's fused kernel (fp32 parameters: no step temporaries).
-        selective_recompute: RMSNorm outputs (fp32 models) and SwiGLU products are recomputed in backward
-            instead of saved (models/recompute.py).
+        selective_recompute: RMSNorm internals and outputs, SwiGLU products and adapters' casts of them are
+            recomputed in backward instead of saved (models/recompute.py, models/norm.py).
     """
 
     method: str = "lora"
@@ -65,7 +65,7 @@ class MemorySettings:
     attention_mask: bool = True
     keeps_output: bool = True
     chunked_loss: bool = True
-    selective_recompute: bool = False
+    selective_recompute: bool = True
     fused_adamw: bool = False
 
     def validate(self) -> None:
