@@ -22,8 +22,10 @@ sides; see that file for why not RSS), with the optimizer states already allocat
 "ours" is the model ``finetune train`` runs, as the recipes build it: the loss from the hidden states in
 chunks (models/loss.py), SDPA with enable_gqa, a SwiGLU that saves gate and up only (models/llama.py), q/k/v
 and gate/up over the frozen base (and LoRA's A's) as one matmul each (models/fused.py, lora/fused.py).
-``--variants`` also measures it with ``--selective-recompute`` (models/recompute.py), with ``--no-chunked-loss``,
-with ``--no-fused-projections``, and, for full fine-tuning, with ``torch.optim.AdamW(fused=True)``.
+``--variants`` also measures it with selective recomputation switched the other way (models/recompute.py), with
+``--no-chunked-loss``, with ``--no-fused-projections``, and, for full fine-tuning, with
+``torch.optim.AdamW(fused=True)``. ``--recompute-cost`` times only our step with and without recomputation, in
+turns, and reports the median ratio of the pairs.
 
 Each row also reports the step's matmul FLOP/s as a fraction of what ``F.linear`` reaches on the same shapes,
 dtype and threads, measured in the same run: how far the step is from the machine's own limit.
@@ -205,16 +207,34 @@ def measure_peak(model, optimizer, ids, extra) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Our variants: switches of the model people run (recipes' defaults: chunked loss on, recomputation off).
 # ---------------------------------------------------------------------------------------------------------
-VARIANTS = {"ours": {}, "ours --selective-recompute": {"selective_recompute": True},
+def _recipe_defaults() -> dict:
+    from finetune_ref.recipes.lora import LoraRecipe
+
+    defaults = LoraRecipe()
+    return {"chunked_loss": defaults.chunked_loss, "selective_recompute": defaults.selective_recompute}
+
+
+DEFAULTS = _recipe_defaults()
+# The recompute row flips the recipes' default (``--selective-recompute`` / ``--no-selective-recompute``).
+RECOMPUTE_ROW = "ours --no-selective-recompute" if DEFAULTS["selective_recompute"] else "ours --selective-recompute"
+VARIANTS = {"ours": {}, RECOMPUTE_ROW: {"selective_recompute": not DEFAULTS["selective_recompute"]},
             "ours --no-chunked-loss": {"chunked_loss": False},
             "ours --no-fused-projections": {"fused_projections": False}}
 
 
 def configure(model, options: dict) -> None:
     """Set our model's switches to a variant's (models/llama.py: chunked_loss, selective_recompute)."""
-    model.chunked_loss = options.get("chunked_loss", True)
-    model.model.selective_recompute = options.get("selective_recompute", False)
+    model.chunked_loss = options.get("chunked_loss", DEFAULTS["chunked_loss"])
+    model.model.selective_recompute = options.get("selective_recompute", DEFAULTS["selective_recompute"])
     fuse_projections(model, options.get("fused_projections", True))  # models/fused.py, lora/fused.py
+
+
+def recompute_cost(times: dict[str, list[float]]) -> float:
+    """Selective recomputation's share of step time: the median over rounds of (step with it) / (step without
+    it) - 1, each pair taken back to back, so that a change of the machine's load between rounds cancels."""
+    on, off = (times["ours"], times[RECOMPUTE_ROW]) if DEFAULTS["selective_recompute"] else \
+        (times[RECOMPUTE_ROW], times["ours"])
+    return statistics.median(a / b for a, b in zip(on, off)) - 1 if on and off else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,18 +291,21 @@ def check_variance(times: dict[str, list[float]], limit: float = 2.0) -> list[st
 def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
     tokens, dtype = ids.numel(), DTYPES[args.dtype]
     sides = {}
-    for label, build in (("ours", ours), ("transformers", hf)):
+    for label, build in (("ours", ours),) + ((("transformers", hf),) if not args.recompute_cost else ()):
         model, params, extra = build(method, model_dir, dtype)
         sides[label] = {"model": model, "extra": extra, "params": params,
                         "optimizer": torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0),
                         "trainable": sum(p.numel() for p in params)}
     # (name, side, variant options, optimizer); our variants share one model, switched before each step
     variants = VARIANTS if args.variants else {"ours": {}}
+    if args.recompute_cost:
+        variants = {name: VARIANTS[name] for name in ("ours", RECOMPUTE_ROW)}
     runs = [(name, sides["ours"], opts, sides["ours"]["optimizer"]) for name, opts in variants.items()]
-    if args.variants and method == "full":
+    if args.variants and method == "full" and not args.recompute_cost:
         fused = torch.optim.AdamW(sides["ours"]["params"], lr=LR[method], weight_decay=0.0, fused=True)
         runs.append(("ours + fused AdamW", sides["ours"], {}, fused))
-    runs.append(("transformers", sides["transformers"], None, sides["transformers"]["optimizer"]))
+    if not args.recompute_cost:
+        runs.append(("transformers", sides["transformers"], None, sides["transformers"]["optimizer"]))
 
     def prepare(side, opts):
         if opts is not None:
@@ -316,12 +339,13 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
             settings = MemorySettings(
                 method=method, optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1], dtype=args.dtype,
                 adapter_dtype="fp32", rank=LORA_R, attention_mask=False, keeps_output=False,
-                chunked_loss=opts.get("chunked_loss", True), selective_recompute=opts.get("selective_recompute", False),
+                chunked_loss=opts.get("chunked_loss", True), selective_recompute=opts.get("selective_recompute", DEFAULTS["selective_recompute"]),
                 fused_projections=opts.get("fused_projections", True))
             predicted[name] = estimate_memory(config, settings).peak
     configure(sides["ours"]["model"], {})
     result = {"method": method, "tokens_per_step": tokens, "trainable": sides["ours"]["trainable"],
-              "trainable_hf": sides["transformers"]["trainable"], "first_loss": first_loss,
+              "trainable_hf": sides.get("transformers", sides["ours"])["trainable"], "first_loss": first_loss,
+              "recompute_cost": recompute_cost(times) if RECOMPUTE_ROW in times else float("nan"),
               "predicted_peak": predicted, "linear_flops_per_s": limit, "step_flops": matmul_flops(shapes),
               "noisy": check_variance(times), "rows": {}}
     for name in times:
@@ -367,17 +391,17 @@ def render(env: dict, results: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref = r["rows"]["transformers"]
+        ref = r["rows"].get("transformers")  # none with --recompute-cost
         for name, row in r["rows"].items():
-            mem = row["peak_bytes"] / ref["peak_bytes"]
-            speed = "noisy" if r["noisy"] else f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+            mem = f"{row['peak_bytes'] / ref['peak_bytes']:.2f}x" if ref else "-"
+            speed = "noisy" if r["noisy"] else f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
             loss = r["first_loss"].get(name, float("nan"))
             steps = f"{row['median_step_s']:.2f} ({min(row['step_s']):.2f}-{max(row['step_s']):.2f})" \
                 if row["step_s"] else "-"
             if not row["step_s"]:
                 speed = "-"  # --memory-only
             lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {steps} | "
-                         f"{row['peak_bytes'] / 1e6:.0f} | {speed} | {mem:.2f}x | {row['linear_fraction']:.2f} | "
+                         f"{row['peak_bytes'] / 1e6:.0f} | {speed} | {mem} | {row['linear_fraction']:.2f} | "
                          f"{loss:.4f} |")
     lines += ["", f"Targets: tokens/s >= {TARGET_SPEEDUP}x transformers' for LoRA and QLoRA in bf16 (>= 1.0x in "
               f"fp32 and for full); peak memory <= {TARGET_MEMORY}x theirs for LoRA and QLoRA, <= 0.8x for full; "
@@ -392,10 +416,14 @@ def render(env: dict, results: list[dict], args) -> str:
             measured = r["rows"][name]["peak_bytes"]
             lines.append(f"  - {name}: `finetune memory` predicts {predicted / 1e6:.0f} MB, measured "
                          f"{measured / 1e6:.0f} MB ({predicted / measured - 1:+.1%}).")
+        if math.isfinite(r.get("recompute_cost", float("nan"))):
+            lines.append(f"  - selective recomputation costs {r['recompute_cost']:+.1%} of step time (median over "
+                         f"{len(r['rows']['ours']['step_s'])} rounds of the ratio of its step to the step without "
+                         "it, taken back to back).")
         if r["noisy"]:
             lines.append(f"  - step times varied by more than 2x, speed ratios not printed: {'; '.join(r['noisy'])}")
     by_method = {r["method"]: r for r in results}
-    if "lora" in by_method and "qlora" in by_method and not args.memory_only:
+    if "lora" in by_method and "qlora" in by_method and not args.memory_only and not args.recompute_cost:
         q, lo = by_method["qlora"]["rows"]["ours"], by_method["lora"]["rows"]["ours"]
         noisy = by_method["qlora"]["noisy"] or by_method["lora"]["noisy"]
         ratio = "noisy" if noisy else f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}x"
@@ -435,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype")
     parser.add_argument("--variants", action="store_true",
                         help="also measure our step with --selective-recompute, --no-chunked-loss (and fused AdamW)")
+    parser.add_argument("--recompute-cost", action="store_true",
+                        help="time only our step with and without selective recomputation, in turns (its cost in "
+                             "step time; no transformers row)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny random model, batch 2 x 32, 2 steps: checks the script works (not written)")
     parser.add_argument("--memory-only", action="store_true",
@@ -488,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         settings = {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "dtype", "quick",
-                                                   "memory_only")}
+                                                   "memory_only", "recompute_cost")}
         args.json.write_text(json.dumps({"environment": env, "settings": settings, "results": results}, indent=2))
     if not args.no_write:
         write_results(text, RESULTS_MD)

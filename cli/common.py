@@ -183,6 +183,17 @@ def targets(text: str) -> tuple[str, ...] | str:
     return names
 
 
+def token_ids(text: str) -> tuple[int, ...]:
+    """A comma-separated list of distinct token ids >= 0, e.g. '0,5,17' (--trainable-tokens)."""
+    try:
+        ids = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids like 0,5,17, got {text!r}") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected distinct token ids >= 0 like 0,5,17, got {text!r}")
+    return ids
+
+
 def module_names(text: str) -> tuple[str, ...]:
     """--modules-to-save: comma-separated module-name suffixes (PEFT's modules_to_save rule, which has no regex and
     no 'all-linear': ``lora.modules_to_save.find_modules_to_save``)."""

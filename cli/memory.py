@@ -8,7 +8,8 @@ import dataclasses
 import json
 import sys
 
-from finetune_ref.cli.common import NF4_BLOCKSIZES, Parser, positive_int, rank, sequences_per_batch, tokens_per_sequence
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, Parser, non_negative_int, positive_int, rank, sequences_per_batch,
+                                     tokens_per_sequence)
 from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_config
 from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
 from finetune_ref.train import memory
@@ -65,13 +66,12 @@ def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySett
 
 
 def _targets(text: str) -> tuple[str, ...]:
-    if text == "all-linear":
-        return LINEAR_NAMES
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in LINEAR_NAMES]
-    if unknown or not names:
+    names = tuple(n for t in names for n in (LINEAR_NAMES if t == "all-linear" else (t,)))
+    unknown = [t for t in names if t not in (*LINEAR_NAMES, "embed_tokens")]
+    if unknown or not set(names) & set(LINEAR_NAMES):
         raise argparse.ArgumentTypeError(f"expected 'all-linear' or a comma-separated subset of {LINEAR_NAMES}, "
-                                         f"got {text!r}")
+                                         f"either plus embed_tokens, got {text!r}")
     return names
 
 
@@ -103,6 +103,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
     p.add_argument("--modules-to-save", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
+    p.add_argument("--trainable-tokens", type=non_negative_int, default=0, metavar="K",
+                   help="how many embedding rows train directly (finetune train --trainable-tokens; default 0)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_const", const=False,
                    help="QLoRA without double quantization")
     p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES,
@@ -112,8 +114,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "loop's packed batches carry them)")
     p.add_argument("--no-chunked-loss", action="store_true",
                    help="the loss on materialised logits (finetune train --no-chunked-loss)")
-    p.add_argument("--selective-recompute", action="store_true",
-                   help="RMSNorm outputs and SwiGLU products recomputed in backward (finetune train's flag)")
+    p.add_argument("--no-selective-recompute", action="store_true",
+                   help="RMSNorm and SwiGLU outputs stored for backward, not recomputed (finetune train's flag)")
     p.add_argument("--no-fused-projections", action="store_true",
                    help="q/k/v and gate/up as separate matmuls (finetune train --no-fused-projections)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
@@ -152,9 +154,10 @@ def settings(args: argparse.Namespace) -> MemorySettings:
         gradient_checkpointing=recipe.grad_checkpointing, dtype=dtype or recipe.base_dtype(),
         adapter_dtype=None if args.method == "full" else adapter_dtype, rank=getattr(recipe, "rank", 8),
         target_modules=tuple(args.targets), dora=args.dora, modules_to_save=args.modules_to_save,
+        trainable_tokens=args.trainable_tokens,
         double_quant=getattr(recipe, "double_quant", None) is not False,
         blocksize=getattr(recipe, "blocksize", None) or DEFAULT_BLOCKSIZE, attention_mask=not args.no_mask,
-        chunked_loss=not args.no_chunked_loss, selective_recompute=args.selective_recompute,
+        chunked_loss=not args.no_chunked_loss, selective_recompute=not args.no_selective_recompute,
         # as RunConfig.configure_model: FSDP2 runs unfused
         fused_projections=not args.no_fused_projections and args.parallel != "fsdp")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_args, add_out_args, finite_non_negative,
                                      fraction, grad_accum, learning_rate, module_names, non_negative_int,
                                      positive_float, positive_int, probability, rank, resolve_model_dir, seed,
-                                     show_number, targets, weight_decay, writing_to)
+                                     show_number, targets, token_ids, weight_decay, writing_to)
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.recipes.run_record import (config_from_record, holds_run, latest_checkpoint_update, read_run_record,
@@ -288,11 +288,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "hidden states in chunks (same loss to rounding, more memory)")
     p.add_argument("--no-fused-projections", dest="fused_projections", action="store_const", const=False,
                    help="run q/k/v and gate/up (and their LoRA A's) as separate matmuls instead of one each over "
-                        "the frozen base (same results to float rounding; slower, and with fp32 adapters on a 16-bit base "
-                        "more memory)")
-    p.add_argument("--selective-recompute", action="store_true",
-                   help="recompute RMSNorm outputs and SwiGLU products in backward instead of storing them "
-                        "(less memory, the same gradients, a few elementwise ops more)")
+                        "the frozen base (same results to float rounding; slower, and with fp32 adapters on a "
+                        "16-bit base without recomputation more memory)")
+    p.add_argument("--no-selective-recompute", dest="selective_recompute", action="store_const", const=False,
+                   help="store RMSNorm and SwiGLU outputs for backward instead of recomputing them there (the "
+                        "same gradients; more memory, a few elementwise ops fewer)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (the first steps compile; needs a C++ compiler on CPU)")
     p.add_argument("--save-every", type=non_negative_int,
@@ -323,7 +323,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=probability,
                    help=f"LoRA dropout on the adapter input ({_default('dropout')})")
     g.add_argument("--targets", type=targets,
-                   help=f"'all-linear', module names like q_proj,v_proj, or re:<regex> ({_default('targets')})")
+                   help=f"'all-linear', module names like q_proj,v_proj (embed_tokens: LoRA on the input embedding), "
+                        f"or re:<regex> ({_default('targets')})")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     g.add_argument("--loraplus-lr-ratio", type=positive_float,
                    help="LoRA+: B's learning rate = this x --lr (Hayou et al. 2024 use ~16; default off)")
@@ -335,6 +336,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modules-to-save", type=module_names, metavar="NAMES",
                    help="modules trained in full and saved with the adapter, by name suffix as PEFT (no re: or "
                         "all-linear), e.g. norm or lm_head (an untied one); default none")
+    g.add_argument("--trainable-tokens", type=token_ids, metavar="IDS",
+                   help="token ids whose embedding rows train directly, e.g. 0,5,17 (PEFT's trainable_token_indices; "
+                        "a tied lm_head follows them); default none")
+    g.add_argument("--ensure-weight-tying", action="store_true",
+                   help="with embed_tokens in --targets on a model whose lm_head is tied to it: give the head the "
+                        "same adapter (PEFT's ensure_weight_tying); without it such targets are refused")
     g.add_argument("--dora", action="store_true",
                    help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")

@@ -40,7 +40,7 @@ NOT_WRITTEN = NOT_IN_FILE | {"dry_run", "resume"}   # a repeat starts afresh (a 
 BOOL_TAG = "tag:yaml.org,2002:bool"
 NULL_TAG = "tag:yaml.org,2002:null"
 SHOW = {"targets": targets_text, "log": ",".join,   # a field's value -> the flag's text, where str() is not it
-        "modules_to_save": ",".join}
+        "modules_to_save": ",".join, "trainable_tokens": lambda ids: ",".join(map(str, ids))}
 HEADER = ("# finetune train --config this file: the resolved settings of a run, one flag of `finetune train` per\n"
           "# key (without its dashes); null: the default. Flags on the command line override these.\n")
 

@@ -96,7 +96,8 @@ def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = No
     # Byte b decodes to the fp32 pair (code[b >> 4], code[b & 15]). Gathering each pair as one 8-byte
     # word (index_select on an int64 view of the (256, 2) table) is ~20x faster on CPU than
     # advanced indexing; the bytes are only copied, so the values are unchanged.
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2) fp32
+    # One copy kernel: (16, 16, 2) with [i, j] = (code[i], code[j]), i.e. byte 16 i + j -> (high, low).
+    pairs = torch.stack(torch.broadcast_tensors(code[:, None], code[None, :]), dim=-1).view(256, 2)  # fp32
     words = torch.index_select(pairs.view(torch.int64).view(256), 0, packed.reshape(-1).to(torch.int32))  # (m,)
     values = words.view(torch.float32)[:n]  # (2m,) -> (n,) fp32
     if nb * bs != n:

@@ -10,6 +10,8 @@
     lora.peft_format  save_adapter / load_adapter / load_adapters in PEFT's file format
     lora.mixed        mixed-adapter batches: set_row_adapters (PEFT's adapter_names), lora_bgmv / lora_sgmv
     lora.dora         DoRA (Liu et al. 2024): magnitude vector, forward and merge math
+    lora.embedding    LoRA on an nn.Embedding (lora_embedding_A/B) and the head tied to it (ensure_weight_tying)
+    lora.trainable_tokens  trainable_token_indices: only some rows of an embedding train
     lora.init         PiSSA / OLoRA initialisations and their conversion to plain LoRA on saving
     lora.loraplus     LoRA+ (Hayou et al. 2024) optimizer parameter groups
     lora.combine      add_weighted_adapter (linear, cat, svd, ties, dare_*, magnitude_prune) and set_scale

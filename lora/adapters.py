@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
-                                     mark_only_lora_trainable, set_active_adapters, set_submodule,
-                                     tied_weight_owners)
+                                     mark_only_lora_trainable, set_active_adapters, set_submodule, tied_heads,
+                                     tied_weight_owners, tuner_layers)
 from finetune_ref.lora.base_weight import RequantizationWarning, dense_weight, warn_requantization
 from finetune_ref.lora.layer import LoRALinear
 from finetune_ref.lora.modules_to_save import wrappers
@@ -35,7 +35,7 @@ from finetune_ref.lora.modules_to_save import wrappers
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter on the model, in the order they were added."""
     names = list(get_lora_configs(model))
-    for _, layer in lora_layers(model):
+    for _, layer in tuner_layers(model):
         names.extend(n for n in layer.adapter_names if n not in names)
     return names
 
@@ -60,7 +60,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         ValueError: unknown adapter, or adapters are merged (``unmerge_adapters`` first).
     """
     names = _check_names(model, names)
-    merged = {n for _, layer in lora_layers(model) for n in layer.merged_adapters}
+    merged = {n for _, layer in tuner_layers(model) for n in layer.merged_adapters}
     if merged and set(names) != set(get_active_adapters(model)):
         raise ValueError(f"cannot switch adapters while {sorted(merged)} are merged; call unmerge_adapters first")
     set_active_adapters(model, names)
@@ -73,7 +73,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: an adapter is merged (its update is inside W, so disabling cannot remove it; unmerge first).
     """
-    layers = [layer for _, layer in lora_layers(model)] + [w for _, w in wrappers(model)]
+    layers = [layer for _, layer in tuner_layers(model)] + [w for _, w in wrappers(model)]
     merged = sorted({n for layer in layers for n in getattr(layer, "merged_adapters", [])})
     if merged:
         raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge_adapters before "
@@ -95,16 +95,19 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         ValueError: unknown adapter, or it is merged (unmerge first).
     """
     _check_names(model, [adapter_name])
-    for _, layer in lora_layers(model):
+    for _, layer in tuner_layers(model):
         if adapter_name in layer.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapters before deleting it")
-    for name, layer in lora_layers(model):
+    for name, layer in tuner_layers(model):
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
         elif adapter_name in layer.active_adapters:
             layer.active_adapters.remove(adapter_name)
         if not layer.adapter_names:
             set_submodule(model, name, layer.base_layer)
+    for name, head in tied_heads(model):  # a head tied to an embedding left without adapters
+        if not head.source.adapter_names:
+            set_submodule(model, name, head.base_layer)
     for name, wrapper in wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             del wrapper.modules_to_save[adapter_name]
@@ -161,10 +164,11 @@ def merge_adapters(model: nn.Module, adapter_names: Sequence[str] | None = None,
     """
     names = _check_names(model, get_active_adapters(model) if adapter_names is None else adapter_names)
     work = []
-    for layer_name, layer in lora_layers(model):
+    for layer_name, layer in tuner_layers(model):
         todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
         if todo:
-            dense_weight(layer.base_layer)  # TypeError for a base that cannot be merged into, before any change
+            if isinstance(layer, LoRALinear):  # an embedding's base is a plain nn.Embedding (lora.embedding)
+                dense_weight(layer.base_layer)  # TypeError for a base that cannot be merged into, before changes
             work.append((layer_name, layer, todo))
     todo_layers = {layer_name for layer_name, _, _ in work}
     tied = {k: v for k, v in tied_weight_owners(model).items() if k in todo_layers}
@@ -202,7 +206,7 @@ def _untie(model: nn.Module, layer: LoRALinear) -> None:
 
 def unmerge_adapters(model: nn.Module) -> list[str]:
     """Subtract every merged update from its base weight; returns the names of the layers changed."""
-    return [name for name, layer in lora_layers(model) if layer.unmerge()]
+    return [name for name, layer in tuner_layers(model) if layer.unmerge()]
 
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = True,
@@ -224,7 +228,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _unwrap(model: nn.Module, keep_trained_copies: bool = False) -> nn.Module:
-    for name, layer in lora_layers(model):
+    for name, layer in [*tuner_layers(model), *tied_heads(model)]:
         set_submodule(model, name, layer.base_layer)
     for name, wrapper in wrappers(model):  # modules_to_save: the active copy when merging (PEFT), else the original
         module = wrapper.active_module() if keep_trained_copies else wrapper.original_module

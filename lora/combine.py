@@ -48,7 +48,7 @@ from torch import nn
 from finetune_ref.lora.config import LoraConfig
 from finetune_ref.lora.functional import lora_scaling
 from finetune_ref.lora.init import is_mutating_init
-from finetune_ref.lora.inject import get_lora_configs, inject_lora, lora_layers
+from finetune_ref.lora.inject import embedding_layers, get_lora_configs, inject_lora, lora_layers
 
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # need a density
 COMBINATIONS = ("linear", "cat", "svd", *PRUNING, *(f"{c}_svd" for c in PRUNING))
@@ -180,6 +180,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if odd:
         raise ValueError(f"adapters {odd} are DoRA, PiSSA/OLoRA or modules_to_save adapters, whose update is not "
                          "B A alone; only plain LoRA adapters can be combined")
+    on_embedding = [a for a in adapters if any(a in layer.adapter_names for _, layer in embedding_layers(model))]
+    if on_embedding:
+        raise ValueError(f"adapters {on_embedding} adapt an embedding (lora_embedding_A/B); combining those is not "
+                         "supported: train them without embed_tokens in target_modules")
     combination_type = "linear" if len(adapters) == 1 else combination_type
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.adapter_names for a in adapters)]
     ranks = [max(layer.r[a] for _, layer in layers if a in layer.adapter_names) for a in adapters]
@@ -221,7 +225,7 @@ def set_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.adapter_names]
+    layers = [layer for _, layer in [*lora_layers(model), *embedding_layers(model)] if adapter_name in layer.adapter_names]
     if not layers:
         raise ValueError(f"no layer carries adapter {adapter_name!r}")
     if any(adapter_name in layer.merged_adapters for layer in layers):

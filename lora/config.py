@@ -10,7 +10,7 @@ A LoRA adapter on a linear layer W (out_features, in_features) adds a rank-r upd
 defaults are those of ``peft.LoraConfig`` (peft/tuners/lora/config.py) so that a config written here is read by
 PEFT and the other way round. Plain LoRA, DoRA (``use_dora``, Liu et al. 2024; ``lora.dora``)
 and modules_to_save (``lora.modules_to_save``) are supported; a PEFT config that asks for anything else (lora_bias,
-fan_in_fan_out, layers_to_transform, trainable_token_indices, ...) is refused with a ValueError naming the option
+fan_in_fan_out, layers_to_transform, ...) is refused with a ValueError naming the option
 instead of being loaded as something it is not.
 """
 
@@ -46,7 +46,7 @@ _PEFT_IGNORED_KEYS = frozenset({
 _PEFT_KNOWN_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora",
     "init_lora_weights", "rank_pattern", "alpha_pattern", "bias", "base_model_name_or_path", "task_type",
-    "use_dora", "modules_to_save",
+    "use_dora", "modules_to_save", "ensure_weight_tying", "trainable_token_indices",
 })
 
 
@@ -70,6 +70,10 @@ class LoraConfig:
             direction W + scaling * B A (``lora.dora``); on a 4-bit base this is QDoRA.
         modules_to_save: names (full-name suffixes) of modules trained in full, as copies saved with the adapter
             (``lora.modules_to_save``), e.g. ["norm"]; None: none.
+        ensure_weight_tying: when a targeted embedding is tied to the output head, give the head the same adapter
+            (``lora.embedding.TiedLoRAHead``, PEFT's option of that name); without it such a target is refused.
+        trainable_token_indices: rows of an embedding trained directly (``lora.trainable_tokens``): a list of
+            token ids of the input embedding, or {module name: token ids}; None: none.
         init_lora_weights: True (default), "gaussian" or False, see ``_INIT_SCHEMES`` above; or "pissa",
             "pissa_niter_K", "olora" (lora/init.py: part of W moves into the adapter; not with use_dora).
         rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for the modules whose full name
@@ -92,6 +96,8 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] | None = None
+    ensure_weight_tying: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -126,7 +132,7 @@ class LoraConfig:
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list: name at least one module (e.g. ['q_proj'])")
-        for field in ("use_rslora", "use_dora"):
+        for field in ("use_rslora", "use_dora", "ensure_weight_tying"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field} must be True or False, got {getattr(self, field)!r}")
         if not is_mutating_init(self.init_lora_weights) and (self.init_lora_weights not in _INIT_SCHEMES or (
@@ -146,6 +152,14 @@ class LoraConfig:
                 check(value, f"{field}[{key!r}]")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r} is not supported: only 'none' (no bias is trained)")
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            if isinstance(tokens, dict):
+                if not tokens or not all(isinstance(k, str) and k for k in tokens):
+                    raise ValueError(f"trainable_token_indices as a dict maps module names to token ids, got {tokens!r}")
+                self.trainable_token_indices = {k: check_token_indices(v) for k, v in tokens.items()}
+            else:
+                self.trainable_token_indices = check_token_indices(tokens)
 
     # ---- PEFT adapter_config.json ----
 
@@ -178,6 +192,8 @@ class LoraConfig:
             "use_dora": self.use_dora,
             "lora_bias": False,
             "modules_to_save": self.modules_to_save,
+            "ensure_weight_tying": self.ensure_weight_tying,
+            "trainable_token_indices": self.trainable_token_indices,
             "layers_to_transform": None,
             "layers_pattern": None,
             "inference_mode": True,
@@ -225,6 +241,8 @@ class LoraConfig:
             use_rslora=bool(d.get("use_rslora", False)),
             use_dora=bool(d.get("use_dora", False)),
             modules_to_save=d.get("modules_to_save"),
+            ensure_weight_tying=bool(d.get("ensure_weight_tying", False)),
+            trainable_token_indices=d.get("trainable_token_indices"),
             init_lora_weights=init,
             rank_pattern=dict(d.get("rank_pattern") or {}),
             alpha_pattern=dict(d.get("alpha_pattern") or {}),
@@ -232,6 +250,19 @@ class LoraConfig:
             base_model_name_or_path=d.get("base_model_name_or_path"),
             task_type=d.get("task_type"),
         )
+
+
+def check_token_indices(indices: object, num_embeddings: int | None = None) -> list[int]:
+    """A non-empty list of distinct ints in [0, num_embeddings); raise ValueError naming the problem."""
+    if not isinstance(indices, (list, tuple)) or not indices or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"trainable_token_indices must be a non-empty list of token ids, got {indices!r}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"trainable_token_indices {list(indices)} repeats a token id")
+    bad = [i for i in indices if i < 0 or (num_embeddings is not None and i >= num_embeddings)]
+    if bad:
+        raise ValueError(f"trainable_token_indices {bad[:5]} are outside the vocabulary [0, {num_embeddings})")
+    return list(indices)
 
 
 def check_rank(r: Any, name: str = "r") -> None:

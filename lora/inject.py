@@ -15,7 +15,9 @@ the blocks. The selection rules here are PEFT's, so that a config means the same
     sets that module's r / lora_alpha (peft/utils/other.py ``get_pattern_key``).
 
 "Linear layer" means any module with int ``in_features`` and ``out_features`` (nn.Linear, a LoRALinear, or a
-quantized linear such as a 4-bit NF4 base). Modules inside a LoRALinear (its base_layer, lora_A, lora_B) are
+quantized linear such as a 4-bit NF4 base); an nn.Embedding target gets a ``lora.embedding.LoRAEmbedding``
+(never chosen by "all-linear": name it, e.g. ["all-linear", "embed_tokens"]), and ``trainable_token_indices``
+wraps embeddings in ``lora.trainable_tokens.TrainableTokensLayer``. Modules inside a LoRALinear (its base_layer, lora_A, lora_B) are
 never targets. Grouped-query attention needs nothing special: k_proj/v_proj simply have fewer out_features.
 
 ``inject_lora`` wraps the targets in place, freezes every parameter of the model that is not a LoRA A or B,
@@ -32,9 +34,11 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.config import ALL_LINEAR, LoraConfig, uses_all_linear
+from finetune_ref.lora.embedding import LoRAEmbedding, TiedLoRAHead
 from finetune_ref.lora.init import is_mutating_init
 from finetune_ref.lora.layer import LoRALinear, check_adapter_name
 from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper, find_modules_to_save, wrappers
+from finetune_ref.lora.trainable_tokens import TrainableTokensLayer, token_targets
 
 LORA_CONFIGS_ATTR = "lora_configs"
 
@@ -45,6 +49,11 @@ def is_linear_like(module: nn.Module) -> bool:
                for a in ("in_features", "out_features"))
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """True for modules LoRAEmbedding can wrap (or already wraps): an nn.Embedding (lora.embedding)."""
+    return isinstance(module, (nn.Embedding, LoRAEmbedding))
+
+
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) for every module of ``model`` except the root and anything inside a LoRALinear."""
     inside: list[str] = []
@@ -52,7 +61,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in inside):
             continue
-        if isinstance(module, (LoRALinear, ModulesToSaveWrapper)):
+        if isinstance(module, (LoRALinear, LoRAEmbedding, TiedLoRAHead, ModulesToSaveWrapper, TrainableTokensLayer)):
             inside.append(name + ".")
         found.append((name, module))
     return found
@@ -101,10 +110,11 @@ def find_target_modules(model: nn.Module, config: LoraConfig, strict_patterns: b
     if config.exclude_modules:
         chosen = [n for n in chosen if not _matches(config.exclude_modules, n)]
     modules = dict(candidates)
-    not_linear = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not is_linear_like(modules[n])]
+    not_linear = [f"{n} ({type(modules[n]).__name__})" for n in chosen
+                  if not is_linear_like(modules[n]) and not is_embedding(modules[n])]
     if not_linear:
-        raise ValueError(f"target_modules matched modules that are not linear layers: {not_linear[:5]}. Name the "
-                         "linear layers themselves (e.g. 'q_proj', not 'self_attn')")
+        raise ValueError(f"target_modules matched modules that are not linear layers or embeddings: "
+                         f"{not_linear[:5]}. Name the layers themselves (e.g. 'q_proj', not 'self_attn')")
     if not chosen:
         linear = [n for n, m in candidates if is_linear_like(m)]
         raise ValueError(f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matches no "
@@ -139,9 +149,33 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def embedding_layers(model: nn.Module) -> list[tuple[str, LoRAEmbedding]]:
+    """(full name, layer) for every LoRAEmbedding in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAEmbedding)]
+
+
+def token_layers(model: nn.Module) -> list[tuple[str, TrainableTokensLayer]]:
+    """(full name, layer) for every embedding with trainable token rows (not the tied heads mirroring one)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableTokensLayer) and m.tied_to is None]
+
+
+def tuner_layers(model: nn.Module) -> list[tuple[str, LoRALinear | LoRAEmbedding | TrainableTokensLayer]]:
+    """Every layer carrying adapters (LoRALinear, LoRAEmbedding, TrainableTokensLayer), in module order: what
+    switching, disabling, deleting and merging act on. Tied heads mirror their embedding and are not listed."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding)) or
+            (isinstance(m, TrainableTokensLayer) and m.tied_to is None)]
+
+
+def tied_heads(model: nn.Module) -> list[tuple[str, TiedLoRAHead | TrainableTokensLayer]]:
+    """(full name, head) for every output head mirroring an embedding's adapters: a TiedLoRAHead
+    (ensure_weight_tying) or a tied TrainableTokensLayer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TiedLoRAHead) or
+            (isinstance(m, TrainableTokensLayer) and m.tied_to is not None)]
+
+
 def get_active_adapters(model: nn.Module) -> list[str]:
-    """The model-wide list of active adapters (kept identical on every LoRALinear); [] if there is none."""
-    for _, layer in lora_layers(model):
+    """The model-wide list of active adapters (kept identical on every tuner layer); [] if there is none."""
+    for _, layer in tuner_layers(model):
         return list(layer.active_adapters)
     return []
 
@@ -205,7 +239,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     """
     check_adapter_name(adapter_name)
     configs = dict(get_lora_configs(model))
-    existing = {n for _, layer in lora_layers(model) for n in layer.adapter_names}
+    existing = {n for _, layer in tuner_layers(model) for n in layer.adapter_names}
     if adapter_name in configs or adapter_name in existing:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it "
                          "(lora.adapters.delete_adapter) or choose another name")
@@ -218,8 +252,19 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"{sorted(set(saved) & set(names))} are in both target_modules and modules_to_save; a "
                          "module is either adapted or trained in full")
     previous_active = get_active_adapters(model)
+    heads = tied_heads_to_wrap(model, names, config)
+    tokens = token_targets(model, config.trainable_token_indices, names)
     for name in names:
         module = model.get_submodule(name)
+        if is_embedding(module):  # lora.embedding: lora_embedding_A/B, no dropout, no DoRA
+            if not isinstance(module, LoRAEmbedding):
+                module = LoRAEmbedding(module)
+                set_submodule(model, name, module)
+            r, alpha = rank_and_alpha(config, name)
+            module.add_adapter(adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                               use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                               dtype=adapter_dtype, use_dora=config.use_dora)
+            continue
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module)
             module.train(model.training)
@@ -234,6 +279,17 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             module = ModulesToSaveWrapper(module)
             set_submodule(model, name, module)
         module.add_copy(adapter_name)
+    for head_name, embedding_name in heads:  # ensure_weight_tying: the head reads the embedding's adapters
+        set_submodule(model, head_name, TiedLoRAHead(model.get_submodule(head_name),
+                                                     model.get_submodule(embedding_name)))
+    for name, (indices, tied) in tokens.items():  # trainable_token_indices (lora.trainable_tokens)
+        module = model.get_submodule(name)
+        if not isinstance(module, TrainableTokensLayer):
+            module = TrainableTokensLayer(module)
+            set_submodule(model, name, module)
+        module.add_adapter(adapter_name, indices)
+        for head_name in tied:  # a tied head computes with the same rows (PEFT wraps it with tied_adapter)
+            set_submodule(model, head_name, TrainableTokensLayer(model.get_submodule(head_name), tied_to=module))
     configs[adapter_name] = config
     setattr(model, LORA_CONFIGS_ATTR, configs)
     tied = tied_weight_owners(model)
@@ -241,6 +297,51 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         layer.shared_weight_with = tied.get(name, [])
     set_active_adapters(model, [adapter_name] if not existing else previous_active)
     return names
+
+
+def weight_sharers(model: nn.Module, name: str) -> list[str]:
+    """Names of the other modules whose parameters share storage with module ``name``'s weight (its base
+    layer's, when wrapped), with a trailing ".base_layer" removed: e.g. ["lm_head"] for a tied embed_tokens."""
+    module = model.get_submodule(name)
+    base = getattr(module, "base_layer", module)
+    key = _storage_key(base.weight)
+    found = []
+    for other, m in model.named_modules():
+        if other in (name, f"{name}.base_layer"):
+            continue
+        if any(p is not None and _storage_key(p) == key for p in m._parameters.values()):
+            found.append(other.removesuffix(".base_layer"))
+    return list(dict.fromkeys(found))
+
+
+def tied_heads_to_wrap(model: nn.Module, names: list[str], config: LoraConfig) -> list[tuple[str, str]]:
+    """(head name, embedding name) for each targeted embedding whose weight another module shares (a tied
+    lm_head). With ``ensure_weight_tying`` the head will read the embedding's adapters (``TiedLoRAHead``);
+    without it the tie would be silently broken in training (only the input side adapted), so it is refused.
+
+    Raises:
+        ValueError: a tied embedding without ensure_weight_tying; a tied head that is itself a target or already
+            carries LoRA.
+    """
+    pairs = []
+    for name in names:
+        if not is_embedding(model.get_submodule(name)):
+            continue
+        for head_name in weight_sharers(model, name):
+            head = model.get_submodule(head_name)
+            if not config.ensure_weight_tying:
+                raise ValueError(f"{name} shares its weight with {head_name} (tied embeddings): LoRA on the embedding "
+                                 "alone would adapt the input side only and silently untie them. Set "
+                                 "ensure_weight_tying=True (--ensure-weight-tying) to give the tied head the same "
+                                 "update, or leave the embedding out of target_modules")
+            if isinstance(head, TiedLoRAHead):
+                continue  # tied by an earlier adapter: it reads every adapter of the embedding
+            if head_name in names or isinstance(head, LoRALinear) or not is_linear_like(head):
+                raise ValueError(f"{head_name} is tied to {name}: with ensure_weight_tying it gets the embedding's "
+                                 "adapter, so it cannot be a target or carry its own LoRA; leave it out of "
+                                 "target_modules")
+            pairs.append((head_name, name))
+    return pairs
 
 
 def _refuse_shared_targets(model: nn.Module, names: list[str], init: str) -> None:
@@ -262,7 +363,7 @@ def _refuse_shared_targets(model: nn.Module, names: list[str], init: str) -> Non
 def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     """Copy the model-wide active list to every LoRALinear (each skips names it does not carry), then make only
     the active adapters' A/B trainable. The caller has checked the names."""
-    for _, layer in lora_layers(model):
+    for _, layer in tuner_layers(model):
         layer.set_adapter(names, strict=False)
     for _, wrapper in wrappers(model):
         wrapper.active_adapters = list(names)
@@ -280,6 +381,13 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
             trainable.update(id(p) for p in layer.lora_B[name].parameters())
             if name in layer.lora_magnitude_vector:  # DoRA's magnitude m trains with A and B
                 trainable.update(id(p) for p in layer.lora_magnitude_vector[name].parameters())
+    for _, layer in embedding_layers(model):
+        for name in layer.active_adapters:
+            if name in layer.lora_embedding_A:
+                trainable.update((id(layer.lora_embedding_A[name]), id(layer.lora_embedding_B[name])))
+    for _, layer in token_layers(model):  # trainable_token_indices: the chosen rows
+        trainable.update(id(layer.trainable_tokens_delta[n]) for n in layer.active_adapters
+                         if n in layer.trainable_tokens_delta)
     for _, wrapper in wrappers(model):  # modules_to_save: the active adapter's copies train in full
         for name in wrapper.active_adapters:
             if name in wrapper.modules_to_save:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from finetune_ref.lora.adapters import adapter_names
-from finetune_ref.lora.inject import lora_layers
+from finetune_ref.lora.inject import embedding_layers, lora_layers, token_layers
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -168,6 +168,11 @@ def set_row_adapters(model: nn.Module, names: Sequence[str | None], bgmv: BGMV |
         ValueError: unknown or merged adapter, or the model is in training mode.
     """
     rows = check_row_adapters(model, names)
+    on_embedding = sorted({n for _, layer in embedding_layers(model) + token_layers(model) for n in names
+                           if n in layer.adapter_names})
+    if on_embedding:
+        raise ValueError(f"adapters {on_embedding} adapt an embedding (LoRA or trainable tokens); per-row adapters "
+                         "are supported on linear layers only")
     for _, layer in lora_layers(model):
         layer.row_adapters = RowAdapters(layer, rows, bgmv, previous=layer.row_adapters)
 

@@ -38,8 +38,11 @@ from finetune_ref.lora.adapters import set_adapter
 from finetune_ref.lora.base_weight import is_quantized
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.init import converted_lora, is_mutating_init
-from finetune_ref.lora.inject import (candidate_modules, find_target_modules, get_lora_configs, inject_lora,
-                                      lora_layers, rank_and_alpha)
+from finetune_ref.lora.inject import (candidate_modules, embedding_layers, find_target_modules, get_lora_configs,
+                                      inject_lora, is_embedding, lora_layers, rank_and_alpha, tied_heads,
+                                      token_layers, weight_sharers)
+from finetune_ref.lora.embedding import TiedLoRAHead
+from finetune_ref.lora.trainable_tokens import token_targets
 from finetune_ref.lora.modules_to_save import find_modules_to_save, wrappers
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
@@ -47,7 +50,11 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's m (Liu et al. 2024, section 4)
-_FILE_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", MAGNITUDE: f".{MAGNITUDE}"}
+EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")  # LoRA on an nn.Embedding (lora.embedding)
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # trainable_token_indices' rows (PEFT's TrainableTokensWrapper)
+# Parameters without a ".weight" in the file (and, except m, in memory: nn.ParameterDict entries).
+_FILE_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", MAGNITUDE: f".{MAGNITUDE}",
+                **{part: f".{part}" for part in EMBEDDING_PARTS}}
 
 
 # ---- key names ----
@@ -82,7 +89,7 @@ def module_key_to_peft_key(key: str, adapter_name: str) -> str:
     "<path>.lora_magnitude_vector.<adapter>.weight" -> "base_model.model.<path>.lora_magnitude_vector".
     """
     for part in _FILE_SUFFIX:
-        suffix = f".{part}.{adapter_name}.weight"
+        suffix = f".{part}.{adapter_name}" + ("" if part in EMBEDDING_PARTS else ".weight")
         if key.endswith(suffix) and len(key) > len(suffix):
             return peft_key(key[:-len(suffix)], part)
     raise ValueError(f"{key!r} is not the key of a LoRA matrix of adapter {adapter_name!r} "
@@ -92,7 +99,7 @@ def module_key_to_peft_key(key: str, adapter_name: str) -> str:
 def peft_key_to_module_key(key: str, adapter_name: str) -> str:
     """File key -> in-memory state-dict key (inverse of ``module_key_to_peft_key``)."""
     module_name, part = parse_peft_key(key)
-    return f"{module_name}.{part}.{adapter_name}.weight"
+    return f"{module_name}.{part}.{adapter_name}" + ("" if part in EMBEDDING_PARTS else ".weight")
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -104,6 +111,17 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             state[peft_key(name, "lora_B")] = layer.lora_B[adapter_name].weight.detach()
             if adapter_name in layer.lora_magnitude_vector:
                 state[peft_key(name, MAGNITUDE)] = layer.lora_magnitude_vector[adapter_name].weight.detach()
+    for name, layer in embedding_layers(model):
+        if adapter_name in layer.adapter_names:
+            state[peft_key(name, "lora_embedding_A")] = layer.lora_embedding_A[adapter_name].detach()
+            state[peft_key(name, "lora_embedding_B")] = layer.lora_embedding_B[adapter_name].detach()
+    for name, head in tied_heads(model):  # ensure_weight_tying: PEFT also writes the tied head's A = B_e^T, B = A_e^T
+        if isinstance(head, TiedLoRAHead) and adapter_name in head.embedding.adapter_names:
+            state[peft_key(name, "lora_A")] = head.embedding.lora_embedding_B[adapter_name].detach().T.contiguous()
+            state[peft_key(name, "lora_B")] = head.embedding.lora_embedding_A[adapter_name].detach().T.contiguous()
+    for name, layer in token_layers(model):  # trainable_token_indices: the rows' values (lora.trainable_tokens)
+        if adapter_name in layer.adapter_names:
+            state[f"{PEFT_PREFIX}{name}.{TOKENS_KEY}"] = layer.trainable_tokens_delta[adapter_name].detach()
     for name, wrapper in wrappers(model):  # modules_to_save copies, under the module's own name (PEFT)
         if adapter_name in wrapper.modules_to_save:
             for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
@@ -139,7 +157,8 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
                          "adapters must be added with lora.inject_lora or lora.load_adapter")
     config = configs[adapter_name]
     tensors = adapter_state_dict(model, adapter_name)
-    modules = sorted({parse_peft_key(k)[0] for k in tensors if k.endswith(tuple(_FILE_SUFFIX.values()))})
+    modules = sorted(n for n, layer in [*lora_layers(model), *embedding_layers(model)]
+                     if adapter_name in layer.adapter_names)
     targets = config.target_modules
     if uses_all_linear(targets) or sorted(find_target_modules(model, config, strict_patterns=False)) != modules:
         targets = modules
@@ -240,15 +259,35 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
         module = getattr(module, "original_module", module)  # already wrapped for another adapter
         for pname, p in module.named_parameters():
             expected[f"{PEFT_PREFIX}{name}.{pname}"] = tuple(p.shape)
+    optional = {}  # PEFT's save_embedding_layers: the base embedding (and tied head) weights, if present
     for name in modules:
         target = model.get_submodule(name)
         r, _ = rank_and_alpha(config, name)
+        if is_embedding(target):  # lora.embedding: A (r, V), B (D, r); a tied head reads them transposed
+            base = getattr(target, "base_layer", target)
+            expected[peft_key(name, "lora_embedding_A")] = (r, base.num_embeddings)
+            expected[peft_key(name, "lora_embedding_B")] = (base.embedding_dim, r)
+            optional[f"{PEFT_PREFIX}{name}.base_layer.weight"] = base.weight
+            for head in weight_sharers(model, name) if config.ensure_weight_tying else ():
+                expected[peft_key(head, "lora_A")] = (r, base.embedding_dim)
+                expected[peft_key(head, "lora_B")] = (base.num_embeddings, r)
+                optional[f"{PEFT_PREFIX}{head}.base_layer.weight"] = base.weight
+            continue
         expected[peft_key(name, "lora_A")] = (r, target.in_features)
         expected[peft_key(name, "lora_B")] = (target.out_features, r)
         if config.use_dora:
             expected[peft_key(name, MAGNITUDE)] = (target.out_features,)
+    for name, (indices, _) in token_targets(model, config.trainable_token_indices, modules).items():
+        base = model.get_submodule(name)
+        base = getattr(base, "base_layer", base)
+        expected[f"{PEFT_PREFIX}{name}.{TOKENS_KEY}"] = (len(indices), base.embedding_dim)
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected) - set(optional))
+    for key in sorted(set(optional) & set(tensors)):
+        if tensors[key].shape != optional[key].shape or not torch.equal(tensors[key].to(optional[key]), optional[key]):
+            raise ValueError(f"{key} is a base embedding saved with the adapter (PEFT's save_embedding_layers) that "
+                             "differs from this model's: the adapter was trained on a resized or changed vocabulary, "
+                             "which is not supported here. Load it on the model it was trained on")
     common = sorted(set(expected) & set(tensors))
     misshapen = [f"{k} is {tuple(tensors[k].shape)}, expected {expected[k]}" for k in common
                  if tuple(tensors[k].shape) != expected[k]]
@@ -293,11 +332,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                           strict_patterns=False)
     layers = dict(lora_layers(model))
     with torch.no_grad():
-        for name in modules:
+        for name in (n for n in modules if n in layers):
             layers[name].lora_A[adapter_name].weight.copy_(tensors[peft_key(name, "lora_A")])
             layers[name].lora_B[adapter_name].weight.copy_(tensors[peft_key(name, "lora_B")])
             if config.use_dora:
                 layers[name].lora_magnitude_vector[adapter_name].weight.copy_(tensors[peft_key(name, MAGNITUDE)])
+        for name, layer in embedding_layers(model):
+            if adapter_name in layer.adapter_names:
+                for part in EMBEDDING_PARTS:
+                    getattr(layer, part)[adapter_name].copy_(tensors[peft_key(name, part)])
+        for name, layer in token_layers(model):
+            if adapter_name in layer.adapter_names:
+                layer.trainable_tokens_delta[adapter_name].copy_(tensors[f"{PEFT_PREFIX}{name}.{TOKENS_KEY}"])
         for name, wrapper in wrappers(model):
             if adapter_name in wrapper.modules_to_save:
                 for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
@@ -341,6 +387,13 @@ def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.lora_B[adapter_name].weight.requires_grad_(False)
             if adapter_name in layer.lora_magnitude_vector:
                 layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(False)
+    for _, layer in embedding_layers(model):
+        if adapter_name in layer.adapter_names:
+            for part in EMBEDDING_PARTS:
+                getattr(layer, part)[adapter_name].requires_grad_(False)
+    for _, layer in token_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.trainable_tokens_delta[adapter_name].requires_grad_(False)
     for _, wrapper in wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             wrapper.modules_to_save[adapter_name].requires_grad_(False)

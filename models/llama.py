@@ -30,28 +30,9 @@ from torch.utils.checkpoint import checkpoint
 from .config import LlamaConfig
 from .fused import GATE_UP, QKV, FusedProjections
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, chunked_causal_lm_loss
+from .norm import RMSNorm
 from .recompute import recompute_saved
 from .rope import RotaryEmbedding, apply_rotary
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 and cast back before the weight (as HF does)."""
-    input_dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(input_dtype)
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (Zhang & Sennrich 2019); weight initialised to ones."""
-
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(FusedProjections):
@@ -198,10 +179,11 @@ class DecoderLayer(nn.Module):
 
     @contextlib.contextmanager
     def _recomputed_norm(self, norm: RMSNorm, h: torch.Tensor, recompute: bool):
-        """Yield norm(h); with ``recompute``, an fp32 h that RMSNorm saves anyway is kept instead of the output
-        wherever autograd would save the output (models/recompute.py)."""
-        x = norm(h)
-        if not (recompute and h.requires_grad and h.dtype == torch.float32):
+        """Yield norm(h); with ``recompute``, the norm saves only h (models/norm.py), and its output, or a cast
+        of it (an adapter of another dtype), is made again from h wherever autograd would save it
+        (models/recompute.py)."""
+        x = norm(h, recompute)
+        if not (recompute and h.requires_grad):
             yield x
             return
         h_kept = h.detach()
@@ -266,7 +248,7 @@ class LlamaModel(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, self.selective_recompute)
-        return self.norm(h)
+        return self.norm(h, self.selective_recompute)
 
 
 @dataclasses.dataclass

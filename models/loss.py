@@ -11,7 +11,8 @@ The chunked path (``chunked_causal_lm_loss``) is the fused linear cross-entropy 
 tokens the logits h_c W^T are made, their log-softmax gives the loss, and at once the gradient
 d(loss)/d(logits) = (softmax - onehot) / num_items, from which d(loss)/dh = g W and d(loss)/dW = g^T h are
 accumulated. Backward only scales what the forward kept by the incoming gradient. No extra matmul; the extra
-memory is a few (C, V) fp32 tensors, d(loss)/dh (N, H) and, when the head trains, an fp32 d(loss)/dW (V, H).
+memory is one (C, V) workspace that every chunk reuses (``_Workspace``: fp32 log-softmax, and the logits in a
+16-bit model dtype), d(loss)/dh (N, H) and, when the head trains, an fp32 d(loss)/dW (V, H).
 
 Exactness (tests/test_loss.py): the per-token gradient is autograd's formula for the plain loss (log_softmax's
 backward of nll_loss's), but its exp and the matmuls run as separate kernels on chunks, so results differ in
@@ -58,9 +59,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         scale = 1.0 / num_items.float()  # d(loss)/d(nll sum), as autograd's DivBackward makes it
+        work = _Workspace(h, weight, min(chunk, h.shape[0]))
         for start in range(0, h.shape[0], chunk):
             h_c, lab = h[start:start + chunk], labels[start:start + chunk]  # (C, H), (C,)
-            log_probs = torch.log_softmax(F.linear(h_c, weight).float(), dim=-1)  # (C, V) fp32
+            log_probs = work.log_probs(h_c, weight)  # (C, V) fp32
             valid = lab != -100
             rows, cols = valid.nonzero().squeeze(1), lab[valid]
             total -= log_probs[rows, cols].sum()
@@ -69,14 +71,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # gradient (-scale at the label): g = exp(log_probs) * scale - onehot * scale, 0 on ignored rows.
                 g = log_probs.exp_().mul_(scale)  # in place: log_probs is not needed any more
                 g[rows, cols] -= scale
-                g[~valid] = 0.0
-                g = g.to(h.dtype)  # ToCopyBackward of the .float() in the plain path
+                if rows.shape[0] < lab.shape[0]:
+                    g.index_fill_(0, (~valid).nonzero().squeeze(1), 0.0)  # ignored rows (masked_fill's values)
+                g = work.to_model_dtype(g)  # ToCopyBackward of the .float() in the plain path
                 if need_h:
-                    grad_h[start:start + chunk] = g @ weight.to(h.dtype)  # (C, V) @ (V, H)
+                    work.input_grad(g, weight, grad_h[start:start + chunk])  # (C, V) @ (V, H)
                 if need_w:
                     grad_w += (g.t() @ h_c).float()  # (V, C) @ (C, H)
                 del g
-            del log_probs  # before the next chunk's logits: one chunk's temporaries live at a time
+            del log_probs
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.need = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
@@ -96,6 +99,51 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
+class _Workspace:
+    """The (C, V) tensors of one loss call, reused by every chunk: the logits in the model dtype and their fp32
+    log-softmax (one tensor when the model is fp32), and the gradient cast back to the model dtype (in the
+    logits' place). A fresh tensor this large (50 MB at C = 256, V = 49,152) is a fresh ``mmap`` on Linux
+    (glibc serves blocks over 32 MB from the kernel), and the kernel zeroing its pages on first touch costs
+    more than the arithmetic on them: on one loaded core, fp32 log_softmax of (256, 49152) into a new tensor
+    took ~9x as long as into a reused one (benchmarks/PROFILE_BF16_STEP.md). The kernels and their order are
+    the ones the per-chunk tensors ran, so the values are bitwise the same (tests/test_loss.py)."""
+
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, chunk: int):
+        # Under autocast (or a head in another dtype) F.linear decides the logits' dtype, and a tensor subclass
+        # (a DTensor) its own kernels: those keep the per-chunk tensors of the plain expressions.
+        self.plain = (torch.is_autocast_enabled(h.device.type) or weight.dtype != h.dtype
+                      or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (h, weight)))
+        self.dtype = h.dtype
+        shape = (chunk, weight.shape[0])
+        self.logits = None if self.plain else torch.empty(shape, dtype=h.dtype, device=h.device)  # (C, V)
+        fp32 = not self.plain and h.dtype == torch.float32
+        self.fp32 = self.logits if fp32 else torch.empty(shape, dtype=torch.float32, device=h.device)  # (C, V)
+
+    def log_probs(self, h_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """log_softmax(h_c W^T) in fp32, (C, V), in the workspace."""
+        out = self.fp32[:h_c.shape[0]]
+        if self.plain:
+            logits = F.linear(h_c, weight)
+        else:
+            logits = torch.mm(h_c, weight.t(), out=self.logits[:h_c.shape[0]])  # F.linear's kernel, reused memory
+        if logits is not out:
+            out.copy_(logits)  # the .float() of the plain path
+        return torch.log_softmax(out, dim=-1, out=out)  # in place: each row is read whole before it is written
+
+    def to_model_dtype(self, g: torch.Tensor) -> torch.Tensor:
+        """g (fp32, the workspace's) rounded to the model dtype (nearest even, as ``Tensor.to``)."""
+        if self.plain:
+            return g.to(self.dtype)
+        return g if self.logits is self.fp32 else self.logits[:g.shape[0]].copy_(g)
+
+    def input_grad(self, g: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+        """out = g @ W, (C, V) @ (V, H), written in place."""
+        if self.plain:
+            out.copy_(g @ weight.to(self.dtype))  # autocast (if on) picks the matmul's dtype, as before
+        else:
+            torch.mm(g, weight, out=out)
+
+
 def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            num_items_in_batch: int | torch.Tensor | None = None,
                            chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
@@ -106,7 +154,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         weight: (V, H) the output head's weight (``lm_head.weight``).
         labels: int64 (B, T), -100 where no loss is taken; shifted here (h at t predicts labels[t+1]).
         num_items_in_batch: the loss's denominator (see ``causal_lm_loss``).
-        chunk_tokens: tokens per chunk; the (chunk, V) fp32 temporaries bound the extra memory.
+        chunk_tokens: tokens per chunk; the (chunk, V) workspace bounds the extra memory.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")

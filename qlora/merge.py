@@ -35,7 +35,8 @@ from torch import nn
 
 from finetune_ref.lora.adapters import merge_and_unload, set_adapter
 from finetune_ref.lora.base_weight import RequantizationDrift, requantization_drift, warn_requantization
-from finetune_ref.lora.inject import get_active_adapters, get_lora_configs, inject_lora, lora_layers
+from finetune_ref.lora.inject import (embedding_layers, get_active_adapters, get_lora_configs, inject_lora,
+                                      lora_layers, token_layers)
 from finetune_ref.models.checkpoint import parse_dtype
 from finetune_ref.models.loader import dequantize_linears, load_model
 from finetune_ref.models.llama import LlamaForCausalLM
@@ -187,6 +188,11 @@ def _original_with_adapters(model: LlamaForCausalLM, original, names: list[str],
                 if name in layer.lora_magnitude_vector:  # DoRA's m (lora.dora)
                     layer.lora_magnitude_vector[name].weight.copy_(
                         layers[layer_name].lora_magnitude_vector[name].weight)
+        embeddings = dict(embedding_layers(model) + token_layers(model))  # never quantized: LoRA on embed_tokens
+        for layer_name, layer in embedding_layers(orig) + token_layers(orig):  # (lora.embedding), trained rows
+            for table in ("lora_embedding_A", "lora_embedding_B", "trainable_tokens_delta"):
+                if name in getattr(layer, table, {}):
+                    getattr(layer, table)[name].copy_(getattr(embeddings[layer_name], table)[name])
     set_adapter(orig, names)
     return orig
 

@@ -151,9 +151,11 @@ def plan_method(c: LlamaConfig, method: str, gpu_memory: int, gpus: int, seq_len
         for parallel in layouts:
             for ckpt in checkpointing:
                 for micro in _micro_batches(target_batch, gpus):
+                    # Activations as stored, not selectively recomputed (the training default): the advice
+                    # sets LoRA dropout, and an adapter's dropped input is saved whatever is recomputed.
                     s = MemorySettings(method=method, optimizer=optimizer, batch_size=micro, seq_len=seq_len,
                                        gradient_checkpointing=ckpt, dtype="bf16", rank=rank,
-                                       target_modules=LINEAR_NAMES)
+                                       target_modules=LINEAR_NAMES, selective_recompute=False)
                     peak = _device_peak(c, s, parallel, gpus)
                     accum = math.ceil(target_batch / (micro * gpus))
                     plan = Plan(method, needed_bytes(peak) <= gpu_memory, micro, accum, ckpt, optimizer, parallel,

@@ -55,9 +55,10 @@ class RunConfig(TrainConfig):
     out: str | None = None               # the result, metrics.jsonl and checkpoints/; None: runs/<method>
     grad_checkpointing: bool = False     # recompute each decoder layer in backward (models/llama.py)
     chunked_loss: bool = True            # cross-entropy from the hidden states in chunks, no logits (models/loss.py)
-    # Recompute RMSNorm outputs and SwiGLU products in backward (models/recompute.py). Off until its cost in
-    # step time is measured on a quiet machine (benchmarks/bench_training.py --recompute).
-    selective_recompute: bool = False
+    # Recompute RMSNorm internals and outputs, SwiGLU products and adapters' casts of them in backward instead of
+    # storing them (models/recompute.py; bitwise the same gradients): under 5% of step time, measured in turns
+    # (benchmarks/bench_training.py --recompute-cost); --no-selective-recompute turns it off.
+    selective_recompute: bool = True
     # One matmul for the frozen q/k/v and gate/up, and for the LoRA A's sharing an input (models/fused.py,
     # lora/fused.py); trainable (full) or FSDP-sharded bases, and --compile, run unfused.
     fused_projections: bool = True

@@ -41,6 +41,12 @@ class LoraRecipe(RunConfig):
     # Modules trained in full beside the adapters, saved with them (lora/modules_to_save.py), e.g. ("norm",);
     # a module tied to another (SmolLM2's lm_head and embed_tokens) is refused.
     modules_to_save: tuple[str, ...] = ()
+    # With embed_tokens in targets on a model whose lm_head is tied to it (SmolLM2): give the head the same
+    # adapter (PEFT's ensure_weight_tying, lora/embedding.py); without it such targets are refused.
+    ensure_weight_tying: bool = False
+    # Token ids whose embedding rows train directly (PEFT's trainable_token_indices, lora/trainable_tokens.py),
+    # e.g. newly added tokens; a tied lm_head follows the same rows.
+    trainable_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,7 +61,9 @@ class LoraRecipe(RunConfig):
         init = True if self.init in ("default", "loftq") else self.init
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.targets,
                           use_rslora=self.rslora, use_dora=self.dora, init_lora_weights=init,
-                          modules_to_save=list(self.modules_to_save) or None)
+                          modules_to_save=list(self.modules_to_save) or None,
+                          ensure_weight_tying=self.ensure_weight_tying,
+                          trainable_token_indices=list(self.trainable_tokens) or None)
 
     def lora_metadata(self) -> dict:
         """The adapter settings a resume must match."""
@@ -67,6 +75,10 @@ class LoraRecipe(RunConfig):
             meta["init"] = self.init
         if self.modules_to_save:
             meta["modules_to_save"] = list(self.modules_to_save)
+        if self.ensure_weight_tying:
+            meta["ensure_weight_tying"] = True
+        if self.trainable_tokens:
+            meta["trainable_token_indices"] = list(self.trainable_tokens)
         return meta
 
     def check_shapes(self, model_dir: Path, flag) -> None:
@@ -79,7 +91,8 @@ class LoraRecipe(RunConfig):
         """
         import torch
 
-        from finetune_ref.lora.inject import find_target_modules
+        from finetune_ref.lora.inject import find_target_modules, tied_heads_to_wrap
+        from finetune_ref.lora.trainable_tokens import token_targets
         from finetune_ref.models.config import LlamaConfig
         from finetune_ref.models.llama import LlamaForCausalLM
 
@@ -89,19 +102,28 @@ class LoraRecipe(RunConfig):
                  if isinstance(self.targets, str) else ",".join(self.targets))  # as the user typed it
         try:
             names = find_target_modules(model, self.lora_config())
+            tied_heads_to_wrap(model, names, self.lora_config())  # a tied embed_tokens needs --ensure-weight-tying
         except ValueError as err:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             reason = ("matches no layer of this model" if "matches no module" in str(err)
                       else str(err).replace("target_modules matched", "matches"))
+            if "--ensure-weight-tying" in str(err):  # a tied embed_tokens: the message names the flag already
+                raise ValueError(f"{flag('targets')} {shown}: {err}") from None
             raise ValueError(f"{flag('targets')} {shown}: {reason}; its linear layers are {', '.join(linear)} "
-                             "(e.g. --targets q_proj,v_proj, all-linear, or re:<regex of full names>)") from None
+                             "and its embedding is embed_tokens (e.g. --targets q_proj,v_proj, all-linear, "
+                             "all-linear,embed_tokens, or re:<regex of full names>)") from None
+        try:
+            token_targets(model, self.lora_config().trainable_token_indices, names)
+        except ValueError as err:
+            raise ValueError(f"{flag('trainable_tokens')} {','.join(map(str, self.trainable_tokens))}: {err}") from None
         modules = dict(model.named_modules())
-        name = min(names, key=lambda n: min(modules[n].in_features, modules[n].out_features))
-        layer = modules[name]
-        limit = min(layer.in_features, layer.out_features)
+        features = {n: (modules[n].num_embeddings, modules[n].embedding_dim) if isinstance(modules[n], torch.nn.Embedding)
+                    else (modules[n].in_features, modules[n].out_features) for n in names}
+        name = min(names, key=lambda n: min(features[n]))
+        limit = min(features[name])
         if self.rank > limit:
             raise ValueError(f"{flag('rank')} {self.rank} is larger than {name.rsplit('.', 1)[-1]} allows "
-                             f"({layer.in_features} -> {layer.out_features} features: a rank above "
+                             f"({features[name][0]} -> {features[name][1]} features: a rank above "
                              f"min(in_features, out_features) adds memory but no expressiveness); use --rank {limit} "
                              "or less")
 

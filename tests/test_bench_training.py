@@ -47,14 +47,24 @@ def test_step_matmul_flops(bench):
 
 
 def test_variants_switch_the_models_flags(bench):
+    from finetune_ref.recipes.lora import LoraRecipe
+
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
-    bench.configure(model, bench.VARIANTS["ours --selective-recompute"])
-    assert model.chunked_loss and model.model.selective_recompute
+    default = LoraRecipe().selective_recompute
+    bench.configure(model, bench.VARIANTS[bench.RECOMPUTE_ROW])
+    assert model.chunked_loss and model.model.selective_recompute is not default
     bench.configure(model, bench.VARIANTS["ours --no-chunked-loss"])
-    assert not model.chunked_loss and not model.model.selective_recompute
+    assert not model.chunked_loss and model.model.selective_recompute is default
     bench.configure(model, {})
-    assert model.chunked_loss and not model.model.selective_recompute  # the recipes' defaults
+    assert model.chunked_loss and model.model.selective_recompute is default  # the recipes' defaults
+
+
+def test_recompute_cost_is_the_median_of_paired_ratios(bench):
+    with_it, without = [1.1, 2.2, 1.05, 3.3], [1.0, 2.0, 1.0, 3.0]  # the load changed between rounds, not within
+    rows = {"ours": with_it, bench.RECOMPUTE_ROW: without} if bench.DEFAULTS["selective_recompute"] else \
+        {"ours": without, bench.RECOMPUTE_ROW: with_it}
+    assert bench.recompute_cost(rows) == pytest.approx(0.1)
 
 
 def test_chunked_loss_lowers_the_peak():

@@ -34,6 +34,10 @@ def losses(stdout: str) -> tuple[float, float]:
     ("qlora", ["--init", "loftq", "--loftq-iter", "2"], 1e-4),
     ("qlora", ["--init", "olora"], 1e-4),
     ("lora", ["--modules-to-save", "norm", "--dora"], 1e-4),
+    # B starts N(0, 1) on the embedding (PEFT's init): a smaller --lr, more updates (the last flag given wins)
+    ("lora", ["--targets", "q_proj,v_proj,embed_tokens", "--ensure-weight-tying", "--lr", "1e-3", "--steps", "8"], 1e-4),
+    ("qlora", ["--targets", "all-linear,embed_tokens", "--ensure-weight-tying", "--lr", "1e-3", "--steps", "8"], 1e-4),
+    ("lora", ["--trainable-tokens", "0,5,17,198,271,1116"], 1e-4),
 ])
 def test_train_then_eval_the_saved_adapter(tiny, tmp_path, capsys, method, flags, tol):
     model, corpus = tiny
@@ -54,8 +58,30 @@ def test_train_then_eval_the_saved_adapter(tiny, tmp_path, capsys, method, flags
         assert (config["r"], config["init_lora_weights"]) == (8, True)  # plain LoRA on that base
     elif "pissa" in flags or "olora" in flags:
         assert (config["r"], config["init_lora_weights"]) == (16, True)  # converted to plain LoRA on the original
+    if "--ensure-weight-tying" in flags:  # LoRA on the tied embedding, the head given the same update
+        assert config["ensure_weight_tying"] is True and any(t.endswith("embed_tokens") for t in config["target_modules"])
     assert main(["eval", "--model", str(base), "--data", str(corpus), *DATA, "--json", "--adapter", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(after, abs=tol)
+    if "--trainable-tokens" in flags:  # the rows of those tokens trained (and the tied head with them)
+        assert config["trainable_token_indices"] == [0, 5, 17, 198, 271, 1116]
+    if "--ensure-weight-tying" in flags or "--trainable-tokens" in flags:  # merged (the tied head too): same loss
+        merged = tmp_path / "merged"
+        assert main(["merge", "--model", str(model), "--adapter", str(out), "--out", str(merged)]) == 0
+        capsys.readouterr()
+        assert main(["eval", "--model", str(merged), "--data", str(corpus), *DATA, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(after, abs=tol)
+
+
+def test_a_tied_embedding_target_without_ensure_weight_tying_is_refused_by_name(tiny, tmp_path, capsys):
+    model, corpus = tiny
+    assert main(["train", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "1", "--no-progress",
+                 "--targets", "q_proj,embed_tokens", "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--targets q_proj,embed_tokens" in err and "--ensure-weight-tying" in err and "Traceback" not in err
+    assert main(["train", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "1", "--no-progress",
+                 "--trainable-tokens", "5,999999", "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--trainable-tokens 5,999999" in err and "outside the vocabulary" in err and "Traceback" not in err
 
 
 def test_combine_two_adapters_then_eval_with_scales(tiny, tmp_path, capsys):

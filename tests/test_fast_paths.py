@@ -3,7 +3,8 @@
 * attention with SDPA's ``enable_gqa`` against k and v repeated to all heads: the output bitwise (the same
   products in the same order); dq, dk, dv within 1e-6 relative in fp32 (dk, dv are summed over each group of
   query heads inside the kernel instead of by the repeat's backward: another summation order);
-* ``SwiGLU`` (saves gate and up only) against ``F.silu(gate) * up`` under autograd: bitwise, fp32 and bf16.
+* ``SwiGLU`` (saves gate and up only) against ``F.silu(gate) * up`` under autograd: bitwise, fp32 and bf16;
+* selective recomputation (models/recompute.py, models/norm.py) against storing: bitwise, fp32 and bf16.
 """
 
 import pytest
@@ -68,21 +69,45 @@ def test_swiglu_function_is_bitwise_autograd(dtype):
     assert torch.equal(g.grad, b[0].grad)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_selective_recompute_is_bitwise_and_saves_memory(method):
-    """Recomputed RMSNorm outputs and SwiGLU products: the same gradients bit for bit, fewer saved bytes."""
+def _saved_bytes_per_token(method: str, dtype: torch.dtype, first_layer: bool) -> int:
+    """Bytes per token one decoder layer no longer holds with selective recomputation (models/norm.py,
+    models/recompute.py): each norm's fp32 input copy becomes its input in its own dtype, the normalised input
+    kept for the norm weight's gradient (full) goes, and every saved norm output and SwiGLU product goes: as
+    the tensor itself (full, adapters of the model dtype) or as the fp32 adapters' casts of it (bf16 LoRA).
+    A lower bound: more goes where each adapter casts its own copy."""
+    H, I, e = CONFIG.hidden_size, CONFIG.intermediate_size, torch.finfo(dtype).bits // 8
+    norm = 4 - e + (e if method == "full" else 0)  # per norm, per hidden element
+    if method == "full" or e == 4:
+        attn, mlp = norm * H + e * H, norm * H + e * H + e * I  # the norm output saved once, shared
+    else:
+        # at least one fp32 cast of each norm output (one per adapter, or one shared by the q/k/v and the
+        # gate/up adapters) and of the product
+        attn, mlp = norm * H + 4 * H, norm * H + 4 * H + 4 * I
+    return mlp if first_layer and method == "lora" else attn + mlp  # LoRA: the first layer's input needs no grad
+
+
+def _final_norm_saved_bytes_per_token(method: str, dtype: torch.dtype) -> int:
+    e = torch.finfo(dtype).bits // 8
+    return CONFIG.hidden_size * (4 - e + (e if method == "full" else 0))
+
+
+@pytest.mark.parametrize("method,dtype", [("full", torch.float32), ("lora", torch.float32),
+                                          ("full", torch.bfloat16), ("lora", torch.bfloat16)])
+def test_selective_recompute_is_bitwise_and_saves_memory(method, dtype):
+    """Recomputed RMSNorm internals and outputs, SwiGLU products and fp32 adapters' casts of them: the same loss
+    and gradients bit for bit, and at least the bytes counted in ``_saved_bytes_per_token`` fewer held."""
     from finetune_ref.lora import LoraConfig, inject_lora
     from finetune_ref.train.memory_tracker import TensorMemoryTracker
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(CONFIG)
-    if method == "lora":
-        inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = LlamaForCausalLM(CONFIG).to(dtype)
+    if method == "lora":  # fp32 adapters, as PEFT's default (on a bf16 base: each casts its input)
+        inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_dtype=torch.float32)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p)  # B = 0 would hide gradients flowing through the adapters
     ids = torch.randint(0, 96, (2, 16))
-    grads, peaks = [], []
+    grads, peaks, losses = [], [], []
     for recompute in (False, True):
         model.model.selective_recompute = recompute
         model.zero_grad(set_to_none=True)
@@ -92,38 +117,48 @@ def test_selective_recompute_is_bitwise_and_saves_memory(method):
             saved_at_loss = tracker.current
             loss.backward()
         peaks.append(saved_at_loss)
+        losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(losses[0], losses[1])
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
-    # per layer: two norm outputs (N x H) and the product (N x I) are no longer held
     n = 2 * 16
-    saved = CONFIG.num_hidden_layers * n * (2 * CONFIG.hidden_size + CONFIG.intermediate_size) * 4
-    assert peaks[0] - peaks[1] >= saved - n * CONFIG.hidden_size * 4  # the first layer's input needs no grad in LoRA
+    saved = n * sum(_saved_bytes_per_token(method, dtype, i == 0) for i in range(CONFIG.num_hidden_layers))
+    saved += n * _final_norm_saved_bytes_per_token(method, dtype)
+    assert peaks[0] - peaks[1] >= saved, (peaks[0] - peaks[1], saved)
 
 
 def test_recompute_saved_runs_once_for_all_consumers():
+    """Two matmuls save the target, two more each their own cast of it (adapters of another dtype): one
+    recomputation, one cast, bitwise the same gradients."""
     from finetune_ref.models.recompute import recompute_saved
 
     torch.manual_seed(0)
     a = torch.randn(4, 6, requires_grad=True)
     w1, w2 = torch.randn(5, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    w3, w4 = torch.randn(2, 6, dtype=torch.float64, requires_grad=True), torch.randn(3, 6, dtype=torch.float64,
+                                                                                      requires_grad=True)
     calls = []
 
     def remake():
         calls.append(1)
         return a.detach() * 2
 
+    def loss(x):
+        return (F.linear(x, w1).sum() + F.linear(x, w2).square().sum() + F.linear(x.double(), w3).square().sum()
+                + F.linear(x.double(), w4).sum())
+
     grads = []
     for recompute in (False, True):
         x = a * 2  # the tensor both matmuls save for their weight gradients
         if recompute:
             with recompute_saved(x, remake):
-                y = F.linear(x, w1).sum() + F.linear(x, w2).square().sum()
+                y = loss(x)
         else:
-            y = F.linear(x, w1).sum() + F.linear(x, w2).square().sum()
-        grads.append(torch.autograd.grad(y, (a, w1, w2)))
-    assert len(calls) == 1  # one recomputation shared by the two consumers
+            y = loss(x)
+        grads.append(torch.autograd.grad(y, (a, w1, w2, w3, w4)))
+    assert len(calls) == 1  # one recomputation shared by the four consumers
     for g0, g1 in zip(*grads):
         assert torch.equal(g0, g1)
 

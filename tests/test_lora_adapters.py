@@ -94,7 +94,9 @@ def test_config_round_trips_through_peft_dict():
         lora.LoraConfig(target_modules="all-linear").to_peft_dict()
     both = {**d, "use_dora": True, "modules_to_save": ["lm_head"]}  # supported: lora/dora.py, lora/modules_to_save.py
     assert lora.LoraConfig.from_peft_dict(both).to_peft_dict() == both
-    for key, value in (("lora_bias", True), ("trainable_token_indices", [1, 2]), ("layers_to_transform", [0]),
+    tokens = {**d, "trainable_token_indices": {"embed_tokens": [1, 2]}, "ensure_weight_tying": True}  # supported:
+    assert lora.LoraConfig.from_peft_dict(tokens).to_peft_dict() == tokens  # lora/trainable_tokens.py, embedding.py
+    for key, value in (("lora_bias", True), ("layers_to_transform", [0]),
                        ("fan_in_fan_out", True), ("init_lora_weights", "pissa")):
         with pytest.raises(ValueError, match=key):
             lora.LoraConfig.from_peft_dict({**d, key: value})

@@ -6,6 +6,8 @@ d(loss)/dW sums over chunks in fp32 where the plain path sums in one matmul in t
 relative; bf16: 2^-7 relative, the plain path's own rounding).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -46,6 +48,52 @@ def test_chunked_loss_and_gradients_match_the_plain_loss(dtype, chunk):
     assert rel_err(l1, l0) <= tol["loss"]
     assert rel_err(dh1, dh0) <= tol["dh"]
     assert rel_err(dw1, dw0) <= tol["dw"]
+
+
+def previous_chunked_loss(h, w, labels, chunk):
+    """The chunked loss as first written: every chunk's logits, fp32 copy, log-softmax and gradient in new
+    tensors, F.linear and ``@`` for the matmuls (returns loss, d(loss)/dh, fp32 d(loss)/dW)."""
+    h = h[:, :-1].reshape(-1, h.shape[-1])  # (N, H)
+    labels = labels[:, 1:].reshape(-1)  # (N,)
+    num_items = (labels != -100).sum().clamp(min=1).float()
+    scale = 1.0 / num_items
+    total, grad_h, grad_w = torch.zeros(()), torch.empty_like(h), torch.zeros_like(w, dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        h_c, lab = h[start:start + chunk], labels[start:start + chunk]
+        log_probs = torch.log_softmax(torch.nn.functional.linear(h_c, w).float(), dim=-1)
+        valid = lab != -100
+        rows, cols = valid.nonzero().squeeze(1), lab[valid]
+        total -= log_probs[rows, cols].sum()
+        g = log_probs.exp_().mul_(scale)
+        g[rows, cols] -= scale
+        g[~valid] = 0.0
+        g = g.to(h.dtype)
+        grad_h[start:start + chunk] = g @ w.to(h.dtype)
+        grad_w += (g.t() @ h_c).float()
+    return total / num_items, grad_h, grad_w
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, autocast, chunk):
+    """The (C, V) workspace reused across chunks (in-place log-softmax, matmuls into it) runs the same kernels
+    in the same order as new tensors per chunk: loss and gradients bitwise equal (under bf16 autocast, where
+    F.linear picks the logits' dtype, the per-chunk expressions themselves)."""
+    torch.manual_seed(2)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    B, T, H, V = 3, 30, 32, 300
+    h = torch.randn(B, T, H, dtype=dtype)
+    w = (torch.randn(V, H) * 0.2).to(dtype)
+    labels = torch.randint(0, V, (B, T))
+    labels[1, 4:20] = -100  # whole ignored rows inside a chunk
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with context:
+        loss = chunked_causal_lm_loss(hh, ww, labels, chunk_tokens=chunk)
+        ref_loss, ref_dh, ref_dw = previous_chunked_loss(h, w, labels, chunk)
+    loss.backward()
+    assert torch.equal(loss.detach(), ref_loss)
+    assert torch.equal(hh.grad.view(B, T, H)[:, :-1].reshape(-1, H), ref_dh)
+    assert torch.equal(ww.grad, ref_dw.to(dtype))
 
 
 def test_num_items_and_no_grad():
@@ -94,9 +142,9 @@ def test_recipes_train_with_the_chunked_loss_by_default():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
     LoraRecipe().configure_model(model)
-    assert model.chunked_loss and not model.model.selective_recompute and not model.model.gradient_checkpointing
-    LoraRecipe(chunked_loss=False, selective_recompute=True).configure_model(model)  # --no-chunked-loss etc.
-    assert not model.chunked_loss and model.model.selective_recompute
+    assert model.chunked_loss and model.model.selective_recompute and not model.model.gradient_checkpointing
+    LoraRecipe(chunked_loss=False, selective_recompute=False).configure_model(model)  # --no-chunked-loss etc.
+    assert not model.chunked_loss and not model.model.selective_recompute
     assert dataclasses.replace(LoraRecipe(), grad_checkpointing=True).grad_checkpointing
 
 

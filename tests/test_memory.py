@@ -13,6 +13,7 @@ tiny step take from 0.3 s to 25 s; the memory figures do not depend on the threa
 """
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -105,14 +106,18 @@ def test_lora_and_qlora_7b_figures():
     assert 15 < lora.peak / GB < 18
     # QLoRA with the paper's settings (section 4: r=64 on all linears, paged AdamW), same batch: ~9-10 GB of
     # tensors (a GPU adds its CUDA context); 3.9 GB of weights instead of 13.5.
-    # The paper's loss on materialised logits (chunked_loss=False); the chunked loss saves their ~0.3 GB.
-    qlora = estimate_memory(config, MemorySettings(method="qlora", rank=64, optimizer="paged_adamw",
-                                                   batch_size=1, seq_len=512, chunked_loss=False))
+    # The paper's loss on materialised logits (chunked_loss=False), its activations stored (no selective
+    # recomputation); the chunked loss saves the logits' ~0.3 GB, recomputation more.
+    qlora = estimate_memory(config, MemorySettings(method="qlora", rank=64, optimizer="paged_adamw", batch_size=1,
+                                                   seq_len=512, chunked_loss=False, selective_recompute=False))
     assert 3.5 < (qlora.weights + qlora.quant_constants) / GB < 4.0
     assert 8.5 < qlora.peak / GB < 12  # 9.0 with the repeated k/v and the saved silu(gate), 8.98 without
     chunked = estimate_memory(config, MemorySettings(method="qlora", rank=64, optimizer="paged_adamw",
-                                                     batch_size=1, seq_len=512))
+                                                     batch_size=1, seq_len=512, selective_recompute=False))
     assert 8 < chunked.peak / GB < qlora.peak / GB
+    recomputed = estimate_memory(config, MemorySettings(method="qlora", rank=64, optimizer="paged_adamw",
+                                                        batch_size=1, seq_len=512))
+    assert recomputed.peak < chunked.peak
     assert qlora.pageable == qlora.optimizer_states + qlora.master_weights > 0  # paged with the moments
 
 
@@ -233,7 +238,9 @@ def prepare(model, settings: MemorySettings):
         quantize_model(model, compute_dtype=DTYPES[settings.dtype], double_quant=settings.double_quant)
     if settings.method in ("lora", "qlora"):
         inject_lora(model, LoraConfig(r=settings.rank, lora_alpha=16, target_modules=list(settings.target_modules),
-                                      use_dora=settings.dora, modules_to_save=list(settings.modules_to_save) or None),
+                                      use_dora=settings.dora, modules_to_save=list(settings.modules_to_save) or None,
+                                      ensure_weight_tying="embed_tokens" in settings.target_modules,
+                                      trainable_token_indices=list(range(settings.trainable_tokens)) or None),
                     adapter_dtype=DTYPES[settings.adapter_dtype or settings.dtype])
     model.model.gradient_checkpointing = settings.gradient_checkpointing
     model.chunked_loss = settings.chunked_loss
@@ -260,34 +267,51 @@ SMALL = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 WIDE = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
                    num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+# the settings of a run with --no-selective-recompute (saved tensors stored, not recomputed)
+Stored = functools.partial(MemorySettings, selective_recompute=False)
 CASES = [
-    (SMALL, MemorySettings(method="full", dtype="fp32", batch_size=4, seq_len=128)),
-    (WIDE, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64)),
-    (SMALL, MemorySettings(method="full", dtype="bf16", batch_size=4, seq_len=128, gradient_checkpointing=True)),
-    (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128)),
-    (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
+    (SMALL, Stored(method="full", dtype="fp32", batch_size=4, seq_len=128)),
+    (WIDE, Stored(method="full", dtype="bf16", batch_size=2, seq_len=64)),
+    (SMALL, Stored(method="full", dtype="bf16", batch_size=4, seq_len=128, gradient_checkpointing=True)),
+    (SMALL, Stored(method="lora", dtype="bf16", batch_size=4, seq_len=128)),
+    (SMALL, Stored(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
                            target_modules=("q_proj", "v_proj", "down_proj"))),
-    (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, gradient_checkpointing=True)),
-    (SMALL, MemorySettings(method="qlora", dtype="bf16", batch_size=4, seq_len=128)),
-    (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, dora=True)),
-    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"))),
-    (SMALL, MemorySettings(method="qlora", dtype="bf16", batch_size=4, seq_len=128, dora=True,
+    (SMALL, Stored(method="lora", dtype="fp32", batch_size=4, seq_len=128, gradient_checkpointing=True)),
+    (SMALL, Stored(method="qlora", dtype="bf16", batch_size=4, seq_len=128)),
+    (SMALL, Stored(method="lora", dtype="fp32", batch_size=4, seq_len=128, dora=True)),
+    (WIDE, Stored(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"))),
+    (SMALL, Stored(method="qlora", dtype="bf16", batch_size=4, seq_len=128, dora=True,
                            target_modules=("q_proj", "v_proj", "up_proj"))),
-    (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, double_quant=False,
+    (WIDE, Stored(method="qlora", dtype="bf16", batch_size=2, seq_len=64, double_quant=False,
                           gradient_checkpointing=True)),
     # the plain loss on materialised logits (--no-chunked-loss)
-    (SMALL, MemorySettings(method="full", dtype="fp32", batch_size=4, seq_len=128, chunked_loss=False)),
-    (WIDE, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
-    (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, chunked_loss=False)),
-    (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
-    # selective recomputation of RMSNorm outputs and SwiGLU products
+    (SMALL, Stored(method="full", dtype="fp32", batch_size=4, seq_len=128, chunked_loss=False)),
+    (WIDE, Stored(method="full", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
+    (SMALL, Stored(method="lora", dtype="bf16", batch_size=4, seq_len=128, chunked_loss=False)),
+    (WIDE, Stored(method="qlora", dtype="bf16", batch_size=2, seq_len=64, chunked_loss=False)),
+    # selective recomputation (the training default) of RMSNorm internals and outputs, SwiGLU products, casts
     (SMALL, MemorySettings(method="full", dtype="fp32", batch_size=4, seq_len=128, selective_recompute=True)),
     (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, selective_recompute=True)),
     (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
                            selective_recompute=True)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    (WIDE, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    (WIDE, MemorySettings(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=2, seq_len=64,
+                          selective_recompute=True)),
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"),
+                          selective_recompute=True)),
+    (SMALL, MemorySettings(method="full", dtype="bf16", batch_size=4, seq_len=128, gradient_checkpointing=True,
+                           selective_recompute=True)),
+    # LoRA on the input embedding (lora/embedding.py): untied, and tied (the head wrapped: no chunked loss)
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64,
+                          target_modules=(*LINEAR_NAMES, "embed_tokens"))),
+    (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128,
+                           target_modules=("q_proj", "v_proj", "embed_tokens"))),
+    # trainable token rows (lora/trainable_tokens.py) with a tied head (it keeps E' with the rows replaced)
+    (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, trainable_tokens=6)),
+    (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, trainable_tokens=6)),
     # fp32 adapters on an NF4 base computing in bf16 (PEFT's default adapter dtype): the fused q/k/v and gate/up
-    (SMALL, MemorySettings(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128)),
+    (SMALL, Stored(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128)),
 ]
 
 

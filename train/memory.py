@@ -35,9 +35,12 @@ Activations and the peak are those of *this* project's implementation (``models/
 layer and token, on the gradient path:
 
     RMSNorm (x2)     fp32 input (or its fp32 copy for 16-bit models) H * 4, and 1/rms 4 bytes;
-                     plus the normalised input H * e when the norm weight trains (full)
+                     plus the normalised input H * e when the norm weight trains (full); with selective
+                     recomputation only the input H * e and 1/rms (models/norm.py)
     projections      the input of q/k/v, gate/up and down once (H, H, I) * e when a weight or an adapter of
-                     the adapter's dtype needs it; an adapter of another dtype keeps its own cast copy each
+                     the adapter's dtype needs it; an adapter of another dtype keeps its own cast copy each;
+                     with selective recomputation none of these (models/recompute.py), except where the
+                     layer's input needs no gradient (LoRA's first layer)
     LoRA             A's output r * adapter bytes per adapted linear
     DoRA             also the base output (out * e) and B(A(x)) (out * adapter bytes) per adapted linear: the
                      two products with m / ||W + s B A||_c keep them for m's gradient (lora/dora.py); the norm
@@ -116,10 +119,12 @@ def _trainable_tensors(c: LlamaConfig, s: MemorySettings) -> list[int]:
         return per_layer * c.num_hidden_layers + head
     shapes = linear_shapes(c)
     per_layer = []
-    for name in s.target_modules:
+    for name in (t for t in s.target_modules if t in shapes):
         out_f, in_f = shapes[name]
         per_layer += [s.rank * in_f, out_f * s.rank] + ([out_f] if s.dora else [])
-    return per_layer * c.num_hidden_layers + _saved_copies(c, s)
+    embedding = [s.rank * c.vocab_size, c.hidden_size * s.rank] if "embed_tokens" in s.target_modules else []
+    embedding += [s.trainable_tokens * c.hidden_size] if s.trainable_tokens else []
+    return per_layer * c.num_hidden_layers + embedding + _saved_copies(c, s)
 
 
 def _saved_copies(c: LlamaConfig, s: MemorySettings) -> list[int]:
@@ -158,7 +163,8 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
         stacked = len(hit) * s.rank * in_dim * a if shared else 0
         if full or a == e:
             return stacked + (0 if shared_with_saved or recomputed else n * in_dim * e)
-        return stacked + (1 if shared else len(hit)) * n * in_dim * a
+        # the casts are recomputed too; otherwise one per group when fused, else one per adapter
+        return stacked + (0 if recomputed else (1 if shared else len(hit)) * n * in_dim * a)
 
     out_dim = {name: o for name, (o, _) in linear_shapes(c).items()}
 
@@ -167,17 +173,14 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
         return 0 if full else sum(n * s.rank * a + dora(x) for x in names if targeted[x])
 
     def norm(x_requires_grad: bool) -> int:
-        # models/llama.rms_norm: x.float() (or x itself in fp32) and rsqrt are saved by pow/mul; the weight's
-        # gradient needs the normalised x (in the model dtype).
-        return (n * h * 4 + n * 4 if x_requires_grad else 0) + (n * h * e if full or "norm" in s.modules_to_save
-                                                                 else 0)
+        return _norm_saved(n, h, e, x_requires_grad, full or "norm" in s.modules_to_save, recompute)
 
     saved = norm(grad_in)
     y_grad = grad_in or full
     qkv = ("q_proj", "k_proj", "v_proj")
-    # an fp32 norm input is saved by the norm, so its output is recomputed from it (models/llama.DecoderLayer)
+    # the norm keeps its input, so its output is recomputed from it (models/llama.DecoderLayer)
     fused = s.fused_projections and not full
-    saved += projection_inputs(qkv, h, False, recompute and e == 4 and grad_in, fused) + lora_mid(qkv)
+    saved += projection_inputs(qkv, h, False, recompute and grad_in, fused) + lora_mid(qkv)
     attn_grad = y_grad or any(targeted[x] for x in qkv)
     if attn_grad:
         # SDPA (flash kernel on CPU) saves q, k, v, out and logsumexp (k, v un-repeated: models/llama.py passes
@@ -190,12 +193,21 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     h2_grad = attn_grad or targeted["o_proj"]
     saved += norm(h2_grad)
     gu = ("gate_proj", "up_proj")
-    saved += projection_inputs(gu, h, False, recompute and e == 4 and h2_grad, fused) + lora_mid(gu)
+    saved += projection_inputs(gu, h, False, recompute and h2_grad, fused) + lora_mid(gu)
     mlp_grad = h2_grad or full or any(targeted[x] for x in gu)
     if mlp_grad:
         saved += 2 * n * i * e  # gate and up outputs (models/llama.SwiGLU recomputes silu(gate) in backward)
     saved += projection_inputs(("down_proj",), i, False, recompute and mlp_grad) + lora_mid(("down_proj",))
     return saved
+
+
+def _norm_saved(n: int, h: int, e: int, x_requires_grad: bool, weight_trains: bool, recompute: bool) -> int:
+    """Bytes an RMSNorm over n rows of h saves. models/norm.rms_norm: x.float() (or x itself in fp32) and 1/rms
+    are saved by pow/mul; the weight's gradient needs the normalised x (in the model dtype). With selective
+    recomputation only x in its own dtype and 1/rms are kept (models/norm.py)."""
+    if recompute:
+        return n * h * e + n * 4 if x_requires_grad or weight_trains else 0
+    return (n * h * 4 + n * 4 if x_requires_grad else 0) + (n * h * e if weight_trains else 0)
 
 
 def _layer_workspace(c: LlamaConfig, s: MemorySettings) -> int:
@@ -213,7 +225,16 @@ def _layer_workspace(c: LlamaConfig, s: MemorySettings) -> int:
         for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             workspace = sum(shapes[x][0] for x in group) * c.hidden_size * e
             dequantized = max(dequantized, workspace + 4 * max(shapes[x][0] * shapes[x][1] for x in group))
-    return n * c.hidden_size * e + max(2 * n * c.intermediate_size, 4 * n * hq) * e + dequantized
+    # Selective recomputation (not inside checkpointed layers): in down_proj's backward the recomputed SwiGLU
+    # product (and an fp32 adapter's cast of it) is live too; full fine-tuning also remakes a norm's output and
+    # normalised input for the weight gradients (models/recompute.py, models/norm.py).
+    recomputed = 0
+    if s.selective_recompute and not s.gradient_checkpointing:
+        a = DTYPE_BYTES[s.adapter_dtype or s.dtype]
+        cast = s.method != "full" and a != e and "down_proj" in s.target_modules
+        recomputed = n * c.intermediate_size * (e + (a if cast else 0))
+        recomputed += 2 * n * c.hidden_size * e if s.method == "full" else 0
+    return n * c.hidden_size * e + max(2 * n * c.intermediate_size, 4 * n * hq) * e + dequantized + recomputed
 
 
 def _loss_moments(c: LlamaConfig, s: MemorySettings, held: int) -> dict[str, tuple[int, int, int]]:
@@ -230,11 +251,12 @@ def _loss_moments(c: LlamaConfig, s: MemorySettings, held: int) -> dict[str, tup
                 "backward (loss)": (held + 12 * n_shift * V, 0, 0),
                 "backward (lm_head)": (held + logits, head_grads, n * H * e)}  # dlogits, dh, dW_lm_head
     # models/loss.chunked_causal_lm_loss: the hidden states and their shifted contiguous copy, d(loss)/dh, and
-    # for a trained head an fp32 d(loss)/dW, kept from the forward; per chunk two fp32 (chunk, V) tensors (the
-    # logits or their fp32 copy, and the log-softmax), or (full) the chunk's dW and its fp32 copy.
+    # for a trained head an fp32 d(loss)/dW, kept from the forward; the (chunk, V) workspace reused by every
+    # chunk (the logits in the model dtype, unless fp32, and their fp32 log-softmax), or (full) the chunk's dW
+    # and its fp32 copy.
     chunk = min(DEFAULT_CHUNK_TOKENS, n_shift)
     grad_w = V * H * 4 if full else 0
-    per_chunk = max(8 * chunk * V, (V * H * (4 if e == 4 else e + 4)) if full else 0)
+    per_chunk = max((4 + (e if e != 4 else 0)) * chunk * V, (V * H * (4 if e == 4 else e + 4)) if full else 0)
     forward = n * H * e + 2 * n_shift * H * e + grad_w + per_chunk
     # Backward: d(loss)/dh becomes the (B, T, H) gradient of the model's output; the fp32 dW is cast to the
     # weight's dtype (a new tensor for 16-bit weights) and accumulated into the tied embedding's gradient.
@@ -260,7 +282,11 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         raise TypeError(f"config must be a models.config.LlamaConfig, got {type(config).__name__}")
     s, c = settings, config
     s.validate()
-    if "lm_head" in s.modules_to_save:
+    # LoRA on embed_tokens (lora/embedding.py): the residual stream needs gradients from the first layer on, and a
+    # tied head is wrapped too (lora.embedding.TiedLoRAHead), keeping its input and x B_e for A_e's gradient.
+    emb = "embed_tokens" in s.target_modules or s.trainable_tokens > 0
+    tied_head = emb and config.tie_word_embeddings
+    if "lm_head" in s.modules_to_save or tied_head:
         # a wrapped head is not a plain linear: the model computes the plain loss on logits (LlamaForCausalLM)
         s = dataclasses.replace(s, chunked_loss=False)
     e = DTYPE_BYTES[s.dtype]
@@ -302,9 +328,14 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
     batch = (BATCH_TENSORS if s.attention_mask else 2) * n * 8  # the batch's int64 tensors (or ids and labels)
     rope = 2 * n * c.head_dim * e  # cos and sin, shared by all layers
     # + normalised x and lm_head's input (the chunked loss saves no input: it keeps gradients instead)
-    final_norm = n * H * 4 + n * 4 + ((1 if s.chunked_loss else 2) * n * H * e if full else 0)
-    final_norm += 0 if full else n * H * e * (("norm" in s.modules_to_save) + ("lm_head" in s.modules_to_save))
-    first = _layer_saved(c, s, grad_in=full)
+    # (the final norm is outside the checkpointed layers: models/llama.LlamaModel recomputes it either way)
+    final_norm = _norm_saved(n, H, e, True, full or "norm" in s.modules_to_save, s.selective_recompute)
+    final_norm += n * H * e if (full and not s.chunked_loss) or "lm_head" in s.modules_to_save else 0
+    lora_emb = "embed_tokens" in s.target_modules
+    final_norm += (n * H * a + n * s.rank * a) if tied_head and lora_emb else 0
+    # trainable tokens: a tied head's F.linear(x, E') keeps x and E' = E with the rows replaced (V, H)
+    final_norm += (n * H * e + V * H * e) if tied_head and s.trainable_tokens else 0
+    first = _layer_saved(c, s, grad_in=full or emb) + (n * s.rank * a if lora_emb else 0)  # + F.embedding(ids, A^T)
     rest = _layer_saved(c, s, grad_in=True)
     workspace = _layer_workspace(c, s)
     if s.gradient_checkpointing:

@@ -27,7 +27,10 @@ class MemorySettings:
         gradient_checkpointing: recompute each decoder layer in backward (models/llama.py).
         dtype: weights and activations of the unquantized model (full: bf16 means fp32 master weights).
         adapter_dtype: LoRA A/B dtype; None means ``dtype``.
-        rank: LoRA r; target_modules: which of q/k/v/o/gate/up/down_proj carry adapters (all-linear default).
+        rank: LoRA r; target_modules: which of q/k/v/o/gate/up/down_proj carry adapters (all-linear default),
+            and "embed_tokens" for LoRA on the input embedding (lora/embedding.py; a tied head gets it too).
+        trainable_tokens: how many embedding rows train directly (lora/trainable_tokens.py), k x hidden
+            parameters; a tied head then computes with a saved (V, H) copy of the weight.
         modules_to_save: modules trained in full beside the adapters (lora/modules_to_save.py): "norm" (every
             RMSNorm) and/or "lm_head" (an untied head): a trainable copy in the model dtype, its gradient, optimizer
             state and master copy, and the tensor its weight gradient needs (the normalised input; the head's input).
@@ -41,8 +44,8 @@ class MemorySettings:
         chunked_loss: the loss is computed from the hidden states in chunks, without logits (models/loss.py;
             the training recipes' default); False: the plain loss on (B, T, vocab) logits.
         fused_adamw: "adamw" through torch's fused kernel (fp32 parameters: no step temporaries).
-        selective_recompute: RMSNorm outputs (fp32 models) and SwiGLU products are recomputed in backward
-            instead of saved (models/recompute.py).
+        selective_recompute: RMSNorm internals and outputs, SwiGLU products and adapters' casts of them are
+            recomputed in backward instead of saved (models/recompute.py, models/norm.py).
         fused_projections: q/k/v and gate/up over the frozen base as one matmul each, the LoRA A's sharing an
             input as one (models/fused.py, lora/fused.py; the recipes' default): an adapter dtype other than the
             activations' casts the input once per group, not per layer; QLoRA dequantizes a group into one workspace.
@@ -59,12 +62,13 @@ class MemorySettings:
     target_modules: tuple[str, ...] = LINEAR_NAMES
     dora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    trainable_tokens: int = 0
     double_quant: bool = True
     blocksize: int = 64
     attention_mask: bool = True
     keeps_output: bool = True
     chunked_loss: bool = True
-    selective_recompute: bool = False
+    selective_recompute: bool = True
     fused_adamw: bool = False
     fused_projections: bool = True
 
@@ -85,13 +89,17 @@ class MemorySettings:
         if self.method == "full" and self.dtype == "fp16":
             raise ValueError("full fine-tuning in fp16 needs loss scaling, which this project does not implement; "
                              "use dtype 'bf16' or 'fp32'")
-        unknown = [t for t in self.target_modules if t not in LINEAR_NAMES]
-        if unknown or not self.target_modules:
-            raise ValueError(f"target_modules must be a non-empty subset of {LINEAR_NAMES}, got "
-                             f"{tuple(self.target_modules)!r}")
+        unknown = [t for t in self.target_modules if t not in (*LINEAR_NAMES, "embed_tokens")]
+        if unknown or not set(self.target_modules) & set(LINEAR_NAMES):
+            raise ValueError(f"target_modules must be a subset of {LINEAR_NAMES} (at least one), plus "
+                             f"'embed_tokens' if wanted, got {tuple(self.target_modules)!r}")
         if not set(self.modules_to_save) <= {"norm", "lm_head"} or (self.modules_to_save and self.method == "full"):
             raise ValueError(f"modules_to_save must be a subset of ('norm', 'lm_head') with method lora or qlora, got "
                              f"{tuple(self.modules_to_save)!r}")
+        if not isinstance(self.trainable_tokens, int) or self.trainable_tokens < 0 or \
+                (self.trainable_tokens and self.method == "full"):
+            raise ValueError(f"trainable_tokens (a number of embedding rows) must be an int >= 0 with method lora or "
+                             f"qlora, got {self.trainable_tokens!r}")
         if self.method == "qlora" and self.blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"blocksize must be a power of two in [32, 4096], got {self.blocksize}")
 
