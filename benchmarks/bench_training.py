@@ -20,10 +20,12 @@ sides; see that file for why not RSS), with the optimizer states already allocat
 ``finetune.memory`` for our step is printed next to it.
 
 "ours" is the model ``finetune train`` runs, as the recipes build it: the loss from the hidden states in
-chunks (models/loss.py), SDPA with enable_gqa, a SwiGLU that saves gate and up only (models/llama.py).
+chunks (models/loss.py), SDPA with enable_gqa, a SwiGLU that saves gate and up only (models/llama.py), q/k/v
+and gate/up over the frozen base (and LoRA's A's) as one matmul each (models/fused.py, lora/fused.py).
 ``--variants`` also measures it with selective recomputation switched the other way (models/recompute.py), with
-``--no-chunked-loss``, and, for full fine-tuning, with ``torch.optim.AdamW(fused=True)``. ``--recompute-cost``
-times only our step with and without recomputation, in turns, and reports the median ratio of the pairs.
+``--no-chunked-loss``, with ``--no-fused-projections``, and, for full fine-tuning, with
+``torch.optim.AdamW(fused=True)``. ``--recompute-cost`` times only our step with and without recomputation, in
+turns, and reports the median ratio of the pairs.
 
 Each row also reports the step's matmul FLOP/s as a fraction of what ``F.linear`` reaches on the same shapes,
 dtype and threads, measured in the same run: how far the step is from the machine's own limit.
@@ -68,6 +70,7 @@ if importlib.util.find_spec("finetune_ref") is None:
     # otherwise pass for Hugging Face's `kernels` package, which transformers imports.
     sys.path.append(str(REPO))
 
+from finetune_ref.lora.fused import fuse_projections  # noqa: E402
 from finetune_ref.train.memory_settings import MemorySettings  # noqa: E402
 from finetune_ref.train.memory import estimate_memory  # noqa: E402
 from finetune_ref.train.memory_tracker import TensorMemoryTracker  # noqa: E402
@@ -215,13 +218,15 @@ DEFAULTS = _recipe_defaults()
 # The recompute row flips the recipes' default (``--selective-recompute`` / ``--no-selective-recompute``).
 RECOMPUTE_ROW = "ours --no-selective-recompute" if DEFAULTS["selective_recompute"] else "ours --selective-recompute"
 VARIANTS = {"ours": {}, RECOMPUTE_ROW: {"selective_recompute": not DEFAULTS["selective_recompute"]},
-            "ours --no-chunked-loss": {"chunked_loss": False}}
+            "ours --no-chunked-loss": {"chunked_loss": False},
+            "ours --no-fused-projections": {"fused_projections": False}}
 
 
 def configure(model, options: dict) -> None:
     """Set our model's switches to a variant's (models/llama.py: chunked_loss, selective_recompute)."""
     model.chunked_loss = options.get("chunked_loss", DEFAULTS["chunked_loss"])
     model.model.selective_recompute = options.get("selective_recompute", DEFAULTS["selective_recompute"])
+    fuse_projections(model, options.get("fused_projections", True))  # models/fused.py, lora/fused.py
 
 
 def recompute_cost(times: dict[str, list[float]]) -> float:
@@ -334,7 +339,8 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
             settings = MemorySettings(
                 method=method, optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1], dtype=args.dtype,
                 adapter_dtype="fp32", rank=LORA_R, attention_mask=False, keeps_output=False,
-                chunked_loss=opts.get("chunked_loss", True), selective_recompute=opts.get("selective_recompute", False))
+                chunked_loss=opts.get("chunked_loss", True), selective_recompute=opts.get("selective_recompute", DEFAULTS["selective_recompute"]),
+                fused_projections=opts.get("fused_projections", True))
             predicted[name] = estimate_memory(config, settings).peak
     configure(sides["ours"]["model"], {})
     result = {"method": method, "tokens_per_step": tokens, "trainable": sides["ours"]["trainable"],

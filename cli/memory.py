@@ -116,6 +116,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the loss on materialised logits (finetune train --no-chunked-loss)")
     p.add_argument("--no-selective-recompute", action="store_true",
                    help="RMSNorm and SwiGLU outputs stored for backward, not recomputed (finetune train's flag)")
+    p.add_argument("--no-fused-projections", action="store_true",
+                   help="q/k/v and gate/up as separate matmuls (finetune train --no-fused-projections)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="ddp: every rank holds the model (the one-process estimate, per rank); fsdp: FSDP2 shards "
                         "weights, gradients and optimizer states over --world-size ranks (train/memory_fsdp.py)")
@@ -155,7 +157,9 @@ def settings(args: argparse.Namespace) -> MemorySettings:
         trainable_tokens=args.trainable_tokens,
         double_quant=getattr(recipe, "double_quant", None) is not False,
         blocksize=getattr(recipe, "blocksize", None) or DEFAULT_BLOCKSIZE, attention_mask=not args.no_mask,
-        chunked_loss=not args.no_chunked_loss, selective_recompute=not args.no_selective_recompute)
+        chunked_loss=not args.no_chunked_loss, selective_recompute=not args.no_selective_recompute,
+        # as RunConfig.configure_model: FSDP2 runs unfused
+        fused_projections=not args.no_fused_projections and args.parallel != "fsdp")
 
 
 def add_memory_parser(subparsers) -> argparse.ArgumentParser:

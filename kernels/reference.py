@@ -52,7 +52,8 @@ def dequantize_absmax(state: Any) -> torch.Tensor:
     return (centred * state.nested_absmax.view(groups, 1)).view(-1)[:nb] + state.offset  # (nb,) fp32
 
 
-def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """W from its packed codes: ``quant_map[code] * absmax`` in fp32, cast once to ``dtype``.
 
     Equal bit for bit to bitsandbytes' pure-PyTorch path (``bitsandbytes/backends/default/ops.py``:
@@ -63,6 +64,8 @@ def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None =
         packed: uint8, ``(numel + 1) // 2`` bytes (any shape), on the state's device.
         state: an NF4QuantState (finetune_ref.qlora.quant_state), as ``qlora.nf4.quantize_nf4`` returns it.
         dtype: output dtype (float32, float16, bfloat16); default ``state.dtype``.
+        out: optional tensor of ``state.shape`` to write W into, in its own dtype (e.g. rows of a workspace that
+            stacks several layers' weights, models/fused.py); returned. ``dtype`` is then ignored.
 
     Returns:
         Tensor of ``state.shape`` and ``dtype`` on ``packed``'s device.
@@ -75,10 +78,16 @@ def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None =
     check_packed(packed, state, "dequantize_nf4: packed")
     if dtype is not None:
         check_dtype(dtype, "dequantize_nf4: dtype")
-    return _dequantize(packed, state, dtype)
+    if out is not None:
+        check_dtype(out.dtype, "dequantize_nf4: out")
+        if tuple(out.shape) != tuple(state.shape) or out.device != packed.device:
+            raise ValueError(f"dequantize_nf4: out must be {tuple(state.shape)} on {packed.device}, got "
+                             f"{tuple(out.shape)} on {out.device}")
+    return _dequantize(packed, state, dtype, out)
 
 
-def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize_nf4`` without the checks (the hot path; see the module docstring)."""
     dtype = state.dtype if dtype is None else dtype
     n, nb, bs = state.numel, state.num_blocks, state.blocksize
@@ -94,8 +103,10 @@ def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = No
     if nb * bs != n:
         values = F.pad(values, (0, nb * bs - n))  # (nb * bs,)
     # fp32 product, rounded once; in place: the gathered values are a fresh tensor (4 B/element less at peak)
-    out = values.view(nb, bs).mul_(absmax.view(nb, 1)).view(-1)[:n]
-    return out.to(dtype).view(state.shape)
+    w = values.view(nb, bs).mul_(absmax.view(nb, 1)).view(-1)[:n]
+    if out is not None:
+        return out.copy_(w.view(state.shape))  # the same one rounding as .to(out.dtype)
+    return w.to(dtype).view(state.shape)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:

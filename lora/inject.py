@@ -185,7 +185,9 @@ def _storage_key(t: torch.Tensor) -> tuple:
         # meta tensors have no storage; a DTensor (an FSDP2 shard) is one object however many modules hold it,
         # and its local shard may be empty (no data pointer to compare)
         return ("object", id(t))
-    return (str(t.device), t.untyped_storage().data_ptr())
+    # the offset and shape too: the fused q/k/v base weights are row blocks of one storage (models/fused.py),
+    # which is not tying
+    return (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
 def tied_weight_owners(model: nn.Module) -> dict[str, list[str]]:

@@ -232,7 +232,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) in the base output's dtype."""
-        result = self.base_layer(x, *args, **kwargs)
+        return self.lora_output(x, self.base_layer(x, *args, **kwargs))
+
+    def lora_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The base's output ``result`` plus the active adapters' updates of x (``lora.fused`` computes the
+        base outputs of several layers in one matmul, then calls this)."""
         if self.disabled:
             return result
         result_dtype = result.dtype

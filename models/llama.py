@@ -28,14 +28,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
+from .fused import GATE_UP, QKV, FusedProjections
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, chunked_causal_lm_loss
 from .norm import RMSNorm
 from .recompute import recompute_saved
 from .rope import RotaryEmbedding, apply_rotary
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down_proj(silu(gate_proj(x)) * up_proj(x))."""
+class MLP(FusedProjections):
+    """SwiGLU feed-forward (Shazeer 2020): down_proj(silu(gate_proj(x)) * up_proj(x)); gate and up from one
+    matmul over a frozen base when ``fused_projections`` is set (models/fused.py)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -45,7 +47,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.project(x, GATE_UP)
         product = swiglu(gate, up)
         if not (recompute and product.requires_grad):
             return self.down_proj(product)
@@ -118,8 +120,9 @@ class KVCache:
         return k, v
 
 
-class Attention(nn.Module):
-    """Multi-head attention with grouped-query key/value heads and rotary embeddings."""
+class Attention(FusedProjections):
+    """Multi-head attention with grouped-query key/value heads and rotary embeddings; q, k and v from one matmul
+    over a frozen base when ``fused_projections`` is set (models/fused.py)."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -136,10 +139,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        q, k, v = self.project(x, QKV)
         # (B, T, heads * head_dim) -> (B, T, heads, head_dim) -> (B, heads, T, head_dim)
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

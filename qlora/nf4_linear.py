@@ -122,6 +122,15 @@ class NF4Linear(nn.Module):
         """The dequantized weight ``(out_features, in_features)`` in ``dtype`` (default: the original dtype)."""
         return dequantize_nf4(self.weight, self._quant_state, dtype=dtype)
 
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the dequantized weight into ``out`` ((out_features, in_features), in out's dtype: rows of the
+        workspace that stacks q/k/v or gate/up for one matmul, models/fused.py); returns ``out``."""
+        return dequantize_nf4(self.weight, self._quant_state, out=out)
+
+    def matmul_backend(self, x: torch.Tensor) -> str:
+        """The NF4 implementation a call on x would use: "triton" (fused kernels) or "torch" (the reference)."""
+        return resolve_backend(x, self.weight)
+
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by the NF4 quantization of ``weight`` (out, in), with this layer's blocksize

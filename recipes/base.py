@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
+from finetune_ref.lora.fused import fuse_projections
 from finetune_ref.train.config import TrainConfig
 from finetune_ref.train.distributed import DistInfo
 
@@ -58,6 +59,9 @@ class RunConfig(TrainConfig):
     # storing them (models/recompute.py; bitwise the same gradients): under 5% of step time, measured in turns
     # (benchmarks/bench_training.py --recompute-cost); --no-selective-recompute turns it off.
     selective_recompute: bool = True
+    # One matmul for the frozen q/k/v and gate/up, and for the LoRA A's sharing an input (models/fused.py,
+    # lora/fused.py); trainable (full) or FSDP-sharded bases, and --compile, run unfused.
+    fused_projections: bool = True
     compile: bool = False                # torch.compile each decoder layer in place (names and files unchanged)
     save_every: int = 0                  # updates between checkpoints (0: only at the end and on Ctrl-C)
     keep_last: int = 2                   # checkpoints kept (0: all)
@@ -100,6 +104,8 @@ class RunConfig(TrainConfig):
         model.model.gradient_checkpointing = self.grad_checkpointing
         model.chunked_loss = self.chunked_loss
         model.model.selective_recompute = self.selective_recompute
+        # FSDP2 (train/fsdp.py) re-points every parameter at its shard: the stacked views would not survive it.
+        fuse_projections(model, self.fused_projections and self.parallel != "fsdp" and not self.compile)
         if self.compile:
             # Module.compile compiles in place: parameter names, state dicts and exported files stay as they are.
             for layer in model.model.layers:

@@ -38,8 +38,9 @@ FORMAT = "finetune-ref-run"
 VERSION = 1
 
 # May differ on resume: they change where files go and what is shown, not what is trained.
+# fused_projections changes the rounding of sums only (models/fused.py), and a run recorded before it has none.
 FREE_ON_RESUME = frozenset({"out", "resume", "cache_dir", "progress", "log_every", "metrics_path", "save_every",
-                            "keep_last", "eval_every", "log", "plot"})
+                            "keep_last", "eval_every", "log", "plot", "fused_projections"})
 # Compared by content (``fingerprint``), not by path.
 BY_CONTENT = frozenset({"model", "data", "eval_data"})
 PATHS = ("model", "data", "eval_data", "cache_dir")

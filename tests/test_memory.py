@@ -231,6 +231,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def prepare(model, settings: MemorySettings):
     """Turn a fresh model into the one ``settings`` trains, as the CLI/qlora.model do."""
     from finetune_ref.lora import LoraConfig, inject_lora
+    from finetune_ref.lora.fused import fuse_projections
     from finetune_ref.qlora.model import quantize_model
 
     if settings.method == "qlora":
@@ -244,6 +245,7 @@ def prepare(model, settings: MemorySettings):
     model.model.gradient_checkpointing = settings.gradient_checkpointing
     model.chunked_loss = settings.chunked_loss
     model.model.selective_recompute = settings.selective_recompute
+    fuse_projections(model, settings.fused_projections)  # as RunConfig.configure_model
     return model
 
 
@@ -308,6 +310,8 @@ CASES = [
     # trainable token rows (lora/trainable_tokens.py) with a tied head (it keeps E' with the rows replaced)
     (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, trainable_tokens=6)),
     (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, trainable_tokens=6)),
+    # fp32 adapters on an NF4 base computing in bf16 (PEFT's default adapter dtype): the fused q/k/v and gate/up
+    (SMALL, Stored(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128)),
 ]
 
 

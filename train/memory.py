@@ -149,7 +149,7 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     recompute = s.selective_recompute and not s.gradient_checkpointing
 
     def projection_inputs(names: tuple[str, ...], in_dim: int, shared_with_saved: bool,
-                          recomputed: bool = False) -> int:
+                          recomputed: bool = False, fused: bool = False) -> int:
         # Full: the weight gradient needs the input (saved once per group, shared storage).
         # LoRA: A's gradient needs the input: the same tensor if the adapter has the activation dtype, else
         # each adapter keeps its own cast copy (lora/layer.py LoRALinear.forward: x.to(lora_A.dtype)).
@@ -157,9 +157,14 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
         hit = [x for x in names if targeted[x]]
         if not hit:
             return 0
+        # fused (lora/fused.py): the adapters of a group share the A matmul (not DoRA's); its stacked A's
+        # (sum of r, in) are saved for the input gradient, and an input of another dtype is cast once
+        shared = fused and not s.dora and len(hit) > 1
+        stacked = len(hit) * s.rank * in_dim * a if shared else 0
         if full or a == e:
-            return 0 if shared_with_saved or recomputed else n * in_dim * e
-        return 0 if recomputed else len(hit) * n * in_dim * a  # the casts are recomputed too
+            return stacked + (0 if shared_with_saved or recomputed else n * in_dim * e)
+        # the casts are recomputed too; otherwise one per group when fused, else one per adapter
+        return stacked + (0 if recomputed else (1 if shared else len(hit)) * n * in_dim * a)
 
     out_dim = {name: o for name, (o, _) in linear_shapes(c).items()}
 
@@ -174,7 +179,8 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     y_grad = grad_in or full
     qkv = ("q_proj", "k_proj", "v_proj")
     # the norm keeps its input, so its output is recomputed from it (models/llama.DecoderLayer)
-    saved += projection_inputs(qkv, h, False, recompute and grad_in) + lora_mid(qkv)
+    fused = s.fused_projections and not full
+    saved += projection_inputs(qkv, h, False, recompute and grad_in, fused) + lora_mid(qkv)
     attn_grad = y_grad or any(targeted[x] for x in qkv)
     if attn_grad:
         # SDPA (flash kernel on CPU) saves q, k, v, out and logsumexp (k, v un-repeated: models/llama.py passes
@@ -187,7 +193,7 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     h2_grad = attn_grad or targeted["o_proj"]
     saved += norm(h2_grad)
     gu = ("gate_proj", "up_proj")
-    saved += projection_inputs(gu, h, False, recompute and h2_grad) + lora_mid(gu)
+    saved += projection_inputs(gu, h, False, recompute and h2_grad, fused) + lora_mid(gu)
     mlp_grad = h2_grad or full or any(targeted[x] for x in gu)
     if mlp_grad:
         saved += 2 * n * i * e  # gate and up outputs (models/llama.SwiGLU recomputes silu(gate) in backward)
@@ -211,7 +217,14 @@ def _layer_workspace(c: LlamaConfig, s: MemorySettings) -> int:
     hq = c.num_attention_heads * c.head_dim
     # QLoRA: each NF4 linear's backward dequantizes its weight (kernels/reference.py _dequantize: the gathered
     # fp32 values, scaled in place; measured 4 B per element of the largest weight at the layer's peak).
-    dequantized = 4 * max(o * i for o, i in linear_shapes(c).values()) if s.method == "qlora" else 0
+    shapes = linear_shapes(c)
+    dequantized = 4 * max(o * i for o, i in shapes.values()) if s.method == "qlora" else 0
+    if s.method == "qlora" and s.fused_projections and not s.dora:
+        # fused (models/fused.py): a group's layers are dequantized into one workspace in the compute dtype, each
+        # through its own fp32 gather; the largest group at the peak
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            workspace = sum(shapes[x][0] for x in group) * c.hidden_size * e
+            dequantized = max(dequantized, workspace + 4 * max(shapes[x][0] * shapes[x][1] for x in group))
     # Selective recomputation (not inside checkpointed layers): in down_proj's backward the recomputed SwiGLU
     # product (and an fp32 adapter's cast of it) is live too; full fine-tuning also remakes a norm's output and
     # normalised input for the weight gradients (models/recompute.py, models/norm.py).

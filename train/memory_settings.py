@@ -46,6 +46,9 @@ class MemorySettings:
         fused_adamw: "adamw" through torch's fused kernel (fp32 parameters: no step temporaries).
         selective_recompute: RMSNorm internals and outputs, SwiGLU products and adapters' casts of them are
             recomputed in backward instead of saved (models/recompute.py, models/norm.py).
+        fused_projections: q/k/v and gate/up over the frozen base as one matmul each, the LoRA A's sharing an
+            input as one (models/fused.py, lora/fused.py; the recipes' default): an adapter dtype other than the
+            activations' casts the input once per group, not per layer; QLoRA dequantizes a group into one workspace.
     """
 
     method: str = "lora"
@@ -67,6 +70,7 @@ class MemorySettings:
     chunked_loss: bool = True
     selective_recompute: bool = True
     fused_adamw: bool = False
+    fused_projections: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the accepted values."""
