@@ -24,7 +24,8 @@ chunks (models/loss.py), SDPA with enable_gqa, a SwiGLU that saves gate and up o
 and gate/up over the frozen base (and LoRA's A's) as one matmul each (models/fused.py, lora/fused.py).
 ``--variants`` also measures it with selective recomputation switched the other way (models/recompute.py), with
 ``--no-chunked-loss``, with ``--no-fused-projections``, and, for full fine-tuning, with
-``torch.optim.AdamW(fused=True)``. ``--recompute-cost`` times only our step with and without recomputation, in
+``torch.optim.AdamW(fused=True)``. ``--compile`` adds our model with each decoder layer compiled
+(``finetune train --compile``). ``--recompute-cost`` times only our step with and without recomputation, in
 turns, and reports the median ratio of the pairs.
 
 Each row also reports the step's matmul FLOP/s as a fraction of what ``F.linear`` reaches on the same shapes,
@@ -40,6 +41,7 @@ Usage:
     python benchmarks/bench_training.py                           # all methods, write RESULTS_TRAINING.md
     python benchmarks/bench_training.py --dtype bf16 --variants --steps 5 --threads 2   # on a quiet machine
     python benchmarks/bench_training.py --quick --allow-noisy     # a tiny random model: checks the script
+    python benchmarks/bench_training.py --methods lora --dtype bf16 --compile --warmup 2 --no-write   # torch.compile
     python benchmarks/bench_training.py --batch-size 2 --seq-len 128 --no-write   # quick look
     python benchmarks/bench_training.py --from-json run.json    # re-render a saved run (--json run.json)
 """
@@ -304,6 +306,16 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
     if args.variants and method == "full" and not args.recompute_cost:
         fused = torch.optim.AdamW(sides["ours"]["params"], lr=LR[method], weight_decay=0.0, fused=True)
         runs.append(("ours + fused AdamW", sides["ours"], {}, fused))
+    if args.compile and not args.recompute_cost:
+        # A second model of ours, configured as `finetune train --compile` does (RunConfig.configure_model: each
+        # decoder layer compiled in place, projections unfused); the warm-up steps absorb the compilation.
+        model, params, extra = ours(method, model_dir, dtype)
+        configure(model, {"fused_projections": False})
+        for layer in model.model.layers:
+            layer.compile()
+        compiled = {"model": model, "extra": extra, "params": params, "trainable": sum(p.numel() for p in params),
+                    "optimizer": torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0)}
+        runs.append(("ours --compile", compiled, None, compiled["optimizer"]))
     if not args.recompute_cost:
         runs.append(("transformers", sides["transformers"], None, sides["transformers"]["optimizer"]))
 
@@ -383,7 +395,8 @@ def render(env: dict, results: list[dict], args) -> str:
         "as a fraction of what F.linear reaches on the same shapes, dtype and threads in this run.",
         "",
         "Rows: \"ours\" is `finetune train`'s model as the recipes build it (chunked cross-entropy, SDPA with "
-        "enable_gqa, a SwiGLU saving gate and up only); \"ours --flag\" the same with that `finetune train` flag; "
+        "enable_gqa, a SwiGLU saving gate and up only, selective recomputation, q/k/v and gate/up over a frozen base "
+        "as one matmul each); \"ours --flag\" the same with that `finetune train` flag; "
         "\"ours + fused AdamW\": torch.optim.AdamW(fused=True).",
         "",
         "| method | implementation | tokens/s | step s (min-max) | peak MB | speed vs transformers "
@@ -462,7 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype")
     parser.add_argument("--variants", action="store_true",
-                        help="also measure our step with --selective-recompute, --no-chunked-loss (and fused AdamW)")
+                        help="also measure our step with selective recomputation switched, --no-chunked-loss, "
+                             "--no-fused-projections (and fused AdamW for full)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our model with each decoder layer torch.compile'd (finetune train --compile), "
+                             "in turns with the others; use --warmup 2 or more so the compilation is not timed")
     parser.add_argument("--recompute-cost", action="store_true",
                         help="time only our step with and without selective recomputation, in turns (its cost in "
                              "step time; no transformers row)")
