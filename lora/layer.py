@@ -25,7 +25,7 @@ from finetune_ref.lora.dora import (DoraMagnitude, dora_forward, dora_init_magni
                                     dora_merged, dora_unmerged)
 from finetune_ref.lora.init import is_mutating_init, rewrite_base_for_init
 from finetune_ref.lora.tuner_layer import AdapterLayerMixin, check_adapter_name
-from finetune_ref.lora.functional import (init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
+from finetune_ref.lora.functional import (add_update, init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
                                          merged_weight)
 
 def _base_device(base_layer: nn.Module) -> torch.device:
@@ -191,9 +191,8 @@ class LoRALinear(AdapterLayerMixin, nn.Module):
             if not self.row_adapters.empty:
                 result = result + self.row_adapters.delta(x)
             return result.to(result_dtype)
-        for name in self.active_adapters:
-            if name not in self.lora_A or name in self.merged_adapters:
-                continue  # not on this layer, or already inside the base weight
+        pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        for name in pending:  # not on this layer, or already inside the base weight: skipped
             lora_A = self.lora_A[name].weight  # (r, in)
             lora_B = self.lora_B[name].weight  # (out, r)
             x_lora = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
@@ -204,9 +203,10 @@ class LoRALinear(AdapterLayerMixin, nn.Module):
                                                self.lora_magnitude_vector[name].weight, lora_A, lora_B,
                                                self.scaling[name], self.lora_dropout[name], self.training)
                 continue
-            # Adding a 16-bit update to an fp32 result promotes to fp32; the cast below restores the base dtype.
-            result = result + lora_forward(x_lora, lora_A, lora_B, self.scaling[name],
-                                           self.lora_dropout[name], self.training)
+            # Adding an fp32 update to a 16-bit result promotes to fp32; the last one is cast back to the base
+            # output's dtype as it is added (add_update: bitwise PEFT's add, then .to()).
+            update = lora_forward(x_lora, lora_A, lora_B, self.scaling[name], self.lora_dropout[name], self.training)
+            result = add_update(result, update, result_dtype) if name == pending[-1] else result + update
         return result.to(result_dtype)
 
     # ---- merge / unmerge (Hu et al. 2021, section 4.2) ----
