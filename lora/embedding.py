@@ -29,7 +29,7 @@ from torch import nn
 
 from finetune_ref.lora.functional import lora_forward, lora_scaling, merged_weight
 from finetune_ref.lora.init import is_mutating_init
-from finetune_ref.lora.layer import check_adapter_name
+from finetune_ref.lora.tuner_layer import AdapterLayerMixin, check_adapter_name
 
 
 def lora_embedding_forward(ids: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -62,7 +62,7 @@ def init_lora_embedding_weights_(lora_A: torch.Tensor, lora_B: torch.Tensor, ini
         nn.init.normal_(lora_B)
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(AdapterLayerMixin, nn.Module):
     """A frozen ``nn.Embedding`` plus named LoRA adapters (see the module docstring).
 
     Attributes mirror ``LoRALinear`` (r, lora_alpha, scaling, lora_dropout, use_rslora, active_adapters,
@@ -101,13 +101,12 @@ class LoRAEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
+    def _adapter_keys(self) -> nn.ParameterDict:  # lora.tuner_layer.AdapterLayerMixin's tables
+        return self.lora_embedding_A
 
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_embedding_A.keys())
+    def _adapter_tables(self) -> tuple:
+        return (self.lora_embedding_A, self.lora_embedding_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout,
+                self.use_rslora)
 
     def add_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str = True,
@@ -141,37 +140,6 @@ class LoRAEmbedding(nn.Module):
         self.scaling[adapter_name] = scaling
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.use_rslora[adapter_name] = use_rslora
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter. Raises ValueError if it does not exist or is merged."""
-        self._check_exists([adapter_name])
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge before deleting")
-        del self.lora_embedding_A[adapter_name]
-        del self.lora_embedding_B[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora):
-            del table[adapter_name]
-        if adapter_name in self.active_adapters:
-            self.active_adapters.remove(adapter_name)
-
-    def set_adapter(self, adapter_names: str | list[str], strict: bool = True) -> None:
-        """Make exactly these adapters active (``LoRALinear.set_adapter``'s rules)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if strict:
-            self._check_exists(names)
-        if self.merged and set(names) != set(self.active_adapters):
-            raise ValueError(f"cannot switch adapters while {self.merged_adapters} are merged into the base "
-                             "weight; unmerge first")
-        self.active_adapters = list(dict.fromkeys(names))
-
-    def _check_exists(self, names: list[str]) -> None:
-        unknown = [n for n in names if n not in self.lora_embedding_A]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {self.adapter_names}")
-
-    def unmerged_names(self) -> list[str]:
-        """Active adapters on this layer whose update is not inside the base weight (added in forward)."""
-        return [n for n in self.active_adapters if n in self.lora_embedding_A and n not in self.merged_adapters]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(...) int ids -> (..., D) in the base weight's dtype."""

@@ -60,7 +60,52 @@ def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
     """
     if dropout > 0.0:
         x = F.dropout(x, p=dropout, training=training)
-    return F.linear(F.linear(x, lora_A), lora_B) * scaling
+    return lora_up(F.linear(x, lora_A), lora_B, scaling)
+
+
+def _exact_scale(scaling: float) -> bool:
+    """A power of two >= 1: multiplying by it is exact in floating point (barring overflow)."""
+    return scaling >= 1.0 and math.frexp(scaling)[0] == 0.5
+
+
+def lora_up(mid: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * B(mid): (..., r) -> (..., out_features), bitwise PEFT's ``lora_B(...) * scaling``.
+
+    PEFT multiplies the (..., out_features) output. When scaling is a power of two >= 1 (alpha = 2r, PEFT's
+    and this project's default ratio, gives 2) the rank-r input is multiplied instead: every product and
+    partial sum of the matmul (and of its backward) is then scaled by 2^k exactly, so each rounds to the same
+    value times 2^k and the result is bitwise the same, for r / out_features of the elementwise work (and of
+    its backward). Other scalings keep PEFT's order.
+    """
+    if scaling == 1.0:
+        return F.linear(mid, lora_B)
+    if _exact_scale(scaling):
+        return F.linear(mid * scaling, lora_B)
+    return F.linear(mid, lora_B) * scaling
+
+
+class _AddInDtype(torch.autograd.Function):
+    """(result + update).to(dtype) as one kernel: added in the promoted dtype, rounded once on the store."""
+
+    @staticmethod
+    def forward(ctx, result, update, dtype):
+        ctx.dtypes = (result.dtype, update.dtype)
+        out = torch.empty(torch.broadcast_shapes(result.shape, update.shape), dtype=dtype, device=result.device)
+        return torch.add(result, update, out=out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # As autograd through ``(result + update).to(dtype)``: the cast's backward casts grad to the promoted
+        # dtype, the sum passes it to both, each then cast to its input's dtype (exact round trips).
+        return grad.to(ctx.dtypes[0]), grad.to(ctx.dtypes[1]), None
+
+
+def add_update(result: torch.Tensor, update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(result + update).to(dtype), bitwise, as PEFT's ``lora.Linear.forward`` adds an fp32 update to a 16-bit
+    base output and casts back, but in one pass instead of three (the fp32 sum is neither written nor read)."""
+    if result.dtype == update.dtype == dtype or result.shape != update.shape:
+        return (result + update).to(dtype)
+    return _AddInDtype.apply(result, update, dtype)
 
 
 def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -23,23 +23,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune_ref.lora.functional import add_update, lora_up
 from finetune_ref.lora.layer import LoRALinear
 from finetune_ref.models.fused import GATE_UP, QKV, FusedProjections, ProjectionGroup, base_of
 
 
 def shared_input_lora(x: torch.Tensor, results: list[torch.Tensor], lora_As: list[torch.Tensor],
-                      lora_Bs: list[torch.Tensor], scalings: list[float]) -> list[torch.Tensor]:
+                      lora_Bs: list[torch.Tensor], scalings: list[float],
+                      dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor]:
     """results_i + scaling_i * B_i(A_i x) for layers reading the same x, the A's applied as one matmul.
 
     Args:
         x: (..., in_features), in the adapters' dtype.
         results: each layer's running output (..., out_i).
         lora_As: (r_i, in_features) each.  lora_Bs: (out_i, r_i) each.  scalings: one float per layer.
+        dtypes: the last adapter: each sum cast to this dtype as it is added (``lora.functional.add_update``).
     """
     ranks = [a.shape[0] for a in lora_As]
     mids = F.linear(x, torch.cat(lora_As)).split(ranks, dim=-1)  # (..., sum r_i) -> (..., r_i) each
-    return [result + F.linear(mid, lora_B) * scaling
-            for result, mid, lora_B, scaling in zip(results, mids, lora_Bs, scalings)]
+    updates = [lora_up(mid, lora_B, scaling) for mid, lora_B, scaling in zip(mids, lora_Bs, scalings)]
+    if dtypes is None:
+        return [result + update for result, update in zip(results, updates)]
+    return [add_update(result, update, dtype) for result, update, dtype in zip(results, updates, dtypes)]
 
 
 def shared_adapters(layers: list[LoRALinear]) -> list[str] | None:
@@ -88,7 +93,7 @@ class LoRAProjectionGroup(ProjectionGroup):
             lora_As = [m.lora_A[name].weight for m in layers]  # (r, in) each
             x_lora = x if x.dtype == lora_As[0].dtype else x.to(lora_As[0].dtype)
             results = shared_input_lora(x_lora, results, lora_As, [m.lora_B[name].weight for m in layers],
-                                        [m.scaling[name] for m in layers])
+                                        [m.scaling[name] for m in layers], dtypes if name == names[-1] else None)
         for i, result, dtype in zip(lora, results, dtypes):
             outputs[i] = result.to(dtype)  # as LoRALinear.lora_output: back in the base output's dtype
         return outputs

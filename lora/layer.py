@@ -16,8 +16,6 @@ its weight only through ``lora.base_weight`` (a dense floating ``weight``, or th
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -26,11 +24,9 @@ from finetune_ref.lora.base_weight import (dense_weight, quantized_snapshot, res
 from finetune_ref.lora.dora import (DoraMagnitude, dora_forward, dora_init_magnitude, dora_merge_factor,
                                     dora_merged, dora_unmerged)
 from finetune_ref.lora.init import is_mutating_init, rewrite_base_for_init
-from finetune_ref.lora.functional import (init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
+from finetune_ref.lora.tuner_layer import AdapterLayerMixin, check_adapter_name
+from finetune_ref.lora.functional import (add_update, init_lora_weights_, lora_delta_weight, lora_forward, lora_scaling,
                                          merged_weight)
-
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
-
 
 def _base_device(base_layer: nn.Module) -> torch.device:
     for tensor in (*base_layer.parameters(), *base_layer.buffers()):
@@ -38,19 +34,11 @@ def _base_device(base_layer: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def check_adapter_name(name: object) -> str:
-    """Adapter names become ModuleDict keys: letters, digits, '_' and '-' only (no '.')."""
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or hasattr(nn.ModuleDict, name):
-        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (e.g. 'default'), "
-                         "and not a ModuleDict attribute such as 'keys' or 'items'")
-    return name
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------------------
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayerMixin, nn.Module):
     """A frozen base layer plus named LoRA adapters: y = base(x) + sum over active adapters of scaling*B(A(drop(x))).
 
     Args:
@@ -126,13 +114,14 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
+    # ---- the tables ``lora.tuner_layer.AdapterLayerMixin`` keeps (merged, adapter_names, set/delete_adapter) ----
 
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
+    def _adapter_keys(self) -> nn.ModuleDict:
+        return self.lora_A
+
+    def _adapter_tables(self) -> tuple:
+        return (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.initial_lora, self.r, self.lora_alpha,
+                self.scaling, self.lora_dropout, self.use_rslora, self.use_dora)
 
     # ---- adapters ----
 
@@ -186,48 +175,6 @@ class LoRALinear(nn.Module):
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.use_rslora[adapter_name] = use_rslora
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter. Raises ValueError if it does not exist or is merged (unmerge first)."""
-        self._check_exists([adapter_name])
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge before deleting")
-        del self.lora_A[adapter_name]
-        del self.lora_B[adapter_name]
-        if adapter_name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter_name]
-        self.initial_lora.pop(adapter_name, None)
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora, self.use_dora):
-            del table[adapter_name]
-        if adapter_name in self.active_adapters:
-            self.active_adapters.remove(adapter_name)
-
-    def set_adapter(self, adapter_names: str | list[str], strict: bool = True) -> None:
-        """Make exactly these adapters active (their updates are summed in forward, in this order).
-
-        Args:
-            strict: require every name to exist on this layer. ``lora.adapters.set_adapter`` passes False:
-                the model-wide active list is copied to every layer, and a layer skips the names it does not
-                carry (an adapter may target only some layers), as PEFT does.
-
-        Raises:
-            ValueError: unknown name (strict); or an adapter is merged (switching then would leave the merged
-                update in W while another adapter is said to be active: unmerge first).
-        """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            check_adapter_name(name)
-        if strict:
-            self._check_exists(names)
-        if self.merged and set(names) != set(self.active_adapters):
-            raise ValueError(f"cannot switch adapters while {self.merged_adapters} are merged into the base "
-                             "weight; unmerge first")
-        self.active_adapters = list(dict.fromkeys(names))
-
-    def _check_exists(self, names: list[str]) -> None:
-        unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {self.adapter_names}")
-
     # ---- forward ----
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -244,9 +191,8 @@ class LoRALinear(nn.Module):
             if not self.row_adapters.empty:
                 result = result + self.row_adapters.delta(x)
             return result.to(result_dtype)
-        for name in self.active_adapters:
-            if name not in self.lora_A or name in self.merged_adapters:
-                continue  # not on this layer, or already inside the base weight
+        pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        for name in pending:  # not on this layer, or already inside the base weight: skipped
             lora_A = self.lora_A[name].weight  # (r, in)
             lora_B = self.lora_B[name].weight  # (out, r)
             x_lora = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
@@ -257,9 +203,10 @@ class LoRALinear(nn.Module):
                                                self.lora_magnitude_vector[name].weight, lora_A, lora_B,
                                                self.scaling[name], self.lora_dropout[name], self.training)
                 continue
-            # Adding a 16-bit update to an fp32 result promotes to fp32; the cast below restores the base dtype.
-            result = result + lora_forward(x_lora, lora_A, lora_B, self.scaling[name],
-                                           self.lora_dropout[name], self.training)
+            # Adding an fp32 update to a 16-bit result promotes to fp32; the last one is cast back to the base
+            # output's dtype as it is added (add_update: bitwise PEFT's add, then .to()).
+            update = lora_forward(x_lora, lora_A, lora_B, self.scaling[name], self.lora_dropout[name], self.training)
+            result = add_update(result, update, result_dtype) if name == pending[-1] else result + update
         return result.to(result_dtype)
 
     # ---- merge / unmerge (Hu et al. 2021, section 4.2) ----

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune_ref.lora.config import check_token_indices
-from finetune_ref.lora.layer import check_adapter_name
+from finetune_ref.lora.tuner_layer import check_adapter_name
 
 
 def tokens_weight(weight: torch.Tensor, indices: list[int], values: list[torch.Tensor]) -> torch.Tensor:

@@ -122,6 +122,34 @@ def test_adapter_computes_in_its_dtype_and_returns_base_dtype():
     assert torch.equal(out16, expected)
 
 
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                     (torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("alpha", [8, 16, 32, 12, 4])  # r=8: scaling 1, 2, 4 (exact shortcuts), 1.5, 0.5 (PEFT's order)
+def test_forward_and_gradients_bitwise_peft_order(base_dtype, adapter_dtype, alpha):
+    # PEFT's lora.Linear.forward, written out: result + lora_B(lora_A(x)) * scaling, then .to(base dtype).
+    # LoRALinear scales the rank-r side for a power-of-two scaling and adds-and-casts in one kernel
+    # (lora.functional.lora_up / add_update): outputs and every gradient must stay bitwise the same.
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(24, 40).to(base_dtype))
+    layer.add_adapter("default", r=8, lora_alpha=alpha, init_lora_weights=False, dtype=adapter_dtype)
+    layer.set_adapter("default")
+    layer.base_layer.requires_grad_(False)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 5, 24, dtype=base_dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref, b_ref = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    scaling = alpha / 8
+    expected = (layer.base_layer(x_ref) + torch.nn.functional.linear(
+        torch.nn.functional.linear(x_ref.to(adapter_dtype), a_ref), b_ref) * scaling).to(base_dtype)
+    out = layer(x)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in ((x.grad, x_ref.grad), (a.grad, a_ref.grad), (b.grad, b_ref.grad)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_dropout_is_inverted_on_adapter_input_only():
     """With W = I, A = I, B = I, scaling 1: out = x + dropout(x). The base half must never be dropped."""
     n, p = 64, 0.25
