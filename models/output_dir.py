@@ -221,9 +221,21 @@ class OutputLock:
 
 
 def publish_files(tmp: Path, out: Path) -> None:
-    """Move every file of directory ``tmp`` into ``out`` (each by an atomic rename; weight files last, so a
-    crash in between leaves a result without weights, which loaders refuse), then remove ``tmp``."""
+    """Move every entry of directory ``tmp`` into ``out`` (each by an atomic rename; weight files last, so a
+    crash in between leaves a result without weights, which loaders refuse), then remove ``tmp``.
+
+    A sub-directory (e.g. the 4-bit base a LoftQ/OLoRA adapter is saved with) replaces one of the same name from an
+    earlier write of this run (a resumed or extended run): a rename cannot replace a non-empty directory, so the
+    old one is renamed aside first and removed after."""
     for path in sorted(tmp.iterdir(), key=lambda p: (p.suffix == ".safetensors", p.name)):
-        os.replace(path, out / path.name)
+        target = out / path.name
+        if path.is_dir() and target.is_dir():
+            old = out / f".{path.name}.replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(path, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(path, target)
     fsync_dir(out)
     tmp.rmdir()

@@ -307,3 +307,19 @@ def test_resume_never_goes_back_past_a_finished_result(tiny, tmp_path, monkeypat
     assert (run / "adapter_model.safetensors").read_bytes() == adapter
     assert main(["train", "--resume", str(run)]) == 0
     assert "--extend" not in capsys.readouterr().out  # it cannot work here: not offered
+
+
+def test_extending_a_run_that_saves_its_own_4bit_base_replaces_that_base(tiny, tmp_path):
+    # QLoRA with --init olora saves the re-quantized base beside the adapter (OUT/olora_base); the extended run's
+    # final write must replace that directory, not fail on it (a rename cannot replace a non-empty directory) and
+    # leave a new adapter_config.json beside the old weights.
+    run = tmp_path / "run"
+    args = train_args(tiny, run, "--method", "qlora", "--init", "olora", "--save-every", "2", steps=2)
+    assert main(args) == 0
+    assert main(["train", "--resume", str(run), "--steps", "3", "--extend"]) == 0
+    assert (run / "olora_base").is_dir() and not list(run.glob(".*replaced"))
+    weights = load_file(str(run / "adapter_model.safetensors"))
+    record = json.loads((run / "run_config.json").read_text())
+    assert record["finished"]["update"] == 3 and weights
+    assert main(["eval", "--model", str(run / "olora_base"), "--adapter", str(run), "--data", str(tiny[1]),
+                 "--seq-len", "32", "--eval-fraction", "0.2"]) == 0
