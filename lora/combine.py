@@ -176,10 +176,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {list(configs)}")
     check_merge_options(combination_type, density, majority_sign_method)
     odd = [a for a in adapters if configs[a].use_dora or is_mutating_init(configs[a].init_lora_weights)
-           or configs[a].modules_to_save]
+           or configs[a].modules_to_save or configs[a].trainable_token_indices]
     if odd:
-        raise ValueError(f"adapters {odd} are DoRA, PiSSA/OLoRA or modules_to_save adapters, whose update is not "
-                         "B A alone; only plain LoRA adapters can be combined")
+        raise ValueError(f"adapters {odd} are DoRA, PiSSA/OLoRA, modules_to_save or trainable-token adapters, whose "
+                         "update is not B A alone; only plain LoRA adapters can be combined")
     on_embedding = [a for a in adapters if any(a in layer.adapter_names for _, layer in embedding_layers(model))]
     if on_embedding:
         raise ValueError(f"adapters {on_embedding} adapt an embedding (lora_embedding_A/B); combining those is not "
@@ -214,6 +214,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             target_B.zero_()
             target_A[:A.shape[0]] = A  # a layer with fewer of the adapters fills only part of "cat"'s rank
             target_B[:, :B.shape[1]] = B
+        if density is not None and all(not layer.get_delta_weight(adapter_name).any() for _, layer in layers):
+            raise ValueError(f"the combination is all zeros: density {density} keeps no entry of the adapters' "
+                             "updates; use a larger density")
     return names
 
 

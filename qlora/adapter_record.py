@@ -27,6 +27,7 @@ QLORA_CONFIG_FILE = "qlora_config.json"
 RECORD_KEYS = ("blocksize", "double_quant", "compute_dtype", "dtype")
 QLORA_MARKER = {"base_quantization": "nf4"}  # in the adapter's safetensors header: "look for qlora_config.json"
 LOFTQ_BASE = "loftq_base"
+BASE_FINGERPRINT = "base_fingerprint"  # models.checkpoint.weights_fingerprint of that base
 
 
 def write_qlora_record(adapter_dir: str | Path, settings: dict) -> None:
@@ -55,10 +56,14 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
                 records.append({k: record[k] for k in RECORD_KEYS})
                 if LOFTQ_BASE in record:
                     records[-1][LOFTQ_BASE] = str(Path(d) / record[LOFTQ_BASE])
+                    records[-1][BASE_FINGERPRINT] = record.get(BASE_FINGERPRINT)
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}: not a valid QLoRA record ({e}); it is written by `finetune train "
                                  "--method qlora`") from None
-    if any(r != records[0] for r in records) or (len(records) > 1 and LOFTQ_BASE in records[0]):
+    if len(records) > 1 and any(LOFTQ_BASE in r for r in records):
+        raise ValueError(f"{', '.join(map(str, adapter_dirs))}: an adapter initialised with its own 4-bit base (LoftQ, "
+                         "or OLoRA on NF4) fits only that base, so it cannot be loaded or combined with other adapters")
+    if any(r != records[0] for r in records):
         raise ValueError(f"the adapters were trained on differently quantized bases: {records}")
     return records[0] if records else None
 
@@ -101,6 +106,14 @@ def check_loftq_base(record: dict | None, model_dir: str | Path) -> None:
     """
     from finetune_ref.qlora.bnb_config import is_quantized_dir
 
-    if record and LOFTQ_BASE in record and not is_quantized_dir(Path(model_dir)):
+    if not record or LOFTQ_BASE not in record:
+        return
+    if not is_quantized_dir(Path(model_dir)):
         raise ValueError(f"the adapter was initialised with its own 4-bit base (LoftQ, or OLoRA on NF4) and fits only that: pass "
                          f"--model {record[LOFTQ_BASE]} (quantizing {model_dir} again would give another base)")
+    from finetune_ref.models.checkpoint import weights_fingerprint
+
+    wanted = record.get(BASE_FINGERPRINT)
+    if wanted is not None and weights_fingerprint(model_dir) != wanted:
+        raise ValueError(f"--model {model_dir} is not the 4-bit base this adapter was initialised with (LoftQ, or OLoRA "
+                         f"on NF4; its weights differ): pass --model {record[LOFTQ_BASE]}")

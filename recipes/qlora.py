@@ -12,8 +12,8 @@ from typing import ClassVar
 import torch
 
 from finetune_ref.lora import adopt_rewritten_base, save_adapter, unload
-from finetune_ref.models.checkpoint import parse_dtype
-from finetune_ref.qlora.adapter_record import LOFTQ_BASE, QLORA_MARKER, write_qlora_record
+from finetune_ref.models.checkpoint import parse_dtype, weights_fingerprint
+from finetune_ref.qlora.adapter_record import BASE_FINGERPRINT, LOFTQ_BASE, QLORA_MARKER, write_qlora_record
 from finetune_ref.qlora.loftq import prepare_loftq_model
 from finetune_ref.qlora.model import nf4_layers, prepare_qlora_model, save_quantized
 from finetune_ref.train.distributed import DistInfo, unwrap_model
@@ -87,10 +87,12 @@ class QLoraRecipe(LoraRecipe):
             with gathered_trainable(unwrap_model(m)) as whole:  # collective: FSDP2 adapters gathered whole
                 if info.is_main:
                     save_adapter(whole, directory, base_model_name_or_path=str(model_dir), metadata=QLORA_MARKER)
+                    own = dict(record)
                     if self.init in OWN_BASE:  # the adapter fits only this base: save it beside the adapter
                         save_quantized(unload(copy.deepcopy(whole)), Path(directory) / OWN_BASE[self.init])
                         copy_tokenizer_files(model_dir, Path(directory) / OWN_BASE[self.init])
-                    write_qlora_record(directory, record)
+                        own[BASE_FINGERPRINT] = weights_fingerprint(Path(directory) / OWN_BASE[self.init])
+                    write_qlora_record(directory, own)
 
         return Trainable(model, {"method": "qlora", "lora": self.lora_metadata(), "qlora": settings}, export,
                          "QLoRA adapter")

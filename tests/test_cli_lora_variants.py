@@ -129,7 +129,9 @@ def test_combine_two_adapters_then_eval_with_scales(tiny, tmp_path, capsys):
                            (["--method", "magnitude_prune", "--density", "0.5", "--majority-sign-method", "total"],
                             "--majority-sign-method applies to"),
                            (["--method", "ties", "--density", "0.5", "--seed", "1"], "--seed seeds DARE"),
-                           (["--method", "linear", "--svd-rank", "2"], "--svd-rank")]:
+                           (["--method", "linear", "--svd-rank", "2"], "--svd-rank"),
+                           # a density that keeps no entry: refused, not an all-zero adapter with exit 0
+                           (["--method", "magnitude_prune", "--density", "1e-9"], "all zeros")]:
         try:
             code = main([*combine, *flags, "--out", str(tmp_path / "bad")])
         except SystemExit as e:  # argparse's own refusals (a --density out of range)
@@ -147,3 +149,39 @@ def test_qlora_refuses_pissa_naming_why(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--init pissa" in err and "pissa_init" in err and "--init olora" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_adapter_with_its_own_4bit_base_is_refused_on_another_4bit_base(tiny, tmp_path, capsys):
+    """OLoRA on NF4 saves the re-quantized base beside the adapter; another such base (here from a rank-4 run) is
+    4-bit too, so only its weights tell it apart (the fingerprint recorded in qlora_config.json)."""
+    model, corpus = tiny
+    runs = []
+    for rank in ("8", "4"):
+        out = tmp_path / f"olora{rank}"
+        assert main(["train", "--method", "qlora", "--init", "olora", "--rank", rank, "--model", str(model),
+                     "--data", str(corpus), *DATA, "--steps", "1", "--precision", "fp32", "--no-progress",
+                     "--out", str(out)]) == 0
+        runs.append(out)
+    capsys.readouterr()
+    evaluate = ["eval", "--data", str(corpus), *DATA, "--adapter", str(runs[0])]
+    assert main([*evaluate, "--model", str(runs[1] / "olora_base")]) == 2
+    err = capsys.readouterr().err
+    assert "is not the 4-bit base this adapter was initialised with" in err and str(runs[0] / "olora_base") in err
+    assert main([*evaluate, "--model", str(runs[0] / "olora_base")]) == 0
+    # two such adapters cannot be combined (each fits only its own base): said so, not "differently quantized"
+    assert main(["combine", "--model", str(runs[0] / "olora_base"), "--adapter", str(runs[0]), "--adapter",
+                 str(runs[0]), "--weights", "0.5,0.5", "--out", str(tmp_path / "both")]) == 2
+    assert "fits only that base" in capsys.readouterr().err
+
+
+def test_combine_refuses_trainable_token_adapters(tiny, tmp_path, capsys):
+    model, corpus = tiny
+    out = tmp_path / "tokens"
+    assert main(["train", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "1", "--no-progress",
+                 "--trainable-tokens", "0,5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["combine", "--model", str(model), "--adapter", str(out), "--adapter", str(out), "--weights",
+                 "0.5,0.5", "--method", "cat", "--out", str(tmp_path / "both")]) == 2
+    err = capsys.readouterr().err
+    assert "trainable-token" in err and "Traceback" not in err
+    assert not (tmp_path / "both").exists()
