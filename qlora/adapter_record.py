@@ -65,6 +65,11 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
                          "or OLoRA on NF4) fits only that base, so it cannot be loaded or combined with other adapters")
     if any(r != records[0] for r in records):
         raise ValueError(f"the adapters were trained on differently quantized bases: {records}")
+    dirs = [str(d) for d in adapter_dirs or []]
+    if records and len(records) != len(dirs):
+        quantized = [d for d in dirs if (Path(d) / QLORA_CONFIG_FILE).is_file()]
+        raise ValueError(f"{quantized} are QLoRA adapters (trained on an NF4 base), {sorted(set(dirs) - set(quantized))} "
+                         "LoRA adapters (trained on a 16/32-bit base); use adapters trained on the same base together")
     return records[0] if records else None
 
 

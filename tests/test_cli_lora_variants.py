@@ -172,6 +172,20 @@ def test_an_adapter_with_its_own_4bit_base_is_refused_on_another_4bit_base(tiny,
     assert main(["combine", "--model", str(runs[0] / "olora_base"), "--adapter", str(runs[0]), "--adapter",
                  str(runs[0]), "--weights", "0.5,0.5", "--out", str(tmp_path / "both")]) == 2
     assert "fits only that base" in capsys.readouterr().err
+    # a QLoRA adapter with a LoRA one, in either order: refused before anything is written
+    lora = tmp_path / "lora"
+    assert main(["train", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "1", "--no-progress",
+                 "--out", str(lora)]) == 0
+    qlora = tmp_path / "qlora"
+    assert main(["train", "--method", "qlora", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "1",
+                 "--no-progress", "--out", str(qlora)]) == 0
+    capsys.readouterr()
+    for pair in ((lora, qlora), (qlora, lora)):
+        assert main(["combine", "--model", str(model), "--adapter", str(pair[0]), "--adapter", str(pair[1]),
+                     "--weights", "0.5,0.5", "--out", str(tmp_path / "mixed")]) == 2
+        err = capsys.readouterr().err
+        assert "use adapters trained on the same base together" in err and "Traceback" not in err
+        assert not (tmp_path / "mixed").exists()
 
 
 def test_combine_refuses_trainable_token_adapters(tiny, tmp_path, capsys):
