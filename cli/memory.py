@@ -15,7 +15,7 @@ from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
 from finetune_ref.train import memory
 from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, shape_from
 from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
-from finetune_ref.train.memory import estimate_memory
+from finetune_ref.train.memory import estimate_memory, loss_is_chunked
 from finetune_ref.train.memory_fsdp import estimate_memory_fsdp
 
 # The flags that are recipe fields: parsed into the method's recipe, as finetune train does.
@@ -31,7 +31,8 @@ _ROWS = (("weights", "weights"), ("quant_constants", "quantization constants"),
          ("workspace", "workspace at the peak"), ("gathered", "FSDP all-gathered (root + 2 layers)"))
 
 
-def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings, world_size: int = 1) -> str:
+def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySettings, world_size: int = 1,
+                 chunked: bool | None = None) -> str:
     """A plain-text table: one row per class (GB = 1e9 bytes, GiB = 2**30, bytes per model parameter)."""
     s, est = settings, estimate
     adapter = f", {'DoRA' if s.dora else 'LoRA'} r={s.rank} on {','.join(s.target_modules)} ({s.adapter_dtype or s.dtype})" \
@@ -39,11 +40,14 @@ def format_table(estimate: MemoryEstimate, model_name: str, settings: MemorySett
     quant = f", NF4 blocksize {s.blocksize}{' + double quant' if s.double_quant else ''}" \
         if s.method == "qlora" else ""
     ranks = f", per rank of {world_size} (FSDP2)" if world_size > 1 else ""
+    chunked = s.chunked_loss if chunked is None else chunked
+    logits = ("on materialised logits" if not s.chunked_loss else
+              "on materialised logits (the head is wrapped: an adapted tied embedding or lm_head in modules_to_save)")
     lines = [f"model {model_name}: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable "
              f"({100 * est.trainable_parameters / est.parameters:.3g}%)",
              f"method {s.method} ({s.dtype}{quant}{adapter}), optimizer {s.optimizer}, batch {s.batch_size} x "
              f"{s.seq_len} tokens, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}{ranks}",
-             f"loss {'chunked (no logits)' if s.chunked_loss else 'on materialised logits'}, selective "
+             f"loss {'chunked (no logits)' if chunked else logits}, selective "
              f"recomputation {'on' if s.selective_recompute else 'off'}", ""]
     base = est.parameters - (est.trainable_parameters if s.method != "full" else 0)
     lines.append(f"{'':34s} {'GB':>10s} {'GiB':>10s} {'B/param':>9s}")
@@ -179,7 +183,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         print(json.dumps({"model": name, "settings": dataclasses.asdict(setup), "parallel": args.parallel,
                           "world_size": world, **estimate.to_dict()}, indent=2))
     else:
-        print(format_table(estimate, name, setup, world))
+        print(format_table(estimate, name, setup, world, chunked=loss_is_chunked(config, setup)))
     return 0
 
 

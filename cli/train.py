@@ -338,10 +338,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "all-linear), e.g. norm or lm_head (an untied one); default none")
     g.add_argument("--trainable-tokens", type=token_ids, metavar="IDS",
                    help="token ids whose embedding rows train directly, e.g. 0,5,17 (PEFT's trainable_token_indices; "
-                        "a tied lm_head follows them); default none")
+                        "a tied lm_head follows them, and the loss is then computed on the whole (batch, seq-len, vocab) logits: "
+                        "see finetune memory); default none")
     g.add_argument("--ensure-weight-tying", action="store_true",
                    help="with embed_tokens in --targets on a model whose lm_head is tied to it: give the head the "
-                        "same adapter (PEFT's ensure_weight_tying); without it such targets are refused")
+                        "same adapter (PEFT's ensure_weight_tying; the loss is then computed on the whole logits, more memory: "
+                        "see finetune memory); without it such targets are refused")
     g.add_argument("--dora", action="store_true",
                    help="DoRA: also train a magnitude per output feature (Liu et al. 2024; QDoRA with --method qlora)")
     g = p.add_argument_group("QLoRA's NF4 base")

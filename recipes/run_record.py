@@ -38,9 +38,10 @@ FORMAT = "finetune-ref-run"
 VERSION = 1
 
 # May differ on resume: they change where files go and what is shown, not what is trained.
-# fused_projections changes the rounding of sums only (models/fused.py), and a run recorded before it has none.
+# fused_projections and compile change how the same sums are computed (their rounding) only (models/fused.py,
+# torch.compile), and a run recorded before fused_projections has none.
 FREE_ON_RESUME = frozenset({"out", "resume", "cache_dir", "progress", "log_every", "metrics_path", "save_every",
-                            "keep_last", "eval_every", "log", "plot", "fused_projections"})
+                            "keep_last", "eval_every", "log", "plot", "fused_projections", "compile"})
 # Compared by content (``fingerprint``), not by path.
 BY_CONTENT = frozenset({"model", "data", "eval_data"})
 PATHS = ("model", "data", "eval_data", "cache_dir")

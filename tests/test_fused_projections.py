@@ -277,3 +277,15 @@ def test_a_run_recorded_before_fused_projections_resumes():
     record = {"method": "lora", "config": old, "fingerprint": now}
     assert differences(record, cfg, now) == []
     assert differences(record, LoraRecipe(fused_projections=False), now) == []
+
+
+def test_compile_may_be_switched_on_resume():
+    # torch.compile changes how the same sums are computed, like the fused projections: a run may be resumed
+    # compiled (or not) without "recorded False, now True"; a change of what is trained is still refused.
+    from finetune_ref.recipes.lora import LoraRecipe
+    from finetune_ref.recipes.run_record import config_json, differences
+
+    now = {"data": "d", "base": "b", "base_dir": "/m", "world_size": 1}
+    record = {"method": "lora", "config": config_json(LoraRecipe()), "fingerprint": now}
+    assert differences(record, LoraRecipe(compile=True), now) == []
+    assert differences(record, LoraRecipe(compile=True, lr=3e-4), now) != []

@@ -432,6 +432,10 @@ def test_memory_command_table_and_json(capsys, tmp_path):
                 "before activations", "estimated peak"):
         assert row in table
     assert "16.000" in table  # before activations, bytes per parameter
+    assert "loss chunked (no logits)" in table
+    # trainable tokens on a tied model wrap the head: the loss is on materialised logits, and the table says so
+    assert memory_main(["--trainable-tokens", "3"]) == 0
+    assert "loss on materialised logits (the head is wrapped" in capsys.readouterr().out
 
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps({**preset_config("llama-3.1-8b").to_dict(),

@@ -264,6 +264,17 @@ def _loss_moments(c: LlamaConfig, s: MemorySettings, held: int) -> dict[str, tup
     return {"forward (loss)": (forward, 0, 0), "backward (loss)": (backward, head_grads, 0)}
 
 
+def loss_is_chunked(config: LlamaConfig, settings: MemorySettings) -> bool:
+    """Whether the step computes the loss in chunks from the hidden states (models/loss.py) with these settings.
+
+    LoRA or trainable tokens on embed_tokens of a tied model wrap the head too (lora.embedding.TiedLoRAHead,
+    lora.trainable_tokens), as does modules_to_save of lm_head: a wrapped head is not a plain linear, so the model
+    computes the plain loss on materialised (B, T, vocab) logits (LlamaForCausalLM)."""
+    embedding = "embed_tokens" in settings.target_modules or settings.trainable_tokens > 0
+    wrapped_head = "lm_head" in settings.modules_to_save or (embedding and config.tie_word_embeddings)
+    return settings.chunked_loss and not wrapped_head
+
+
 def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEstimate:
     """Estimate the memory of one steady-state training step (see the module docstring).
 
@@ -282,13 +293,12 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         raise TypeError(f"config must be a models.config.LlamaConfig, got {type(config).__name__}")
     s, c = settings, config
     s.validate()
+    if not loss_is_chunked(c, s):
+        s = dataclasses.replace(s, chunked_loss=False)
     # LoRA on embed_tokens (lora/embedding.py): the residual stream needs gradients from the first layer on, and a
     # tied head is wrapped too (lora.embedding.TiedLoRAHead), keeping its input and x B_e for A_e's gradient.
     emb = "embed_tokens" in s.target_modules or s.trainable_tokens > 0
-    tied_head = emb and config.tie_word_embeddings
-    if "lm_head" in s.modules_to_save or tied_head:
-        # a wrapped head is not a plain linear: the model computes the plain loss on logits (LlamaForCausalLM)
-        s = dataclasses.replace(s, chunked_loss=False)
+    tied_head = emb and c.tie_word_embeddings
     e = DTYPE_BYTES[s.dtype]
     a = DTYPE_BYTES[s.adapter_dtype or s.dtype]
     full, L = s.method == "full", c.num_hidden_layers
