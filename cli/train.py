@@ -64,6 +64,13 @@ def run_config(args: argparse.Namespace) -> tuple[RunConfig, dict | None, Path |
                          "or qlora")
     if any(k in given for k in NF4_FIELDS) and not set(NF4_FIELDS) <= fields:
         raise ValueError("--blocksize, --no-double-quant and --compute-dtype set up the NF4 base of --method qlora")
+    unused = [k for k in given if k not in fields]  # e.g. LoRA's flags with --method full: refused, not ignored
+    if unused:
+        table = getattr(args, "flags", None) or {}
+        names = ", ".join(table.get(k, "--" + k.replace("_", "-")) for k in unused)
+        raise ValueError(f"{names} {'does' if len(unused) == 1 else 'do'} not apply to --method "
+                         f"{method or DEFAULT_METHOD}: {'it sets' if len(unused) == 1 else 'they set'} up the adapters "
+                         "of --method lora and qlora; leave it out, or choose --method lora / qlora")
     steps = given.get("steps", defaults.steps)
     if given.get("warmup_steps", 0) > steps:  # asked for: a warmup the run cannot hold is a mistake, not a cap
         raise ValueError(f"--warmup {given['warmup_steps']} is longer than the run (--steps {steps}): give --warmup "

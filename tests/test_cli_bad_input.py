@@ -446,3 +446,10 @@ def test_dry_run_makes_the_checks_that_need_no_weights(tiny, tmp_path, capsys):
     assert "--out" in fails([*dry, "--out", str(tmp_path / "full")], capsys)
     assert main([*dry, "--out", str(tmp_path / "new")]) == 0
     assert not (tmp_path / "new").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("flags, named", [(["--rank", "4"], "--rank"), (["--trainable-tokens", "3"], "--trainable-tokens"),
+                                          (["--init", "olora", "--dora"], "--init, --dora")])
+def test_adapter_flags_with_full_fine_tuning_are_refused_not_ignored(flags, named, capsys):
+    line = fails(["train", "--method", "full", "--dry-run", *flags], capsys)
+    assert f"{named} do" in line and "not apply to --method full" in line
