@@ -186,7 +186,7 @@ def targets(text: str) -> tuple[str, ...] | str:
 def token_ids(text: str) -> tuple[int, ...]:
     """A comma-separated list of distinct token ids >= 0, e.g. '0,5,17' (--trainable-tokens)."""
     try:
-        ids = tuple(int(t) for t in text.split(",") if t.strip())
+        ids = tuple(int(t) for t in text.split(","))  # an empty entry ('5,,6') is a typo: refused
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected token ids like 0,5,17, got {text!r}") from None
     if not ids or min(ids) < 0 or len(set(ids)) != len(ids):

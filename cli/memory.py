@@ -8,7 +8,8 @@ import dataclasses
 import json
 import sys
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, Parser, non_negative_int, positive_int, rank, sequences_per_batch,
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, Parser, module_names, non_negative_int, positive_int, rank,
+                                     sequences_per_batch, token_ids,
                                      tokens_per_sequence)
 from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_config
 from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
@@ -105,10 +106,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_targets, default=LINEAR_NAMES,
                    help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
-    p.add_argument("--modules-to-save", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+    p.add_argument("--modules-to-save", type=module_names, default=(),
                    metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
-    p.add_argument("--trainable-tokens", type=non_negative_int, default=0, metavar="K",
-                   help="how many embedding rows train directly (finetune train --trainable-tokens; default 0)")
+    p.add_argument("--trainable-tokens", type=token_ids, default=(), metavar="IDS",
+                   help="token ids whose embedding rows train directly, as finetune train --trainable-tokens "
+                        "(their count is what costs memory); default none")
+    p.add_argument("--ensure-weight-tying", action="store_true",
+                   help="embed_tokens in --targets on a tied model: the head gets the same adapter, as finetune "
+                        "train --ensure-weight-tying (without it such targets are refused, as train does)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_const", const=False,
                    help="QLoRA without double quantization")
     p.add_argument("--blocksize", type=int, choices=NF4_BLOCKSIZES,
@@ -158,7 +163,7 @@ def settings(args: argparse.Namespace) -> MemorySettings:
         gradient_checkpointing=recipe.grad_checkpointing, dtype=dtype or recipe.base_dtype(),
         adapter_dtype=None if args.method == "full" else adapter_dtype, rank=getattr(recipe, "rank", 8),
         target_modules=tuple(args.targets), dora=args.dora, modules_to_save=args.modules_to_save,
-        trainable_tokens=args.trainable_tokens,
+        trainable_tokens=len(args.trainable_tokens),
         double_quant=getattr(recipe, "double_quant", None) is not False,
         blocksize=getattr(recipe, "blocksize", None) or DEFAULT_BLOCKSIZE, attention_mask=not args.no_mask,
         chunked_loss=not args.no_chunked_loss, selective_recompute=not args.no_selective_recompute,
@@ -176,6 +181,14 @@ def add_memory_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_memory(args: argparse.Namespace) -> int:
     """Run ``finetune memory``; raises ValueError / FileNotFoundError for bad input (the CLI prints them)."""
     config, name = shape_from(args.model, args.preset)
+    if args.trainable_tokens and args.method == "full":
+        raise ValueError("--trainable-tokens does not apply to --method full (every row trains); leave it out")
+    if args.trainable_tokens and max(args.trainable_tokens) >= config.vocab_size:
+        raise ValueError(f"--trainable-tokens: id {max(args.trainable_tokens)} is outside the vocabulary of "
+                         f"{config.vocab_size} tokens")
+    if "embed_tokens" in args.targets and config.tie_word_embeddings and not args.ensure_weight_tying:
+        raise ValueError("--targets with embed_tokens on a model whose lm_head is tied to it: add "
+                         "--ensure-weight-tying (the head then gets the same adapter), as finetune train asks")
     setup = settings(args)
     world = args.world_size if args.parallel == "fsdp" else 1
     estimate = estimate_memory_fsdp(config, setup, world) if world > 1 else estimate_memory(config, setup)

@@ -329,10 +329,20 @@ def test_memory_defaults_are_trains(method, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--method", "lora", "--blocksize", "128"], ["--method", "qlora", "--blocksize", "48"],
-                                  ["--method", "full", "--no-double-quant"]])
+                                  ["--method", "full", "--no-double-quant"],
+                                  ["--method", "full", "--trainable-tokens", "3"],
+                                  ["--trainable-tokens", "5,,6"],
+                                  ["--modules-to-save", "re:norm"]])
 def test_memory_refuses_what_train_refuses(argv, capsys):
     fails(["train", *argv, "--dry-run"], capsys)
     fails(["memory", *argv], capsys)
+
+
+def test_memory_takes_train_s_trainable_token_ids(capsys):
+    assert main(["memory", "--trainable-tokens", "0,5,17", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["trainable_tokens"] == 3
+    assert "outside the vocabulary of 49152" in fails(["memory", "--trainable-tokens", "9999999"], capsys)
+    assert "--ensure-weight-tying" in fails(["memory", "--targets", "all-linear,embed_tokens"], capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------
