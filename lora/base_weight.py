@@ -156,4 +156,5 @@ def warn_requantization(drift: RequantizationDrift, stacklevel: int = 3) -> None
         f"{drift.describe()}: merging into a quantized base rounds the merged weight back to its quantization grid, "
         "which can erase a fine-tune. For an exact result merge into a dense base (qlora.merge.merge_qlora with "
         "requantize='none'; finetune merge --requantize none); to deploy in 4 bits, quantize the original "
-        "weights plus the update (base='original') and check the held-out loss", drift), stacklevel=stacklevel)
+        "weights plus the update (base='original'; finetune merge --base original --original DIR) and check the "
+        "held-out loss", drift), stacklevel=stacklevel)

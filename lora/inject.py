@@ -332,8 +332,8 @@ def tied_heads_to_wrap(model: nn.Module, names: list[str], config: LoraConfig) -
             if not config.ensure_weight_tying:
                 raise ValueError(f"{name} shares its weight with {head_name} (tied embeddings): LoRA on the embedding "
                                  "alone would adapt the input side only and silently untie them. Set "
-                                 "ensure_weight_tying=True (--ensure-weight-tying) to give the tied head the same "
-                                 "update, or leave the embedding out of target_modules")
+                                 "ensure_weight_tying=True to give the tied head the same "
+                                 "update, or leave the embedding out of the targets")
             if isinstance(head, TiedLoRAHead):
                 continue  # tied by an earlier adapter: it reads every adapter of the embedding
             if head_name in names or isinstance(head, LoRALinear) or not is_linear_like(head):
