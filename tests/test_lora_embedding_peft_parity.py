@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from peft_oracle import assert_rel_close, tiny_hf_llama  # noqa: E402
+
 from finetune_ref import lora  # noqa: E402
 from finetune_ref.lora.embedding import LoRAEmbedding, TiedLoRAHead  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME  # noqa: E402
@@ -21,16 +23,9 @@ PREFIX = "base_model.model."
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 
 
-def assert_rel_close(actual, expected, rel=1e-6):
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * expected.double().abs().max().item(), err
-
-
 def tiny_llama(tie=False, intermediate_size=96):
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)).eval()
+    return tiny_hf_llama(tie, intermediate_size=intermediate_size)
+
 
 
 def pair(tie=False, targets=TARGETS, dropout=0.0):

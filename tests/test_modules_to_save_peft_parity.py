@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from peft_oracle import assert_rel_close, tiny_hf_llama  # noqa: E402
+
 from finetune_ref import lora  # noqa: E402
 from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME  # noqa: E402
@@ -20,16 +22,9 @@ PREFIX = "base_model.model."
 KWARGS = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm"])
 
 
-def assert_rel_close(actual, expected, rel=1e-6):
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * expected.double().abs().max().item(), err
-
-
 def tiny_llama(tie=False):
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)).eval()
+    return tiny_hf_llama(tie, vocab_size=128)
+
 
 
 def pair():

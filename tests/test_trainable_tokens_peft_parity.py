@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from peft_oracle import assert_rel_close, tiny_hf_llama  # noqa: E402
+
 from finetune_ref import lora  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME  # noqa: E402
 from finetune_ref.lora.trainable_tokens import TrainableTokensLayer  # noqa: E402
@@ -21,16 +23,9 @@ TOKENS = [1, 5, 17, 90]
 IDS = torch.tensor([[1, 2, 5, 17, 3, 90, 4, 5], [0, 17, 17, 6, 1, 7, 8, 9]])
 
 
-def assert_rel_close(actual, expected, rel=1e-6):
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * expected.double().abs().max().item(), err
-
-
 def tiny_llama(tie=False):
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)).eval()
+    return tiny_hf_llama(tie)
+
 
 
 def pair(tie=False, tokens=TOKENS):
