@@ -102,16 +102,20 @@ class LoraRecipe(RunConfig):
                  if isinstance(self.targets, str) else ",".join(self.targets))  # as the user typed it
         try:
             names = find_target_modules(model, self.lora_config())
-            tied_heads_to_wrap(model, names, self.lora_config())  # a tied embed_tokens needs --ensure-weight-tying
+            tied = tied_heads_to_wrap(model, names, self.lora_config())  # a tied embed_tokens needs the flag
         except ValueError as err:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             reason = ("matches no layer of this model" if "matches no module" in str(err)
                       else str(err).replace("target_modules matched", "matches"))
-            if "--ensure-weight-tying" in str(err):  # a tied embed_tokens: the message names the flag already
+            if "ensure_weight_tying" in str(err):  # a tied embed_tokens: the message names the option (the flag)
                 raise ValueError(f"{flag('targets')} {shown}: {err}") from None
             raise ValueError(f"{flag('targets')} {shown}: {reason}; its linear layers are {', '.join(linear)} "
                              "and its embedding is embed_tokens (e.g. --targets q_proj,v_proj, all-linear, "
                              "all-linear,embed_tokens, or re:<regex of full names>)") from None
+        if self.ensure_weight_tying and not tied:
+            raise ValueError(f"{flag('ensure_weight_tying')}: nothing to tie here (it gives a tied lm_head the adapter of "
+                             f"embed_tokens, and {flag('targets')} {shown} adapts no embedding whose weight another "
+                             "module shares); leave it out")
         try:
             token_targets(model, self.lora_config().trainable_token_indices, names)
         except ValueError as err:

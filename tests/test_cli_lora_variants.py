@@ -78,6 +78,12 @@ def test_a_tied_embedding_target_without_ensure_weight_tying_is_refused_by_name(
                  "--targets", "q_proj,embed_tokens", "--dry-run", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--targets q_proj,embed_tokens" in err and "--ensure-weight-tying" in err and "Traceback" not in err
+    assert "its linear layers are" not in err and len(err.strip().splitlines()) == 1  # the tie, not a target list
+    # --ensure-weight-tying with nothing to tie (no embedding targeted) is refused, not recorded and ignored
+    assert main(["train", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "1", "--no-progress",
+                 "--ensure-weight-tying", "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--ensure-weight-tying: nothing to tie here" in err and "Traceback" not in err
     assert main(["train", "--model", str(model), "--data", str(corpus), *DATA, "--steps", "1", "--no-progress",
                  "--trainable-tokens", "5,999999", "--dry-run", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
