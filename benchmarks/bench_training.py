@@ -49,6 +49,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import importlib.metadata
@@ -73,6 +74,7 @@ if importlib.util.find_spec("finetune_ref") is None:
     sys.path.append(str(REPO))
 
 from finetune_ref.lora.fused import fuse_projections  # noqa: E402
+from finetune_ref.recipes.lora import LoraRecipe  # noqa: E402
 from finetune_ref.train.memory_settings import MemorySettings  # noqa: E402
 from finetune_ref.train.memory import estimate_memory  # noqa: E402
 from finetune_ref.train.memory_tracker import TensorMemoryTracker  # noqa: E402
@@ -207,16 +209,9 @@ def measure_peak(model, optimizer, ids, extra) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Our variants: switches of the model people run (recipes' defaults: chunked loss on, recomputation off).
+# Our variants: switches of the model people run (the recipes' defaults: chunked loss and recomputation on).
 # ---------------------------------------------------------------------------------------------------------
-def _recipe_defaults() -> dict:
-    from finetune_ref.recipes.lora import LoraRecipe
-
-    defaults = LoraRecipe()
-    return {"chunked_loss": defaults.chunked_loss, "selective_recompute": defaults.selective_recompute}
-
-
-DEFAULTS = _recipe_defaults()
+DEFAULTS = {"chunked_loss": LoraRecipe().chunked_loss, "selective_recompute": LoraRecipe().selective_recompute}
 # The recompute row flips the recipes' default (``--selective-recompute`` / ``--no-selective-recompute``).
 RECOMPUTE_ROW = "ours --no-selective-recompute" if DEFAULTS["selective_recompute"] else "ours --selective-recompute"
 VARIANTS = {"ours": {}, RECOMPUTE_ROW: {"selective_recompute": not DEFAULTS["selective_recompute"]},
@@ -292,12 +287,13 @@ def check_variance(times: dict[str, list[float]], limit: float = 2.0) -> list[st
 # ---------------------------------------------------------------------------------------------------------
 def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
     tokens, dtype = ids.numel(), DTYPES[args.dtype]
-    sides = {}
-    for label, build in (("ours", ours),) + ((("transformers", hf),) if not args.recompute_cost else ()):
-        model, params, extra = build(method, model_dir, dtype)
-        sides[label] = {"model": model, "extra": extra, "params": params,
-                        "optimizer": torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0),
-                        "trainable": sum(p.numel() for p in params)}
+
+    def side(model, params, extra) -> dict:
+        return {"model": model, "extra": extra, "params": params, "trainable": sum(p.numel() for p in params),
+                "optimizer": torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0)}
+
+    sides = {label: side(*build(method, model_dir, dtype))
+             for label, build in (("ours", ours),) + ((("transformers", hf),) if not args.recompute_cost else ())}
     # (name, side, variant options, optimizer); our variants share one model, switched before each step
     variants = VARIANTS if args.variants else {"ours": {}}
     if args.recompute_cost:
@@ -307,14 +303,10 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
         fused = torch.optim.AdamW(sides["ours"]["params"], lr=LR[method], weight_decay=0.0, fused=True)
         runs.append(("ours + fused AdamW", sides["ours"], {}, fused))
     if args.compile and not args.recompute_cost:
-        # A second model of ours, configured as `finetune train --compile` does (RunConfig.configure_model: each
-        # decoder layer compiled in place, projections unfused); the warm-up steps absorb the compilation.
-        model, params, extra = ours(method, model_dir, dtype)
-        configure(model, {"fused_projections": False})
-        for layer in model.model.layers:
-            layer.compile()
-        compiled = {"model": model, "extra": extra, "params": params, "trainable": sum(p.numel() for p in params),
-                    "optimizer": torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0)}
+        # A second model of ours, configured by the recipe as `finetune train --compile` configures it (each decoder
+        # layer compiled in place, projections unfused); the warm-up steps absorb the compilation.
+        compiled = side(*ours(method, model_dir, dtype))
+        dataclasses.replace(LoraRecipe(), compile=True).configure_model(compiled["model"])
         runs.append(("ours --compile", compiled, None, compiled["optimizer"]))
     if not args.recompute_cost:
         runs.append(("transformers", sides["transformers"], None, sides["transformers"]["optimizer"]))
