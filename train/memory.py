@@ -270,9 +270,17 @@ def loss_is_chunked(config: LlamaConfig, settings: MemorySettings) -> bool:
     LoRA or trainable tokens on embed_tokens of a tied model wrap the head too (lora.embedding.TiedLoRAHead,
     lora.trainable_tokens), as does modules_to_save of lm_head: a wrapped head is not a plain linear, so the model
     computes the plain loss on materialised (B, T, vocab) logits (LlamaForCausalLM)."""
-    embedding = "embed_tokens" in settings.target_modules or settings.trainable_tokens > 0
-    wrapped_head = "lm_head" in settings.modules_to_save or (embedding and config.tie_word_embeddings)
+    wrapped_head = "lm_head" in settings.modules_to_save or _adapted_tied_head(config, settings)
     return settings.chunked_loss and not wrapped_head
+
+
+def _adapts_embedding(settings: MemorySettings) -> bool:
+    return "embed_tokens" in settings.target_modules or settings.trainable_tokens > 0
+
+
+def _adapted_tied_head(config: LlamaConfig, settings: MemorySettings) -> bool:
+    """An adapted embed_tokens whose weight lm_head shares: the head is wrapped to follow it."""
+    return _adapts_embedding(settings) and config.tie_word_embeddings
 
 
 def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEstimate:
@@ -297,8 +305,7 @@ def estimate_memory(config: LlamaConfig, settings: MemorySettings) -> MemoryEsti
         s = dataclasses.replace(s, chunked_loss=False)
     # LoRA on embed_tokens (lora/embedding.py): the residual stream needs gradients from the first layer on, and a
     # tied head is wrapped too (lora.embedding.TiedLoRAHead), keeping its input and x B_e for A_e's gradient.
-    emb = "embed_tokens" in s.target_modules or s.trainable_tokens > 0
-    tied_head = emb and c.tie_word_embeddings
+    emb, tied_head = _adapts_embedding(s), _adapted_tied_head(c, s)
     e = DTYPE_BYTES[s.dtype]
     a = DTYPE_BYTES[s.adapter_dtype or s.dtype]
     full, L = s.method == "full", c.num_hidden_layers
