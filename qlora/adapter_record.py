@@ -43,7 +43,7 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
         ValueError: unreadable or missing record (of an adapter marked as QLoRA), or adapters trained on
             differently quantized bases.
     """
-    records = []
+    records, quantized = [], []
     for d in adapter_dirs or []:
         path = Path(d) / QLORA_CONFIG_FILE
         if not path.is_file() and _marked(Path(d)):
@@ -51,6 +51,7 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
                              "missing; copy it from the training run's --out directory (it says how the base was "
                              "quantized)")
         if path.is_file():
+            quantized.append(str(d))
             try:
                 record = json.loads(path.read_text())
                 records.append({k: record[k] for k in RECORD_KEYS})
@@ -67,7 +68,6 @@ def read_qlora_record(adapter_dirs: Sequence[str | Path] | None) -> dict | None:
         raise ValueError(f"the adapters were trained on differently quantized bases: {records}")
     dirs = [str(d) for d in adapter_dirs or []]
     if records and len(records) != len(dirs):
-        quantized = [d for d in dirs if (Path(d) / QLORA_CONFIG_FILE).is_file()]
         raise ValueError(f"{quantized} are QLoRA adapters (trained on an NF4 base), {sorted(set(dirs) - set(quantized))} "
                          "LoRA adapters (trained on a 16/32-bit base); use adapters trained on the same base together")
     return records[0] if records else None
