@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from finetune_ref.lora.branch import lora_outputs, shared_adapters
 from finetune_ref.lora.base_weight import (dense_weight, quantized_snapshot, restore_snapshot, warn_requantization,
                                            write_dense_weight)
 from finetune_ref.lora.dora import (DoraMagnitude, dora_forward, dora_init_magnitude, dora_merge_factor,
@@ -102,6 +103,9 @@ class LoRALinear(AdapterLayerMixin, nn.Module):
         # A mixed batch's per-row adapters (``lora.mixed.RowAdapters``, set by ``lora.mixed.set_row_adapters``):
         # while set, each row gets its own adapter instead of the active ones.
         self.row_adapters = None
+        # Compute the adapters with ``lora.branch`` (their gradients as wide products; set with the fused
+        # projections by ``lora.fused.fuse_projections``); False: PEFT's ops, bitwise (``lora.functional``).
+        self.branch_backward: bool = False
 
     # ---- convenience views of the base, as PEFT's BaseTunerLayer offers ----
 
@@ -191,6 +195,8 @@ class LoRALinear(AdapterLayerMixin, nn.Module):
             if not self.row_adapters.empty:
                 result = result + self.row_adapters.delta(x)
             return result.to(result_dtype)
+        if self.branch_backward and (names := shared_adapters([self])) is not None:
+            return lora_outputs([self], names, x, [result])[0]
         pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
         for name in pending:  # not on this layer, or already inside the base weight: skipped
             lora_A = self.lora_A[name].weight  # (r, in)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from finetune_ref.lora import LoraConfig, inject_lora, merge_adapters, unmerge_adapters
-from finetune_ref.lora.fused import fuse_projections, shared_adapters
+from finetune_ref.lora.branch import shared_adapters
+from finetune_ref.lora.fused import fuse_projections
 from finetune_ref.models.checkpoint import SINGLE_FILE, save_model
 from finetune_ref.models.config import LlamaConfig
 from finetune_ref.models.fused import base_of

@@ -147,9 +147,10 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     targeted = {name: full or name in s.target_modules for name in LINEAR_NAMES}
 
     recompute = s.selective_recompute and not s.gradient_checkpointing
+    branch = s.fused_projections and not full and not s.dora  # the adapters run as lora/branch.py
 
     def projection_inputs(names: tuple[str, ...], in_dim: int, shared_with_saved: bool,
-                          recomputed: bool = False, fused: bool = False) -> int:
+                          recomputed: bool = False) -> int:
         # Full: the weight gradient needs the input (saved once per group, shared storage).
         # LoRA: A's gradient needs the input: the same tensor if the adapter has the activation dtype, else
         # each adapter keeps its own cast copy (lora/layer.py LoRALinear.forward: x.to(lora_A.dtype)).
@@ -157,14 +158,12 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
         hit = [x for x in names if targeted[x]]
         if not hit:
             return 0
-        # fused (lora/fused.py): the adapters of a group share the A matmul (not DoRA's); its stacked A's
-        # (sum of r, in) are saved for the input gradient, and an input of another dtype is cast once
-        shared = fused and not s.dora and len(hit) > 1
-        stacked = len(hit) * s.rank * in_dim * a if shared else 0
-        if full or a == e:
-            return stacked + (0 if shared_with_saved or recomputed else n * in_dim * e)
-        # the casts are recomputed too; otherwise one per group when fused, else one per adapter
-        return stacked + (0 if recomputed else (1 if shared else len(hit)) * n * in_dim * a)
+        if full or a == e or branch:
+            # lora/branch.py (with the fused projections, not DoRA): the input in its own dtype, cast again in
+            # backward, shared by the group
+            return 0 if shared_with_saved or recomputed else n * in_dim * e
+        # PEFT's ops: the casts are recomputed too; otherwise one per adapter
+        return 0 if recomputed else len(hit) * n * in_dim * a
 
     out_dim = {name: o for name, (o, _) in linear_shapes(c).items()}
 
@@ -179,8 +178,7 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     y_grad = grad_in or full
     qkv = ("q_proj", "k_proj", "v_proj")
     # the norm keeps its input, so its output is recomputed from it (models/llama.DecoderLayer)
-    fused = s.fused_projections and not full
-    saved += projection_inputs(qkv, h, False, recompute and grad_in, fused) + lora_mid(qkv)
+    saved += projection_inputs(qkv, h, False, recompute and grad_in) + lora_mid(qkv)
     attn_grad = y_grad or any(targeted[x] for x in qkv)
     if attn_grad:
         # SDPA (flash kernel on CPU) saves q, k, v, out and logsumexp (k, v un-repeated: models/llama.py passes
@@ -193,7 +191,7 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     h2_grad = attn_grad or targeted["o_proj"]
     saved += norm(h2_grad)
     gu = ("gate_proj", "up_proj")
-    saved += projection_inputs(gu, h, False, recompute and h2_grad, fused) + lora_mid(gu)
+    saved += projection_inputs(gu, h, False, recompute and h2_grad) + lora_mid(gu)
     mlp_grad = h2_grad or full or any(targeted[x] for x in gu)
     if mlp_grad:
         saved += 2 * n * i * e  # gate and up outputs (models/llama.SwiGLU recomputes silu(gate) in backward)

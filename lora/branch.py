@@ -1,0 +1,136 @@
+"""The LoRA branch of layers that read one input, forward and backward written out by hand.
+
+Per layer i (Hu et al. 2021, section 4.1), with x (N, in), A_i (r_i, in), B_i (out_i, r_i), base output y_i:
+
+    mid   = x A^T               A = [A_1; A_2; ...] (R, in), R = sum of r_i: one matmul for all the layers
+    out_i = y_i + s_i mid_i B_i^T                  added in the adapter dtype, rounded once to y_i's dtype
+
+and backward, from the output gradients g_i (N, out_i):
+
+    dB_i = s_i g_i^T mid_i          dmid_i = s_i g_i B_i          (N, r_i)
+    dA   = dmid^T x                 dx     = dmid A               dy_i = g_i
+
+Autograd computes the same sums through ``F.linear``'s backward, but asks the CPU GEMM for two skinny shapes it
+runs far below its speed: dB_i as (out_i, N) @ (N, r_i), reading the transposed gradient, and dmid_i as
+(N, out_i) @ (out_i, r_i). Here each is taken as its transpose, a wide product with r_i rows,
+(r_i, N) @ (N, out_i) and (r_i, out_i) @ (out_i, N): the same products and sums, measured 2.4-3.7x faster at
+SmolLM2's shapes in fp32 on a 2-core AMD EPYC (``benchmarks/PROFILE_BF16_STEP.md``). For one layer the forward
+is the same ops as ``lora.functional.lora_forward`` (bitwise when scaling is a power of two, as alpha = 2r gives;
+else the scaling is applied to the r columns of mid, not to the output); for several, x A^T is one matmul, as
+``models/fused.py`` stacks the frozen weights. The gradients' sums may be ordered differently.
+
+What is saved for backward is x in its own dtype (a bf16 x is cast to fp32 adapters again in backward: 2 bytes
+an element kept instead of 4), the A's and B's, and mid (N, R), small. The result is not bitwise ``F.linear``'s
+autograd (GEMM libraries may sum a transposed product in another order): within fp32 rounding of it, stated per
+dtype in tests/test_lora_branch.py. ``lora.functional.lora_forward`` stays the bitwise PEFT path
+(``--no-fused-projections``).
+
+Usable when every layer adds the same adapters to the same x: no dropout while training (each layer draws its
+own mask), no DoRA, no per-row adapters of a mixed batch (``shared_adapters``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finetune_ref.lora.functional import add_update
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])  # (..., n) -> (N, n)
+
+
+class LoRABranch(torch.autograd.Function):
+    """outputs_i = (results_i + s_i (x A_i^T) B_i^T).to(dtypes_i); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scalings: tuple[float, ...], dtypes: tuple[torch.dtype, ...], *tensors):
+        n = len(scalings)
+        results, lora_As, lora_Bs = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        adapter_dtype = lora_As[0].dtype
+        rows = _rows(x).to(adapter_dtype)  # (N, in): x in the adapters' dtype (a no-op when it already is)
+        A = torch.cat(lora_As) if n > 1 else lora_As[0]  # (R, in)
+        mid = rows @ A.t()  # (N, in) @ (in, R) -> (N, R)
+        ranks = [a.shape[0] for a in lora_As]
+        outputs = []
+        for result, mid_i, B, s, dtype in zip(results, mid.split(ranks, dim=1), lora_Bs, scalings, dtypes):
+            if s != 1.0:
+                mid_i.mul_(s)  # s mid_i: r_i columns scaled instead of out_i (exact when s is a power of two)
+            update = (mid_i @ B.t()).view(*result.shape)  # (N, r_i) @ (r_i, out_i) -> (..., out_i)
+            outputs.append(add_update(result, update, dtype))
+        ctx.save_for_backward(x, mid, *lora_As, *lora_Bs)
+        ctx.scalings, ctx.ranks = scalings, ranks
+        ctx.result_dtypes = [r.dtype for r in results]
+        return tuple(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        x, mid, *weights = ctx.saved_tensors
+        n = len(ctx.scalings)
+        lora_As, lora_Bs = weights[:n], weights[n:]
+        adapter_dtype = lora_As[0].dtype
+        grad_results, grad_Bs, grad_midT = [], [], []
+        for g, mid_i, B, s, result_dtype in zip(grads, mid.split(ctx.ranks, dim=1), lora_Bs, ctx.scalings,
+                                                ctx.result_dtypes):
+            grad_results.append(g.to(result_dtype))
+            g = _rows(g).to(adapter_dtype)  # (N, out_i)
+            # mid_i was saved scaled: dB_i = g_i^T (s mid_i), and the unscaled mid's gradient is s g_i B_i.
+            grad_B = (mid_i.t() @ g).t()  # (r_i, N) @ (N, out_i) -> (r_i, out_i) -> (out_i, r_i)
+            midT = B.t() @ g.t()  # (r_i, out_i) @ (out_i, N) -> (r_i, N): dmid_i^T
+            if s != 1.0:
+                midT.mul_(s)
+            grad_Bs.append(grad_B.contiguous())
+            grad_midT.append(midT)
+        gmidT = torch.cat(grad_midT) if n > 1 else grad_midT[0]  # (R, N)
+        rows = _rows(x).to(adapter_dtype)  # (N, in)
+        A = torch.cat(lora_As) if n > 1 else lora_As[0]  # (R, in)
+        grad_A = gmidT @ rows  # (R, N) @ (N, in) -> (R, in)
+        grad_x = (gmidT.t() @ A).view(x.shape).to(x.dtype)  # (N, R) @ (R, in) -> (..., in)
+        return (grad_x, None, None, *grad_results, *grad_A.split(ctx.ranks), *grad_Bs)
+
+
+def lora_branch(x: torch.Tensor, results: list[torch.Tensor], lora_As: list[torch.Tensor],
+                lora_Bs: list[torch.Tensor], scalings: list[float], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """(results_i + s_i B_i(A_i x)).to(dtypes_i) for layers reading the same x (..., in).
+
+    Args:
+        x: the layers' shared input, in any floating dtype (cast to the adapters' dtype here).
+        results: each layer's running output (..., out_i).
+        lora_As: (r_i, in) each, one dtype.  lora_Bs: (out_i, r_i) each, that dtype.  scalings: floats.
+        dtypes: the dtype of each returned output.
+    """
+    assert len(results) == len(lora_As) == len(lora_Bs) == len(scalings) == len(dtypes) >= 1
+    return list(LoRABranch.apply(x, tuple(scalings), tuple(dtypes), *results, *lora_As, *lora_Bs))
+
+
+def shared_adapters(layers) -> list[str] | None:
+    """The adapters the ``LoRALinear`` layers would all add to the same input in the same order, or None when
+    they cannot share one branch (see the module docstring)."""
+    shared = None
+    for layer in layers:
+        if layer.disabled or layer.row_adapters is not None:
+            return None
+        names = [n for n in layer.active_adapters if n in layer.lora_A and n not in layer.merged_adapters]
+        if any(layer.use_dora[n] or (layer.training and layer.lora_dropout[n] > 0.0) for n in names):
+            return None
+        if shared is not None and names != shared:
+            return None
+        shared = names
+    for name in shared or []:
+        if len({layer.lora_A[name].weight.dtype for layer in layers}) != 1:
+            return None
+    return shared
+
+
+def lora_outputs(layers, names: list[str], x: torch.Tensor, results: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each ``LoRALinear`` layer's output from its base output: the adapters ``names`` (``shared_adapters``) added
+    in turn, as ``LoRALinear.lora_output`` adds them (a 16-bit result plus fp32 updates stays fp32 until the last
+    one, then is rounded once to the base output's dtype)."""
+    dtypes = [r.dtype for r in results]
+    for k, name in enumerate(names):
+        lora_As = [m.lora_A[name].weight for m in layers]  # (r_i, in) each
+        out_dtypes = dtypes if k == len(names) - 1 else [torch.promote_types(r.dtype, lora_As[0].dtype)
+                                                           for r in results]
+        results = lora_branch(x, results, lora_As, [m.lora_B[name].weight for m in layers],
+                              [m.scaling[name] for m in layers], out_dtypes)
+    return results

@@ -1,0 +1,145 @@
+"""lora/branch.py (the LoRA branch with its gradients as wide products) against PEFT's ops in lora/functional.py
+run through autograd, on random tensors at small shapes.
+
+Tolerances: for one layer the forward is the same ops, so bitwise when the scaling is a power of two (alpha =
+2r); otherwise the scaling multiplies the r columns of mid instead of the output (one rounding elsewhere), and
+for several layers the A's are one matmul (a column block of a GEMM need not be bitwise the GEMM of that block
+alone): 2e-6 of the scale in fp32, one bf16 rounding (2^-7) in bf16. Gradients come from the same products summed in an order the GEMM library picks for the transposed
+shapes: within 1e-5 of each gradient's largest element in fp32. With bf16 in the chain, each path rounds its
+intermediates (mid, the scaled products) in its own places, so both are compared with the same computation in
+fp64: the branch's error must stay within 1.5x PEFT's ops' error plus one bf16 rounding (2^-8 of the scale).
+"""
+
+import pytest
+import torch
+
+from finetune_ref.lora.branch import lora_branch, lora_outputs, shared_adapters
+from finetune_ref.lora.functional import add_update, lora_forward
+from finetune_ref.lora.fused import fuse_projections
+from finetune_ref.lora import LoraConfig, inject_lora
+from finetune_ref.lora.layer import LoRALinear
+from finetune_ref.models.config import LlamaConfig
+from finetune_ref.models.llama import LlamaForCausalLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference(x, results, lora_As, lora_Bs, scalings, dtypes):
+    """PEFT's ops (lora.functional), each layer on its own, through autograd."""
+    out = []
+    for result, A, B, s, dtype in zip(results, lora_As, lora_Bs, scalings, dtypes):
+        update = lora_forward(x.to(A.dtype), A, B, s)
+        out.append(add_update(result, update, dtype))
+    return out
+
+
+def tensors(base_dtype, adapter_dtype, in_features, outs, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 7, in_features, generator=g).to(base_dtype).requires_grad_()
+    results = [torch.randn(2, 7, o, generator=g).to(base_dtype).requires_grad_() for o in outs]
+    lora_As = [(torch.randn(r, in_features, generator=g) / in_features ** 0.5).to(adapter_dtype).requires_grad_()
+               for _ in outs]
+    lora_Bs = [(torch.randn(o, r, generator=g) / r ** 0.5).to(adapter_dtype).requires_grad_() for o in outs]
+    grads = [torch.randn(2, 7, o, generator=g).to(base_dtype) for o in outs]
+    return x, results, lora_As, lora_Bs, grads
+
+
+def run(fn, x, results, lora_As, lora_Bs, grads, scalings):
+    for t in (x, *results, *lora_As, *lora_Bs):
+        t.grad = None
+    outs = fn(x, results, lora_As, lora_Bs, scalings, [r.dtype for r in results])
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs], [t.grad for t in (x, *results, *lora_As, *lora_Bs)]
+
+
+def assert_close_to_scale(actual, expected, tol):
+    scale = expected.double().abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol * scale, f"max error {err:.3e} over scale {scale:.3e} exceeds {tol:.1e}"
+
+
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.float32, torch.float32),
+                                                      (torch.bfloat16, torch.float32),
+                                                      (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("outs", [[24], [24, 8, 8], [40, 40]])  # one layer; q/k/v; gate/up
+@pytest.mark.parametrize("scaling", [2.0, 0.75])
+def test_outputs_and_every_gradient_match_peft_ops(base_dtype, adapter_dtype, outs, scaling):
+    args = tensors(base_dtype, adapter_dtype, 16, outs)
+    scalings = [scaling] * len(outs)
+    ref_out, ref_grads = run(reference, *args, scalings)
+    out, grads = run(lora_branch, *args, scalings)
+    x, results, lora_As, lora_Bs, g = args
+    exact_args = [t.detach().double().requires_grad_() for t in (x, *results, *lora_As, *lora_Bs)]
+    n = len(outs)
+    exact_out, exact_grads = run(reference, exact_args[0], exact_args[1:1 + n], exact_args[1 + n:1 + 2 * n],
+                                 exact_args[1 + 2 * n:], [t.double() for t in g], scalings)
+    for k, (got, ref, exact) in enumerate(zip(out + grads, ref_out + ref_grads, exact_out + exact_grads)):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        if scaling == 2.0 and n == 1 and k < n:
+            assert torch.equal(got, ref)  # the same ops in the same order
+        elif base_dtype == adapter_dtype == torch.float32:
+            assert_close_to_scale(got, ref, 1e-5)
+        else:
+            scale = exact.abs().max().item()
+            err, ref_err = ((t.double() - exact).abs().max().item() for t in (got, ref))
+            assert err <= 1.5 * ref_err + 2 ** -8 * scale, f"error {err:.3e}, PEFT's ops {ref_err:.3e}"
+
+
+def test_per_layer_scalings_and_ranks():
+    # gate/up-like layers with different ranks and scalings (rsLoRA, alpha per layer)
+    x, results, _, _, grads = tensors(torch.float32, torch.float32, 16, [12, 20])
+    g = torch.Generator().manual_seed(3)
+    lora_As = [torch.randn(r, 16, generator=g).requires_grad_() for r in (2, 6)]
+    lora_Bs = [torch.randn(o, r, generator=g).requires_grad_() for o, r in ((12, 2), (20, 6))]
+    scalings = [4.0, 16 / 6 ** 0.5]
+    ref_out, ref_grads = run(reference, x, results, lora_As, lora_Bs, grads, scalings)
+    out, got = run(lora_branch, x, results, lora_As, lora_Bs, grads, scalings)
+    for a, b in zip(out + got, ref_out + ref_grads):
+        assert_close_to_scale(a, b, 1e-5)
+
+
+def tiny_lora(dtype=torch.float32, **lora):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).to(dtype)
+    inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora))
+    return model.train()
+
+
+def test_fuse_projections_switches_every_lora_layer():
+    model = tiny_lora()
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers and not any(m.branch_backward for m in layers)  # PEFT's ops until fused
+    fuse_projections(model)
+    assert all(m.branch_backward for m in layers)  # o_proj and down_proj too
+    fuse_projections(model, enabled=False)
+    assert not any(m.branch_backward for m in layers)
+
+
+def test_single_layer_branch_matches_peft_ops_and_falls_back_with_dropout():
+    model = tiny_lora()
+    o_proj = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    expected = o_proj(x)  # PEFT's ops
+    o_proj.branch_backward = True
+    assert torch.equal(o_proj(x), expected)
+    dropped = tiny_lora(lora_dropout=0.1).model.layers[0].self_attn.o_proj
+    assert shared_adapters([dropped]) is None  # each call draws a mask: PEFT's ops, not the branch
+
+
+def test_two_adapters_round_once_at_the_end():
+    # as LoRALinear.lora_output: a bf16 result plus fp32 updates stays fp32 until the last adapter
+    model = tiny_lora(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.add_adapter("second", r=2, lora_alpha=4, init_lora_weights=False)
+            for p in m.parameters():
+                if p.dtype == torch.bfloat16:
+                    p.requires_grad_(False)
+            m.active_adapters = ["default", "second"]
+    down = model.model.layers[1].mlp.down_proj
+    x = torch.randn(3, 48).to(torch.bfloat16)
+    expected = down(x)
+    got = lora_outputs([down], ["default", "second"], x, [down.base_layer(x)])[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
