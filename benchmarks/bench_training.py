@@ -304,7 +304,7 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
         runs.append(("ours + fused AdamW", sides["ours"], {}, fused))
     if args.compile and not args.recompute_cost:
         # A second model of ours, configured by the recipe as `finetune train --compile` configures it (each decoder
-        # layer compiled in place, projections unfused); the warm-up steps absorb the compilation.
+        # layer compiled in place, over the fused projections); the warm-up steps absorb the compilation.
         compiled = side(*ours(method, model_dir, dtype))
         dataclasses.replace(LoraRecipe(), compile=True).configure_model(compiled["model"])
         runs.append(("ours --compile", compiled, None, compiled["optimizer"]))

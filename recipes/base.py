@@ -60,7 +60,7 @@ class RunConfig(TrainConfig):
     # (benchmarks/bench_training.py --recompute-cost); --no-selective-recompute turns it off.
     selective_recompute: bool = True
     # One matmul for the frozen q/k/v and gate/up, and for the LoRA A's sharing an input (models/fused.py,
-    # lora/fused.py); trainable (full) or FSDP-sharded bases, and --compile, run unfused.
+    # lora/fused.py, lora/branch.py); trainable (full) or FSDP-sharded bases run unfused.
     fused_projections: bool = True
     compile: bool = False                # torch.compile each decoder layer in place (names and files unchanged)
     save_every: int = 0                  # updates between checkpoints (0: only at the end and on Ctrl-C)
@@ -105,7 +105,7 @@ class RunConfig(TrainConfig):
         model.chunked_loss = self.chunked_loss
         model.model.selective_recompute = self.selective_recompute
         # FSDP2 (train/fsdp.py) re-points every parameter at its shard: the stacked views would not survive it.
-        fuse_projections(model, self.fused_projections and self.parallel != "fsdp" and not self.compile)
+        fuse_projections(model, self.fused_projections and self.parallel != "fsdp")
         if self.compile:
             # Module.compile compiles in place: parameter names, state dicts and exported files stay as they are.
             for layer in model.model.layers:
