@@ -21,7 +21,8 @@ sides; see that file for why not RSS), with the optimizer states already allocat
 
 "ours" is the model ``finetune train`` runs, as the recipes build it: the loss from the hidden states in
 chunks (models/loss.py), SDPA with enable_gqa, a SwiGLU that saves gate and up only (models/llama.py), q/k/v
-and gate/up over the frozen base (and LoRA's A's) as one matmul each (models/fused.py, lora/fused.py).
+and gate/up over the frozen base (and LoRA's A's) as one matmul each (models/fused.py, lora/fused.py), the LoRA
+branch's gradients as wide products (lora/branch.py).
 ``--variants`` also measures it with selective recomputation switched the other way (models/recompute.py), with
 ``--no-chunked-loss``, with ``--no-fused-projections``, and, for full fine-tuning, with
 ``torch.optim.AdamW(fused=True)``. ``--compile`` adds our model with each decoder layer compiled
@@ -388,7 +389,8 @@ def render(env: dict, results: list[dict], args) -> str:
         "",
         "Rows: \"ours\" is `finetune train`'s model as the recipes build it (chunked cross-entropy, SDPA with "
         "enable_gqa, a SwiGLU saving gate and up only, selective recomputation, q/k/v and gate/up over a frozen base "
-        "as one matmul each); \"ours --flag\" the same with that `finetune train` flag; "
+        "as one matmul each, the LoRA branch's gradients as wide products); \"ours --flag\" the same with that "
+        "`finetune train` flag; "
         "\"ours + fused AdamW\": torch.optim.AdamW(fused=True).",
         "",
         "| method | implementation | tokens/s | step s (min-max) | peak MB | speed vs transformers "

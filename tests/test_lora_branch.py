@@ -143,3 +143,16 @@ def test_two_adapters_round_once_at_the_end():
     expected = down(x)
     got = lora_outputs([down], ["default", "second"], x, [down.base_layer(x)])[0]
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+def test_benchmark_script_prints_one_row_per_group():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora_branch.py"
+    done = subprocess.run([sys.executable, str(script), "--tokens", "8", "--repeats", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line.endswith("x |")]
+    assert [r.split(" | ")[0] for r in rows] == ["| q/k/v", "| o", "| gate/up", "| down"]
