@@ -295,8 +295,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "hidden states in chunks (same loss to rounding, more memory)")
     p.add_argument("--no-fused-projections", dest="fused_projections", action="store_const", const=False,
                    help="run q/k/v and gate/up (and their LoRA A's) as separate matmuls instead of one each over "
-                        "the frozen base (same results to float rounding; slower, and with fp32 adapters on a "
-                        "16-bit base without recomputation more memory)")
+                        "the frozen base, and LoRA with PEFT's ops (bitwise PEFT) instead of its gradients as wide "
+                        "products (same results to float rounding; slower, and with fp32 adapters on a 16-bit base "
+                        "more memory)")
     p.add_argument("--no-selective-recompute", dest="selective_recompute", action="store_const", const=False,
                    help="store RMSNorm and SwiGLU outputs for backward instead of recomputing them there (the "
                         "same gradients; more memory, a few elementwise ops fewer)")

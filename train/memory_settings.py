@@ -47,8 +47,9 @@ class MemorySettings:
         selective_recompute: RMSNorm internals and outputs, SwiGLU products and adapters' casts of them are
             recomputed in backward instead of saved (models/recompute.py, models/norm.py).
         fused_projections: q/k/v and gate/up over the frozen base as one matmul each, the LoRA A's sharing an
-            input as one (models/fused.py, lora/fused.py; the recipes' default): an adapter dtype other than the
-            activations' casts the input once per group, not per layer; QLoRA dequantizes a group into one workspace.
+            input as one (models/fused.py, lora/fused.py; the recipes' default), and every LoRA branch saving its
+            input in its own dtype (lora/branch.py: an adapter dtype other than the activations' casts it again in
+            backward, no copy is kept); QLoRA dequantizes a group into one workspace.
     """
 
     method: str = "lora"
