@@ -72,7 +72,7 @@ class LoRABranch(torch.autograd.Function):
         grad_results, grad_Bs, grad_midT = [], [], []
         for g, mid_i, B, s, result_dtype in zip(grads, mid.split(ctx.ranks, dim=1), lora_Bs, ctx.scalings,
                                                 ctx.result_dtypes):
-            grad_results.append(g.to(result_dtype))
+            grad_results.append(g.to(result_dtype) if ctx.needs_input_grad[3 + len(grad_results)] else None)
             g = _rows(g).to(adapter_dtype)  # (N, out_i)
             # mid_i was saved scaled: dB_i = g_i^T (s mid_i), and the unscaled mid's gradient is s g_i B_i.
             grad_B = (mid_i.t() @ g).t()  # (r_i, N) @ (N, out_i) -> (r_i, out_i) -> (out_i, r_i)
@@ -85,7 +85,9 @@ class LoRABranch(torch.autograd.Function):
         rows = _rows(x).to(adapter_dtype)  # (N, in)
         A = torch.cat(lora_As) if n > 1 else lora_As[0]  # (R, in)
         grad_A = gmidT @ rows  # (R, N) @ (N, in) -> (R, in)
-        grad_x = (gmidT.t() @ A).view(x.shape).to(x.dtype)  # (N, R) @ (R, in) -> (..., in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # not for a first layer over frozen embeddings
+            grad_x = (gmidT.t() @ A).view(x.shape).to(x.dtype)  # (N, R) @ (R, in) -> (..., in)
         return (grad_x, None, None, *grad_results, *grad_A.split(ctx.ranks), *grad_Bs)
 
 

@@ -156,3 +156,13 @@ def test_benchmark_script_prints_one_row_per_group():
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line.endswith("x |")]
     assert [r.split(" | ")[0] for r in rows] == ["| q/k/v", "| o", "| gate/up", "| down"]
+
+
+def test_gradients_not_asked_for_are_not_computed():
+    x, results, lora_As, lora_Bs, grads = tensors(torch.bfloat16, torch.float32, 16, [24, 8])
+    x.requires_grad_(False)
+    results[1].requires_grad_(False)
+    out = lora_branch(x, results, lora_As, lora_Bs, [2.0, 2.0], [torch.bfloat16] * 2)
+    torch.autograd.backward(out, grads)
+    assert x.grad is None and results[1].grad is None and torch.equal(results[0].grad, grads[0])
+    assert all(t.grad is not None for t in (*lora_As, *lora_Bs))
