@@ -60,35 +60,49 @@ class LoRABranch(torch.autograd.Function):
         ctx.save_for_backward(x, mid, *lora_As, *lora_Bs)
         ctx.scalings, ctx.ranks = scalings, ranks
         ctx.result_dtypes = [r.dtype for r in results]
+        # Under torch.autocast (``--precision bf16-autocast``) the matmuls above ran in its dtype (mid too);
+        # backward runs in the same autocast state, as ``torch.amp.custom_bwd`` would, so its products see the
+        # dtypes PEFT's ops would see through autograd.
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return tuple(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return LoRABranch._backward(ctx, grads)
+
+    @staticmethod
+    def _backward(ctx, grads):
         x, mid, *weights = ctx.saved_tensors
         n = len(ctx.scalings)
         lora_As, lora_Bs = weights[:n], weights[n:]
-        adapter_dtype = lora_As[0].dtype
+        # needs_input_grad: (x, scalings, dtypes, *results, *lora_As, *lora_Bs)
+        need_results, need_As, need_Bs = (ctx.needs_input_grad[3 + k * n:3 + (k + 1) * n] for k in range(3))
+        adapter_dtype = mid.dtype  # the adapters' dtype, or autocast's
         grad_results, grad_Bs, grad_midT = [], [], []
-        for g, mid_i, B, s, result_dtype in zip(grads, mid.split(ctx.ranks, dim=1), lora_Bs, ctx.scalings,
-                                                ctx.result_dtypes):
-            grad_results.append(g.to(result_dtype) if ctx.needs_input_grad[3 + len(grad_results)] else None)
+        for i, (g, mid_i, B, s) in enumerate(zip(grads, mid.split(ctx.ranks, dim=1), lora_Bs, ctx.scalings)):
+            grad_results.append(g.to(ctx.result_dtypes[i]) if need_results[i] else None)
             g = _rows(g).to(adapter_dtype)  # (N, out_i)
             # mid_i was saved scaled: dB_i = g_i^T (s mid_i), and the unscaled mid's gradient is s g_i B_i.
-            grad_B = (mid_i.t() @ g).t()  # (r_i, N) @ (N, out_i) -> (r_i, out_i) -> (out_i, r_i)
-            midT = B.t() @ g.t()  # (r_i, out_i) @ (out_i, N) -> (r_i, N): dmid_i^T
+            grad_B = (mid_i.t() @ g).t() if need_Bs[i] else None  # (r_i, N) @ (N, out_i) -> (out_i, r_i)
+            midT = B.t().to(adapter_dtype) @ g.t()  # (r_i, out_i) @ (out_i, N) -> (r_i, N): dmid_i^T
             if s != 1.0:
                 midT.mul_(s)
-            grad_Bs.append(grad_B.contiguous())
+            grad_Bs.append(None if grad_B is None else grad_B.contiguous())
             grad_midT.append(midT)
         gmidT = torch.cat(grad_midT) if n > 1 else grad_midT[0]  # (R, N)
-        rows = _rows(x).to(adapter_dtype)  # (N, in)
-        A = torch.cat(lora_As) if n > 1 else lora_As[0]  # (R, in)
-        grad_A = gmidT @ rows  # (R, N) @ (N, in) -> (R, in)
+        A = (torch.cat(lora_As) if n > 1 else lora_As[0]).to(adapter_dtype)  # (R, in)
+        grad_As = [None] * n
+        if any(need_As):
+            rows = _rows(x).to(adapter_dtype)  # (N, in)
+            grad_As = list((gmidT @ rows).split(ctx.ranks))  # (R, N) @ (N, in) -> (R, in) -> (r_i, in) each
         grad_x = None
         if ctx.needs_input_grad[0]:  # not for a first layer over frozen embeddings
             grad_x = (gmidT.t() @ A).view(x.shape).to(x.dtype)  # (N, R) @ (R, in) -> (..., in)
-        return (grad_x, None, None, *grad_results, *grad_A.split(ctx.ranks), *grad_Bs)
+        return (grad_x, None, None, *grad_results, *grad_As, *grad_Bs)
 
 
 def lora_branch(x: torch.Tensor, results: list[torch.Tensor], lora_As: list[torch.Tensor],
