@@ -8,8 +8,8 @@ import dataclasses
 import json
 import sys
 
-from finetune_ref.cli.common import (NF4_BLOCKSIZES, Parser, module_names, non_negative_int, positive_int, rank,
-                                     sequences_per_batch, token_ids,
+from finetune_ref.cli.common import (NF4_BLOCKSIZES, Parser, module_names, non_negative_int, positive_int,
+                                     probability, rank, sequences_per_batch, token_ids,
                                      tokens_per_sequence)
 from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_config
 from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
@@ -20,8 +20,8 @@ from finetune_ref.train.memory import estimate_memory, loss_is_chunked
 from finetune_ref.train.memory_fsdp import estimate_memory_fsdp
 
 # The flags that are recipe fields: parsed into the method's recipe, as finetune train does.
-RECIPE_FLAGS = ("optimizer", "batch_size", "seq_len", "grad_checkpointing", "dtype", "rank", "double_quant",
-                "blocksize", "parallel")
+RECIPE_FLAGS = ("optimizer", "batch_size", "seq_len", "grad_checkpointing", "dtype", "rank", "dropout",
+                "double_quant", "blocksize", "parallel")
 
 DESCRIPTION = memory.__doc__.split("\n\n")[0]
 
@@ -105,6 +105,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=rank, help=f"LoRA rank r ({recipe_default('rank')})")
     p.add_argument("--targets", type=_targets, default=LINEAR_NAMES,
                    help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
+    p.add_argument("--dropout", type=probability,
+                   help=f"LoRA dropout in training (each adapter keeps its dropped input) ({recipe_default('dropout')})")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
     p.add_argument("--modules-to-save", type=module_names, default=(),
                    metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
@@ -163,6 +165,7 @@ def settings(args: argparse.Namespace) -> MemorySettings:
         gradient_checkpointing=recipe.grad_checkpointing, dtype=dtype or recipe.base_dtype(),
         adapter_dtype=None if args.method == "full" else adapter_dtype, rank=getattr(recipe, "rank", 8),
         target_modules=tuple(args.targets), dora=args.dora, modules_to_save=args.modules_to_save,
+        lora_dropout=getattr(recipe, "dropout", 0.0),
         trainable_tokens=len(args.trainable_tokens),
         double_quant=getattr(recipe, "double_quant", None) is not False,
         blocksize=getattr(recipe, "blocksize", None) or DEFAULT_BLOCKSIZE, attention_mask=not args.no_mask,

@@ -238,6 +238,7 @@ def prepare(model, settings: MemorySettings):
         quantize_model(model, compute_dtype=DTYPES[settings.dtype], double_quant=settings.double_quant)
     if settings.method in ("lora", "qlora"):
         inject_lora(model, LoraConfig(r=settings.rank, lora_alpha=16, target_modules=list(settings.target_modules),
+                                      lora_dropout=settings.lora_dropout,
                                       use_dora=settings.dora, modules_to_save=list(settings.modules_to_save) or None,
                                       ensure_weight_tying="embed_tokens" in settings.target_modules,
                                       trainable_token_indices=list(range(settings.trainable_tokens)) or None),
@@ -312,13 +313,19 @@ CASES = [
     (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, trainable_tokens=6)),
     # fp32 adapters on an NF4 base computing in bf16 (PEFT's default adapter dtype): the fused q/k/v and gate/up
     (SMALL, Stored(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128)),
+    # LoRA dropout: each adapter keeps its dropped input and mask (PEFT's ops, not lora/branch.py)
+    (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, lora_dropout=0.1)),
+    (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
+                           lora_dropout=0.1)),
+    (SMALL, Stored(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128, lora_dropout=0.1)),
+    (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, lora_dropout=0.05)),
 ]
 
 
 @pytest.mark.parametrize("config,settings", CASES, ids=lambda x: "" if isinstance(x, LlamaConfig) else
                          f"{x.method}-{x.dtype}-a{x.adapter_dtype}-ckpt{int(x.gradient_checkpointing)}"
                          f"{'-dora' * x.dora}{'-save' * bool(x.modules_to_save)}"
-                         f"-ce{int(x.chunked_loss)}-sr{int(x.selective_recompute)}")
+                         f"-ce{int(x.chunked_loss)}-sr{int(x.selective_recompute)}{'-drop' * bool(x.lora_dropout)}")
 def test_predicted_peak_matches_measured_peak(config, settings):
     from finetune_ref.models.llama import LlamaForCausalLM
 

@@ -147,7 +147,8 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
     targeted = {name: full or name in s.target_modules for name in LINEAR_NAMES}
 
     recompute = s.selective_recompute and not s.gradient_checkpointing
-    branch = s.fused_projections and not full and not s.dora  # the adapters run as lora/branch.py
+    # the adapters run as lora/branch.py (see lora.branch.shared_adapters)
+    branch = s.fused_projections and not full and not s.dora and not s.lora_dropout
 
     def projection_inputs(names: tuple[str, ...], in_dim: int, shared_with_saved: bool,
                           recomputed: bool = False) -> int:
@@ -158,6 +159,11 @@ def _layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
         hit = [x for x in names if targeted[x]]
         if not hit:
             return 0
+        if not full and s.lora_dropout:
+            # lora/functional.lora_forward: each adapter saves its dropped input (adapter dtype) for A's gradient,
+            # and F.dropout on the CPU (ATen's _dropout: input * noise) its scaled noise in that dtype too (on
+            # CUDA a 1-byte mask: over-counted there), whatever is recomputed; nothing keeps x itself
+            return len(hit) * n * in_dim * 2 * a
         if full or a == e or branch:
             # lora/branch.py (with the fused projections, not DoRA): the input in its own dtype, cast again in
             # backward, shared by the group
@@ -231,6 +237,8 @@ def _layer_workspace(c: LlamaConfig, s: MemorySettings) -> int:
         a = DTYPE_BYTES[s.adapter_dtype or s.dtype]
         cast = s.method != "full" and a != e and "down_proj" in s.target_modules
         recomputed = n * c.intermediate_size * (e + (a if cast else 0))
+        if s.method != "full" and s.lora_dropout:
+            recomputed = 0  # the adapters keep their dropped inputs: nothing saved is recomputed
         recomputed += 2 * n * c.hidden_size * e if s.method == "full" else 0
     return n * c.hidden_size * e + max(2 * n * c.intermediate_size, 4 * n * hq) * e + dequantized + recomputed
 

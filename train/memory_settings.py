@@ -50,6 +50,8 @@ class MemorySettings:
             input as one (models/fused.py, lora/fused.py; the recipes' default), and every LoRA branch saving its
             input in its own dtype (lora/branch.py: an adapter dtype other than the activations' casts it again in
             backward, no copy is kept); QLoRA dequantizes a group into one workspace.
+        lora_dropout: LoRA dropout in training: each adapter keeps its dropped input and dropout's mask (PEFT's
+            ops; the branch above needs every adapter to see the same input).
     """
 
     method: str = "lora"
@@ -62,6 +64,7 @@ class MemorySettings:
     rank: int = 8
     target_modules: tuple[str, ...] = LINEAR_NAMES
     dora: bool = False
+    lora_dropout: float = 0.0
     modules_to_save: tuple[str, ...] = ()
     trainable_tokens: int = 0
     double_quant: bool = True
@@ -101,6 +104,10 @@ class MemorySettings:
                 (self.trainable_tokens and self.method == "full"):
             raise ValueError(f"trainable_tokens (a number of embedding rows) must be an int >= 0 with method lora or "
                              f"qlora, got {self.trainable_tokens!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool) or \
+                not 0.0 <= self.lora_dropout < 1.0 or (self.lora_dropout and self.method == "full"):
+            raise ValueError(f"lora_dropout must be a number in [0, 1) with method lora or qlora, got "
+                             f"{self.lora_dropout!r}")
         if self.method == "qlora" and self.blocksize not in SUPPORTED_BLOCKSIZES:
             raise ValueError(f"blocksize must be a power of two in [32, 4096], got {self.blocksize}")
 
