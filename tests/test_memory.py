@@ -313,6 +313,11 @@ CASES = [
     (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, trainable_tokens=6)),
     # fp32 adapters on an NF4 base computing in bf16 (PEFT's default adapter dtype): the fused q/k/v and gate/up
     (SMALL, Stored(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128)),
+    # fp32 adapters on a bf16 base in layers recomputed whole: lora/branch.py's casts in backward
+    (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,
+                           gradient_checkpointing=True)),
+    (WIDE, MemorySettings(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=2, seq_len=64,
+                          gradient_checkpointing=True)),
     # LoRA dropout: each adapter keeps its dropped input and mask (PEFT's ops, not lora/branch.py)
     (SMALL, MemorySettings(method="lora", dtype="fp32", batch_size=4, seq_len=128, lora_dropout=0.1)),
     (SMALL, MemorySettings(method="lora", dtype="bf16", adapter_dtype="fp32", batch_size=4, seq_len=128,

@@ -233,13 +233,18 @@ def _layer_workspace(c: LlamaConfig, s: MemorySettings) -> int:
     # product (and an fp32 adapter's cast of it) is live too; full fine-tuning also remakes a norm's output and
     # normalised input for the weight gradients (models/recompute.py, models/norm.py).
     recomputed = 0
+    a = DTYPE_BYTES[s.adapter_dtype or s.dtype]
+    cast = s.method != "full" and a != e and "down_proj" in s.target_modules
     if s.selective_recompute and not s.gradient_checkpointing:
-        a = DTYPE_BYTES[s.adapter_dtype or s.dtype]
-        cast = s.method != "full" and a != e and "down_proj" in s.target_modules
         recomputed = n * c.intermediate_size * (e + (a if cast else 0))
         if s.method != "full" and s.lora_dropout:
             recomputed = 0  # the adapters keep their dropped inputs: nothing saved is recomputed
         recomputed += 2 * n * c.hidden_size * e if s.method == "full" else 0
+    elif cast and s.fused_projections and not s.dora and not s.lora_dropout:
+        # lora/branch.py casts down_proj's input to the adapters' dtype again in its backward (measured: with the
+        # layer recomputed whole, also an (N, H) one of the groups' is live then); not at the moment a QLoRA
+        # layer's dequantized weights are
+        dequantized = max(dequantized, n * (c.intermediate_size + c.hidden_size) * a)
     return n * c.hidden_size * e + max(2 * n * c.intermediate_size, 4 * n * hq) * e + dequantized + recomputed
 
 
