@@ -30,7 +30,15 @@ branch's gradients as wide products (lora/branch.py).
 turns, and reports the median ratio of the pairs.
 
 Each row also reports the step's matmul FLOP/s as a fraction of what ``F.linear`` reaches on the same shapes,
-dtype and threads, measured in the same run: how far the step is from the machine's own limit.
+dtype and threads, measured in the same run: how far the step is from the machine's own limit; and the page
+faults and system CPU time of a step (``getrusage``): the kernel mapping fresh pages for large temporaries,
+which glibc's malloc takes from the OS with mmap (above its threshold, 128 KiB to 32 MiB) and gives back on free.
+transformers' step materialises the (B, T, vocab) logits and their fp32 copies (hundreds of MB) every step; its
+cost in system time varied from run to run on the same machine (0.6-1.3 s a step) and moves the speed ratios
+more than anything else.
+
+The qlora table has one more row, our LoRA on the unquantized base, taken in turns with our QLoRA: the reference
+of the target QLoRA tokens/s >= 0.9x our LoRA's.
 
 A method whose step times varied by more than 2x (max / min over its timed steps) makes the script fail
 (exit 3, nothing written): under heavy load one run gave speed ratios of 0.14x and 2.84x in one table.
@@ -59,6 +67,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -85,6 +94,7 @@ METHODS = ("full", "lora", "qlora")
 LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 LORA_R, LORA_ALPHA = 8, 16
 TARGET_SPEEDUP, TARGET_MEMORY = 1.25, 0.6  # targets: >= 1.25x tokens/s, <= 0.6x peak memory
+LORA_REFERENCE_ROW = "ours, LoRA (unquantized base)"  # in the qlora table: the QLoRA >= 0.9x LoRA reference
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,6 +287,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def timed_step(fn) -> tuple[float, int, float]:
+    """(wall seconds, page faults, system CPU seconds) of one call. The faults are minor ones: the kernel
+    mapping and zeroing fresh pages of a large allocation, which glibc's malloc gets from (and gives back to) the
+    OS with mmap above its threshold; their cost, in system time, depends on the host and is the part of a step
+    that varies most between runs of this benchmark."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return wall, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
+
+
 def check_variance(times: dict[str, list[float]], limit: float = 2.0) -> list[str]:
     """Rows whose step times varied by more than ``limit``x (max / min): their ratios would be noise."""
     return [f"{name}: steps {min(t):.2f}-{max(t):.2f} s ({max(t) / min(t):.1f}x)" for name, t in times.items()
@@ -309,6 +332,11 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
         compiled = side(*ours(method, model_dir, dtype))
         dataclasses.replace(LoraRecipe(), compile=True).configure_model(compiled["model"])
         runs.append(("ours --compile", compiled, None, compiled["optimizer"]))
+    if method == "qlora" and not args.recompute_cost:
+        # Our LoRA on the unquantized base, in turns with our QLoRA: the QLoRA >= 0.9x LoRA target's reference
+        lora = side(*ours("lora", model_dir, dtype))
+        configure(lora["model"], {})
+        runs.append((LORA_REFERENCE_ROW, lora, None, lora["optimizer"]))
     if not args.recompute_cost:
         runs.append(("transformers", sides["transformers"], None, sides["transformers"]["optimizer"]))
 
@@ -319,6 +347,7 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
 
     # Numerics: the loss of every variant on the same (initial) weights and batch, before any update.
     first_loss, times = {}, {name: [] for name, *_ in runs}
+    faults, system = {name: [] for name, *_ in runs}, {name: [] for name, *_ in runs}
     for name, side, opts, _ in runs:
         with torch.no_grad():
             first_loss[name] = float(prepare(side, opts)(input_ids=ids, labels=ids).loss)
@@ -328,9 +357,10 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
     for _ in range(0 if args.memory_only else args.steps):  # in turns, so a change of the machine's load hits every row alike
         for name, side, opts, optimizer in runs:
             model = prepare(side, opts)
-            start = time.perf_counter()
-            train_step(model, ids, optimizer)
-            times[name].append(time.perf_counter() - start)
+            wall, faulted, sys_s = timed_step(lambda: train_step(model, ids, optimizer))
+            times[name].append(wall)
+            faults[name].append(faulted)
+            system[name].append(sys_s)
     peaks = {name: measure_peak(prepare(side, opts), optimizer, ids, side["extra"])
              for name, side, opts, optimizer in runs}
     config = sides["ours"]["model"].config
@@ -356,7 +386,8 @@ def run_method(method: str, model_dir: Path, ids: torch.Tensor, args) -> dict:
     for name in times:
         median = statistics.median(times[name]) if times[name] else float("nan")
         result["rows"][name] = {"tokens_per_s": tokens / median, "median_step_s": median, "step_s": times[name],
-                                "peak_bytes": peaks[name], "linear_fraction": matmul_flops(shapes) / median / limit}
+                                "peak_bytes": peaks[name], "linear_fraction": matmul_flops(shapes) / median / limit,
+                                "page_faults": faults[name], "system_s": system[name]}
     del sides, runs
     gc.collect()
     return result
@@ -393,9 +424,13 @@ def render(env: dict, results: list[dict], args) -> str:
         "`finetune train` flag; "
         "\"ours + fused AdamW\": torch.optim.AdamW(fused=True).",
         "",
-        "| method | implementation | tokens/s | step s (min-max) | peak MB | speed vs transformers "
-        "| memory vs transformers | matmul FLOP/s / F.linear's | initial loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Page faults and system time: per timed step (median), the kernel's cost of mapping fresh memory for the "
+        "step's large temporaries (materialised logits most of all); it depends on the host and is what moves the "
+        "speed ratios most between runs.",
+        "",
+        "| method | implementation | tokens/s | step s (min-max) | page faults / step | system s / step | peak MB "
+        "| speed vs transformers | memory vs transformers | matmul FLOP/s / F.linear's | initial loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ref = r["rows"].get("transformers")  # none with --recompute-cost
@@ -407,7 +442,11 @@ def render(env: dict, results: list[dict], args) -> str:
                 if row["step_s"] else "-"
             if not row["step_s"]:
                 speed = "-"  # --memory-only
-            lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {steps} | "
+            if name == LORA_REFERENCE_ROW:
+                speed = mem = "-"  # another method: only the QLoRA vs LoRA line below compares with it
+            faults = f"{statistics.median(row['page_faults']):,.0f}" if row.get("page_faults") else "-"
+            system = f"{statistics.median(row['system_s']):.2f}" if row.get("system_s") else "-"
+            lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {steps} | {faults} | {system} | "
                          f"{row['peak_bytes'] / 1e6:.0f} | {speed} | {mem} | {row['linear_fraction']:.2f} | "
                          f"{loss:.4f} |")
     lines += ["", f"Targets: tokens/s >= {TARGET_SPEEDUP}x transformers' for LoRA and QLoRA in bf16 (>= 1.0x in "
@@ -430,7 +469,13 @@ def render(env: dict, results: list[dict], args) -> str:
         if r["noisy"]:
             lines.append(f"  - step times varied by more than 2x, speed ratios not printed: {'; '.join(r['noisy'])}")
     by_method = {r["method"]: r for r in results}
-    if "lora" in by_method and "qlora" in by_method and not args.memory_only and not args.recompute_cost:
+    qlora_rows = by_method.get("qlora", {}).get("rows", {})
+    if LORA_REFERENCE_ROW in qlora_rows and not args.memory_only:
+        q, lo = qlora_rows["ours"], qlora_rows[LORA_REFERENCE_ROW]
+        ratio = "noisy" if by_method["qlora"]["noisy"] else f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}x"
+        lines.append(f"- our QLoRA's tokens/s vs our LoRA's: {ratio} (target 0.9x; taken in turns: the row "
+                     f"\"{LORA_REFERENCE_ROW}\" of the qlora table).")
+    elif "lora" in by_method and "qlora" in by_method and not args.memory_only and not args.recompute_cost:
         q, lo = by_method["qlora"]["rows"]["ours"], by_method["lora"]["rows"]["ours"]
         noisy = by_method["qlora"]["noisy"] or by_method["lora"]["noisy"]
         ratio = "noisy" if noisy else f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}x"

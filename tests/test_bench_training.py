@@ -84,3 +84,29 @@ def test_chunked_loss_lowers_the_peak():
     # 1198 x 4096 fp32 logits: ~20 MB per copy, and the loss chain keeps 4 of them at once; chunks of 256
     # tokens keep ~8 MB.
     assert peaks[True] < 0.5 * peaks[False]
+
+
+def test_timed_step_counts_the_page_faults_of_fresh_memory(bench):
+    wall, faults, system = bench.timed_step(lambda: torch.ones(64 * 2 ** 20 // 4).sum())  # a fresh 64 MB: mmapped
+    assert wall > 0 and system >= 0 and faults >= 64 * 2 ** 20 // 4096 // 2  # at least half its 4 KiB pages
+
+
+def test_qlora_vs_lora_line_uses_the_rows_taken_in_turns(bench):
+    import argparse
+
+    def row(tokens_per_s):
+        return {"tokens_per_s": tokens_per_s, "median_step_s": 1024 / tokens_per_s, "step_s": [1.0, 1.1],
+                "peak_bytes": 1e8, "linear_fraction": 0.5, "page_faults": [10, 12], "system_s": [0.01, 0.02]}
+
+    result = {"method": "qlora", "rows": {"ours": row(450.0), bench.LORA_REFERENCE_ROW: row(500.0),
+                                          "transformers": row(300.0)},
+              "noisy": [], "first_loss": {}, "predicted_peak": {}, "linear_flops_per_s": 1e12, "step_flops": 1e11,
+              "trainable": 1, "trainable_hf": 1}
+    env = {"date": "d", "cpu": "c", "cores": 2, "threads": 2, "python": "3", "load_before": 0.0, "load_after": 0.0,
+           "versions": {k: "v" for k in ("torch", "transformers", "peft", "bitsandbytes")}}
+    args = argparse.Namespace(quick=False, batch_size=4, seq_len=256, dtype="bf16", warmup=1, steps=2,
+                              memory_only=False, recompute_cost=False)
+    text = bench.render(env, [result], args)
+    assert "our QLoRA's tokens/s vs our LoRA's: 0.90x" in text and "taken in turns" in text
+    reference_line = next(line for line in text.splitlines() if bench.LORA_REFERENCE_ROW in line and "|" in line)
+    assert "| 11 |" in reference_line and "| - | - |" in reference_line  # faults median; no ratio to transformers
