@@ -39,6 +39,24 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])  # (..., n) -> (N, n)
 
 
+def _add_up(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(result + mid B^T).to(dtype), summed in B's dtype: PEFT's ``result + lora_B(...)``, then the cast.
+
+    With fp32 adapters and r_i <= 128, one ``addmm_`` into an fp32 copy of result: the (N, out_i) product is
+    neither written nor read back, and a 16-bit + fp32 ``torch.add(..., out=<16-bit>)``, which the CPU runs as
+    three passes with two temporaries (TensorIterator casts the 16-bit input to fp32, then the sum to out's
+    dtype), is avoided: 0.44 ms against 1.29 ms at (1024, 1536) on 2 cores. GEMMs add C after the K = r_i sums
+    when K fits one block, so the values are bitwise those of the product then the sum (checked with MKL for
+    r_i < 256, in tests/test_lora_branch.py); larger ranks and 16-bit adapters take the two steps.
+    """
+    if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 128):
+        # 16-bit adapters, or mid in torch.autocast's dtype: PEFT rounds the product to that dtype before the sum
+        return add_update(result, (mid @ lora_B.t()).view(result.shape), dtype)  # (N, r_i) @ (r_i, out_i)
+    acc = _rows(result).to(torch.float32, copy=True)  # (..., out_i) -> (N, out_i): a new tensor, summed into
+    acc.addmm_(mid, lora_B.t())  # += (N, r_i) @ (r_i, out_i)
+    return acc.view(result.shape).to(dtype)  # (N, out_i) -> (..., out_i)
+
+
 class LoRABranch(torch.autograd.Function):
     """outputs_i = (results_i + s_i (x A_i^T) B_i^T).to(dtypes_i); see the module docstring."""
 
@@ -55,8 +73,7 @@ class LoRABranch(torch.autograd.Function):
         for result, mid_i, B, s, dtype in zip(results, mid.split(ranks, dim=1), lora_Bs, scalings, dtypes):
             if s != 1.0:
                 mid_i.mul_(s)  # s mid_i: r_i columns scaled instead of out_i (exact when s is a power of two)
-            update = (mid_i @ B.t()).view(*result.shape)  # (N, r_i) @ (r_i, out_i) -> (..., out_i)
-            outputs.append(add_update(result, update, dtype))
+            outputs.append(_add_up(result, mid_i, B, dtype))
         ctx.save_for_backward(x, mid, *lora_As, *lora_Bs)
         ctx.scalings, ctx.ranks = scalings, ranks
         ctx.result_dtypes = [r.dtype for r in results]

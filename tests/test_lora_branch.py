@@ -197,3 +197,14 @@ def test_frozen_adapters_get_no_gradient():
     torch.autograd.backward(out, grads)
     assert lora_As[0].grad is None and lora_Bs[1].grad is None
     assert lora_As[1].grad is not None and lora_Bs[0].grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("r", [8, 64, 128, 256])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_forward_with_fp32_adapters_is_peft_ops_bitwise_up_to_rank_128(r, base_dtype):
+    # The update is summed into the base output by one addmm (lora/branch.py _add_up): bitwise the product then
+    # the sum while K = r fits one GEMM block; beyond it (r = 256 here) the two steps are taken.
+    x, results, lora_As, lora_Bs, _ = tensors(base_dtype, torch.float32, 64, [96], r=r)
+    got = lora_branch(x, results, lora_As, lora_Bs, [2.0], [base_dtype])[0]
+    ref = reference(x, results, lora_As, lora_Bs, [2.0], [base_dtype])[0]
+    assert got.dtype == base_dtype and torch.equal(got, ref)
