@@ -39,6 +39,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])  # (..., n) -> (N, n)
 
 
+_AT_MOST_FP32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _add_up(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(result + mid B^T).to(dtype), summed in B's dtype: PEFT's ``result + lora_B(...)``, then the cast.
 
@@ -49,8 +52,9 @@ def _add_up(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype
     when K fits one block, so the values are bitwise those of the product then the sum (checked with MKL for
     r_i < 256, in tests/test_lora_branch.py); larger ranks and 16-bit adapters take the two steps.
     """
-    if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 128):
-        # 16-bit adapters, or mid in torch.autocast's dtype: PEFT rounds the product to that dtype before the sum
+    if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 128 and result.dtype in _AT_MOST_FP32):
+        # 16-bit adapters, or mid in torch.autocast's dtype: PEFT rounds the product to that dtype before the sum;
+        # an fp64 result: the sum is taken in fp64
         return add_update(result, (mid @ lora_B.t()).view(result.shape), dtype)  # (N, r_i) @ (r_i, out_i)
     acc = _rows(result).to(torch.float32, copy=True)  # (..., out_i) -> (N, out_i): a new tensor, summed into
     acc.addmm_(mid, lora_B.t())  # += (N, r_i) @ (r_i, out_i)

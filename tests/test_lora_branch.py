@@ -200,7 +200,7 @@ def test_frozen_adapters_get_no_gradient():
 
 
 @pytest.mark.parametrize("r", [8, 64, 128, 256])
-@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_forward_with_fp32_adapters_is_peft_ops_bitwise_up_to_rank_128(r, base_dtype):
     # The update is summed into the base output by one addmm (lora/branch.py _add_up): bitwise the product then
     # the sum while K = r fits one GEMM block; beyond it (r = 256 here) the two steps are taken.
