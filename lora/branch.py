@@ -15,9 +15,10 @@ runs far below its speed: dB_i as (out_i, N) @ (N, r_i), reading the transposed 
 (N, out_i) @ (out_i, r_i). Here each is taken as its transpose, a wide product with r_i rows,
 (r_i, N) @ (N, out_i) and (r_i, out_i) @ (out_i, N): the same products and sums, measured 2.4-3.7x faster at
 SmolLM2's shapes in fp32 on a 2-core AMD EPYC (``benchmarks/PROFILE_BF16_STEP.md``). For one layer the forward
-is the same ops as ``lora.functional.lora_forward`` (bitwise when scaling is a power of two, as alpha = 2r gives;
-else the scaling is applied to the r columns of mid, not to the output); for several, x A^T is one matmul, as
-``models/fused.py`` stacks the frozen weights. The gradients' sums may be ordered differently.
+gives the values of ``lora.functional.lora_forward`` and PEFT's sum (bitwise when scaling is a power of two, as
+alpha = 2r gives, and the sum is bitwise, see ``_add_up``; else the scaling is applied to the r columns of mid,
+not to the output); for several, x A^T is one matmul, as ``models/fused.py`` stacks the frozen weights. The
+gradients' sums may be ordered differently.
 
 What is saved for backward is x in its own dtype (a bf16 x is cast to fp32 adapters again in backward: 2 bytes
 an element kept instead of 4), the A's and B's, and mid (N, R), small. The result is not bitwise ``F.linear``'s
@@ -45,16 +46,17 @@ _AT_MOST_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 def _add_up(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(result + mid B^T).to(dtype), summed in B's dtype: PEFT's ``result + lora_B(...)``, then the cast.
 
-    With fp32 adapters and r_i <= 128, one ``addmm_`` into an fp32 copy of result: the (N, out_i) product is
-    neither written nor read back, and a 16-bit + fp32 ``torch.add(..., out=<16-bit>)``, which the CPU runs as
-    three passes with two temporaries (TensorIterator casts the 16-bit input to fp32, then the sum to out's
-    dtype), is avoided: 0.44 ms against 1.29 ms at (1024, 1536) on 2 cores. GEMMs add C after the K = r_i sums
-    when K fits one block, so the values are bitwise those of the product then the sum (checked with MKL for
-    r_i < 256, in tests/test_lora_branch.py); larger ranks and 16-bit adapters take the two steps.
+    With fp32 adapters, r_i <= 64 and a 16/32-bit result: one ``addmm_`` into an fp32 copy of result, so the
+    (N, out_i) product is neither written nor read back, and no 16-bit + fp32 ``torch.add(..., out=<16-bit>)``,
+    which the CPU runs as three passes with two temporaries (TensorIterator casts the 16-bit input to fp32, adds,
+    then casts into out): 0.44 ms against 1.29 ms at (1024, 1536) on 2 cores. A GEMM adds C once, after the
+    K = r_i sums, when K fits one of its blocks: then the values are bitwise the product's then the sum's. MKL
+    (PyTorch's CPU BLAS on x86) does so up to K = 192 by default and K = 112 under ``MKL_CBWR=COMPATIBLE``;
+    r_i <= 64 keeps a margin (tests/test_lora_branch.py checks both settings). Other BLAS libraries are not
+    checked; there the sum is within one fp32 rounding of it. Larger ranks, 16-bit adapters (PEFT rounds the
+    product to their dtype first), autocast's 16-bit mid and an fp64 result (summed in fp64) take the two steps.
     """
-    if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 128 and result.dtype in _AT_MOST_FP32):
-        # 16-bit adapters, or mid in torch.autocast's dtype: PEFT rounds the product to that dtype before the sum;
-        # an fp64 result: the sum is taken in fp64
+    if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 64 and result.dtype in _AT_MOST_FP32):
         return add_update(result, (mid @ lora_B.t()).view(result.shape), dtype)  # (N, r_i) @ (r_i, out_i)
     acc = _rows(result).to(torch.float32, copy=True)  # (..., out_i) -> (N, out_i): a new tensor, summed into
     acc.addmm_(mid, lora_B.t())  # += (N, r_i) @ (r_i, out_i)
