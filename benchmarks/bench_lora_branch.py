@@ -7,7 +7,9 @@ Per projection group of a layer (q/k/v, o, gate/up, down) it times, in turns, me
   the scaling, the sum in the base dtype), through autograd;
 - "PEFT ops, A's stacked": the same with the group's A's as one matmul (what the fused projections ran before
   ``lora.branch``);
-- "lora.branch": ``lora.branch.lora_branch``.
+- "lora.branch": ``lora.branch.lora_branch``;
+- "lora.branch, two-step sum": the same with each update summed into the base output as PEFT's two steps (the
+  (N, out) product, then ``add_update``) instead of one ``addmm_`` (``lora.branch._add_up``): its forward before.
 
 Usage:
     OMP_NUM_THREADS=2 python benchmarks/bench_lora_branch.py --threads 2 --dtype bf16
@@ -25,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from finetune_ref.lora import branch
 from finetune_ref.lora.branch import lora_branch
 from finetune_ref.lora.functional import add_update, lora_forward, lora_up
 
@@ -42,7 +45,21 @@ def peft_ops_stacked(x, results, lora_As, lora_Bs, scalings, dtypes):
     return [add_update(r, lora_up(m, B, s), d) for r, m, B, s, d in zip(results, mids, lora_Bs, scalings, dtypes)]
 
 
-IMPLEMENTATIONS = {"PEFT ops": peft_ops, "PEFT ops, A's stacked": peft_ops_stacked, "lora.branch": lora_branch}
+def _two_step_sum(result, mid, lora_B, dtype):
+    return add_update(result, (mid @ lora_B.t()).view(result.shape), dtype)  # (N, r) @ (r, out), then the sum
+
+
+def branch_two_step_sum(*args):
+    """``lora_branch`` with ``_add_up`` patched to the two steps for this forward (backward does not use it)."""
+    one_addmm, branch._add_up = branch._add_up, _two_step_sum
+    try:
+        return lora_branch(*args)
+    finally:
+        branch._add_up = one_addmm
+
+
+IMPLEMENTATIONS = {"PEFT ops": peft_ops, "PEFT ops, A's stacked": peft_ops_stacked, "lora.branch": lora_branch,
+                   "lora.branch, two-step sum": branch_two_step_sum}
 
 
 def main() -> None:
@@ -60,8 +77,8 @@ def main() -> None:
     print(f"LoRA branch forward + backward, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}; base/activations {args.dtype}, fp32 "
           f"adapters r={args.rank}, scaling 2, N={args.tokens}; median ms of {args.repeats}, in turns\n")
-    print("| group | " + " | ".join(IMPLEMENTATIONS) + " | PEFT ops / lora.branch |")
-    print("|---|" + "---:|" * (len(IMPLEMENTATIONS) + 1))
+    print("| group | " + " | ".join(IMPLEMENTATIONS) + " | PEFT ops / lora.branch | two-step sum / lora.branch |")
+    print("|---|" + "---:|" * (len(IMPLEMENTATIONS) + 2))
     for name, (in_features, outs) in GROUPS.items():
         x = torch.randn(args.tokens, in_features, generator=g).to(dtype).requires_grad_()
         results = [torch.randn(args.tokens, o, generator=g).to(dtype).requires_grad_() for o in outs]
@@ -84,7 +101,8 @@ def main() -> None:
                 times[k].append((time.perf_counter() - start) * 1e3)
         medians = {k: statistics.median(v) for k, v in times.items()}
         cells = " | ".join(f"{medians[k]:.2f}" for k in IMPLEMENTATIONS)
-        print(f"| {name} | {cells} | {medians['PEFT ops'] / medians['lora.branch']:.2f}x |")
+        print(f"| {name} | {cells} | {medians['PEFT ops'] / medians['lora.branch']:.2f}x | "
+              f"{medians['lora.branch, two-step sum'] / medians['lora.branch']:.2f}x |")
 
 
 if __name__ == "__main__":

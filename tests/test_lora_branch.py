@@ -151,8 +151,6 @@ def test_two_adapters_round_once_at_the_end():
 
 
 def test_benchmark_script_prints_one_row_per_group():
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora_branch.py"
@@ -161,6 +159,7 @@ def test_benchmark_script_prints_one_row_per_group():
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line.endswith("x |")]
     assert [r.split(" | ")[0] for r in rows] == ["| q/k/v", "| o", "| gate/up", "| down"]
+    assert all(len(r.split(" | ")) == 7 for r in rows)  # group, four implementations, two ratios
 
 
 def test_gradients_not_asked_for_are_not_computed():
