@@ -159,12 +159,42 @@ def load_average() -> float:
         return 0.0
 
 
+def busy_cores(window: float = 0.1) -> float | None:
+    """Cores busy over the next ``window`` seconds, all processes (Linux ``/proc/stat``; None elsewhere). This
+    process sleeps meanwhile, so it is the others' work."""
+    import time
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]  # cpu user nice system idle iowait irq softirq steal
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    try:
+        busy0, total0 = ticks()
+        time.sleep(window)
+        busy1, total1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+
+
 def pick_threads() -> int:
-    """torch's default thread count less the cores other processes keep busy (1-minute load average): on a shared
-    machine, OpenMP threads waiting for a busy core make small matmuls (LoRA's rank-r products) 5-10x slower."""
+    """torch's default thread count less the cores other processes keep busy: on a shared machine, OpenMP threads
+    waiting for a busy core make small matmuls (LoRA's rank-r products) 5-10x slower.
+
+    Busy means busy both now (``busy_cores``) and over the last minute (the 1-minute load average), the smaller of
+    the two: the load average alone still counts a job that has just ended (the README's first command starts
+    right after ``pip install``, which left it near 1 on 2 cores: the run took 1 thread, 135 instead of 238
+    tokens/s), and a moment alone can catch a short-lived process."""
     import torch
 
-    return max(1, torch.get_num_threads() - int(load_average() + 0.5))
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1
+    now = busy_cores()
+    busy = load_average() if now is None else min(now, load_average())
+    return max(1, threads - int(busy + 0.5))
 
 
 def targets(text: str) -> tuple[str, ...] | str:

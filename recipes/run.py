@@ -111,7 +111,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     eval_batches = list(iter_batches(held, cfg.batch_size, tokenizer.pad_token_id)) if held else []
     say(f"model {model_dir} | {len(train_examples)} training sequences, {len(held)} held-out | seq_len "
         f"{cfg.seq_len}, batch {cfg.batch_size} x accum {cfg.grad_accum} x {info.world_size} process(es) | "
-        f"{cfg.method}, {cfg.precision}, {cfg.optimizer}", file=sys.stderr)
+        f"{cfg.method}, {cfg.precision}, {cfg.optimizer} | {torch.get_num_threads()} torch thread(s)", file=sys.stderr)
     method = cfg.build(model_dir, info)
     model = method.model
     cfg.configure_model(model)
