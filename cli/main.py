@@ -105,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _threads() -> int | None:
-    """Torch threads for this run: ``pick_threads()``, unless the user set OMP_NUM_THREADS."""
+    """Torch threads for this run: ``pick_threads()``, unless the user set OMP_NUM_THREADS to a positive integer
+    (then None: OpenMP's count stands). Another value is ignored, as libgomp ignores it, and said so."""
     import os
 
-    return None if os.environ.get("OMP_NUM_THREADS") else pick_threads()
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not value:
+        return pick_threads()
+    if value.isdigit() and int(value) > 0:
+        return None
+    print(f"finetune: OMP_NUM_THREADS={value!r} is not a positive integer and is ignored; the threads are picked "
+          "as without it (set OMP_NUM_THREADS=N to choose N)", file=sys.stderr)
+    return pick_threads()
 
 
 def main(argv: list[str] | None = None) -> int:

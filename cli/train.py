@@ -233,7 +233,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     """Register ``train`` on the ``finetune`` subcommands."""
     # A flag left out sets nothing (SUPPRESS), so the recipe's (or the --config file's) value stays.
     p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full) and save the adapter or model",
-                       argument_default=argparse.SUPPRESS)
+                       argument_default=argparse.SUPPRESS,
+                       epilog="Torch threads: the cores less those other processes keep busy, now and over the last "
+                              "minute (the run's 'model ... |' line names the count); set OMP_NUM_THREADS=N to "
+                              "choose N.")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)  # cli/main.py adds ``flags``: the flag of each config field, for messages
     return p
@@ -339,7 +342,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", metavar="INIT",
                    help="how A and B start: default, gaussian, pissa, pissa_niter_K, olora (these three move part of "
                         "W into the adapter; pissa with --method lora only; olora with --method qlora saves its "
-                        "re-quantized base in OUT/olora_base), loftq (--method qlora) (default default)")
+                        "re-quantized base in OUT/olora_base), loftq (--method qlora) (default: default, PEFT's "
+                        "init_lora_weights=True)")
     g.add_argument("--loftq-iter", type=positive_int, help="LoftQ's alternating quantize/SVD steps (default 1)")
     g.add_argument("--modules-to-save", type=module_names, metavar="NAMES",
                    help="modules trained in full and saved with the adapter, by name suffix as PEFT (no re: or "

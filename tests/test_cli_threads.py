@@ -69,3 +69,13 @@ def test_omp_num_threads_overrides(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setattr(common, "busy_cores", lambda window=0.1: pytest.fail("measured"))
     assert cli_main._threads() is None  # torch's own count, as OpenMP set it
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "2.5"])
+def test_an_invalid_omp_num_threads_is_said_and_ignored(monkeypatch, capsys, two_threads, value):
+    # libgomp ignores it too (and torch then takes every core): the busy cores are still left free
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    monkeypatch.setattr(cli_main, "pick_threads", lambda: 1)
+    assert cli_main._threads() == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"OMP_NUM_THREADS={value!r} is not a positive integer" in err[0]
