@@ -323,7 +323,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", default=False,
                    help="check what needs no weights (flags, --model's config.json, the data files, --out), print the plan "
                         "and the learning rate of every update, then exit")
-    p.add_argument("--log", type=log_names, metavar="tensorboard|wandb",
+    p.add_argument("--log", type=log_names, metavar="NAMES",
                    help="also log to tensorboard (OUT/tensorboard) or wandb (OUT/wandb; offline unless W&B is "
                         "configured), or both: tensorboard,wandb (default: none; metrics.jsonl is always written)")
     p.add_argument("--plot", action="store_true",
