@@ -45,13 +45,9 @@ def peft_ops_stacked(x, results, lora_As, lora_Bs, scalings, dtypes):
     return [add_update(r, lora_up(m, B, s), d) for r, m, B, s, d in zip(results, mids, lora_Bs, scalings, dtypes)]
 
 
-def _two_step_sum(result, mid, lora_B, dtype):
-    return add_update(result, (mid @ lora_B.t()).view(result.shape), dtype)  # (N, r) @ (r, out), then the sum
-
-
 def branch_two_step_sum(*args):
     """``lora_branch`` with ``_add_up`` patched to the two steps for this forward (backward does not use it)."""
-    one_addmm, branch._add_up = branch._add_up, _two_step_sum
+    one_addmm, branch._add_up = branch._add_up, branch.add_up_two_steps
     try:
         return lora_branch(*args)
     finally:

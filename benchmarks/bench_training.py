@@ -34,7 +34,7 @@ dtype and threads, measured in the same run: how far the step is from the machin
 faults and system CPU time of a step (``getrusage``): the kernel mapping fresh pages for large temporaries,
 which glibc's malloc takes from the OS with mmap (above its threshold, 128 KiB to 32 MiB) and gives back on free.
 transformers' step materialises the (B, T, vocab) logits and their fp32 copies (hundreds of MB) every step; its
-cost in system time varied from run to run on the same machine (0.6-1.3 s a step) and moves the speed ratios
+cost in system time varies from run to run on the same machine (RESULTS_TRAINING.md) and moves the speed ratios
 more than anything else.
 
 The qlora table has one more row, our LoRA on the unquantized base, taken in turns with our QLoRA: the reference

@@ -185,15 +185,15 @@ def pick_threads() -> int:
 
     Busy means busy both now (``busy_cores``) and over the last minute (the 1-minute load average), the smaller of
     the two: the load average alone still counts a job that has just ended (the README's first command starts
-    right after ``pip install``, which left it near 1 on 2 cores: the run took 1 thread, 135 instead of 238
+    right after ``pip install``, which left it near 1 on 2 cores: the run took 1 thread, 142 instead of 225
     tokens/s), and a moment alone can catch a short-lived process."""
     import torch
 
     threads = torch.get_num_threads()
     if threads == 1:
         return 1
-    now = busy_cores()
-    busy = load_average() if now is None else min(now, load_average())
+    now, minute = busy_cores(), load_average()
+    busy = minute if now is None else min(now, minute)
     return max(1, threads - int(busy + 0.5))
 
 

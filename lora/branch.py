@@ -43,6 +43,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 _AT_MOST_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def add_up_two_steps(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``_add_up`` as PEFT's ops: the (N, out_i) product in B's dtype, then ``add_update``."""
+    return add_update(result, (mid @ lora_B.t()).view(result.shape), dtype)  # (N, r_i) @ (r_i, out_i)
+
+
 def _add_up(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(result + mid B^T).to(dtype), summed in B's dtype: PEFT's ``result + lora_B(...)``, then the cast.
 
@@ -57,7 +62,7 @@ def _add_up(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype
     product to their dtype first), autocast's 16-bit mid and an fp64 result (summed in fp64) take the two steps.
     """
     if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 64 and result.dtype in _AT_MOST_FP32):
-        return add_update(result, (mid @ lora_B.t()).view(result.shape), dtype)  # (N, r_i) @ (r_i, out_i)
+        return add_up_two_steps(result, mid, lora_B, dtype)
     acc = _rows(result).to(torch.float32, copy=True)  # (..., out_i) -> (N, out_i): a new tensor, summed into
     acc.addmm_(mid, lora_B.t())  # += (N, r_i) @ (r_i, out_i)
     return acc.view(result.shape).to(dtype)  # (N, out_i) -> (..., out_i)

@@ -217,7 +217,8 @@ def _report(say, before: dict | None, result: dict, cfg: RunConfig, out: Path, e
     peak, what = peak_memory()
     tokens_per_s = result.get("tokens_per_s", 0.0)
     end = result["update"]
-    what = (f"{end} update{'s' if end != 1 else ''}" if start == 0 else f"updates {start + 1}-{end} ({end - start} in this session)"
+    updates = f"{end} update{'s' if end != 1 else ''}"
+    what = (updates if start == 0 else f"updates {start + 1}-{end} ({end - start} in this session)"
             if end > start else f"no update (the run had reached update {end})")
     say(f"trained {what} in {elapsed:.0f} s ({tokens_per_s:.0f} tokens/s); peak memory "
         f"{peak / MIB:.0f} MiB ({what} of rank 0)")
