@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,8 +49,9 @@ def dequantize_absmax(state: Any) -> torch.Tensor:
     nb, group = state.num_blocks, state.nested_blocksize
     groups = state.nested_absmax.numel()
     centred = torch.index_select(state.nested_quant_map, 0, state.absmax.reshape(-1).to(torch.int32))  # (nb,)
-    centred = F.pad(centred, (0, groups * group - nb)).view(groups, group)  # (groups, nested_blocksize)
-    return (centred * state.nested_absmax.view(groups, 1)).view(-1)[:nb] + state.offset  # (nb,) fp32
+    if groups * group != nb:
+        centred = F.pad(centred, (0, groups * group - nb))  # (groups * nested_blocksize,): the last group partial
+    return (centred.view(groups, group) * state.nested_absmax.view(groups, 1)).view(-1)[:nb] + state.offset  # (nb,)
 
 
 def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None,
@@ -86,27 +88,42 @@ def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None =
     return _dequantize(packed, state, dtype, out)
 
 
+# Byte b decodes to the fp32 pair (quant_map[b >> 4], quant_map[b & 15]): a (256, 2) table, viewed as 256 int64
+# words so that one index_select moves a whole pair (~20x faster on CPU than advanced indexing; the bytes are only
+# copied, so the values are unchanged). Built once per quant_map tensor and rebuilt if it is modified in place
+# (its version counter moves); keyed weakly, so a dropped layer's table goes with it.
+_PAIR_TABLES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def pair_table(quant_map: torch.Tensor) -> torch.Tensor:
+    """The (256,) int64 words whose fp32 halves are (quant_map[b >> 4], quant_map[b & 15]) for byte b."""
+    cacheable = not quant_map.is_inference()  # an inference-mode tensor keeps no version counter
+    cached = _PAIR_TABLES.get(quant_map) if cacheable else None
+    if cached is not None and cached[0] == quant_map._version:
+        return cached[1]
+    # One copy kernel: (16, 16, 2) with [i, j] = (code[i], code[j]), i.e. byte 16 i + j -> (high, low).
+    pairs = torch.stack(torch.broadcast_tensors(quant_map[:, None], quant_map[None, :]), dim=-1)  # (16, 16, 2)
+    words = pairs.view(256, 2).view(torch.int64).view(256)  # (256, 2) fp32 -> (256, 1) int64 -> (256,)
+    if cacheable:
+        _PAIR_TABLES[quant_map] = (quant_map._version, words)
+    return words
+
+
 def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize_nf4`` without the checks (the hot path; see the module docstring)."""
-    dtype = state.dtype if dtype is None else dtype
     n, nb, bs = state.numel, state.num_blocks, state.blocksize
     absmax = dequantize_absmax(state)  # (nb,) fp32
-    code = state.quant_map
-    # Byte b decodes to the fp32 pair (code[b >> 4], code[b & 15]). Gathering each pair as one 8-byte
-    # word (index_select on an int64 view of the (256, 2) table) is ~20x faster on CPU than
-    # advanced indexing; the bytes are only copied, so the values are unchanged.
-    # One copy kernel: (16, 16, 2) with [i, j] = (code[i], code[j]), i.e. byte 16 i + j -> (high, low).
-    pairs = torch.stack(torch.broadcast_tensors(code[:, None], code[None, :]), dim=-1).view(256, 2)  # fp32
-    words = torch.index_select(pairs.view(torch.int64).view(256), 0, packed.reshape(-1).to(torch.int32))  # (m,)
-    values = words.view(torch.float32)[:n]  # (2m,) -> (n,) fp32
+    words = torch.index_select(pair_table(state.quant_map), 0, packed.reshape(-1).to(torch.int32))  # (m,) int64
+    values = words.view(torch.float32)  # (2m,): n, or n + 1 when n is odd
     if nb * bs != n:
-        values = F.pad(values, (0, nb * bs - n))  # (nb * bs,)
+        values = F.pad(values[:n], (0, nb * bs - n))  # (nb * bs,): the last block partial
     # fp32 product, rounded once; in place: the gathered values are a fresh tensor (4 B/element less at peak)
-    w = values.view(nb, bs).mul_(absmax.view(nb, 1)).view(-1)[:n]
+    w = values.view(nb, bs).mul_(absmax.view(nb, 1))  # (nb, bs)
     if out is not None:
-        return out.copy_(w.view(state.shape))  # the same one rounding as .to(out.dtype)
-    return w.to(dtype).view(state.shape)
+        # the same one rounding as .to(out.dtype)
+        return out.copy_(w.view(-1)[:n].view(state.shape))  # (nb, bs) -> (n,) -> state.shape
+    return w.view(-1)[:n].to(state.dtype if dtype is None else dtype).view(state.shape)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:

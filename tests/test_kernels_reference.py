@@ -141,6 +141,24 @@ def test_reference_dequant_blocks_straddle_rows():
     torch.testing.assert_close(dequantize_nf4(packed, state).view(-1), expected, rtol=1e-6, atol=0)
 
 
+def test_pair_table_is_built_once_and_follows_its_quant_map():
+    # The byte -> pair table is cached per quant_map tensor: reused while the map is unchanged, rebuilt after an
+    # in-place change (a stale table would dequantize silently wrong), and built uncached for an inference tensor.
+    _, packed, state = _weight((8, 64), double_quant=True)
+    table = reference.pair_table(state.quant_map)
+    assert reference.pair_table(state.quant_map) is table
+    halves = table.view(torch.float32).view(16, 16, 2)  # (256,) int64 -> (512,) fp32 -> (high nibble, low, pair)
+    assert torch.equal(halves[:, :, 0], state.quant_map[:, None].expand(16, 16))
+    assert torch.equal(halves[:, :, 1], state.quant_map[None, :].expand(16, 16))
+    before = dequantize_nf4(packed, state)
+    with torch.no_grad():
+        state.quant_map.mul_(2)
+    assert torch.equal(dequantize_nf4(packed, state), before * 2)  # exact: a power of two
+    with torch.inference_mode():
+        frozen = state.quant_map.clone()
+    assert torch.equal(reference.pair_table(frozen), reference.pair_table(state.quant_map))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reference_matmuls_equal_dense_ops(dtype):
     _, packed, state = _weight((65, 67), double_quant=True)
