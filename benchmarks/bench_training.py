@@ -59,6 +59,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import gc
@@ -101,6 +102,37 @@ LORA_REFERENCE_ROW = "ours, LoRA (unquantized base)"  # in the qlora table: the 
 # ---------------------------------------------------------------------------------------------------------
 # Environment and data.
 # ---------------------------------------------------------------------------------------------------------
+# glibc's mallopt parameters (malloc.h) and the environment variables that set the same at start-up.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+              "GLIBC_TUNABLES")
+KEPT_FREED_MEMORY = "glibc malloc keeping freed memory (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD INT_MAX)"
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc serve every block from its heap and keep what is freed (``mallopt(M_MMAP_MAX, 0)``,
+    ``mallopt(M_TRIM_THRESHOLD, INT_MAX)``; what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the
+    environment set at start-up). A step's large temporaries then reuse pages mapped by the step before instead of
+    fresh ones, so neither side pays the kernel for page faults and the ratios compare the computation alone.
+    The process keeps its peak resident memory until it exits.
+
+    Raises:
+        OSError: the C library has no ``mallopt`` (not glibc), or refused a setting.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        raise OSError("--keep-freed-memory needs glibc's mallopt (Linux with glibc); this C library has none")
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise OSError("--keep-freed-memory: glibc's mallopt refused M_MMAP_MAX or M_TRIM_THRESHOLD")
+
+
+def allocator_settings(kept: bool) -> str:
+    """How this process's malloc was told to treat freed memory: the flag, or the MALLOC_* environment, or ''."""
+    if kept:
+        return KEPT_FREED_MEMORY
+    return " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ)
+
+
 def environment(threads: int) -> dict:
     versions = {}
     for pkg in ("torch", "transformers", "peft", "bitsandbytes"):
@@ -441,7 +473,11 @@ def render(env: dict, results: list[dict], args) -> str:
         "",
         "Page faults and system time: per timed step (median), the kernel's cost of mapping fresh memory for the "
         "step's large temporaries (materialised logits most of all); it depends on the host and is what moves the "
-        "speed ratios most between runs.",
+        "speed ratios most between runs. "
+        + (f"Allocator: {env['allocator']}, so neither side pays for fresh pages: the ratios compare the computation."
+           if env.get("allocator") == KEPT_FREED_MEMORY else
+           f"Allocator settings from the environment: {env['allocator']}." if env.get("allocator") else
+           "Allocator: glibc's defaults (`--keep-freed-memory` compares the computation alone)."),
         "",
         "| method | implementation | tokens/s | step s (min-max) | page faults / step | system s / step | peak MB "
         "| speed vs transformers | memory vs transformers | matmul FLOP/s / F.linear's | initial loss |",
@@ -544,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the peak tensor memory (exact under any load): one untimed step, no speed")
     parser.add_argument("--allow-noisy", action="store_true",
                         help="print the table even when step times varied by more than 2x (ratios left out)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="make glibc's malloc keep freed memory (no fresh page per large temporary): both sides "
+                             "without their page-fault cost, the computation alone (Linux with glibc)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS_MD.name}")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--from-json", type=Path, default=None,
@@ -562,9 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--methods must be a comma-separated subset of {METHODS}, got {args.methods!r}")
     if min(args.batch_size, args.seq_len, args.steps, args.warmup) < 1:
         parser.error("--batch-size, --seq-len, --steps and --warmup must be >= 1")
+    if args.keep_freed_memory:
+        try:
+            keep_freed_memory()
+        except OSError as e:
+            parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(torch.get_num_threads())
+    env["allocator"] = allocator_settings(args.keep_freed_memory)
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             args.batch_size, args.seq_len, args.steps, args.warmup, args.no_write = 2, 32, 2, 1, True

@@ -102,6 +102,30 @@ def test_timed_step_counts_the_page_faults_of_fresh_memory(bench):
     assert wall > 0 and system >= 0 and faults >= size // 4096 // 2  # at least half its 4 KiB pages
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_stops_the_page_faults_of_large_temporaries():
+    # In a fresh interpreter (mallopt changes the whole process): a 64 MiB temporary is above glibc's largest mmap
+    # threshold (32 MiB), so by default each one is a fresh mapping whose pages fault in again (16,384 4 KiB pages,
+    # or 32 huge ones); kept, the second one reuses the heap pages of the first.
+    import subprocess
+    import sys
+
+    script = f"""
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("bench_training", {str(BENCH)!r})
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+if sys.argv[1] == "kept":
+    bench.keep_freed_memory()
+def temporary():
+    torch.ones(16 * 2 ** 20)  # 64 MiB fp32, written whole, then freed
+temporary()
+print(min(bench.timed_step(temporary)[1] for _ in range(3)))
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for mode in ("default", "kept")}
+    assert faults["default"] >= 16 and faults["kept"] < 8, faults
+
+
 def test_qlora_vs_lora_line_uses_the_rows_taken_in_turns(bench):
     import argparse
 
