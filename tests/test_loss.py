@@ -96,6 +96,36 @@ def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, auto
     assert torch.equal(ww.grad, ref_dw.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_chunk_writes_its_weight_gradient_into_the_same_tensors(dtype):
+    """A trained head's per-chunk (V, H) product (and its fp32 copy) goes into tensors made once per call, not new
+    ones per chunk: at SmolLM2's size each new one was fresh pages from the kernel (bitwise: the test above)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    V, H = 300, 32
+
+    class NewVHTensors(TorchDispatchMode):  # counts the (V, H) tensors ops make (not in place, not views)
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [a for a in args if isinstance(a, torch.Tensor)]
+            if (isinstance(out, torch.Tensor) and tuple(out.shape) == (V, H) and not func._schema.is_mutable
+                    and all(out.untyped_storage().data_ptr() != a.untyped_storage().data_ptr() for a in inputs)):
+                NewVHTensors.count += 1
+            return out
+
+    made = {}
+    for chunk in (40, 8):  # 78 shifted tokens: 2 chunks, then 10
+        h = torch.randn(2, 40, H, dtype=dtype, requires_grad=True)
+        w = (torch.randn(V, H) * 0.2).to(dtype).requires_grad_()
+        NewVHTensors.count = 0
+        with NewVHTensors():
+            chunked_causal_lm_loss(h, w, torch.randint(0, V, (2, 40)), chunk_tokens=chunk)
+        made[chunk] = NewVHTensors.count
+    assert made[8] == made[40] <= 3, made  # fp32 dW; the product; its fp32 copy (16-bit weights)
+
+
 def test_num_items_and_no_grad():
     torch.manual_seed(1)
     h, w = torch.randn(2, 9, 16), torch.randn(50, 16)

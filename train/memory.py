@@ -149,11 +149,11 @@ def _loss_moments(c: LlamaConfig, s: MemorySettings, held: int) -> dict[str, tup
                 "backward (lm_head)": (held + logits, head_grads, n * H * e)}  # dlogits, dh, dW_lm_head
     # models/loss.chunked_causal_lm_loss: the hidden states and their shifted contiguous copy, d(loss)/dh, and
     # for a trained head an fp32 d(loss)/dW, kept from the forward; the (chunk, V) workspace reused by every
-    # chunk (the logits in the model dtype, unless fp32, and their fp32 log-softmax), or (full) the chunk's dW
-    # and its fp32 copy.
+    # chunk (the logits in the model dtype, unless fp32, and their fp32 log-softmax) and (full) the chunk's dW and,
+    # for 16-bit weights, its fp32 copy, (V, H) tensors reused by every chunk too.
     chunk = min(DEFAULT_CHUNK_TOKENS, n_shift)
     grad_w = V * H * 4 if full else 0
-    per_chunk = max((4 + (e if e != 4 else 0)) * chunk * V, (V * H * (4 if e == 4 else e + 4)) if full else 0)
+    per_chunk = (4 + (e if e != 4 else 0)) * chunk * V + ((V * H * (4 if e == 4 else e + 4)) if full else 0)
     forward = n * H * e + 2 * n_shift * H * e + grad_w + per_chunk
     # Backward: d(loss)/dh becomes the (B, T, H) gradient of the model's output; the fp32 dW is cast to the
     # weight's dtype (a new tensor for 16-bit weights) and accumulated into the tied embedding's gradient.
