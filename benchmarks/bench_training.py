@@ -133,6 +133,17 @@ def allocator_settings(kept: bool) -> str:
     return " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ)
 
 
+def allocator_note(allocator: str | None) -> str:
+    """The report's sentence on the allocator settings (none for a JSON written before they were recorded)."""
+    if allocator is None:
+        return ""
+    if allocator == KEPT_FREED_MEMORY:
+        return f" Allocator: {allocator}, so neither side pays for fresh pages: the ratios compare the computation."
+    if allocator:
+        return f" Allocator settings from the environment: {allocator}."
+    return " Allocator: glibc's defaults (`--keep-freed-memory` compares the computation alone)."
+
+
 def environment(threads: int) -> dict:
     versions = {}
     for pkg in ("torch", "transformers", "peft", "bitsandbytes"):
@@ -473,11 +484,7 @@ def render(env: dict, results: list[dict], args) -> str:
         "",
         "Page faults and system time: per timed step (median), the kernel's cost of mapping fresh memory for the "
         "step's large temporaries (materialised logits most of all); it depends on the host and is what moves the "
-        "speed ratios most between runs. "
-        + (f"Allocator: {env['allocator']}, so neither side pays for fresh pages: the ratios compare the computation."
-           if env.get("allocator") == KEPT_FREED_MEMORY else
-           f"Allocator settings from the environment: {env['allocator']}." if env.get("allocator") else
-           "Allocator: glibc's defaults (`--keep-freed-memory` compares the computation alone)."),
+        "speed ratios most between runs." + allocator_note(env.get("allocator")),
         "",
         "| method | implementation | tokens/s | step s (min-max) | page faults / step | system s / step | peak MB "
         "| speed vs transformers | memory vs transformers | matmul FLOP/s / F.linear's | initial loss |",
