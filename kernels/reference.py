@@ -29,11 +29,11 @@ functions are also the "check constraints" step of the Triton wrappers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -90,23 +90,25 @@ def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None =
 
 # Byte b decodes to the fp32 pair (quant_map[b >> 4], quant_map[b & 15]): a (256, 2) table, viewed as 256 int64
 # words so that one index_select moves a whole pair (~20x faster on CPU than advanced indexing; the bytes are only
-# copied, so the values are unchanged). Built once per quant_map tensor and rebuilt if it is modified in place
-# (its version counter moves); keyed weakly, so a dropped layer's table goes with it.
-_PAIR_TABLES: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
+# copied, so the values are unchanged). On the CPU the table is built once per distinct map, looked up by the
+# map's 64 bytes on every call: a write to quant_map by any route (in place, through .data, numpy) gives another
+# key, so a stale table cannot be used. Elsewhere, and while torch.compile traces, it is built on every call.
 def pair_table(quant_map: torch.Tensor) -> torch.Tensor:
     """The (256,) int64 words whose fp32 halves are (quant_map[b >> 4], quant_map[b & 15]) for byte b."""
-    cacheable = not quant_map.is_inference()  # an inference-mode tensor keeps no version counter
-    cached = _PAIR_TABLES.get(quant_map) if cacheable else None
-    if cached is not None and cached[0] == quant_map._version:
-        return cached[1]
+    if quant_map.device.type != "cpu" or quant_map.dtype != torch.float32 or torch.compiler.is_compiling():
+        return _build_pair_table(quant_map)
+    return _cpu_pair_table(quant_map.detach().numpy().tobytes())
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_pair_table(quant_map_bytes: bytes) -> torch.Tensor:
+    return _build_pair_table(torch.frombuffer(bytearray(quant_map_bytes), dtype=torch.float32))
+
+
+def _build_pair_table(quant_map: torch.Tensor) -> torch.Tensor:
     # One copy kernel: (16, 16, 2) with [i, j] = (code[i], code[j]), i.e. byte 16 i + j -> (high, low).
     pairs = torch.stack(torch.broadcast_tensors(quant_map[:, None], quant_map[None, :]), dim=-1)  # (16, 16, 2)
-    words = pairs.view(256, 2).view(torch.int64).view(256)  # (256, 2) fp32 -> (256, 1) int64 -> (256,)
-    if cacheable:
-        _PAIR_TABLES[quant_map] = (quant_map._version, words)
-    return words
+    return pairs.view(256, 2).view(torch.int64).view(256)  # (256, 2) fp32 -> (256, 1) int64 -> (256,)
 
 
 def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None,

@@ -142,11 +142,12 @@ def test_reference_dequant_blocks_straddle_rows():
 
 
 def test_pair_table_is_built_once_and_follows_its_quant_map():
-    # The byte -> pair table is cached per quant_map tensor: reused while the map is unchanged, rebuilt after an
-    # in-place change (a stale table would dequantize silently wrong), and built uncached for an inference tensor.
+    # The byte -> pair table is cached per distinct map (by its values): reused while the map is unchanged, and a
+    # map changed by any route, even one autograd does not see (.data, numpy), gets its own table; a stale table
+    # would dequantize silently wrong.
     _, packed, state = _weight((8, 64), double_quant=True)
     table = reference.pair_table(state.quant_map)
-    assert reference.pair_table(state.quant_map) is table
+    assert reference.pair_table(state.quant_map.clone()) is table
     halves = table.view(torch.float32).view(16, 16, 2)  # (256,) int64 -> (512,) fp32 -> (high nibble, low, pair)
     assert torch.equal(halves[:, :, 0], state.quant_map[:, None].expand(16, 16))
     assert torch.equal(halves[:, :, 1], state.quant_map[None, :].expand(16, 16))
@@ -154,9 +155,25 @@ def test_pair_table_is_built_once_and_follows_its_quant_map():
     with torch.no_grad():
         state.quant_map.mul_(2)
     assert torch.equal(dequantize_nf4(packed, state), before * 2)  # exact: a power of two
+    state.quant_map.data.mul_(2)  # no version counter bump
+    assert torch.equal(dequantize_nf4(packed, state), before * 4)
+    state.quant_map.numpy()[:] /= 4
+    assert torch.equal(dequantize_nf4(packed, state), before)
     with torch.inference_mode():
         frozen = state.quant_map.clone()
-    assert torch.equal(reference.pair_table(frozen), reference.pair_table(state.quant_map))
+        assert torch.equal(reference.pair_table(frozen), table)
+    assert torch.equal(dequantize_nf4(packed, state), before)  # a table made in inference mode, used outside it
+
+
+def test_nf4_linear_traces_without_graph_breaks():
+    # torch.compile (--compile) traces the CPU reference path whole: the table cache is skipped while tracing.
+    from finetune_ref.qlora.nf4_linear import NF4Linear
+
+    torch._dynamo.reset()
+    layer = NF4Linear.from_linear(torch.nn.Linear(64, 32), compute_dtype=torch.float32)
+    x = torch.randn(4, 64, requires_grad=True)
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
