@@ -48,12 +48,13 @@ A method whose step times varied by more than 2x (max / min over its timed steps
 The 2 cores are shared with other work: the load average before and after is printed and written.
 
 Usage:
-    python benchmarks/bench_training.py                           # all methods, write RESULTS_TRAINING.md
+    python benchmarks/bench_training.py                           # all methods, a new section of RESULTS_TRAINING.md
     python benchmarks/bench_training.py --dtype bf16 --variants --steps 5 --threads 2   # on a quiet machine
     python benchmarks/bench_training.py --quick --allow-noisy     # a tiny random model: checks the script
     python benchmarks/bench_training.py --methods lora --dtype bf16 --compile --warmup 2 --no-write   # torch.compile
     python benchmarks/bench_training.py --batch-size 2 --seq-len 128 --no-write   # quick look
     python benchmarks/bench_training.py --from-json run.json    # re-render a saved run (--json run.json)
+    python benchmarks/bench_training.py --dtype bf16 --keep-freed-memory --steps 5 --threads 2   # no page faults
 """
 
 from __future__ import annotations
@@ -102,19 +103,21 @@ LORA_REFERENCE_ROW = "ours, LoRA (unquantized base)"  # in the qlora table: the 
 # ---------------------------------------------------------------------------------------------------------
 # Environment and data.
 # ---------------------------------------------------------------------------------------------------------
-# glibc's mallopt parameters (malloc.h) and the environment variables that set the same at start-up.
+# glibc's mallopt parameters (malloc.h), and what else in the environment decides how freed memory is treated.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-              "GLIBC_TUNABLES")
-KEPT_FREED_MEMORY = "glibc malloc keeping freed memory (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD INT_MAX)"
+              "MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "LD_PRELOAD")
+KEPT = "glibc malloc keeping freed memory"  # how a run with --keep-freed-memory names its allocator settings
+KEPT_FREED_MEMORY = f"{KEPT} (--keep-freed-memory: mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD INT_MAX)"
 
 
 def keep_freed_memory() -> None:
     """Make glibc's malloc serve every block from its heap and keep what is freed (``mallopt(M_MMAP_MAX, 0)``,
     ``mallopt(M_TRIM_THRESHOLD, INT_MAX)``; what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the
     environment set at start-up). A step's large temporaries then reuse pages mapped by the step before instead of
-    fresh ones, so neither side pays the kernel for page faults and the ratios compare the computation alone.
-    The process keeps its peak resident memory until it exits.
+    fresh ones, so the ratios compare the computation, less the page faults (the table's columns show what is left).
+    The process keeps its peak resident memory until it exits. A malloc other than glibc's (``LD_PRELOAD``) ignores
+    it.
 
     Raises:
         OSError: the C library has no ``mallopt`` (not glibc), or refused a setting.
@@ -127,21 +130,22 @@ def keep_freed_memory() -> None:
 
 
 def allocator_settings(kept: bool) -> str:
-    """How this process's malloc was told to treat freed memory: the flag, or the MALLOC_* environment, or ''."""
-    if kept:
-        return KEPT_FREED_MEMORY
-    return " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ)
+    """How this process's malloc treats freed memory: the flag and the MALLOC_* / LD_PRELOAD environment ('' if
+    neither: glibc's defaults)."""
+    parts = [KEPT_FREED_MEMORY] if kept else []
+    return "; ".join(parts + [f"{k}={os.environ[k]}" for k in MALLOC_ENV if os.environ.get(k)])
 
 
 def allocator_note(allocator: str | None) -> str:
     """The report's sentence on the allocator settings (none for a JSON written before they were recorded)."""
     if allocator is None:
         return ""
-    if allocator == KEPT_FREED_MEMORY:
-        return f" Allocator: {allocator}, so neither side pays for fresh pages: the ratios compare the computation."
+    if allocator.startswith(KEPT):
+        return (f" Allocator: {allocator}: large temporaries reuse freed pages, so the ratios compare the "
+                "computation, less the page faults still counted in the table.")
     if allocator:
         return f" Allocator settings from the environment: {allocator}."
-    return " Allocator: glibc's defaults (`--keep-freed-memory` compares the computation alone)."
+    return " Allocator: glibc's defaults (`--keep-freed-memory` takes the page faults out of the comparison)."
 
 
 def environment(threads: int) -> dict:
@@ -286,7 +290,7 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     to back, so that a change of the machine's load between rounds cancels. (The ratio of the two medians can pair
     one row's slow round with the other's fast one: 0.87x where the paired figure was 0.94x, with step times
     1.83-2.45 s over five rounds.)"""
-    pairs = [a / b for a, b in zip(numerator, denominator)]
+    pairs = [a / b for a, b in zip(numerator, denominator, strict=True)]
     return statistics.median(pairs) if pairs else float("nan")
 
 
@@ -507,9 +511,9 @@ def render(env: dict, results: list[dict], args) -> str:
             lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {steps} | {faults} | {system} | "
                          f"{row['peak_bytes'] / 1e6:.0f} | {speed} | {mem} | {row['linear_fraction']:.2f} | "
                          f"{loss:.4f} |")
-    lines += ["", f"Targets: tokens/s >= {TARGET_SPEEDUP}x transformers' for LoRA and QLoRA in bf16 (>= 1.0x in "
+    lines += ["", f"Targets: speed >= {TARGET_SPEEDUP}x transformers' for LoRA and QLoRA in bf16 (>= 1.0x in "
               f"fp32 and for full); peak memory <= {TARGET_MEMORY}x theirs for LoRA and QLoRA, <= 0.8x for full; "
-              "QLoRA tokens/s >= 0.9x our LoRA's at the same dtype.", ""]
+              "QLoRA's speed >= 0.9x our LoRA's at the same dtype (speed: the paired ratio of step times).", ""]
     for r in results:
         limit = "not measured (--memory-only)" if not math.isfinite(r["linear_flops_per_s"]) else \
             f"{r['linear_flops_per_s'] / 1e9:.0f} GFLOP/s"
@@ -532,7 +536,8 @@ def render(env: dict, results: list[dict], args) -> str:
         q, lo = qlora_rows["ours"], qlora_rows[LORA_REFERENCE_ROW]
         ratio = "noisy" if by_method["qlora"]["noisy"] else f"{speedup(q, lo):.2f}x"
         lines.append(f"- our QLoRA's speed vs our LoRA's: {ratio} (target 0.9x; taken in turns: the row "
-                     f"\"{LORA_REFERENCE_ROW}\" of the qlora table; tokens/s {q['tokens_per_s'] / lo['tokens_per_s']:.2f}x "
+                     f"\"{LORA_REFERENCE_ROW}\" of the qlora table; tokens/s "
+                     f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}x "
                      "as the ratio of the two medians).")
     elif "lora" in by_method and "qlora" in by_method and not args.memory_only and not args.recompute_cost:
         q, lo = by_method["qlora"]["rows"]["ours"], by_method["lora"]["rows"]["ours"]
@@ -555,11 +560,20 @@ def tiny_model_dir(root: Path) -> Path:
     return save_model(LlamaForCausalLM(config), root / "model")
 
 
-def write_results(text: str, path: Path) -> None:
-    header = ("# Training-step benchmark: ours vs transformers + PEFT (+ bitsandbytes)\n\n"
-              "Written by `benchmarks/bench_training.py`. Rerun it to refresh this file.\n\n")
+RESULTS_HEADER = ("# Training-step benchmark: ours vs transformers + PEFT (+ bitsandbytes)\n\n"
+                  "Written by `benchmarks/bench_training.py`: each run adds its section at the top (newest first); "
+                  "sections may also be composed from its `--json` files.\n\n")
+
+
+def write_results(text: str, path: Path, date: str, dtype: str) -> None:
+    """Add this run's section at the top of ``path`` (after the header), keeping every earlier section; written
+    to a temporary file and renamed, so an interrupted write leaves the old file whole."""
+    section = f"## Run of {date} ({dtype})\n\n{text}\n\n"
+    old = path.read_text() if path.exists() else RESULTS_HEADER
+    first = old.find("\n## ")
+    new = old + "\n" + section if first < 0 else old[:first + 1] + section + old[first + 1:]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + text + "\n")
+    tmp.write_text(new)
     os.replace(tmp, path)
 
 
@@ -588,20 +602,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-noisy", action="store_true",
                         help="print the table even when step times varied by more than 2x (ratios left out)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="make glibc's malloc keep freed memory (no fresh page per large temporary): both sides "
-                             "without their page-fault cost, the computation alone (Linux with glibc)")
-    parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS_MD.name}")
+                        help="make glibc's malloc keep freed memory, so that large temporaries reuse freed pages: takes "
+                             "most page faults out of both sides' steps, to compare the computation (Linux with glibc)")
+    parser.add_argument("--no-write", action="store_true", help=f"do not add this run's section to {RESULTS_MD.name}")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="re-render a --json file of an earlier run (its settings) instead of measuring")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
+        if args.keep_freed_memory:
+            parser.error("--keep-freed-memory is a setting of a measurement; --from-json only renders a saved one")
+        try:
+            saved = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--from-json {args.from_json}: cannot read a saved run ({e})")
         vars(args).update(saved["settings"])
         text = render(saved["environment"], saved["results"], args)
         print(text)
-        if not args.no_write:
-            write_results(text, RESULTS_MD)
+        if not args.no_write and not args.quick:  # a --quick run checks the script; it is not a measurement
+            write_results(text, RESULTS_MD, saved["environment"]["date"], args.dtype)
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
@@ -646,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "memory_only", "recompute_cost")}
         args.json.write_text(json.dumps({"environment": env, "settings": settings, "results": results}, indent=2))
     if not args.no_write:
-        write_results(text, RESULTS_MD)
+        write_results(text, RESULTS_MD, env["date"], args.dtype)
         print(f"\nwritten to {RESULTS_MD}", file=sys.stderr)
     return 0 if args.memory_only or all(math.isfinite(r["rows"]["ours"]["tokens_per_s"]) for r in results) else 1
 

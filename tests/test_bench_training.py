@@ -151,3 +151,47 @@ def test_qlora_vs_lora_line_uses_the_rows_taken_in_turns(bench):
     assert "| 1.25x |" in ours_line  # transformers' step / ours: 1.25 in every round
     reference_line = next(line for line in text.splitlines() if bench.LORA_REFERENCE_ROW in line and "|" in line)
     assert "| 11 |" in reference_line and "| - | - |" in reference_line  # faults median; no ratio to transformers
+
+
+def test_results_file_keeps_earlier_sections(bench, tmp_path):
+    # A run adds its section at the top; the hand-kept history below it is never lost.
+    path = tmp_path / "RESULTS_TRAINING.md"
+    bench.write_results("first table", path, "2026-01-01 10:00 UTC", "bf16")
+    bench.write_results("second table", path, "2026-01-02 10:00 UTC", "fp32")
+    text = path.read_text()
+    assert text.startswith(bench.RESULTS_HEADER)
+    assert text.index("## Run of 2026-01-02 10:00 UTC (fp32)") < text.index("second table") \
+        < text.index("## Run of 2026-01-01 10:00 UTC (bf16)") < text.index("first table")
+    assert not (tmp_path / "RESULTS_TRAINING.md.tmp").exists()
+
+
+def test_paired_ratio_refuses_rows_of_different_lengths(bench):
+    assert bench.paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0, 2.0, 3.0], [1.0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--from-json", "/nonexistent/run.json"], "--from-json /nonexistent/run.json: cannot read a saved run"),
+    (["--from-json", "x.json", "--keep-freed-memory"], "--keep-freed-memory is a setting of a measurement"),
+])
+def test_bad_arguments_are_one_line(bench, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_allocator_settings_name_the_flag_and_the_environment(bench, monkeypatch):
+    for key in bench.MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert bench.allocator_settings(False) == ""
+    assert "glibc's defaults" in bench.allocator_note("")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert bench.allocator_settings(False) == "LD_PRELOAD=/usr/lib/libjemalloc.so.2"
+    kept = bench.allocator_settings(True)
+    assert kept.startswith(bench.KEPT_FREED_MEMORY) and kept.endswith("LD_PRELOAD=/usr/lib/libjemalloc.so.2")
+    assert "compare the computation" in bench.allocator_note(kept)
+    assert bench.allocator_note(None) == ""  # a JSON from before the settings were recorded
