@@ -141,8 +141,8 @@ def allocator_note(allocator: str | None) -> str:
     if allocator is None:
         return ""
     if allocator.startswith(KEPT):
-        return (f" Allocator: {allocator}: large temporaries reuse freed pages, so the ratios compare the "
-                "computation, less the page faults still counted in the table.")
+        return (f" Allocator: {allocator}. Large temporaries reuse freed pages, so the ratios compare the "
+                "computation; the page faults that remain are in the table.")
     if allocator:
         return f" Allocator settings from the environment: {allocator}."
     return " Allocator: glibc's defaults (`--keep-freed-memory` takes the page faults out of the comparison)."
@@ -524,7 +524,7 @@ def render(env: dict, results: list[dict], args) -> str:
             measured = r["rows"][name]["peak_bytes"]
             lines.append(f"  - {name}: `finetune memory` predicts {predicted / 1e6:.0f} MB, measured "
                          f"{measured / 1e6:.0f} MB ({predicted / measured - 1:+.1%}).")
-        if math.isfinite(r.get("recompute_cost", float("nan"))):
+        if math.isfinite(r.get("recompute_cost", float("nan"))) and not r["noisy"]:
             lines.append(f"  - selective recomputation costs {r['recompute_cost']:+.1%} of step time (median over "
                          f"{len(r['rows']['ours']['step_s'])} rounds of the ratio of its step to the step without "
                          "it, taken back to back).")
@@ -534,11 +534,12 @@ def render(env: dict, results: list[dict], args) -> str:
     qlora_rows = by_method.get("qlora", {}).get("rows", {})
     if LORA_REFERENCE_ROW in qlora_rows and not args.memory_only:
         q, lo = qlora_rows["ours"], qlora_rows[LORA_REFERENCE_ROW]
-        ratio = "noisy" if by_method["qlora"]["noisy"] else f"{speedup(q, lo):.2f}x"
+        noisy = by_method["qlora"]["noisy"]
+        ratio = "noisy" if noisy else f"{speedup(q, lo):.2f}x"
+        by_medians = q["tokens_per_s"] / lo["tokens_per_s"]
+        medians = "" if noisy else f"; tokens/s {by_medians:.2f}x as the ratio of the two medians"
         lines.append(f"- our QLoRA's speed vs our LoRA's: {ratio} (target 0.9x; taken in turns: the row "
-                     f"\"{LORA_REFERENCE_ROW}\" of the qlora table; tokens/s "
-                     f"{q['tokens_per_s'] / lo['tokens_per_s']:.2f}x "
-                     "as the ratio of the two medians).")
+                     f"\"{LORA_REFERENCE_ROW}\" of the qlora table{medians}).")
     elif "lora" in by_method and "qlora" in by_method and not args.memory_only and not args.recompute_cost:
         q, lo = by_method["qlora"]["rows"]["ours"], by_method["lora"]["rows"]["ours"]
         noisy = by_method["qlora"]["noisy"] or by_method["lora"]["noisy"]
@@ -579,15 +580,15 @@ def write_results(text: str, path: Path, date: str, dtype: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation first")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora (default: all three)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation first (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
     parser.add_argument("--variants", action="store_true",
-                        help="also measure our step with selective recomputation switched, --no-chunked-loss, "
+                        help="also measure our step with selective recomputation off (it is on by default), --no-chunked-loss, "
                              "--no-fused-projections (and fused AdamW for full)")
     parser.add_argument("--compile", action="store_true",
                         help="also time our model with each decoder layer torch.compile'd (finetune train --compile), "
@@ -596,18 +597,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="time only our step with and without selective recomputation, in turns (its cost in "
                              "step time; no transformers row)")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny random model, batch 2 x 32, 2 steps: checks the script works (not written)")
+                        help="a tiny random model, batch 2 x 32, 2 steps: checks the script works (never written; "
+                             "its timings are noise, so the variance check does not fail it)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak tensor memory (exact under any load): one untimed step, no speed")
     parser.add_argument("--allow-noisy", action="store_true",
                         help="print the table even when step times varied by more than 2x (ratios left out)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="make glibc's malloc keep freed memory, so that large temporaries reuse freed pages: takes "
-                             "most page faults out of both sides' steps, to compare the computation (Linux with glibc)")
+                        help="off by default. Make glibc's malloc keep freed memory for the whole process "
+                             "(mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD INT_MAX; as MALLOC_MMAP_MAX_=0 "
+                             "MALLOC_TRIM_THRESHOLD_=2147483647): "
+                             "large temporaries reuse freed pages, which takes most page faults out of both sides' "
+                             "steps to compare the computation; resident memory stays at its peak (Linux with glibc)")
     parser.add_argument("--no-write", action="store_true", help=f"do not add this run's section to {RESULTS_MD.name}")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--from-json", type=Path, default=None,
-                        help="re-render a --json file of an earlier run (its settings) instead of measuring")
+                        help="re-render a --json file of an earlier run instead of measuring: its saved settings "
+                             "replace --dtype, --steps and the like; adds its section to RESULTS_TRAINING.md unless "
+                             "--no-write")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -618,17 +625,22 @@ def main(argv: list[str] | None = None) -> int:
             saved = json.loads(args.from_json.read_text())
         except (OSError, ValueError) as e:
             parser.error(f"--from-json {args.from_json}: cannot read a saved run ({e})")
-        vars(args).update(saved["settings"])
-        text = render(saved["environment"], saved["results"], args)
+        try:
+            vars(args).update(saved["settings"])
+            text = render(saved["environment"], saved["results"], args)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            parser.error(f"--from-json {args.from_json}: not a run saved by --json ({type(e).__name__}: {e})")
         print(text)
         if not args.no_write and not args.quick:  # a --quick run checks the script; it is not a measurement
             write_results(text, RESULTS_MD, saved["environment"]["date"], args.dtype)
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in METHODS for m in methods):
-        parser.error(f"--methods must be a comma-separated subset of {METHODS}, got {args.methods!r}")
+    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
+        parser.error(f"--methods must be a comma-separated subset of {METHODS}, each once, got {args.methods!r}")
     if min(args.batch_size, args.seq_len, args.steps, args.warmup) < 1:
         parser.error("--batch-size, --seq-len, --steps and --warmup must be >= 1")
+    if args.json is not None and not (args.json.parent.is_dir() and os.access(args.json.parent, os.W_OK)):
+        parser.error(f"--json {args.json}: its folder does not exist or is not writable (checked before measuring)")
     if args.keep_freed_memory:
         try:
             keep_freed_memory()
@@ -655,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_method(method, model_dir, ids, args))
     env["load_after"] = os.getloadavg()[0]
     noisy = [f"{r['method']}: {x}" for r in results for x in r["noisy"]]
-    if noisy and not args.allow_noisy:
+    if noisy and not (args.allow_noisy or args.quick):  # --quick checks the script; its 0.01 s steps are noise
         print("bench_training: step times varied by more than 2x, so the speed ratios would be noise; nothing "
               f"written. Re-run on a quiet machine (load average now {env['load_after']:.1f}).\n  "
               + "\n  ".join(noisy), file=sys.stderr)

@@ -175,8 +175,14 @@ def test_paired_ratio_refuses_rows_of_different_lengths(bench):
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--from-json", "/nonexistent/run.json"], "--from-json /nonexistent/run.json: cannot read a saved run"),
     (["--from-json", "x.json", "--keep-freed-memory"], "--keep-freed-memory is a setting of a measurement"),
+    (["--from-json", "{empty}"], "not a run saved by --json (KeyError"),
+    (["--methods", "lora,lora"], "each once, got 'lora,lora'"),
+    (["--json", "/nonexistent/run.json"], "--json /nonexistent/run.json: its folder does not exist"),
 ])
-def test_bad_arguments_are_one_line(bench, capsys, argv, message):
+def test_bad_arguments_are_one_line(bench, capsys, tmp_path, argv, message):
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")  # valid JSON, not a saved run
+    argv = [a.format(empty=empty) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2
