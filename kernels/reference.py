@@ -92,10 +92,12 @@ def dequantize_nf4(packed: torch.Tensor, state: Any, dtype: torch.dtype | None =
 # words so that one index_select moves a whole pair (~20x faster on CPU than advanced indexing; the bytes are only
 # copied, so the values are unchanged). On the CPU the table is built once per distinct map, looked up by the
 # map's 64 bytes on every call: a write to quant_map by any route (in place, through .data, numpy) gives another
-# key, so a stale table cannot be used. Elsewhere, and while torch.compile traces, it is built on every call.
+# key, so a stale table cannot be used. Elsewhere (other devices, tensor subclasses) and while torch.compile
+# traces, it is built on every call.
 def pair_table(quant_map: torch.Tensor) -> torch.Tensor:
     """The (256,) int64 words whose fp32 halves are (quant_map[b >> 4], quant_map[b & 15]) for byte b."""
-    if quant_map.device.type != "cpu" or quant_map.dtype != torch.float32 or torch.compiler.is_compiling():
+    if (quant_map.device.type != "cpu" or quant_map.dtype != torch.float32 or type(quant_map) is not torch.Tensor
+            or torch.compiler.is_compiling()):  # (a tensor subclass, e.g. a DTensor, has no plain bytes to key on)
         return _build_pair_table(quant_map)
     return _cpu_pair_table(quant_map.detach().numpy().tobytes())
 
