@@ -182,12 +182,15 @@ class DecoderLayer(nn.Module):
         """Yield norm(h); with ``recompute``, the norm saves only h (models/norm.py), and its output, or a cast
         of it (an adapter of another dtype), is made again from h wherever autograd would save it
         (models/recompute.py)."""
-        x = norm(h, recompute)
         if not (recompute and h.requires_grad):
-            yield x
+            yield norm(h, recompute)
             return
-        h_kept = h.detach()
-        with recompute_saved(x, lambda: norm(h_kept)):
+        if isinstance(norm, RMSNorm):
+            x, remake = norm.forward_recomputable(h)  # the output again from what the norm keeps anyway
+        else:  # wrapped (modules_to_save): the norm run again, whole
+            x, h_kept = norm(h, recompute), h.detach()
+            remake = lambda: norm(h_kept)  # noqa: E731
+        with recompute_saved(x, remake):
             yield x
 
 

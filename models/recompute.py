@@ -57,6 +57,16 @@ class _Source:
         return result
 
 
+def shared_recipe(fn: Callable[[], torch.Tensor], takers: int) -> Callable[[], torch.Tensor]:
+    """A recipe for ``takers`` recipes of one block's backward (models/norm.py: the normalised input and its fp32
+    copy feed both the norm's own gradients and its recomputed output): run once on the first call, its result
+    kept until the last of ``takers`` calls, then dropped (a further call runs it again). ``takers`` 0: no
+    caching."""
+    source = _Source(fn)
+    source.pending = takers
+    return source.take
+
+
 # Autograd nodes of views that keep a contiguous tensor's layout (a matmul saves its input's (B*T, H) reshape).
 _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0"})
 

@@ -163,6 +163,50 @@ def test_recompute_saved_runs_once_for_all_consumers():
         assert torch.equal(g0, g1)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_recomputed_norm_makes_its_fp32_input_once(method):
+    """In backward a recomputed RMSNorm (models/norm.py) feeds three recipes from one fp32 copy of its input: its
+    output for the projections, y for its weight's gradient (full) and the copy for its input's gradient. So
+    recomputation adds one bf16 -> fp32 cast of an (N, H) input per norm to backward (it added three, the output
+    being remade by the whole norm and y and the copy each from the input); gradients stay bitwise
+    (test_selective_recompute_is_bitwise_and_saves_memory)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from finetune_ref.lora import LoraConfig, inject_lora
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG).to(torch.bfloat16)
+    if method == "lora":
+        inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 96, (2, 16))
+    N, H = 2 * 16, CONFIG.hidden_size
+
+    class Casts(TorchDispatchMode):  # bf16 (N, H) -> fp32 casts of a norm's input
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16
+                    and kwargs.get("dtype") == torch.float32 and args[0].numel() == N * H):
+                Casts.count += 1
+            return func(*args, **kwargs)
+
+    casts = {}
+    for recompute in (False, True):
+        model.model.selective_recompute = recompute
+        loss = model(ids, labels=ids).loss
+        Casts.count = 0
+        with Casts():
+            loss.backward()
+        casts[recompute] = Casts.count
+    # One per recomputed norm: both of each layer but LoRA's first (its input, frozen embeddings, needs no grad),
+    # and the final norm (its input's fp32 copy only). LoRA's fp32 adapters also cast the remade bf16 output of
+    # each decoder-layer norm to fp32 (the cast they saved in forward): one more each.
+    decoder_norms = 2 * CONFIG.num_hidden_layers - (1 if method == "lora" else 0)
+    expected = decoder_norms * (2 if method == "lora" else 1) + 1
+    assert casts[True] - casts[False] == expected, casts  # before this change: 14 (full), 10 (LoRA)
+
+
 @pytest.mark.skipif(not (__import__("shutil").which("g++") or __import__("shutil").which("c++")),
                     reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("method", ["full", "lora"])
