@@ -473,8 +473,10 @@ def render(env: dict, results: list[dict], args) -> str:
         f"Model {model}, batch {args.batch_size} x {args.seq_len} tokens, labels = inputs, no padding; "
         f"{args.dtype} weights and compute (QLoRA: NF4 base, {args.dtype} compute), fp32 LoRA adapters r={LORA_R}, "
         f"alpha {LORA_ALPHA}, all linear layers of the blocks (PEFT's default adapter dtype; ours set to match); "
-        f"torch.optim.AdamW, lr {LR['full']:g} full / {LR['lora']:g} LoRA and QLoRA. {args.warmup} warm-up "
-        f"step(s), then {args.steps} timed steps each (median). Peak = live tensor bytes of one steady-state step "
+        f"torch.optim.AdamW, lr {LR['full']:g} full / {LR['lora']:g} LoRA and QLoRA. "
+        + ("--memory-only: no timed steps. " if args.memory_only else
+           f"{args.warmup} warm-up step(s), then {args.steps} timed steps each (median). ")
+        + "Peak = live tensor bytes of one steady-state step "
         "(TensorMemoryTracker), the same counter for both sides. Initial loss: every row's forward on the same "
         "initial weights and batch, before any update (the numerics check). \"F.linear\": the step's matmul FLOPs "
         "(forward, input gradients, weight gradients where weights train, attention's causal half) per second, "
@@ -508,16 +510,18 @@ def render(env: dict, results: list[dict], args) -> str:
                 speed = mem = "-"  # another method: only the QLoRA vs LoRA line below compares with it
             faults = f"{statistics.median(row['page_faults']):,.0f}" if row.get("page_faults") else "-"
             system = f"{statistics.median(row['system_s']):.2f}" if row.get("system_s") else "-"
-            lines.append(f"| {r['method']} | {name} | {row['tokens_per_s']:.0f} | {steps} | {faults} | {system} | "
-                         f"{row['peak_bytes'] / 1e6:.0f} | {speed} | {mem} | {row['linear_fraction']:.2f} | "
+            tokens = f"{row['tokens_per_s']:.0f}" if math.isfinite(row["tokens_per_s"]) else "-"
+            fraction = f"{row['linear_fraction']:.2f}" if math.isfinite(row["linear_fraction"]) else "-"
+            lines.append(f"| {r['method']} | {name} | {tokens} | {steps} | {faults} | {system} | "
+                         f"{row['peak_bytes'] / 1e6:.0f} | {speed} | {mem} | {fraction} | "
                          f"{loss:.4f} |")
     lines += ["", f"Targets: speed >= {TARGET_SPEEDUP}x transformers' for LoRA and QLoRA in bf16 (>= 1.0x in "
               f"fp32 and for full); peak memory <= {TARGET_MEMORY}x theirs for LoRA and QLoRA, <= 0.8x for full; "
               "QLoRA's speed >= 0.9x our LoRA's at the same dtype (speed: the paired ratio of step times).", ""]
     for r in results:
-        limit = "not measured (--memory-only)" if not math.isfinite(r["linear_flops_per_s"]) else \
-            f"{r['linear_flops_per_s'] / 1e9:.0f} GFLOP/s"
-        lines.append(f"- {r['method']}: F.linear reaches {limit} on this step's shapes "
+        limit = "F.linear not measured (--memory-only)" if not math.isfinite(r["linear_flops_per_s"]) else \
+            f"F.linear reaches {r['linear_flops_per_s'] / 1e9:.0f} GFLOP/s"
+        lines.append(f"- {r['method']}: {limit} on this step's shapes "
                      f"({r['step_flops'] / 1e9:.1f} GFLOP per step); trainable parameters "
                      f"{r['trainable']:,} (ours) / {r['trainable_hf']:,} (transformers).")
         for name, predicted in r["predicted_peak"].items():

@@ -201,3 +201,19 @@ def test_allocator_settings_name_the_flag_and_the_environment(bench, monkeypatch
     assert kept.startswith(bench.KEPT_FREED_MEMORY) and kept.endswith("LD_PRELOAD=/usr/lib/libjemalloc.so.2")
     assert "compare the computation" in bench.allocator_note(kept)
     assert bench.allocator_note(None) == ""  # a JSON from before the settings were recorded
+
+
+def test_memory_only_table_has_no_nan(bench):
+    import argparse
+
+    row = {"tokens_per_s": float("nan"), "median_step_s": float("nan"), "step_s": [], "peak_bytes": 1e8,
+           "linear_fraction": float("nan"), "page_faults": [], "system_s": []}
+    result = {"method": "lora", "rows": {"ours": dict(row), "transformers": dict(row, peak_bytes=2e8)}, "noisy": [],
+              "first_loss": {"ours": 2.5, "transformers": 2.5}, "predicted_peak": {},
+              "linear_flops_per_s": float("nan"), "step_flops": 1e11, "trainable": 1, "trainable_hf": 1}
+    env = {"date": "d", "cpu": "c", "cores": 2, "threads": 2, "python": "3", "load_before": 0.0, "load_after": 0.0,
+           "versions": {k: "v" for k in ("torch", "transformers", "peft", "bitsandbytes")}, "allocator": ""}
+    args = argparse.Namespace(quick=False, batch_size=4, seq_len=256, dtype="bf16", warmup=1, steps=3,
+                              memory_only=True, recompute_cost=False)
+    text = bench.render(env, [result], args)
+    assert "nan" not in text and "timed steps each" not in text and "| 0.50x |" in text
