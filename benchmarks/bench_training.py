@@ -584,15 +584,18 @@ def write_results(text: str, path: Path, date: str, dtype: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora (default: all three)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation first (default 1)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of full,lora,qlora (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps per implementation first (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights and compute dtype (default %(default)s)")
     parser.add_argument("--variants", action="store_true",
-                        help="also measure our step with selective recomputation off (it is on by default), --no-chunked-loss, "
+                        help=f"also measure our step with {RECOMPUTE_ROW.removeprefix('ours ')}, --no-chunked-loss, "
                              "--no-fused-projections (and fused AdamW for full)")
     parser.add_argument("--compile", action="store_true",
                         help="also time our model with each decoder layer torch.compile'd (finetune train --compile), "

@@ -119,15 +119,14 @@ def _dequantize(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = No
     n, nb, bs = state.numel, state.num_blocks, state.blocksize
     absmax = dequantize_absmax(state)  # (nb,) fp32
     words = torch.index_select(pair_table(state.quant_map), 0, packed.reshape(-1).to(torch.int32))  # (m,) int64
-    values = words.view(torch.float32)  # (2m,): n, or n + 1 when n is odd
+    values = words.view(torch.float32)[:n]  # (2m,) -> (n,) fp32
     if nb * bs != n:
-        values = F.pad(values[:n], (0, nb * bs - n))  # (nb * bs,): the last block partial
+        values = F.pad(values, (0, nb * bs - n))  # (nb * bs,): the last block partial
     # fp32 product, rounded once; in place: the gathered values are a fresh tensor (4 B/element less at peak)
-    w = values.view(nb, bs).mul_(absmax.view(nb, 1))  # (nb, bs)
+    w = values.view(nb, bs).mul_(absmax.view(nb, 1)).view(-1)[:n]  # (nb, bs) -> (n,)
     if out is not None:
-        # the same one rounding as .to(out.dtype)
-        return out.copy_(w.view(-1)[:n].view(state.shape))  # (nb, bs) -> (n,) -> state.shape
-    return w.view(-1)[:n].to(state.dtype if dtype is None else dtype).view(state.shape)
+        return out.copy_(w.view(state.shape))  # the same one rounding as .to(out.dtype)
+    return w.to(state.dtype if dtype is None else dtype).view(state.shape)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None) -> torch.Tensor:

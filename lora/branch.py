@@ -35,12 +35,10 @@ from __future__ import annotations
 import torch
 
 from finetune_ref.lora.functional import add_update
+from finetune_ref.models.checkpoint import SUPPORTED_DTYPES
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])  # (..., n) -> (N, n)
-
-
-_AT_MOST_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def add_up_two_steps(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -61,7 +59,7 @@ def _add_up(result: torch.Tensor, mid: torch.Tensor, lora_B: torch.Tensor, dtype
     checked; there the sum is within one fp32 rounding of it. Larger ranks, 16-bit adapters (PEFT rounds the
     product to their dtype first), autocast's 16-bit mid and an fp64 result (summed in fp64) take the two steps.
     """
-    if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 64 and result.dtype in _AT_MOST_FP32):
+    if not (mid.dtype == lora_B.dtype == torch.float32 and mid.shape[-1] <= 64 and result.dtype in SUPPORTED_DTYPES):
         return add_up_two_steps(result, mid, lora_B, dtype)
     acc = _rows(result).to(torch.float32, copy=True)  # (..., out_i) -> (N, out_i): a new tensor, summed into
     acc.addmm_(mid, lora_B.t())  # += (N, r_i) @ (r_i, out_i)
