@@ -45,14 +45,15 @@ setup(
         # protobuf: transformers converting a sentencepiece model (oracle); the compare extra so that
         # `finetune compare`'s forgetting score and plot are tested too.
         # tensorboard and wandb: what `--log` writes is read back with their own readers.
+        # peft >= 0.22: its modules_to_save rule (whole name components, peft/utils/other.py) is the one lora/ follows.
         # setuptools >= 70.1 builds wheels itself (bdist_wheel): a venv's own older setuptools cannot install this
         # checkout with `pip install --no-build-isolation`, which the layout checks use.
-        "test": ["setuptools>=70.1", "pytest", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "triton",
+        "test": ["setuptools>=70.1", "pytest", "transformers>=4.45", "peft>=0.22", "bitsandbytes>=0.45", "triton",
                  "protobuf", "chatterbot-corpus==1.3.3", "matplotlib>=3.7", "torchao>=0.10",
                  "fastapi", "uvicorn", "httpx", "openai", "tensorboard", "wandb"],
         "triton": ["triton"],
         # `finetune parity`: the implementations it checks ours against (any subset may be installed).
-        "parity": ["transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "torchao>=0.10"],
+        "parity": ["transformers>=4.45", "peft>=0.22", "bitsandbytes>=0.45", "torchao>=0.10"],
         # `finetune serve`: the OpenAI-compatible HTTP server (serve/).
         "serve": ["fastapi>=0.100", "uvicorn>=0.20"],
         # `finetune compare`: a second, general-English corpus (chatterbot-corpus: YAML dialogue, BSD-3) for the

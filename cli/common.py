@@ -225,14 +225,15 @@ def token_ids(text: str) -> tuple[int, ...]:
 
 
 def module_names(text: str) -> tuple[str, ...]:
-    """--modules-to-save: comma-separated module-name suffixes (PEFT's modules_to_save rule, which has no regex and
-    no 'all-linear': ``lora.modules_to_save.find_modules_to_save``)."""
+    """--modules-to-save: comma-separated module names, each a whole trailing part of the full name (PEFT's
+    modules_to_save rule, which has no regex and no 'all-linear': ``lora.modules_to_save.find_modules_to_save``)."""
     if text.startswith("re:") or text == "all-linear":
-        raise argparse.ArgumentTypeError(f"takes module names (suffixes of the full name, as PEFT's modules_to_save), "
-                                         f"not {text!r}: list them, e.g. norm or lm_head,model.norm")
+        raise argparse.ArgumentTypeError(f"takes module names (trailing parts of the full name, as PEFT's "
+                                         f"modules_to_save), not {text!r}: list them, e.g. lm_head,norm or "
+                                         "input_layernorm,post_attention_layernorm")
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if not names:
-        raise argparse.ArgumentTypeError("expected module names like norm or lm_head,model.norm")
+        raise argparse.ArgumentTypeError("expected module names like lm_head,norm or input_layernorm")
     return names
 
 

@@ -15,7 +15,8 @@ from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_con
 from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
 from finetune_ref.train import memory
 from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, shape_from
-from finetune_ref.train.memory_settings import DTYPE_BYTES, METHODS, OPTIMIZERS, MemoryEstimate, MemorySettings
+from finetune_ref.train.memory_settings import (DTYPE_BYTES, METHODS, OPTIMIZERS, SAVABLE_MODULES, MemoryEstimate,
+                                                MemorySettings)
 from finetune_ref.train.memory import estimate_memory, loss_is_chunked
 from finetune_ref.train.memory_fsdp import estimate_memory_fsdp
 
@@ -109,7 +110,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"LoRA dropout in training (each adapter keeps its dropped input) ({recipe_default('dropout')})")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
     p.add_argument("--modules-to-save", type=module_names, default=(),
-                   metavar="norm,lm_head", help="modules trained in full beside the adapters (norm, lm_head)")
+                   metavar="NAMES", help="modules trained in full beside the adapters, as finetune train "
+                                         f"--modules-to-save: any of {','.join(SAVABLE_MODULES)}")
     p.add_argument("--trainable-tokens", type=token_ids, default=(), metavar="IDS",
                    help="token ids whose embedding rows train directly, as finetune train --trainable-tokens "
                         "(their count is what costs memory); default none")

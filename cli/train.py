@@ -346,8 +346,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "init_lora_weights=True)")
     g.add_argument("--loftq-iter", type=positive_int, help="LoftQ's alternating quantize/SVD steps (default 1)")
     g.add_argument("--modules-to-save", type=module_names, metavar="NAMES",
-                   help="modules trained in full and saved with the adapter, by name suffix as PEFT (no re: or "
-                        "all-linear), e.g. norm or lm_head (an untied one); default none")
+                   help="modules trained in full and saved with the adapter, named as PEFT does (the full name or "
+                        "its trailing parts, no re: or all-linear): norm (the final norm only), input_layernorm,"
+                        "post_attention_layernorm (every layer's), lm_head (an untied one); default none")
     g.add_argument("--trainable-tokens", type=token_ids, metavar="IDS",
                    help="token ids whose embedding rows train directly, e.g. 0,5,17 (PEFT's trainable_token_indices; "
                         "a tied lm_head follows them, and the loss is then computed on the whole (batch, seq-len, vocab) logits: "

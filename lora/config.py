@@ -52,7 +52,7 @@ _PEFT_KNOWN_KEYS = frozenset({
 
 @dataclasses.dataclass
 class LoraConfig:
-    """What to adapt and how. Field names and defaults follow ``peft.LoraConfig`` (peft 0.21).
+    """What to adapt and how. Field names and defaults follow ``peft.LoraConfig`` (peft 0.22).
 
     Attributes:
         r: rank of the update (int >= 1).
@@ -279,6 +279,15 @@ def check_alpha(alpha: Any, name: str = "lora_alpha") -> None:
         raise TypeError(f"{name} must be a positive number, got {alpha!r}")
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {alpha}")
+
+
+def names_module(keys: list[str] | tuple[str, ...], name: str) -> bool:
+    """PEFT's rule for a list of module names (target_modules, modules_to_save, trainable_token_indices): an entry
+    names the module whose full name equals it or ends with "." + it, a whole name component; "norm" names
+    ``model.norm`` but not ``model.layers.0.input_layernorm`` (peft/tuners/tuners_utils.py
+    check_target_module_exists; peft/utils/other.py _is_valid_match, which modules_to_save uses from peft 0.22 on:
+    before, a plain string suffix chose ``input_layernorm`` too)."""
+    return any(name == key or name.endswith("." + key) for key in keys)
 
 
 def uses_all_linear(target_modules: list[str] | str | None) -> bool:

@@ -33,7 +33,7 @@ import re
 import torch
 from torch import nn
 
-from finetune_ref.lora.config import ALL_LINEAR, LoraConfig, uses_all_linear
+from finetune_ref.lora.config import ALL_LINEAR, LoraConfig, names_module, uses_all_linear
 from finetune_ref.lora.embedding import LoRAEmbedding, TiedLoRAHead
 from finetune_ref.lora.init import is_mutating_init
 from finetune_ref.lora.layer import LoRALinear, check_adapter_name
@@ -82,7 +82,7 @@ def _matches(spec: list[str] | str, name: str) -> bool:
     """PEFT's module-name rule: a regex string must fullmatch; a list entry must equal the name or be its suffix."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == key or name.endswith("." + key) for key in spec)
+    return names_module(spec, name)
 
 
 def find_target_modules(model: nn.Module, config: LoraConfig, strict_patterns: bool = True) -> list[str]:

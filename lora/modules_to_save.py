@@ -7,8 +7,11 @@ the task changes the output distribution, or new token embeddings. PEFT's ``Modu
 when adapters are disabled or an active adapter has no copy here. In the adapter file the copy's tensors are
 saved under the module's own name: ``base_model.model.<path>.<param>`` (e.g. ``base_model.model.lm_head.weight``).
 
-Selection is PEFT's ``_set_trainable`` rule: a module is chosen when its full name *ends with* an entry (plain
-string suffix: "norm" also chooses "input_layernorm"). A module whose weight is shared with another (tied input
+Selection is PEFT's ``_set_trainable`` rule (peft/utils/other.py, from peft 0.22 on): an entry chooses the
+modules whose full name equals it or ends with "." + it (``lora.config.names_module``), so "norm" chooses the final
+``model.norm`` only; list ``input_layernorm`` / ``post_attention_layernorm`` for the layers' norms. PEFT before 0.22
+matched a plain string suffix ("norm" also chose "input_layernorm"); a file saved that way names those modules in
+its tensors, and loading it says which entries to add (``legacy_suffix_hint``). A module whose weight is shared with another (tied input
 embedding and lm_head) is refused: training one copy would silently untie them (PEFT only warns; with
 ``ensure_weight_tying`` it ties the copies, which is not implemented here). LoRA layers and modules inside them
 cannot be chosen.
@@ -20,6 +23,8 @@ import copy
 
 import torch
 from torch import nn
+
+from finetune_ref.lora.config import names_module
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -67,16 +72,17 @@ def wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
 
 
 def find_modules_to_save(model: nn.Module, names: list[str], candidates: list[tuple[str, nn.Module]]) -> list[str]:
-    """Full names chosen by ``names`` (suffix rule) among ``candidates`` ((name, module) outside LoRA layers).
+    """Full names chosen by ``names`` (``names_module``) among ``candidates`` ((name, module) outside LoRA
+    layers); a chosen module inside another chosen one is left to the outer copy.
 
     Raises:
         ValueError: nothing matches, a match is a LoRA layer, or its parameters are shared with another module.
     """
     from finetune_ref.lora.layer import LoRALinear
 
-    chosen = [(n, m) for n, m in candidates if any(n.endswith(key) for key in names) and
+    chosen = [(n, m) for n, m in candidates if names_module(names, n) and
               not any(n.startswith(other + ".") for other, _ in candidates if other != n and
-                      any(other.endswith(key) for key in names))]
+                      names_module(names, other))]
     if not chosen:
         raise ValueError(f"modules_to_save={names} matches no module of the model")
     owners: dict[int, list[str]] = {}
@@ -94,3 +100,18 @@ def find_modules_to_save(model: nn.Module, names: list[str], candidates: list[tu
                                  "training a copy of one would silently untie them. Untie the model first (load it "
                                  "with tie_word_embeddings=False) or leave it out")
     return [n for n, _ in chosen]
+
+
+def legacy_suffix_hint(names: list[str], candidates: list[tuple[str, nn.Module]], unexpected: list[str],
+                       prefix: str) -> str:
+    """How to load an adapter file whose copies PEFT before 0.22 chose by a plain string suffix ("norm" ->
+    ``model.layers.0.input_layernorm``), given the file's ``unexpected`` keys (``prefix`` + module name + "." +
+    parameter); "" when none of them is such a copy."""
+    hit = sorted(n for n, _ in candidates if any(n.endswith(key) and not names_module([key], n) for key in names)
+                 and any(k.startswith(f"{prefix}{n}.") for k in unexpected))
+    if not hit:
+        return ""
+    add = sorted({n.rsplit(".", 1)[-1] for n in hit})  # the modules' own names, e.g. input_layernorm
+    return (f"Its modules_to_save {names} chose {hit[0]} and others by a plain name suffix, as PEFT before 0.22 "
+            f"did; an entry now names whole name components only. Add {', '.join(repr(a) for a in add)} to "
+            "modules_to_save in its adapter_config.json to load it")

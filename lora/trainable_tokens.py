@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune_ref.lora.config import check_token_indices
+from finetune_ref.lora.config import check_token_indices, names_module
 from finetune_ref.lora.tuner_layer import check_adapter_name
 
 
@@ -196,7 +196,7 @@ def token_targets(model: nn.Module, spec: list[int] | dict[str, list[int]] | Non
         return {}
     modules = {n: m for n, m in model.named_modules() if n and ".base_layer" not in n}
     def named(key):  # noqa: E306
-        return [n for n in modules if n == key or n.endswith("." + key)]
+        return [n for n in modules if names_module([key], n)]
     if isinstance(spec, dict):
         chosen = {}
         for key, indices in spec.items():

@@ -33,7 +33,7 @@ def losses(stdout: str) -> tuple[float, float]:
     ("lora", ["--init", "olora", "--loraplus-lr-ratio", "4"], 2e-4),
     ("qlora", ["--init", "loftq", "--loftq-iter", "2"], 1e-4),
     ("qlora", ["--init", "olora"], 1e-4),
-    ("lora", ["--modules-to-save", "norm", "--dora"], 1e-4),
+    ("lora", ["--modules-to-save", "norm,input_layernorm", "--dora"], 1e-4),
     # B starts N(0, 1) on the embedding (PEFT's init): a smaller --lr, more updates (the last flag given wins)
     ("lora", ["--targets", "q_proj,v_proj,embed_tokens", "--ensure-weight-tying", "--lr", "1e-3", "--steps", "8"], 1e-4),
     ("qlora", ["--targets", "all-linear,embed_tokens", "--ensure-weight-tying", "--lr", "1e-3", "--steps", "8"], 1e-4),

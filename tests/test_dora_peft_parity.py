@@ -1,4 +1,4 @@
-"""DoRA and QDoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") against Hugging Face PEFT 0.21.
+"""DoRA and QDoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") against Hugging Face PEFT 0.22.
 
 Tiny random transformers Llama models made here (hidden 64, 4 query / 2 KV heads: GQA). Both sides hold the
 same base and the same adapter tensors (PEFT's, with ``init_lora_weights=False`` so that B != 0 and the

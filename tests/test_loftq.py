@@ -1,4 +1,4 @@
-"""LoftQ (Li et al. 2023, Algorithm 1) against PEFT 0.21's loop, and what it is for.
+"""LoftQ (Li et al. 2023, Algorithm 1) against PEFT 0.22's loop, and what it is for.
 
 PEFT's ``loftq_init`` moves the weight to "cuda"/"xpu" unconditionally, so the oracle here runs its steps on the
 CPU: bitsandbytes' NF4 (``quantize_4bit``/``dequantize_4bit``, blocksize 64, no double quantization, as PEFT's

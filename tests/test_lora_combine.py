@@ -1,4 +1,4 @@
-"""Weighted combination of adapters and per-adapter scale against PEFT 0.21 on a tiny random Llama (GQA).
+"""Weighted combination of adapters and per-adapter scale against PEFT 0.22 on a tiny random Llama (GQA).
 
 Both sides hold the same two (non-zero) adapters; ``add_weighted_adapter`` must give the same new A and B
 (linear and cat: the same elementwise operations, compared within 1e-6 relative; svd: the same SVD call on the

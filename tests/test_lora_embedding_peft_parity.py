@@ -1,4 +1,4 @@
-"""LoRA on the input embedding (``lora.embedding``) against PEFT 0.21's ``lora.Embedding`` on tiny random Llamas
+"""LoRA on the input embedding (``lora.embedding``) against PEFT 0.22's ``lora.Embedding`` on tiny random Llamas
 (GQA: 4 query, 2 KV heads), untied and tied (``ensure_weight_tying``). Same base, same factors: logits and loss
 within 1e-6 relative (the same operations in the same order), every trainable gradient within 1e-6 relative
 (tied: ours is the sum of PEFT's two storage-sharing Parameters' gradients, see lora/embedding.py); PEFT's init

@@ -1,4 +1,4 @@
-"""PiSSA and OLoRA initialisations against PEFT 0.21 on tiny random transformers Llama models (GQA: 4 query,
+"""PiSSA and OLoRA initialisations against PEFT 0.22 on tiny random transformers Llama models (GQA: 4 query,
 2 KV heads), fp32. The arithmetic is PEFT's (lora/init.py), so A0, B0 and the residual base weights are
 compared bitwise; the saved (converted, rank-2r) adapter is compared with the one PEFT writes with
 ``path_initial_model_for_weight_conversion`` within 1e-6 relative (the same values; the trained A/B differ only

@@ -1,6 +1,6 @@
 """Mixed-adapter batches (lora/mixed.py): each row gets exactly its own adapter's output.
 
-Oracles: PEFT 0.21's ``adapter_names`` forward on the same tiny random transformers Llama with the same adapter
+Oracles: PEFT 0.22's ``adapter_names`` forward on the same tiny random transformers Llama with the same adapter
 weights, and running each row alone with its adapter active (or adapters disabled for a "__base__" row).
 Tolerance, fp32: max|ours - oracle| <= 1e-5 * max|oracle| over the whole logits tensor (the gathered batched
 matmul sums in another order than F.linear; seen: 3e-7 against PEFT, up to 8e-7 against rows alone). Adapters:

@@ -1,4 +1,4 @@
-"""Oracle parity with Hugging Face PEFT 0.21 on tiny random transformers Llama models made in the test.
+"""Oracle parity with Hugging Face PEFT 0.22 on tiny random transformers Llama models made in the test.
 
 Same base weights and same (non-zero) adapter weights in both: logits, loss and every LoRA gradient must agree
 within 1e-6 relative in fp32 (max|ours - peft| <= 1e-6 * max|peft| over each whole tensor). Files written by

@@ -1,4 +1,4 @@
-"""LoRA+ (Hayou et al. 2024): the optimizer's parameter groups equal PEFT 0.21's ``create_loraplus_optimizer``
+"""LoRA+ (Hayou et al. 2024): the optimizer's parameter groups equal PEFT 0.22's ``create_loraplus_optimizer``
 groups on the same tiny random model (same parameters in each group, same lr and weight decay), and the
 learning-rate schedule keeps B's ratio through warmup and decay."""
 

@@ -281,6 +281,8 @@ CASES = [
     (SMALL, Stored(method="qlora", dtype="bf16", batch_size=4, seq_len=128)),
     (SMALL, Stored(method="lora", dtype="fp32", batch_size=4, seq_len=128, dora=True)),
     (WIDE, Stored(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"))),
+    (SMALL, Stored(method="lora", dtype="bf16", batch_size=4, seq_len=128,
+                   modules_to_save=("input_layernorm", "post_attention_layernorm"))),
     (SMALL, Stored(method="qlora", dtype="bf16", batch_size=4, seq_len=128, dora=True,
                            target_modules=("q_proj", "v_proj", "up_proj"))),
     (WIDE, Stored(method="qlora", dtype="bf16", batch_size=2, seq_len=64, double_quant=False,
@@ -301,6 +303,8 @@ CASES = [
                           selective_recompute=True)),
     (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"),
                           selective_recompute=True)),
+    (SMALL, MemorySettings(method="lora", dtype="bf16", batch_size=4, seq_len=128, selective_recompute=True,
+                           modules_to_save=("input_layernorm", "post_attention_layernorm", "norm"))),
     (SMALL, MemorySettings(method="full", dtype="bf16", batch_size=4, seq_len=128, gradient_checkpointing=True,
                            selective_recompute=True)),
     # LoRA on the input embedding (lora/embedding.py): untied, and tied (the head wrapped: no chunked loss)

@@ -1,16 +1,18 @@
-"""``modules_to_save`` (fully trained copies saved with the adapter) against PEFT 0.21 on a tiny random Llama
-(GQA, untied head). Same base, same LoRA tensors, same copies: logits, loss and every trainable gradient within
-1e-6 relative (the same operations); files both ways; merge_and_unload keeps the trained copy, unload the
-original; tied embeddings are refused."""
+"""``modules_to_save`` (fully trained copies saved with the adapter) against PEFT (0.22 or later: an entry names
+whole name components, so "norm" is the final norm only) on a tiny random Llama (GQA, untied head). Same base,
+same LoRA tensors, same copies: logits, loss and every trainable gradient within 1e-6 relative (the same
+operations); files both ways; merge_and_unload keeps the trained copy, unload the original; tied embeddings are
+refused; a file whose copies PEFT < 0.22 chose by a plain suffix is refused saying which names to add."""
 
 import copy
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+peft = pytest.importorskip("peft", minversion="0.22")  # the whole-component rule (peft/utils/other.py)
 
 from peft_oracle import assert_rel_close, tiny_hf_llama  # noqa: E402
 
@@ -19,7 +21,7 @@ from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME  # noqa: E402
 
 PREFIX = "base_model.model."
-KWARGS = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm"])
+KWARGS = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "norm", "input_layernorm"])
 
 
 def tiny_llama(tie=False):
@@ -46,8 +48,7 @@ def pair():
 def test_outputs_and_all_trainable_gradients_match_peft():
     _, ours, pm = pair()
     wrapped = sorted(n for n, m in ours.named_modules() if isinstance(m, ModulesToSaveWrapper))
-    assert wrapped == ["lm_head", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
-                       "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"]
+    assert wrapped == ["lm_head", "model.layers.0.input_layernorm", "model.layers.1.input_layernorm", "model.norm"]
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     out, ref = ours(ids, labels=ids), pm(input_ids=ids, labels=ids)
     assert_rel_close(out.logits, ref.logits)
@@ -93,3 +94,27 @@ def test_tied_embeddings_and_overlaps_are_refused():
                                                        modules_to_save=["lm_head"]))
     with pytest.raises(ValueError, match="matches no module"):
         lora.inject_lora(tiny_llama(), lora.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["nothing"]))
+
+
+def test_a_file_saved_with_the_plain_suffix_rule_says_which_names_to_add(tmp_path):
+    """PEFT before 0.22 let "norm" choose every *norm module; such a file holds the layers' norms too. Loading it
+    names the entries to add instead of reporting bare unexpected keys (or silently dropping trained norms)."""
+    base = tiny_llama()
+    ours = copy.deepcopy(base)
+    lora.inject_lora(ours, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                           modules_to_save=["norm", "input_layernorm", "post_attention_layernorm"]))
+    lora.save_adapter(ours, tmp_path / "old")
+    config_path = tmp_path / "old" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["modules_to_save"] = ["norm"]  # what PEFT 0.21 wrote for the same tensors
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"plain name suffix.*Add 'input_layernorm', 'post_attention_layernorm' to "
+                                         r"modules_to_save in its adapter_config.json"):
+        lora.load_adapter(copy.deepcopy(base), tmp_path / "old")
+    config["modules_to_save"] = ["norm", "input_layernorm", "post_attention_layernorm"]  # as the message says
+    config_path.write_text(json.dumps(config))
+    loaded = copy.deepcopy(base)
+    lora.load_adapter(loaded, tmp_path / "old")
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ours(ids).logits)

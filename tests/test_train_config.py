@@ -137,8 +137,8 @@ def test_file_keys_are_the_flags_of_train():
 
 @pytest.mark.parametrize("value", ["re:.*norm", "all-linear"])
 def test_modules_to_save_takes_names_not_a_regex(value, capsys):
-    """PEFT's modules_to_save is a list of name suffixes: a regex (which --targets takes) would have been matched
-    as a literal suffix and chosen nothing or the wrong modules; it is refused naming the flag."""
+    """PEFT's modules_to_save is a list of module names: a regex (which --targets takes) would have been matched
+    as a literal name and chosen nothing or the wrong modules; it is refused naming the flag."""
     with pytest.raises(SystemExit) as e:
         main(["train", "--modules-to-save", value, "--print-config"])
     assert e.value.code == 2

@@ -1,4 +1,4 @@
-"""``trainable_token_indices`` (``lora.trainable_tokens``) against PEFT 0.21's TrainableTokensLayer on tiny random
+"""``trainable_token_indices`` (``lora.trainable_tokens``) against PEFT 0.22's TrainableTokensLayer on tiny random
 Llamas (GQA), untied and tied (the tied lm_head wrapped with the same rows, as PEFT does): logits, loss and every
 trainable gradient within 1e-6 relative (the same operations); the rows start at the embedding's values; files
 both ways; merged = unmerged (bitwise: merging copies rows); unmerge restores E bitwise; refusals by name."""

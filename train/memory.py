@@ -130,7 +130,8 @@ def _trainable_tensors(c: LlamaConfig, s: MemorySettings) -> list[int]:
 
 def _saved_copies(c: LlamaConfig, s: MemorySettings) -> list[int]:
     """Element counts of the modules_to_save copies (trained in full, in the model dtype)."""
-    norms = [c.hidden_size] * (2 * c.num_hidden_layers + 1) if "norm" in s.modules_to_save else []
+    layer_norms = sum(x in s.modules_to_save for x in ("input_layernorm", "post_attention_layernorm"))
+    norms = [c.hidden_size] * (layer_norms * c.num_hidden_layers + int("norm" in s.modules_to_save))
     return norms + ([c.vocab_size * c.hidden_size] if "lm_head" in s.modules_to_save else [])
 
 

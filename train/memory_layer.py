@@ -54,10 +54,10 @@ def layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
         dora = (lambda x: n * out_dim[x] * (e + a)) if s.dora else (lambda x: 0)
         return 0 if full else sum(n * s.rank * a + dora(x) for x in names if targeted[x])
 
-    def norm(x_requires_grad: bool) -> int:
-        return norm_saved(n, h, e, x_requires_grad, full or "norm" in s.modules_to_save, recompute)
+    def norm(name: str, x_requires_grad: bool) -> int:
+        return norm_saved(n, h, e, x_requires_grad, full or name in s.modules_to_save, recompute)
 
-    saved = norm(grad_in)
+    saved = norm("input_layernorm", grad_in)
     y_grad = grad_in or full
     qkv = ("q_proj", "k_proj", "v_proj")
     # the norm keeps its input, so its output is recomputed from it (models/llama.DecoderLayer)
@@ -72,7 +72,7 @@ def layer_saved(c: LlamaConfig, s: MemorySettings, grad_in: bool) -> int:
             s.batch_size * s.seq_len * s.seq_len * e if s.attention_mask else 0)
     saved += projection_inputs(("o_proj",), hq, attn_grad) + lora_mid(("o_proj",))
     h2_grad = attn_grad or targeted["o_proj"]
-    saved += norm(h2_grad)
+    saved += norm("post_attention_layernorm", h2_grad)
     gu = ("gate_proj", "up_proj")
     saved += projection_inputs(gu, h, False, recompute and h2_grad) + lora_mid(gu)
     mlp_grad = h2_grad or full or any(targeted[x] for x in gu)

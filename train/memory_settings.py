@@ -13,6 +13,8 @@ from finetune_ref.train.memory_shapes import LINEAR_NAMES
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = OPTIMIZER_NAMES  # the names finetune train --optimizer takes (optim/optimizers.py)
+# modules_to_save entries the estimator counts: the final norm, each layer's two norms, an untied head
+SAVABLE_MODULES = ("norm", "input_layernorm", "post_attention_layernorm", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +33,9 @@ class MemorySettings:
             and "embed_tokens" for LoRA on the input embedding (lora/embedding.py; a tied head gets it too).
         trainable_tokens: how many embedding rows train directly (lora/trainable_tokens.py), k x hidden
             parameters; a tied head then computes with a saved (V, H) copy of the weight.
-        modules_to_save: modules trained in full beside the adapters (lora/modules_to_save.py): "norm" (every
-            RMSNorm) and/or "lm_head" (an untied head): a trainable copy in the model dtype, its gradient, optimizer
+        modules_to_save: modules trained in full beside the adapters (lora/modules_to_save.py), any of
+            SAVABLE_MODULES: "norm" (the final RMSNorm), "input_layernorm", "post_attention_layernorm" (each
+            layer's), "lm_head" (an untied head): a trainable copy in the model dtype, its gradient, optimizer
             state and master copy, and the tensor its weight gradient needs (the normalised input; the head's input).
         dora: DoRA adapters (lora/dora.py): a trained magnitude (out,) per adapted linear, and two more
             (N, out) activations saved per adapted linear (the base output and B(A(x)), multiplied by m / norm).
@@ -97,9 +100,9 @@ class MemorySettings:
         if unknown or not set(self.target_modules) & set(LINEAR_NAMES):
             raise ValueError(f"target_modules must be a subset of {LINEAR_NAMES} (at least one), plus "
                              f"'embed_tokens' if wanted, got {tuple(self.target_modules)!r}")
-        if not set(self.modules_to_save) <= {"norm", "lm_head"} or (self.modules_to_save and self.method == "full"):
-            raise ValueError(f"modules_to_save must be a subset of ('norm', 'lm_head') with method lora or qlora, got "
-                             f"{tuple(self.modules_to_save)!r}")
+        if not set(self.modules_to_save) <= set(SAVABLE_MODULES) or (self.modules_to_save and self.method == "full"):
+            raise ValueError(f"modules_to_save must be a subset of {SAVABLE_MODULES} with method lora or qlora, "
+                             f"got {tuple(self.modules_to_save)!r}")
         if not isinstance(self.trainable_tokens, int) or self.trainable_tokens < 0 or \
                 (self.trainable_tokens and self.method == "full"):
             raise ValueError(f"trainable_tokens (a number of embedding rows) must be an int >= 0 with method lora or "
