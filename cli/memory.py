@@ -110,8 +110,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"LoRA dropout in training (each adapter keeps its dropped input) ({recipe_default('dropout')})")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
     p.add_argument("--modules-to-save", type=module_names, default=(),
-                   metavar="NAMES", help="modules trained in full beside the adapters, as finetune train "
-                                         f"--modules-to-save: any of {','.join(SAVABLE_MODULES)}")
+                   metavar="NAMES", help="modules trained in full beside the adapters, any of "
+                                         f"{','.join(SAVABLE_MODULES)} (norm: the final norm only); default none")
     p.add_argument("--trainable-tokens", type=token_ids, default=(), metavar="IDS",
                    help="token ids whose embedding rows train directly, as finetune train --trainable-tokens "
                         "(their count is what costs memory); default none")

@@ -68,8 +68,9 @@ class LoraConfig:
         use_rslora: scaling = lora_alpha / sqrt(r) instead of lora_alpha / r.
         use_dora: DoRA (Liu et al. 2024): a trainable magnitude per output feature times the normalised
             direction W + scaling * B A (``lora.dora``); on a 4-bit base this is QDoRA.
-        modules_to_save: names (full-name suffixes) of modules trained in full, as copies saved with the adapter
-            (``lora.modules_to_save``), e.g. ["norm"]; None: none.
+        modules_to_save: names of modules trained in full, as copies saved with the adapter
+            (``lora.modules_to_save``): the full name or its trailing dotted parts (``names_module``), e.g.
+            ["lm_head", "norm"] ("norm" is the final norm only; "input_layernorm" each layer's); None: none.
         ensure_weight_tying: when a targeted embedding is tied to the output head, give the head the same adapter
             (``lora.embedding.TiedLoRAHead``, PEFT's option of that name); without it such a target is refused.
         trainable_token_indices: rows of an embedding trained directly (``lora.trainable_tokens``): a list of

@@ -11,7 +11,7 @@ Selection is PEFT's ``_set_trainable`` rule (peft/utils/other.py, from peft 0.22
 modules whose full name equals it or ends with "." + it (``lora.config.names_module``), so "norm" chooses the final
 ``model.norm`` only; list ``input_layernorm`` / ``post_attention_layernorm`` for the layers' norms. PEFT before 0.22
 matched a plain string suffix ("norm" also chose "input_layernorm"); a file saved that way names those modules in
-its tensors, and loading it says which entries to add (``legacy_suffix_hint``). A module whose weight is shared with another (tied input
+its tensors, and loading it says which entries to add (``check_legacy_suffix_choice``). A module whose weight is shared with another (tied input
 embedding and lm_head) is refused: training one copy would silently untie them (PEFT only warns; with
 ``ensure_weight_tying`` it ties the copies, which is not implemented here). LoRA layers and modules inside them
 cannot be chosen.
@@ -102,16 +102,28 @@ def find_modules_to_save(model: nn.Module, names: list[str], candidates: list[tu
     return [n for n, _ in chosen]
 
 
-def legacy_suffix_hint(names: list[str], candidates: list[tuple[str, nn.Module]], unexpected: list[str],
-                       prefix: str) -> str:
-    """How to load an adapter file whose copies PEFT before 0.22 chose by a plain string suffix ("norm" ->
-    ``model.layers.0.input_layernorm``), given the file's ``unexpected`` keys (``prefix`` + module name + "." +
-    parameter); "" when none of them is such a copy."""
-    hit = sorted(n for n, _ in candidates if any(n.endswith(key) and not names_module([key], n) for key in names)
-                 and any(k.startswith(f"{prefix}{n}.") for k in unexpected))
+def check_legacy_suffix_choice(names: list[str], candidates: list[tuple[str, nn.Module]], keys: list[str],
+                               prefix: str) -> None:
+    """Refuse an adapter file whose copies PEFT before 0.22 chose by a plain string suffix ("norm" ->
+    ``model.layers.0.input_layernorm``), saying which entries to add; ``keys``: the file's tensor names
+    (``prefix`` + module name + "." + parameter).
+
+    Raises:
+        ValueError: the file holds a copy of a module that an entry ends with but no longer names.
+    """
+    copies = [k for k in keys if "lora_" not in k]  # a copy's tensors: the module's own names (no adapter keys)
+
+    def saved(name: str) -> bool:
+        return any(k.startswith(f"{prefix}{name}.") for k in copies)
+
+    hit = [n for n, _ in candidates if saved(n) and not names_module(names, n) and any(n.endswith(k) for k in names)]
     if not hit:
-        return ""
-    add = sorted({n.rsplit(".", 1)[-1] for n in hit})  # the modules' own names, e.g. input_layernorm
-    return (f"Its modules_to_save {names} chose {hit[0]} and others by a plain name suffix, as PEFT before 0.22 "
-            f"did; an entry now names whole name components only. Add {', '.join(repr(a) for a in add)} to "
-            "modules_to_save in its adapter_config.json to load it")
+        return
+    add = []
+    for last in dict.fromkeys(n.rsplit(".", 1)[-1] for n in hit):  # the modules' own names, e.g. input_layernorm
+        named = [n for n, _ in candidates if names_module([last], n)]
+        # the short name if it picks only modules the file holds, else the full names (e.g. only some layers')
+        add += [last] if all(saved(n) for n in named) else [n for n in hit if n.rsplit(".", 1)[-1] == last]
+    raise ValueError(f"the adapter's modules_to_save {names} chose {len(hit)} module(s) by a plain name suffix, as "
+                     f"PEFT before 0.22 did (first: {hit[0]}); an entry now names whole name components only. Add "
+                     f"{', '.join(repr(a) for a in add)} to modules_to_save in its adapter_config.json to load it")

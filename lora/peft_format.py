@@ -43,7 +43,7 @@ from finetune_ref.lora.inject import (candidate_modules, embedding_layers, find_
                                       token_layers, weight_sharers)
 from finetune_ref.lora.embedding import TiedLoRAHead
 from finetune_ref.lora.trainable_tokens import token_targets
-from finetune_ref.lora.modules_to_save import find_modules_to_save, legacy_suffix_hint, wrappers
+from finetune_ref.lora.modules_to_save import check_legacy_suffix_choice, find_modules_to_save, wrappers
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -252,6 +252,7 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
             each), and the base model the adapter records.
     """
     modules = find_target_modules(model, config, strict_patterns=False)
+    check_legacy_suffix_choice(config.modules_to_save or [], candidate_modules(model), list(tensors), PEFT_PREFIX)
     expected = {}
     for name in find_modules_to_save(model, config.modules_to_save, candidate_modules(model)) \
             if config.modules_to_save else []:
@@ -298,9 +299,8 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
         if items]
     if problems:
         base = config.base_model_name_or_path
-        hint = legacy_suffix_hint(config.modules_to_save or [], candidate_modules(model), unexpected, PEFT_PREFIX)
-        raise ValueError("the adapter does not fit this model: " + "; ".join(problems) + ". " + (hint or (
-            f"It was trained on {base}" if base else "Was it trained on another base model?")))
+        raise ValueError("the adapter does not fit this model: " + "; ".join(problems) + ". "
+                         + (f"It was trained on {base}" if base else "Was it trained on another base model?"))
     return modules
 
 

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft", minversion="0.22")  # the whole-component rul
 from peft_oracle import assert_rel_close, tiny_hf_llama  # noqa: E402
 
 from finetune_ref import lora  # noqa: E402
-from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper  # noqa: E402
+from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper, check_legacy_suffix_choice  # noqa: E402
 from finetune_ref.lora.peft_format import ADAPTER_WEIGHTS_NAME  # noqa: E402
 
 PREFIX = "base_model.model."
@@ -106,11 +106,13 @@ def test_a_file_saved_with_the_plain_suffix_rule_says_which_names_to_add(tmp_pat
     lora.save_adapter(ours, tmp_path / "old")
     config_path = tmp_path / "old" / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["modules_to_save"] = ["norm"]  # what PEFT 0.21 wrote for the same tensors
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"plain name suffix.*Add 'input_layernorm', 'post_attention_layernorm' to "
-                                         r"modules_to_save in its adapter_config.json"):
-        lora.load_adapter(copy.deepcopy(base), tmp_path / "old")
+    # what PEFT 0.21 wrote for the same tensors: ["norm"], or ["layernorm"] for the layers' norms
+    for old in (["norm"], ["layernorm"]):  # "layernorm" now names nothing at all
+        config["modules_to_save"] = old
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=r"chose 4 module\(s\) by a plain name suffix.*Add 'input_layernorm', "
+                                             r"'post_attention_layernorm' to modules_to_save in its adapter_config"):
+            lora.load_adapter(copy.deepcopy(base), tmp_path / "old")
     config["modules_to_save"] = ["norm", "input_layernorm", "post_attention_layernorm"]  # as the message says
     config_path.write_text(json.dumps(config))
     loaded = copy.deepcopy(base)
@@ -118,3 +120,15 @@ def test_a_file_saved_with_the_plain_suffix_rule_says_which_names_to_add(tmp_pat
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ours(ids).logits)
+
+
+def test_the_old_rule_hint_names_only_what_the_file_holds():
+    """An old entry "1.input_layernorm" chose layers 1 and 11 of 12; adding "input_layernorm" would ask for all 12
+    (and fail on the 10 the file lacks), so the message gives the full name of the one the rule no longer picks."""
+    candidates = [(f"model.layers.{i}.{norm}", None) for i in range(12)
+                  for norm in ("input_layernorm", "post_attention_layernorm")]
+    keys = [f"{PREFIX}model.layers.{i}.input_layernorm.weight" for i in (1, 11)]
+    keys.append(f"{PREFIX}model.layers.1.self_attn.q_proj.lora_A.weight")
+    with pytest.raises(ValueError, match=r"chose 1 module\(s\).*Add 'model.layers.11.input_layernorm' to"):
+        check_legacy_suffix_choice(["1.input_layernorm"], candidates, keys, PREFIX)
+    check_legacy_suffix_choice(["input_layernorm"], candidates, keys, PREFIX)  # today's rule: nothing to say
