@@ -15,14 +15,15 @@ import time
 
 import torch
 
-from finetune_ref.cli.compare_settings import regression_documents, spread
+from bench_training import paired_ratio
+from finetune_ref.cli.compare_settings import regression_documents
 from finetune_ref.lora import LoraConfig, inject_lora, lora_layers, merge_and_unload, trainable_parameters
 from finetune_ref.models.default_model import default_model_dir
 from finetune_ref.models.llama import LlamaForCausalLM
 from finetune_ref.models.loader import load_model
 from finetune_ref.models.tokenizer import Tokenizer
 from finetune_ref.recipes import FullRecipe, LoraRecipe, QLoraRecipe
-from finetune_ref.train.data import BatchIterator, build_datasets, iter_batches, text_examples
+from finetune_ref.train.data import BatchIterator, build_datasets, cap_tokens, iter_batches, text_examples
 from finetune_ref.train.distributed import DistInfo
 from finetune_ref.train.evaluation import evaluate
 from finetune_ref.train.memory_shapes import preset_config
@@ -75,9 +76,9 @@ def load_data(b: Budget) -> Data:
     tok = Tokenizer.from_dir(model_dir)
     train_examples, held = build_datasets(tok, None, seq_len=b.seq_len)
     name, docs = regression_documents()
-    regression = spread(text_examples(tok, docs, b.seq_len), b.eval_tokens) if docs else []
+    regression = cap_tokens(text_examples(tok, docs, b.seq_len), b.eval_tokens) if docs else []
     return Data(model_dir, tok.pad_token_id, train_examples,
-                list(iter_batches(spread(held, b.eval_tokens), EVAL_BATCH, tok.pad_token_id)),
+                list(iter_batches(cap_tokens(held, b.eval_tokens), EVAL_BATCH, tok.pad_token_id)),
                 list(iter_batches(regression, EVAL_BATCH, tok.pad_token_id)), name)
 
 
@@ -307,5 +308,8 @@ def step_throughput(data: Data, b: Budget, device: str = "cpu") -> dict:
     tokens = b.batch_size * b.seq_len
     out = {m: {"median_s": statistics.median(t), "tokens_per_s": tokens / statistics.median(t), "times": t}
            for m, t in times.items()}
-    out["qlora_over_lora"] = out["qlora"]["tokens_per_s"] / out["lora"]["tokens_per_s"]
+    # per round, back to back (bench_training.paired_ratio): LoRA's step time over QLoRA's = QLoRA's tokens/s over
+    # LoRA's, so that a change of load between rounds cancels instead of pairing one method's slow round with the
+    # other's fast one
+    out["qlora_over_lora"] = paired_ratio(times["lora"], times["qlora"])
     return out
