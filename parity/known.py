@@ -74,12 +74,6 @@ KNOWN_DIFFERENCES: tuple[KnownDifference, ...] = (
         "models/llama.py (causal_lm_loss); transformers/loss/loss_utils.py (fixed_cross_entropy)",
         max_rel=1e-6),
     KnownDifference(
-        "bf16-backward", ("step.*.adapter_grads",), ("peft", "peft+bnb"),
-        "in bf16 the backward pass rounds at other points than transformers' (attention, RMSNorm and the fp32 "
-        "upcast of the logits for the loss): gradients agree to a few bf16 ulps of their largest value",
-        "transformers/models/llama/modeling_llama.py; models/llama.py",
-        max_rel=2 ** -5, dtypes=("bf16", "fp16")),
-    KnownDifference(
         "adam-first-step", ("step.*.adapter_update",), ("peft", "peft+bnb"),
         "AdamW's first update is lr * g / (|g| + eps), about lr * sign(g) per element: where the gradients "
         "differ in the last bits (see the adapter_grads row), an element near zero can move by lr either way",

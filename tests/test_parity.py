@@ -98,6 +98,23 @@ def test_peft_lora_fp32_and_bnb_nf4_bytes_are_bitwise(tiny_report):
     assert native["(128, 96) bs64"]["status"] == "explained" and native["(128, 96) bs64"]["known"] == "bnb-cpu-dequant"
 
 
+def test_the_lora_training_step_is_bitwise_with_peft_in_bf16_too():
+    """Loss, every adapter gradient and the AdamW update of a bf16 LoRA step (all-linear, GQA) equal PEFT's on
+    transformers bit for bit: the backward passes round at the same points. Nothing may be waved through as
+    "bf16 rounding" here; any divergence is unexplained (exit status 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    code, out, _ = run_cli("--tiny-only", "--json", "--dtype", "bf16", "--peers", "transformers,peft")
+    torch.set_num_threads(before)
+    report = json.loads(out)
+    assert code == 0 and report["counts"]["unexplained"] == 0, report["counts"]
+    step = {r["check"]: r for r in report["rows"] if r["check"].startswith("step.lora.")}
+    assert set(step) == {"step.lora.loss", "step.lora.adapter_grads", "step.lora.adapter_update"}
+    for row in step.values():
+        assert row["dtype"] == "bf16" or row["check"] == "step.lora.adapter_update", row
+        assert row["bitwise"] and row["max_ulps"] == 0, row
+
+
 def test_torchao_differences_are_quantified(tiny_report):
     rows = [r for r in tiny_report[1]["rows"] if r["peer"] == "torchao"]
     codes = [r for r in rows if r["check"] == "nf4.codes"]
