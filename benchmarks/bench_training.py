@@ -667,7 +667,10 @@ def main(argv: list[str] | None = None) -> int:
             from finetune_ref.models.tokenizer import Tokenizer
 
             model_dir = default_model_dir()
-            ids = text_batch(Tokenizer.from_dir(model_dir), args.batch_size, args.seq_len)
+            try:
+                ids = text_batch(Tokenizer.from_dir(model_dir), args.batch_size, args.seq_len)
+            except ValueError as e:  # more tokens asked for than the text has: the flags' fault, said in one line
+                parser.error(str(e))
         results = []
         for method in methods:
             print(f"[{method}] building and timing ...", file=sys.stderr, flush=True)

@@ -178,6 +178,7 @@ def test_paired_ratio_refuses_rows_of_different_lengths(bench):
     (["--from-json", "{empty}"], "not a run saved by --json (KeyError"),
     (["--methods", "lora,lora"], "each once, got 'lora,lora'"),
     (["--json", "/nonexistent/run.json"], "--json /nonexistent/run.json: its folder does not exist"),
+    (["--batch-size", "4096", "--seq-len", "4096", "--no-write"], "lower --batch-size/--seq-len"),  # the real text
 ])
 def test_bad_arguments_are_one_line(bench, capsys, tmp_path, argv, message):
     empty = tmp_path / "empty.json"
