@@ -463,3 +463,9 @@ def test_dry_run_makes_the_checks_that_need_no_weights(tiny, tmp_path, capsys):
 def test_adapter_flags_with_full_fine_tuning_are_refused_not_ignored(flags, named, capsys):
     line = fails(["train", "--method", "full", "--dry-run", *flags], capsys)
     assert f"{named} do" in line and "not apply to --method full" in line
+
+
+def test_a_batch_larger_than_the_training_set_names_the_flag(tiny, tmp_path, capsys):
+    err = fails(train_argv(tiny, tmp_path / "run", "--batch-size", "5000"), capsys, after_progress=True)
+    assert "make no full batch of 5000" in err and "--batch-size" in err
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()

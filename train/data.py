@@ -291,7 +291,8 @@ class BatchIterator:
         if not examples:
             raise ValueError("BatchIterator needs at least one example")
         if drop_last and len(examples) < batch_size:
-            raise ValueError(f"{len(examples)} examples make no full batch of {batch_size} with drop_last=True")
+            raise ValueError(f"{len(examples)} examples make no full batch of {batch_size} (only full batches are "
+                             "used): lower the batch size (finetune train --batch-size) or give more data")
         self.examples, self.batch_size, self.pad_token_id = examples, batch_size, pad_token_id
         self.seed, self.drop_last, self.max_epochs = seed, drop_last, max_epochs
         n = len(examples)
