@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from finetune_ref.cli.common import (NF4_BLOCKSIZES, add_data_args, add_model_ar
                                      fraction, grad_accum, learning_rate, module_names, non_negative_int,
                                      positive_float, positive_int, probability, rank, resolve_model_dir, seed,
                                      show_number, targets, token_ids, weight_decay, writing_to)
+from finetune_ref.models.output_dir import replaced_when_written
 from finetune_ref.optim import OPTIMIZER_NAMES
 from finetune_ref.recipes import RECIPES, RunConfig
 from finetune_ref.recipes.run_record import (config_from_record, holds_run, latest_checkpoint_update, read_run_record,
@@ -131,10 +131,9 @@ def cmd_train(args) -> int:
     inputs = (model_dir, cfg.data, cfg.eval_data) + (() if own else (cfg.resume,))
     guard = writing_to(out, *inputs, overwrite=args.overwrite, own=own, explain=_explain) if main_rank \
         else contextlib.nullcontext(out)
-    with guard:
-        if main_rank and args.overwrite and not own and out.is_dir():
-            for path in out.iterdir():  # asked for: start over in a clean directory
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    # asked for: start over in a clean directory, the old contents kept until the new run writes
+    replacing = replaced_when_written(out) if main_rank and args.overwrite and not own else contextlib.nullcontext()
+    with guard, replacing:
         info = init_distributed()
         finished = False
         try:

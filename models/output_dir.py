@@ -15,7 +15,8 @@ The rules:
   when its process dies, so the file of a killed process is taken over (and said so).
 * Results are written into a temporary sibling directory (``staging_dir``) and renamed into place
   (``replace_dir``): a failed or interrupted write leaves the previous state, never a half result under the
-  final name.
+  final name. A training run, written in place as it goes, keeps what it replaces until it has written
+  something (``replaced_when_written``).
 """
 
 from __future__ import annotations
@@ -142,6 +143,33 @@ def written_whole(out: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def replaced_when_written(out: str | Path) -> Iterator[None]:
+    """``--overwrite`` of a result written in place as it goes (a training run's checkpoints and record), where
+    ``written_whole`` cannot stage it: the previous contents of ``out`` are moved into a hidden sibling
+    (``.<name>.replaced-*``), deleted once the new run has written something into ``out``, and moved back when it
+    fails or is interrupted before writing anything (e.g. on a flag only checked once the model is loaded). A
+    process killed in between leaves them in that sibling."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        yield
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    for path in list(out.iterdir()):
+        os.rename(path, aside / path.name)  # the same filesystem: a rename, nothing copied
+    try:
+        yield
+    finally:
+        if any(out.iterdir()):  # the new result has begun: the old one is replaced, as asked
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            for path in list(aside.iterdir()):
+                os.rename(path, out / path.name)
+            aside.rmdir()
+            print(f"note: {out} keeps its previous contents: the new run stopped before writing anything",
+                  file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------

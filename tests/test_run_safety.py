@@ -196,6 +196,24 @@ def test_a_non_empty_out_is_refused_unless_overwrite(tiny, straight, tmp_path, c
     assert "inside the input" in capsys.readouterr().err
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_writes(tiny, straight, tmp_path, capsys):
+    """--overwrite with a flag found wrong only once the model is loaded (a modules_to_save name): the run that was
+    there stays whole; a run that starts writing replaces it."""
+    import shutil
+
+    victim = tmp_path / "victim"
+    shutil.copytree(straight, victim)
+    before = sorted(p.relative_to(victim) for p in victim.rglob("*"))
+    capsys.readouterr()
+    assert main([*train_args(tiny, victim, steps=1), "--overwrite", "--modules-to-save", "layernorms"]) == 2
+    err = capsys.readouterr().err
+    assert "layernorms" in err and f"{victim} keeps its previous contents" in err
+    assert sorted(p.relative_to(victim) for p in victim.rglob("*")) == before and same_adapter(victim, straight)
+    assert main([*train_args(tiny, victim, steps=1), "--overwrite"]) == 0
+    assert json.loads((victim / "run_config.json").read_text())["config"]["steps"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing set aside is left
+
+
 def test_a_second_process_on_the_same_out_fails_naming_the_holder(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
