@@ -116,7 +116,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # Library parameters whose name differs from the flag's ``dest`` (errors raised below the CLI use the former).
-PARAMETER_DESTS = {"untie_tied": "untie"}
+PARAMETER_DESTS = {"untie_tied": "untie", "target_modules": "targets"}  # (LoraConfig.target_modules)
 
 
 def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:

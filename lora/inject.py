@@ -249,8 +249,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     saved = find_modules_to_save(model, config.modules_to_save, candidate_modules(model)) \
         if config.modules_to_save else []
     if set(saved) & set(names):
-        raise ValueError(f"{sorted(set(saved) & set(names))} are in both target_modules and modules_to_save; a "
-                         "module is either adapted or trained in full")
+        both = sorted(set(saved) & set(names))
+        raise ValueError(f"{len(both)} module(s) are in both target_modules and modules_to_save (first: {both[0]}); "
+                         "a module is either adapted or trained in full: leave it out of one of them")
     previous_active = get_active_adapters(model)
     heads = tied_heads_to_wrap(model, names, config)
     tokens = token_targets(model, config.trainable_token_indices, names)

@@ -84,7 +84,8 @@ def find_modules_to_save(model: nn.Module, names: list[str], candidates: list[tu
               not any(n.startswith(other + ".") for other, _ in candidates if other != n and
                       names_module(names, other))]
     if not chosen:
-        raise ValueError(f"modules_to_save={names} matches no module of the model")
+        raise ValueError(f"modules_to_save {','.join(names)} names no module of the model: an entry is a module's "
+                         "full name or its trailing dotted parts (e.g. lm_head, norm, input_layernorm)")
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         for p in module._parameters.values():
@@ -97,8 +98,9 @@ def find_modules_to_save(model: nn.Module, names: list[str], candidates: list[tu
             others = [o for o in owners.get(id(p), []) if o != name and not o.startswith(name + ".")]
             if others:
                 raise ValueError(f"modules_to_save: {name} shares its weights with {others} (tied embeddings); "
-                                 "training a copy of one would silently untie them. Untie the model first (load it "
-                                 "with tie_word_embeddings=False) or leave it out")
+                                 "training a copy of one would silently untie them. Leave it out, adapt the tied pair "
+                                 "with LoRA instead (embed_tokens in target_modules, with ensure_weight_tying), or "
+                                 "untie the model first (load it with tie_word_embeddings=False)")
     return [n for n, _ in chosen]
 
 

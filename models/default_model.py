@@ -10,7 +10,10 @@ dequantized Q4_1 values, not the original bf16 checkpoint: full fine-tuning star
 
 Cache protocol (safe against interruption and against two processes converting at once):
 1. convert into a private staging dir next to the target (``convert_gguf`` itself writes atomically);
-2. write the marker file ``.conversion.json`` (source path, size, mtime, converter version) last;
+2. write the marker file ``.conversion.json`` (the source's identity, converter version) last; the source is
+   named by the sha256 the wheel's RECORD lists for the GGUF, so every environment with the same wheel (two
+   virtualenvs, a reinstall) shares one conversion; a file the RECORD does not list is named by path, size and
+   mtime;
 3. ``os.rename`` the staging dir onto the target. The rename is atomic, so the target either does not
    exist or is complete. A process that loses the race finds a valid marker and uses the winner's copy.
 A missing or stale marker (the wheel was reinstalled, the converter changed) triggers a re-conversion.
@@ -60,10 +63,26 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "finetune-ref"
 
 
+def _wheel_hash(gguf_path: pathlib.Path) -> str | None:
+    """``sha256=<digest>`` of ``gguf_path`` as the installed wheel's RECORD lists it, or None when the file is not
+    that wheel's (or the installer kept no hash)."""
+    try:
+        dist = metadata.distribution(WHEEL)
+    except metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.hash is not None and str(file) == GGUF_IN_WHEEL and \
+                pathlib.Path(dist.locate_file(file)).resolve() == gguf_path.resolve():
+            return f"{file.hash.mode}={file.hash.value}"
+    return None
+
+
 def _expected_marker(gguf_path: pathlib.Path) -> dict:
     st = gguf_path.stat()
-    return {"source": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "converter_version": CONVERTER_VERSION, "dtype": "float32"}
+    digest = _wheel_hash(gguf_path)
+    source = {"source": digest, "size": st.st_size} if digest else \
+        {"source": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {**source, "converter_version": CONVERTER_VERSION, "dtype": "float32"}
 
 
 def _is_complete(model_dir: pathlib.Path, expected: dict) -> bool:

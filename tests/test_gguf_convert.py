@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -331,6 +332,29 @@ def test_default_model_dir_converts_once_then_reuses(tmp_path, tiny, monkeypatch
     default_model.default_model_dir(cache, verbose=False)
     assert (d / default_model.MARKER).is_file()
     assert sorted(p.name for p in cache.iterdir()) == ["SmolLM2-135M-Instruct"]  # no staging/stale leftovers
+
+
+def test_the_same_wheel_in_two_environments_shares_one_conversion(tmp_path, tiny, monkeypatch, capsys):
+    """Two virtualenvs hold the same wheel at two paths (other mtimes): the cache is keyed by the sha256 of the
+    wheel's RECORD, so neither converts again after the other (a path key made them take turns re-converting)."""
+    # the installed wheel's own file is named by its RECORD hash
+    assert default_model._wheel_hash(default_model.default_gguf_path()).startswith("sha256=")
+    _, path = tiny
+    assert default_model._wheel_hash(path) is None  # not the wheel's file: path, size and mtime name it
+    copies = [tmp_path / "venv_a" / path.name, tmp_path / "venv_b" / path.name]
+    for copy in copies:
+        copy.parent.mkdir()
+        shutil.copy(path, copy)
+    os.utime(copies[1], ns=(0, 10**9))
+    monkeypatch.setattr(default_model, "_wheel_hash", lambda p: "sha256=same-wheel")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(default_model, "default_gguf_path", lambda: copies[0])
+    d = default_model.default_model_dir(cache)
+    inode = (d / "model.safetensors").stat().st_ino
+    capsys.readouterr()
+    monkeypatch.setattr(default_model, "default_gguf_path", lambda: copies[1])
+    assert default_model.default_model_dir(cache) == d and capsys.readouterr().err == ""
+    assert (d / "model.safetensors").stat().st_ino == inode
 
 
 def test_default_model_dir_race(tmp_path, tiny, monkeypatch):
