@@ -156,8 +156,8 @@ def _dry_run_checks(cfg: RunConfig, args, own: bool) -> None:
     if cfg.model is not None and not Path(cfg.model).exists():  # a plan may be made away from the weights
         print(f"finetune train: warning: --model {cfg.model} does not exist here: its shapes are not checked, and "
               "a real run here would fail", file=sys.stderr)
-    elif cfg.model is not None and Path(cfg.model).suffix != ".gguf":  # converting a .gguf is the real run's work
-        model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
+    elif cfg.model is None or Path(cfg.model).suffix != ".gguf":  # converting a .gguf is the real run's work
+        model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)  # the default: its cached conversion (made once)
         check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
         cfg.check_shapes(model_dir, lambda name: args.flags.get(name, name))
     for name in ("data", "eval_data"):
@@ -320,8 +320,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "adapters, gradients and optimizer states) "
                         f"({_default('parallel')})")
     p.add_argument("--dry-run", action="store_true", default=False,
-                   help="check what needs no weights (flags, --model's config.json, the data files, --out), print the plan "
-                        "and the learning rate of every update, then exit")
+                   help="check what needs no weights (flags, the model's config.json: --model's or the default's "
+                        "cached conversion; the data files, --out), print the plan and the learning rate of every "
+                        "update, then exit")
     p.add_argument("--log", type=log_names, metavar="NAMES",
                    help="also log to tensorboard (OUT/tensorboard) or wandb (OUT/wandb; offline unless W&B is "
                         "configured), or both: tensorboard,wandb (default: none; metrics.jsonl is always written)")

@@ -78,6 +78,22 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
+def modules_to_save_of(model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
+    """The modules ``config.modules_to_save`` chooses (``find_modules_to_save``), none of them in ``targets``.
+
+    Raises:
+        ValueError: an entry names nothing, a tied or adapted module, or a module also in ``targets``.
+    """
+    if not config.modules_to_save:
+        return []
+    saved = find_modules_to_save(model, config.modules_to_save, candidate_modules(model))
+    both = sorted(set(saved) & set(targets))
+    if both:
+        raise ValueError(f"{len(both)} module(s) are in both target_modules and modules_to_save (first: {both[0]}); "
+                         "a module is either adapted or trained in full: leave it out of one of them")
+    return saved
+
+
 def _matches(spec: list[str] | str, name: str) -> bool:
     """PEFT's module-name rule: a regex string must fullmatch; a list entry must equal the name or be its suffix."""
     if isinstance(spec, str):
@@ -246,12 +262,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     names = find_target_modules(model, config, strict_patterns=strict_patterns)
     if is_mutating_init(config.init_lora_weights):
         _refuse_shared_targets(model, names, config.init_lora_weights)
-    saved = find_modules_to_save(model, config.modules_to_save, candidate_modules(model)) \
-        if config.modules_to_save else []
-    if set(saved) & set(names):
-        both = sorted(set(saved) & set(names))
-        raise ValueError(f"{len(both)} module(s) are in both target_modules and modules_to_save (first: {both[0]}); "
-                         "a module is either adapted or trained in full: leave it out of one of them")
+    saved = modules_to_save_of(model, config, names)
     previous_active = get_active_adapters(model)
     heads = tied_heads_to_wrap(model, names, config)
     tokens = token_targets(model, config.trainable_token_indices, names)

@@ -84,14 +84,16 @@ class LoraRecipe(RunConfig):
     def check_shapes(self, model_dir: Path, flag) -> None:
         """On the model built on the meta device (no memory): ``targets`` must match its linear layers, and
         ``rank`` be at most min(in_features, out_features) of each (a larger rank adds parameters, and memory
-        enough to kill the process, but no expressiveness: B @ A has rank <= that minimum anyway).
+        enough to kill the process, but no expressiveness: B @ A has rank <= that minimum anyway); the trainable
+        tokens and ``modules_to_save`` must name modules it has.
 
         Raises:
-            ValueError: naming --targets or --rank and the layer that bounds the rank.
+            ValueError: naming --targets, --rank (and the layer that bounds it), --trainable-tokens or
+                --modules-to-save.
         """
         import torch
 
-        from finetune_ref.lora.inject import find_target_modules, tied_heads_to_wrap
+        from finetune_ref.lora.inject import find_target_modules, modules_to_save_of, tied_heads_to_wrap
         from finetune_ref.lora.trainable_tokens import token_targets
         from finetune_ref.models.config import LlamaConfig
         from finetune_ref.models.llama import LlamaForCausalLM
@@ -120,6 +122,7 @@ class LoraRecipe(RunConfig):
             token_targets(model, self.lora_config().trainable_token_indices, names)
         except ValueError as err:
             raise ValueError(f"{flag('trainable_tokens')} {','.join(map(str, self.trainable_tokens))}: {err}") from None
+        modules_to_save_of(model, self.lora_config(), names)  # its messages name modules_to_save (the CLI: the flag)
         modules = dict(model.named_modules())
         features = {n: (modules[n].num_embeddings, modules[n].embedding_dim) if isinstance(modules[n], torch.nn.Embedding)
                     else (modules[n].in_features, modules[n].out_features) for n in names}

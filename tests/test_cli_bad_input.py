@@ -469,3 +469,21 @@ def test_a_batch_larger_than_the_training_set_names_the_flag(tiny, tmp_path, cap
     err = fails(train_argv(tiny, tmp_path / "run", "--batch-size", "5000"), capsys, after_progress=True)
     assert "make no full batch of 5000" in err and "--batch-size" in err
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modules-to-save", "layernorms"], "--modules-to-save layernorms names no module of the model"),
+    (["--modules-to-save", "q_proj"], "in both --targets and --modules-to-save (first: model.layers.0.self_attn"),
+    (["--rank", "600"], "--rank 600 is larger than k_proj allows"),
+])
+def test_dry_run_on_the_default_model_checks_what_a_run_would(argv, message, capsys):
+    """No --model: the embedded default's cached conversion is read (config.json only), so the plan is refused
+    for what the run would refuse, before any weight or data is read."""
+    err = fails(["train", *argv, "--dry-run"], capsys)
+    assert message in err
+
+
+def test_modules_to_save_is_checked_before_the_data_and_weights(tiny, tmp_path, capsys):
+    err = fails(train_argv(tiny, tmp_path / "run", "--modules-to-save", "layernorms"), capsys)
+    assert "--modules-to-save layernorms names no module" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
