@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
 from finetune_ref.cli.common import (NF4_BLOCKSIZES, Parser, module_names, non_negative_int, positive_int,
@@ -76,8 +77,9 @@ def _targets(text: str) -> tuple[str, ...]:
     names = tuple(n for t in names for n in (LINEAR_NAMES if t == "all-linear" else (t,)))
     unknown = [t for t in names if t not in (*LINEAR_NAMES, "embed_tokens")]
     if unknown or not set(names) & set(LINEAR_NAMES):
-        raise argparse.ArgumentTypeError(f"expected 'all-linear' or a comma-separated subset of {LINEAR_NAMES}, "
-                                         f"either plus embed_tokens, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'all-linear' or a comma-separated subset of "
+                                         f"{','.join(LINEAR_NAMES)}, with embed_tokens if wanted (the estimator needs "
+                                         f"at least one linear layer), got {text!r}")
     return names
 
 
@@ -104,8 +106,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES),
                    help="LoRA A/B dtype (default: bf16 where the method's precision is bf16, else fp32)")
     p.add_argument("--rank", type=rank, help=f"LoRA rank r ({recipe_default('rank')})")
-    p.add_argument("--targets", type=_targets, default=LINEAR_NAMES,
-                   help="'all-linear' or a comma-separated subset of q_proj,...,down_proj (default all-linear)")
+    p.add_argument("--targets", type=_targets, default=None,
+                   help="'all-linear' or a comma-separated subset of q_proj,...,down_proj, with embed_tokens for "
+                        "LoRA on the input embedding (default all-linear)")
     p.add_argument("--dropout", type=probability,
                    help=f"LoRA dropout in training (each adapter keeps its dropped input) ({recipe_default('dropout')})")
     p.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output, two more activations)")
@@ -147,26 +150,56 @@ def _dtype_defaults() -> str:
     return ", ".join(f"{dtype} for {' and '.join(methods)}" for dtype, methods in by_dtype.items())
 
 
-def settings(args: argparse.Namespace) -> MemorySettings:
+def _savable(names: tuple[str, ...]) -> tuple[str, ...]:
+    """--modules-to-save as the estimator counts them (``SAVABLE_MODULES``): each entry by its last name part
+    ("model.norm" is "norm"); one layer's module is refused, as the estimator counts a kind in every layer."""
+    kinds = []
+    for name in names:
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in SAVABLE_MODULES or re.search(r"(^|\.)layers\.\d+(\.|$)", name):
+            raise ValueError(f"--modules-to-save {','.join(names)}: the estimator counts copies of "
+                             f"{', '.join(SAVABLE_MODULES)} (the layers' norms in every layer), not {name}")
+        kinds += [kind] if kind not in kinds else []
+    return tuple(kinds)
+
+
+def settings(args: argparse.Namespace, config=None) -> MemorySettings:
     """The ``MemorySettings`` of the run ``finetune train`` would make with these flags: the method's recipe
-    (``cli.train.run_config``, so the same defaults and the same refusals) plus the estimator's own flags.
+    (``cli.train.run_config``, so the same defaults and the same refusals; with the model's ``config`` also
+    what train checks of its shapes) plus the estimator's own flags.
 
     Raises:
         ValueError: what train refuses (NF4 flags without --method qlora, ...) or the estimator does.
     """
     given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k, None) is not None}
+    # the adapter flags given: train refuses them with --method full, and checks them against the model's shapes
+    given.update({k: v for k, v in (("targets", args.targets), ("dora", args.dora or None),
+                                    ("modules_to_save", args.modules_to_save or None),
+                                    ("trainable_tokens", args.trainable_tokens or None),
+                                    ("ensure_weight_tying", args.ensure_weight_tying or None)) if v is not None})
     dtype = given.pop("dtype", None)
     if dtype is not None and args.method == "full":  # full trains the weights in the precision's dtype
         given["precision"] = "bf16" if dtype == "bf16" else "fp32"
     elif dtype is not None:
         given["dtype"] = dtype
     recipe, _, _ = run_config(argparse.Namespace(method=args.method, **given))
+    if config is not None:  # what train checks of the model before loading it (recipes/lora.py check_shapes)
+        recipe.check_shapes(config, lambda name: "--" + name.replace("_", "-"))
+        if recipe.seq_len > config.max_position_embeddings:
+            raise ValueError(f"--seq-len {recipe.seq_len} is beyond the model's context of "
+                             f"{config.max_position_embeddings} tokens; use at most {config.max_position_embeddings}")
+    if args.method == "full" and args.adapter_dtype:
+        raise ValueError("--adapter-dtype sets the dtype of LoRA's A and B: use it with --method lora or qlora")
+    if args.world_size > 1 and args.parallel != "fsdp":
+        raise ValueError(f"--world-size {args.world_size} applies to --parallel fsdp (with ddp every rank holds the "
+                         "whole model: the estimate is per rank at any world size); add --parallel fsdp or leave it out")
     adapter_dtype = args.adapter_dtype or ("bf16" if recipe.precision == "bf16" else "fp32")
     return MemorySettings(
         method=args.method, optimizer=recipe.optimizer, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
         gradient_checkpointing=recipe.grad_checkpointing, dtype=dtype or recipe.base_dtype(),
         adapter_dtype=None if args.method == "full" else adapter_dtype, rank=getattr(recipe, "rank", 8),
-        target_modules=tuple(args.targets), dora=args.dora, modules_to_save=args.modules_to_save,
+        target_modules=tuple(args.targets or LINEAR_NAMES), dora=args.dora,
+        modules_to_save=_savable(args.modules_to_save),
         lora_dropout=getattr(recipe, "dropout", 0.0),
         trainable_tokens=len(args.trainable_tokens),
         double_quant=getattr(recipe, "double_quant", None) is not False,
@@ -191,10 +224,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.trainable_tokens and max(args.trainable_tokens) >= config.vocab_size:
         raise ValueError(f"--trainable-tokens: id {max(args.trainable_tokens)} is outside the vocabulary of "
                          f"{config.vocab_size} tokens")
-    if "embed_tokens" in args.targets and config.tie_word_embeddings and not args.ensure_weight_tying:
+    if "embed_tokens" in (args.targets or ()) and config.tie_word_embeddings and not args.ensure_weight_tying:
         raise ValueError("--targets with embed_tokens on a model whose lm_head is tied to it: add "
                          "--ensure-weight-tying (the head then gets the same adapter), as finetune train asks")
-    setup = settings(args)
+    setup = settings(args, config)
     world = args.world_size if args.parallel == "fsdp" else 1
     estimate = estimate_memory_fsdp(config, setup, world) if world > 1 else estimate_memory(config, setup)
     if args.json:

@@ -111,9 +111,10 @@ class RunConfig(TrainConfig):
             for layer in model.model.layers:
                 layer.compile()
 
-    def check_shapes(self, model_dir: Path, flag) -> None:
-        """What the method's settings need of ``model_dir``'s shapes, checked from its config.json before any
-        weight loads (``flag(field)``: the flag to name). Nothing for full fine-tuning."""
+    def check_shapes(self, model_dir, flag) -> None:
+        """What the method's settings need of ``model_dir``'s shapes, checked from its config.json (or of a
+        ``LlamaConfig`` given instead, as ``finetune memory`` has one) before any weight loads (``flag(field)``:
+        the flag to name). Nothing for full fine-tuning."""
 
     def build(self, model_dir: Path, info: DistInfo) -> Trainable:
         """Load ``model_dir`` the way the method trains it; see the recipes."""

@@ -81,7 +81,7 @@ class LoraRecipe(RunConfig):
             meta["trainable_token_indices"] = list(self.trainable_tokens)
         return meta
 
-    def check_shapes(self, model_dir: Path, flag) -> None:
+    def check_shapes(self, model_dir, flag) -> None:
         """On the model built on the meta device (no memory): ``targets`` must match its linear layers, and
         ``rank`` be at most min(in_features, out_features) of each (a larger rank adds parameters, and memory
         enough to kill the process, but no expressiveness: B @ A has rank <= that minimum anyway); the trainable
@@ -98,8 +98,10 @@ class LoraRecipe(RunConfig):
         from finetune_ref.models.config import LlamaConfig
         from finetune_ref.models.llama import LlamaForCausalLM
 
+        config = model_dir if isinstance(model_dir, LlamaConfig) else \
+            LlamaConfig.from_json_file(Path(model_dir) / "config.json")  # a directory, or its config (memory)
         with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig.from_json_file(Path(model_dir) / "config.json"))
+            model = LlamaForCausalLM(config)
         shown = (self.targets if self.targets == "all-linear" else f"re:{self.targets}"
                  if isinstance(self.targets, str) else ",".join(self.targets))  # as the user typed it
         try:

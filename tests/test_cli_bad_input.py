@@ -487,3 +487,29 @@ def test_modules_to_save_is_checked_before_the_data_and_weights(tiny, tmp_path, 
     err = fails(train_argv(tiny, tmp_path / "run", "--modules-to-save", "layernorms"), capsys)
     assert "--modules-to-save layernorms names no module" in err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modules-to-save", "lm_head"], "lm_head shares its weights with ['model.embed_tokens']"),
+    (["--rank", "600"], "--rank 600 is larger than k_proj allows"),
+    (["--seq-len", "100000"], "beyond the model's context of 8192 tokens"),
+    (["--method", "full", "--dora"], "--dora does not apply to --method full"),
+    (["--method", "full", "--targets", "q_proj"], "--targets does not apply to --method full"),
+    (["--method", "full", "--adapter-dtype", "bf16"], "--adapter-dtype sets the dtype of LoRA's A and B"),
+    (["--method", "full", "--modules-to-save", "norm"], "--modules-to-save does not apply to --method full"),
+    (["--world-size", "4"], "--world-size 4 applies to --parallel fsdp"),
+    (["--modules-to-save", "layers.0.input_layernorm"], "the layers' norms in every layer"),
+])
+def test_memory_refuses_what_train_refuses_of_the_model(argv, message, capsys):
+    """The estimate is of a run train would make: what train refuses of the model's shapes (or of the method)
+    is refused here too, in the same words, instead of estimating a run that cannot happen."""
+    assert message in fails(["memory", *argv], capsys)
+
+
+def test_memory_counts_modules_to_save_by_kind(capsys):
+    runs = {}
+    for names in ("norm", "model.norm", "input_layernorm,post_attention_layernorm,norm"):
+        assert main(["memory", "--modules-to-save", names, "--json"]) == 0
+        runs[names] = json.loads(capsys.readouterr().out)
+    assert runs["norm"]["settings"]["modules_to_save"] == runs["model.norm"]["settings"]["modules_to_save"] == ["norm"]
+    assert runs["norm"]["peak"] == runs["model.norm"]["peak"] < runs["input_layernorm,post_attention_layernorm,norm"]["peak"]
