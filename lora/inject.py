@@ -374,7 +374,16 @@ def _refuse_shared_targets(model: nn.Module, names: list[str], init: str) -> Non
 
 def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     """Copy the model-wide active list to every LoRALinear (each skips names it does not carry), then make only
-    the active adapters' A/B trainable. The caller has checked the names."""
+    the active adapters' A/B trainable. The caller has checked the names.
+
+    Raises:
+        ValueError: two of ``names`` hold trained copies of one module (modules_to_save); nothing is changed.
+    """
+    for module, wrapper in wrappers(model):
+        having = [n for n in names if n in wrapper.modules_to_save]
+        if len(having) > 1:  # PEFT refuses it too (AuxiliaryTrainingWrapper.check_set_adapter)
+            raise ValueError(f"adapters {having} each hold a trained copy of {module} (modules_to_save), and only one "
+                             "copy can compute: activate them one at a time, or merge one into the base first")
     for _, layer in tuner_layers(model):
         layer.set_adapter(names, strict=False)
     for _, wrapper in wrappers(model):

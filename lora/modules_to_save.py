@@ -3,8 +3,10 @@
 Some modules are better trained in full than through a low-rank update, e.g. the output head or a norm when
 the task changes the output distribution, or new token embeddings. PEFT's ``ModulesToSaveWrapper``
 (peft/utils/other.py) keeps the frozen ``original_module`` and, per adapter, a trainable deep copy in
-``modules_to_save.<adapter>``; the wrapper computes with the copy of the active adapter, or with the original
-when adapters are disabled or an active adapter has no copy here. In the adapter file the copy's tensors are
+``modules_to_save.<adapter>``; the wrapper computes with the copy of the one active adapter that has a copy of
+this module, or with the original when none has (or adapters are disabled). Several active adapters may each
+bring copies of other modules, but two active copies of one module are refused (PEFT's
+``AuxiliaryTrainingWrapper.check_set_adapter``: "Only one adapter can be set at a time"). In the adapter file the copy's tensors are
 saved under the module's own name: ``base_model.model.<path>.<param>`` (e.g. ``base_model.model.lm_head.weight``).
 
 Selection is PEFT's ``_set_trainable`` rule (peft/utils/other.py, from peft 0.22 on): an entry chooses the
@@ -51,11 +53,10 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[adapter_name] = module
 
     def active_module(self) -> nn.Module:
-        """The module forward uses: the first active adapter's copy, or the original (PEFT's rule)."""
-        if self.disabled or not self.active_adapters or \
-                any(a not in self.modules_to_save for a in self.active_adapters):
-            return self.original_module
-        return self.modules_to_save[self.active_adapters[0]]
+        """The module forward uses: the copy of the active adapter that has one here, else the original (PEFT's
+        rule; ``lora.inject.set_active_adapters`` refuses two active adapters with copies of one module)."""
+        having = [a for a in self.active_adapters if a in self.modules_to_save]
+        return self.original_module if self.disabled or not having else self.modules_to_save[having[0]]
 
     def forward(self, *args, **kwargs):
         return self.active_module()(*args, **kwargs)

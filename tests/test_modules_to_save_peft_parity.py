@@ -132,3 +132,36 @@ def test_the_old_rule_hint_names_only_what_the_file_holds():
     with pytest.raises(ValueError, match=r"chose 1 module\(s\).*Add 'model.layers.11.input_layernorm' to"):
         check_legacy_suffix_choice(["1.input_layernorm"], candidates, keys, PREFIX)
     check_legacy_suffix_choice(["input_layernorm"], candidates, keys, PREFIX)  # today's rule: nothing to say
+
+
+def test_two_active_adapters_each_use_their_own_copies_as_peft(tmp_path):
+    """Adapter a trains model.norm, adapter b the layers' input norms; both active: each module computes with the
+    copy of the adapter that has one (PEFT's check_set_adapter), not the original. Two active copies of one
+    module are refused, as PEFT refuses them."""
+    base = tiny_llama()
+    for name, saved in (("a", ["norm"]), ("b", ["input_layernorm"]), ("c", ["norm"])):
+        model = copy.deepcopy(base)
+        lora.inject_lora(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False, modules_to_save=saved))
+        torch.manual_seed(len(name) + ord(name))
+        with torch.no_grad():
+            for p in (p for n, p in model.named_parameters() if "modules_to_save" in n):
+                p.add_(0.05 * torch.randn_like(p))
+        lora.save_adapter(model, tmp_path / name)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    ours = copy.deepcopy(base)
+    lora.load_adapters(ours, [tmp_path / "a", tmp_path / "b"], adapter_names=["a", "b"])
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.base_model.set_adapter(["a", "b"])
+    with torch.no_grad():
+        out, ref = ours(ids).logits, theirs(input_ids=ids).logits
+        only_a = copy.deepcopy(base)
+        lora.load_adapters(only_a, [tmp_path / "a"], adapter_names=["a"])
+        assert not torch.equal(out, only_a(ids).logits)  # b's norms count
+    assert_rel_close(out, ref)
+    with pytest.raises(ValueError, match=r"adapters \['a', 'c'\] each hold a trained copy of model.norm"):
+        lora.load_adapters(copy.deepcopy(base), [tmp_path / "a", tmp_path / "c"], adapter_names=["a", "c"])
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        theirs.load_adapter(tmp_path / "c", adapter_name="c")
+        theirs.base_model.set_adapter(["a", "c"])
