@@ -24,14 +24,16 @@ COMBINED = "combined"
 
 
 def weights(text: str) -> list[float]:
-    """'0.7,0.3' -> [0.7, 0.3] (argparse type)."""
+    """'0.7,0.3' -> [0.7, 0.3] (argparse type of --weights and --adapter-scale; argparse names the flag)."""
     import argparse
+    import math
 
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--weights takes comma-separated numbers like 0.7,0.3, got {text!r}") \
-            from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"takes comma-separated finite numbers like 0.7,0.3, got {text!r}")
     return values
 
 

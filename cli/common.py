@@ -268,17 +268,25 @@ def run_default(name: str):
     return next(f.default for f in dataclasses.fields(RunConfig) if f.name == name)
 
 
+def existing_path(text: str) -> str:
+    """A --data / --eval-data path that exists (a file or a folder), checked as the flag is parsed."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
+    return text
+
+
 def add_data_args(p: argparse.ArgumentParser, batch_size: int | None = None, given_only: bool = False) -> None:
     """``--data``, ``--eval-data``, ``--eval-fraction``, ``--eval-tokens``, ``--seq-len``, ``--batch-size``, with the
     defaults of ``finetune train`` (``RunConfig``), so that eval finds the held-out split train used.
-    ``given_only``: a flag left out sets no attribute (``finetune train`` gives its recipe only the flags given)."""
+    ``given_only``: a flag left out sets no attribute (``finetune train`` gives its recipe only the flags given),
+    and the data paths are checked by the run, not as parsed (a config may be written for another machine)."""
     size = run_default("batch_size") if batch_size is None else batch_size
     fraction_default, seq_len_default = run_default("eval_fraction"), run_default("seq_len")
     tokens_default = run_default("eval_tokens")
-    p.add_argument("--data", default=_default(None, given_only),
+    p.add_argument("--data", type=None if given_only else existing_path, default=_default(None, given_only),
                    help=".txt file, folder of .txt files, or .jsonl (instruction/output or chat "
                         "messages); default: Python's reference docs (pydoc_data.topics)")
-    p.add_argument("--eval-data", default=_default(None, given_only),
+    p.add_argument("--eval-data", type=None if given_only else existing_path, default=_default(None, given_only),
                    help="separate held-out file, then all of --data trains (default: none, the held-out "
                         "part of --data)")
     p.add_argument("--eval-fraction", type=probability, default=_default(fraction_default, given_only),

@@ -160,10 +160,7 @@ def _dry_run_checks(cfg: RunConfig, args, own: bool) -> None:
         model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)  # the default: its cached conversion (made once)
         check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
         cfg.check_shapes(model_dir, lambda name: args.flags.get(name, name))
-    for name in ("data", "eval_data"):
-        path = getattr(cfg, name)
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{args.flags.get(name, name)} {path}: no such file or directory")
+    cfg.check_data_paths(lambda name: args.flags.get(name, name))
     if cfg.out_dir.parent.is_dir():
         check_output_dir(cfg.out_dir, (model_dir, cfg.data, cfg.eval_data), overwrite=args.overwrite, own=own,
                          explain=_explain)

@@ -37,7 +37,8 @@ from finetune_ref.lora.config import ALL_LINEAR, LoraConfig, names_module, uses_
 from finetune_ref.lora.embedding import LoRAEmbedding, TiedLoRAHead
 from finetune_ref.lora.init import is_mutating_init
 from finetune_ref.lora.layer import LoRALinear, check_adapter_name
-from finetune_ref.lora.modules_to_save import ModulesToSaveWrapper, find_modules_to_save, wrappers
+from finetune_ref.lora.modules_to_save import (ModulesToSaveWrapper, check_one_copy_each, modules_to_save_of,
+                                              wrappers)
 from finetune_ref.lora.trainable_tokens import TrainableTokensLayer, token_targets
 
 LORA_CONFIGS_ATTR = "lora_configs"
@@ -76,22 +77,6 @@ def output_layer_names(model: nn.Module) -> set[str]:
         if module is head or name.rsplit(".", 1)[-1] == "lm_head":
             names.add(name)
     return names
-
-
-def modules_to_save_of(model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
-    """The modules ``config.modules_to_save`` chooses (``find_modules_to_save``), none of them in ``targets``.
-
-    Raises:
-        ValueError: an entry names nothing, a tied or adapted module, or a module also in ``targets``.
-    """
-    if not config.modules_to_save:
-        return []
-    saved = find_modules_to_save(model, config.modules_to_save, candidate_modules(model))
-    both = sorted(set(saved) & set(targets))
-    if both:
-        raise ValueError(f"{len(both)} module(s) are in both target_modules and modules_to_save (first: {both[0]}); "
-                         "a module is either adapted or trained in full: leave it out of one of them")
-    return saved
 
 
 def _matches(spec: list[str] | str, name: str) -> bool:
@@ -262,7 +247,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     names = find_target_modules(model, config, strict_patterns=strict_patterns)
     if is_mutating_init(config.init_lora_weights):
         _refuse_shared_targets(model, names, config.init_lora_weights)
-    saved = modules_to_save_of(model, config, names)
+    saved = modules_to_save_of(model, config.modules_to_save, candidate_modules(model), names)
     previous_active = get_active_adapters(model)
     heads = tied_heads_to_wrap(model, names, config)
     tokens = token_targets(model, config.trainable_token_indices, names)
@@ -379,11 +364,7 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     Raises:
         ValueError: two of ``names`` hold trained copies of one module (modules_to_save); nothing is changed.
     """
-    for module, wrapper in wrappers(model):
-        having = [n for n in names if n in wrapper.modules_to_save]
-        if len(having) > 1:  # PEFT refuses it too (AuxiliaryTrainingWrapper.check_set_adapter)
-            raise ValueError(f"adapters {having} each hold a trained copy of {module} (modules_to_save), and only one "
-                             "copy can compute: activate them one at a time, or merge one into the base first")
+    check_one_copy_each(model, names)
     for _, layer in tuner_layers(model):
         layer.set_adapter(names, strict=False)
     for _, wrapper in wrappers(model):

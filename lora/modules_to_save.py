@@ -105,6 +105,34 @@ def find_modules_to_save(model: nn.Module, names: list[str], candidates: list[tu
     return [n for n, _ in chosen]
 
 
+def modules_to_save_of(model: nn.Module, names: list[str] | None, candidates: list[tuple[str, nn.Module]],
+                       targets: list[str]) -> list[str]:
+    """The modules ``names`` (a config's modules_to_save) choose among ``candidates``, none of them in ``targets``
+    (the modules the same config adapts).
+
+    Raises:
+        ValueError: an entry names nothing, a tied or adapted module, or a module also in ``targets``.
+    """
+    if not names:
+        return []
+    saved = find_modules_to_save(model, names, candidates)
+    both = sorted(set(saved) & set(targets))
+    if both:
+        raise ValueError(f"{len(both)} module(s) are in both target_modules and modules_to_save (first: {both[0]}); "
+                         "a module is either adapted or trained in full: leave it out of one of them")
+    return saved
+
+
+def check_one_copy_each(model: nn.Module, active: list[str]) -> None:
+    """Refuse activating ``active`` together when two of them hold trained copies of one module: only one copy can
+    compute (PEFT refuses it too: AuxiliaryTrainingWrapper.check_set_adapter)."""
+    for module, wrapper in wrappers(model):
+        having = [n for n in active if n in wrapper.modules_to_save]
+        if len(having) > 1:
+            raise ValueError(f"adapters {having} each hold a trained copy of {module} (modules_to_save), and only one "
+                             "copy can compute: activate them one at a time, or merge one into the base first")
+
+
 def check_legacy_suffix_choice(names: list[str], candidates: list[tuple[str, nn.Module]], keys: list[str],
                                prefix: str) -> None:
     """Refuse an adapter file whose copies PEFT before 0.22 chose by a plain string suffix ("norm" ->

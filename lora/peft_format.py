@@ -43,7 +43,7 @@ from finetune_ref.lora.inject import (candidate_modules, embedding_layers, find_
                                       token_layers, weight_sharers)
 from finetune_ref.lora.embedding import TiedLoRAHead
 from finetune_ref.lora.trainable_tokens import token_targets
-from finetune_ref.lora.modules_to_save import check_legacy_suffix_choice, find_modules_to_save, wrappers
+from finetune_ref.lora.modules_to_save import check_legacy_suffix_choice, modules_to_save_of, wrappers
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -223,10 +223,11 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise FileNotFoundError(f"{path} not found: an adapter directory needs {ADAPTER_CONFIG_NAME} and "
                                 f"{ADAPTER_WEIGHTS_NAME}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return LoraConfig.from_peft_dict(json.loads(path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return LoraConfig.from_peft_dict(raw)
+    except (ValueError, TypeError) as e:  # a bad r, lora_alpha, ...: said with the file it came from
+        raise ValueError(f"{path}: {e}") from None
 
 
 def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -254,8 +255,7 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
     modules = find_target_modules(model, config, strict_patterns=False)
     check_legacy_suffix_choice(config.modules_to_save or [], candidate_modules(model), list(tensors), PEFT_PREFIX)
     expected = {}
-    for name in find_modules_to_save(model, config.modules_to_save, candidate_modules(model)) \
-            if config.modules_to_save else []:
+    for name in modules_to_save_of(model, config.modules_to_save, candidate_modules(model), modules):
         module = model.get_submodule(name)
         module = getattr(module, "original_module", module)  # already wrapped for another adapter
         for pname, p in module.named_parameters():

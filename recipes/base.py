@@ -111,6 +111,17 @@ class RunConfig(TrainConfig):
             for layer in model.model.layers:
                 layer.compile()
 
+    def check_data_paths(self, flag) -> None:
+        """``data`` and ``eval_data`` exist (``flag(field)``: the flag to name), before anything is loaded.
+
+        Raises:
+            FileNotFoundError: naming the flag and the path.
+        """
+        for name in ("data", "eval_data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{flag(name)} {path}: no such file or directory")
+
     def check_shapes(self, model_dir, flag) -> None:
         """What the method's settings need of ``model_dir``'s shapes, checked from its config.json (or of a
         ``LlamaConfig`` given instead, as ``finetune memory`` has one) before any weight loads (``flag(field)``:

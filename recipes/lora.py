@@ -93,7 +93,8 @@ class LoraRecipe(RunConfig):
         """
         import torch
 
-        from finetune_ref.lora.inject import find_target_modules, modules_to_save_of, tied_heads_to_wrap
+        from finetune_ref.lora.inject import candidate_modules, find_target_modules, tied_heads_to_wrap
+        from finetune_ref.lora.modules_to_save import modules_to_save_of
         from finetune_ref.lora.trainable_tokens import token_targets
         from finetune_ref.models.config import LlamaConfig
         from finetune_ref.models.llama import LlamaForCausalLM
@@ -124,7 +125,8 @@ class LoraRecipe(RunConfig):
             token_targets(model, self.lora_config().trainable_token_indices, names)
         except ValueError as err:
             raise ValueError(f"{flag('trainable_tokens')} {','.join(map(str, self.trainable_tokens))}: {err}") from None
-        modules_to_save_of(model, self.lora_config(), names)  # its messages name modules_to_save (the CLI: the flag)
+        # its messages name modules_to_save (the CLI writes the flag)
+        modules_to_save_of(model, self.lora_config().modules_to_save, candidate_modules(model), names)
         modules = dict(model.named_modules())
         features = {n: (modules[n].num_embeddings, modules[n].embedding_dim) if isinstance(modules[n], torch.nn.Embedding)
                     else (modules[n].in_features, modules[n].out_features) for n in names}

@@ -98,6 +98,7 @@ def run_training(cfg: RunConfig, model_dir: Path, info: DistInfo, *, extend: boo
     flag = flag or (lambda name: "--" + name.replace("_", "-"))
     check_context(model_dir, cfg.seq_len, f"seq_len={cfg.seq_len}")
     cfg.check_shapes(model_dir, flag)
+    cfg.check_data_paths(flag)
     filled = describe_filled_defaults(model_dir)
     if filled:
         say(filled, file=sys.stderr)

@@ -513,3 +513,23 @@ def test_memory_counts_modules_to_save_by_kind(capsys):
         runs[names] = json.loads(capsys.readouterr().out)
     assert runs["norm"]["settings"]["modules_to_save"] == runs["model.norm"]["settings"]["modules_to_save"] == ["norm"]
     assert runs["norm"]["peak"] == runs["model.norm"]["peak"] < runs["input_layernorm,post_attention_layernorm,norm"]["peak"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--data", "/nonexistent/x.txt"], "argument --data: no such file or directory: /nonexistent/x.txt"),
+    (["eval", "--adapter-scale", "nan"], "argument --adapter-scale: takes comma-separated finite numbers"),
+    (["memory", "--model", "/nonexistent"], "--model /nonexistent: no config.json at /nonexistent"),
+    (["train", "--eval-data", "/nonexistent/y.txt", "--dry-run"], "--eval-data /nonexistent/y.txt: no such file"),
+])
+def test_paths_and_numbers_are_named_by_their_flag(argv, message, capsys):
+    assert message in fails(argv, capsys)
+
+
+def test_a_bad_value_in_adapter_config_names_the_file(tiny, lora_run, tmp_path, capsys):
+    import shutil
+
+    adapter = shutil.copytree(lora_run, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": -3}))
+    err = fails(["eval", "--model", str(tiny[0]), "--data", str(tiny[1]), "--adapter", str(adapter)], capsys)
+    assert f"{adapter / 'adapter_config.json'}: " in err and "r must be >= 1, got -3" in err

@@ -57,7 +57,10 @@ def shape_from(model: str | Path | None, preset: str | None) -> tuple[LlamaConfi
     """(config, name) of ``--model`` (a directory or config.json) if given, else of ``--preset`` (default: the
     embedded model's shape). Raises as ``load_config`` / ``preset_config``."""
     if model is not None:
-        return load_config(model), str(model)
+        try:
+            return load_config(model), str(model)
+        except FileNotFoundError as e:  # said as the flag the path came from
+            raise FileNotFoundError(f"--model {model}: {e} (give a model directory or its config.json)") from None
     name = preset or DEFAULT_PRESET
     return preset_config(name), name
 
