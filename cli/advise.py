@@ -13,7 +13,7 @@ from finetune_ref.recipes import advice
 from finetune_ref.recipes.advice import DEFAULT_SEQ_LEN, TARGET_BATCH, TASKS, Advice, advise
 from finetune_ref.train.memory_shapes import DEFAULT_PRESET, PRESETS, parameter_count, shape_from
 
-DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
+DESCRIPTION = __doc__.split("\n\n")[0]
 _UNITS = {"": 10**9, "gb": 10**9, "g": 10**9, "gib": 2**30, "mb": 10**6, "mib": 2**20, "tb": 10**12, "tib": 2**40}
 _NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 
@@ -112,7 +112,7 @@ class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpForm
 def add_advise_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``advise`` on a ``parser.add_subparsers()`` object (as ``cli/main.py`` builds its commands)."""
     p = subparsers.add_parser("advise", help="which method and settings for a model on your GPUs",
-                              description="\n\n".join([DESCRIPTION] + advice.__doc__.split("\n\n")[1:4]).replace("``", ""),
+                              description="\n\n".join([DESCRIPTION] + advice.__doc__.split("\n\n")[1:4]),
                               formatter_class=RawDescriptionHelpFormatter)
     return configure_parser(p)
 

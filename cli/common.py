@@ -102,10 +102,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with ``HelpFormatter`` and a one-line error (no usage block)."""
+    """``argparse.ArgumentParser`` with ``HelpFormatter`` and a one-line error (no usage block); a description
+    taken from a docstring is shown without its ``code`` markup."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        if kwargs.get("description"):
+            kwargs["description"] = kwargs["description"].replace("``", "")
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -287,8 +290,9 @@ def add_data_args(p: argparse.ArgumentParser, batch_size: int | None = None, giv
                    help=".txt file, folder of .txt files, or .jsonl (instruction/output or chat "
                         "messages); default: Python's reference docs (pydoc_data.topics)")
     p.add_argument("--eval-data", type=None if given_only else existing_path, default=_default(None, given_only),
-                   help="separate held-out file, then all of --data trains (default: none, the held-out "
-                        "part of --data)")
+                   help=("separate held-out file, then all of --data trains" if given_only else
+                         "separate held-out file to evaluate on, instead of the held-out part of --data")
+                   + " (default: none, the held-out part of --data)")
     p.add_argument("--eval-fraction", type=probability, default=_default(fraction_default, given_only),
                    help=f"share of --data held out for evaluation (default {fraction_default})")
     p.add_argument("--eval-tokens", type=non_negative_int, default=_default(tokens_default, given_only),

@@ -119,11 +119,24 @@ def _threads() -> int | None:
     return pick_threads()
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit 2 naming the arguments ``command`` does not take, and the flag of its own a mistyped one is closest
+    to (difflib, as argparse itself does for a mistyped command in Python 3.12+)."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [f for a in sub._actions for f in a.option_strings]
+    close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser (finetune train: error: ...), with the closest flag it has
+        _unknown_flags(parser, args.command, unknown)
     before = torch.get_num_threads()
     threads = _threads()
     if threads is not None:

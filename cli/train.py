@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
         capped = (f" (the default {default_warmup}, capped at --steps)" if not hasattr(args, "warmup_steps")
                   and cfg.warmup_steps < default_warmup else "")
         print(f"method {cfg.method}, precision {cfg.precision}, optimizer {cfg.optimizer}, {cfg.steps} updates "
-              f"of {cfg.batch_size} x {cfg.grad_accum} sequences per process, warmup {cfg.warmup_steps}{capped}, peak lr "
+              f"of {cfg.batch_size} sequences x {cfg.grad_accum} accumulated micro-batch(es) per process, warmup {cfg.warmup_steps}{capped}, peak lr "
               f"{cfg.lr:g}, min lr {min_lr:g}")
         print(describe_schedule(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))
         print(format_lr_table(cfg.steps, cfg.lr, cfg.warmup_steps, min_lr))

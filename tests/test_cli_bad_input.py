@@ -533,3 +533,15 @@ def test_a_bad_value_in_adapter_config_names_the_file(tiny, lora_run, tmp_path, 
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": -3}))
     err = fails(["eval", "--model", str(tiny[0]), "--data", str(tiny[1]), "--adapter", str(adapter)], capsys)
     assert f"{adapter / 'adapter_config.json'}: " in err and "r must be >= 1, got -3" in err
+
+
+def test_a_mistyped_flag_is_named_by_its_command_with_the_closest_flag(capsys):
+    err = fails(["train", "--stepss", "3"], capsys)
+    assert err.startswith("finetune train: error: unrecognized arguments: --stepss 3 (did you mean --steps?)")
+
+
+def test_help_texts_show_no_docstring_markup(capsys):
+    for command in ("memory", "advise", "compare", "parity", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "``" not in capsys.readouterr().out, command
