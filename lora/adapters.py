@@ -29,7 +29,7 @@ from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, ge
                                      tied_weight_owners, tuner_layers)
 from finetune_ref.lora.base_weight import RequantizationWarning, dense_weight, warn_requantization
 from finetune_ref.lora.layer import LoRALinear
-from finetune_ref.lora.modules_to_save import wrappers
+from finetune_ref.lora.modules_to_save import check_one_copy_each, wrappers
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -217,8 +217,10 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     The base parameters stay frozen (requires_grad=False); call ``requires_grad_(True)`` to train the result.
     Raises as ``merge_adapters``.
     """
+    if adapter_names is not None:
+        check_one_copy_each(model, list(adapter_names))  # before anything is merged
     merge_adapters(model, adapter_names, safe_merge=safe_merge, untie_tied=untie_tied)
-    return _unwrap(model, keep_trained_copies=True)
+    return _unwrap(model, keep_trained_copies=True, adapter_names=adapter_names)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -227,11 +229,15 @@ def unload(model: nn.Module) -> nn.Module:
     return _unwrap(model)
 
 
-def _unwrap(model: nn.Module, keep_trained_copies: bool = False) -> nn.Module:
+def _unwrap(model: nn.Module, keep_trained_copies: bool = False,
+            adapter_names: Sequence[str] | None = None) -> nn.Module:
     for name, layer in [*tuner_layers(model), *tied_heads(model)]:
         set_submodule(model, name, layer.base_layer)
-    for name, wrapper in wrappers(model):  # modules_to_save: the active copy when merging (PEFT), else the original
-        module = wrapper.active_module() if keep_trained_copies else wrapper.original_module
+    for name, wrapper in wrappers(model):
+        # modules_to_save when merging: the copy of the merged adapters (default the active ones) that has one,
+        # as PEFT's ModulesToSaveWrapper.unload_and_optionally_merge_module; else the original
+        chosen = wrapper.active_adapters if adapter_names is None else list(adapter_names)
+        module = wrapper.copy_of(chosen) if keep_trained_copies else wrapper.original_module
         set_submodule(model, name, module.requires_grad_(False))
     if hasattr(model, LORA_CONFIGS_ATTR):
         delattr(model, LORA_CONFIGS_ATTR)

@@ -52,11 +52,15 @@ class ModulesToSaveWrapper(nn.Module):
         module.requires_grad_(True)
         self.modules_to_save[adapter_name] = module
 
+    def copy_of(self, adapter_names: list[str]) -> nn.Module:
+        """The copy of the one adapter among ``adapter_names`` that has one here, else the original (PEFT's
+        ``check_set_adapter``; ``check_one_copy_each`` refuses two of them with copies of one module)."""
+        having = [a for a in adapter_names if a in self.modules_to_save]
+        return self.modules_to_save[having[0]] if having else self.original_module
+
     def active_module(self) -> nn.Module:
-        """The module forward uses: the copy of the active adapter that has one here, else the original (PEFT's
-        rule; ``lora.inject.set_active_adapters`` refuses two active adapters with copies of one module)."""
-        having = [a for a in self.active_adapters if a in self.modules_to_save]
-        return self.original_module if self.disabled or not having else self.modules_to_save[having[0]]
+        """The module forward uses: the active adapters' copy (``copy_of``), or the original when disabled."""
+        return self.original_module if self.disabled else self.copy_of(self.active_adapters)
 
     def forward(self, *args, **kwargs):
         return self.active_module()(*args, **kwargs)

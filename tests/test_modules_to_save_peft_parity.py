@@ -165,3 +165,28 @@ def test_two_active_adapters_each_use_their_own_copies_as_peft(tmp_path):
     with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
         theirs.load_adapter(tmp_path / "c", adapter_name="c")
         theirs.base_model.set_adapter(["a", "c"])
+
+
+def test_merge_and_unload_of_named_adapters_keeps_their_copy_as_peft(tmp_path):
+    """Adapters a and b both train model.norm, a is active; merging b keeps b's copy (PEFT's
+    unload_and_optionally_merge_module keeps the named adapter's copy, not the active one's)."""
+    base = tiny_llama()
+    for k, name in enumerate(("a", "b")):
+        model = copy.deepcopy(base)
+        lora.inject_lora(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                                modules_to_save=["norm"]))
+        with torch.no_grad():
+            model.get_submodule("model.norm").modules_to_save["default"].weight.add_(0.1 * (k + 1))
+        lora.save_adapter(model, tmp_path / name)
+    ours = copy.deepcopy(base)
+    lora.load_adapter(ours, tmp_path / "a", adapter_name="a")
+    lora.load_adapter(ours, tmp_path / "b", adapter_name="b")
+    lora.set_adapter(ours, ["a"])
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    merged, ref = lora.merge_and_unload(ours, adapter_names=["b"]), theirs.merge_and_unload(adapter_names=["b"])
+    assert torch.equal(merged.model.norm.weight, ref.model.norm.weight)
+    assert torch.equal(merged.model.norm.weight, base.model.norm.weight + 0.2)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_rel_close(merged(ids).logits, ref(input_ids=ids).logits)
