@@ -121,12 +121,13 @@ def _threads() -> int | None:
 
 def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
     """Exit 2 naming the arguments ``command`` does not take, and the flag of its own a mistyped one is closest
-    to (difflib, as argparse itself does for a mistyped command in Python 3.12+)."""
+    to (difflib, as argparse's ``suggest_on_error`` does from Python 3.14)."""
     import difflib
 
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     flags = [f for a in sub._actions for f in a.option_strings]
-    close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+    first = unknown[0].split("=")[0]
+    close = difflib.get_close_matches(first, flags, n=1) if first.startswith("-") and first != "--" else []
     sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's parser (finetune train: error: ...), with the closest flag it has
+        given = sys.argv[1:] if argv is None else list(argv)
+        if unknown[0] in given and given.index(unknown[0]) < given.index(args.command):  # before the command
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         _unknown_flags(parser, args.command, unknown)
     before = torch.get_num_threads()
     threads = _threads()

@@ -146,7 +146,8 @@ def cmd_train(args) -> int:
 
 
 def _dry_run_checks(cfg: RunConfig, args, own: bool) -> None:
-    """What a real run checks before loading weights, without writing anything: the model directory (its
+    """What a real run checks before loading weights, writing nothing but the default model's cached conversion
+    (made once, as the first run would): the model directory (its
     config.json: context, --targets, --rank; a missing one is a warning, as a plan may be made on a machine
     without the weights), the data files, and --out (when its parent exists)."""
     from finetune_ref.models.config import check_context

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, get_active_adapters, get_lora_configs, lora_layers,
-                                     mark_only_lora_trainable, set_active_adapters, set_submodule, tied_heads,
-                                     tied_weight_owners, tuner_layers)
+from finetune_ref.lora.inject import (LORA_CONFIGS_ATTR, embedding_layers, get_active_adapters, get_lora_configs,
+                                     lora_layers, mark_only_lora_trainable, set_active_adapters, set_submodule,
+                                     tied_heads, tied_weight_owners, token_layers, tuner_layers)
 from finetune_ref.lora.base_weight import RequantizationWarning, dense_weight, warn_requantization
 from finetune_ref.lora.layer import LoRALinear
 from finetune_ref.lora.modules_to_save import check_one_copy_each, wrappers
@@ -86,6 +86,26 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, was in zip(layers, previous):
             layer.disabled = was
+
+
+def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
+    """requires_grad False for every tensor of ``adapter_name`` (an adapter loaded for inference)."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.lora_A[adapter_name].weight.requires_grad_(False)
+            layer.lora_B[adapter_name].weight.requires_grad_(False)
+            if adapter_name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(False)
+    for _, layer in embedding_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.lora_embedding_A[adapter_name].requires_grad_(False)
+            layer.lora_embedding_B[adapter_name].requires_grad_(False)
+    for _, layer in token_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.trainable_tokens_delta[adapter_name].requires_grad_(False)
+    for _, wrapper in wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -127,6 +127,22 @@ def modules_to_save_of(model: nn.Module, names: list[str] | None, candidates: li
     return saved
 
 
+def check_disjoint_copies(model: nn.Module, adapters: dict[str, list[str] | None]) -> None:
+    """Before adapters are loaded to compute together (``adapters``: each one's modules_to_save entries, keyed by
+    how the user named it, e.g. its directory): refuse two that hold copies of one module (``check_one_copy_each``).
+    """
+    from finetune_ref.lora.inject import candidate_modules
+
+    owners: dict[str, list[str]] = {}
+    for adapter, names in adapters.items():
+        for module in find_modules_to_save(model, names, candidate_modules(model)) if names else []:
+            owners.setdefault(module, []).append(adapter)
+    for module, having in owners.items():
+        if len(having) > 1:
+            raise ValueError(f"adapters {having} each hold a trained copy of {module} (modules_to_save), and only "
+                             "one copy can compute: use them one at a time, or merge one into the base first")
+
+
 def check_one_copy_each(model: nn.Module, active: list[str]) -> None:
     """Refuse activating ``active`` together when two of them hold trained copies of one module: only one copy can
     compute (PEFT refuses it too: AuxiliaryTrainingWrapper.check_set_adapter)."""

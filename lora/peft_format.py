@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from finetune_ref.lora.adapters import set_adapter
+from finetune_ref.lora.adapters import freeze_adapter, set_adapter
 from finetune_ref.lora.base_weight import is_quantized
 from finetune_ref.lora.config import LoraConfig, uses_all_linear
 from finetune_ref.lora.init import converted_lora, is_mutating_init
@@ -43,7 +43,8 @@ from finetune_ref.lora.inject import (candidate_modules, embedding_layers, find_
                                       token_layers, weight_sharers)
 from finetune_ref.lora.embedding import TiedLoRAHead
 from finetune_ref.lora.trainable_tokens import token_targets
-from finetune_ref.lora.modules_to_save import check_legacy_suffix_choice, modules_to_save_of, wrappers
+from finetune_ref.lora.modules_to_save import (check_disjoint_copies, check_legacy_suffix_choice, modules_to_save_of,
+                                              wrappers)
 from finetune_ref.models.checkpoint import atomic_save_safetensors, atomic_write_text, check_finite_tensors
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -350,7 +351,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
                     p.copy_(tensors[f"{PEFT_PREFIX}{name}.{pname}"])
     if not is_trainable:
-        _freeze_adapter(model, adapter_name)
+        freeze_adapter(model, adapter_name)
     return modules
 
 
@@ -372,29 +373,11 @@ def load_adapters(model: nn.Module, directories: Sequence[str | os.PathLike],
     adapter_names = list(adapter_names)
     if len(adapter_names) != len(directories):
         raise ValueError(f"got {len(directories)} adapter directories but {len(adapter_names)} names")
+    check_disjoint_copies(model, {str(d): read_adapter_config(d).modules_to_save for d in directories})
     for directory, name in zip(directories, adapter_names):
         load_adapter(model, directory, adapter_name=name, adapter_dtype=adapter_dtype, is_trainable=is_trainable)
     set_adapter(model, adapter_names)
     if not is_trainable:
         for name in adapter_names:
-            _freeze_adapter(model, name)
+            freeze_adapter(model, name)
     return adapter_names
-
-
-def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.adapter_names:
-            layer.lora_A[adapter_name].weight.requires_grad_(False)
-            layer.lora_B[adapter_name].weight.requires_grad_(False)
-            if adapter_name in layer.lora_magnitude_vector:
-                layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(False)
-    for _, layer in embedding_layers(model):
-        if adapter_name in layer.adapter_names:
-            for part in EMBEDDING_PARTS:
-                getattr(layer, part)[adapter_name].requires_grad_(False)
-    for _, layer in token_layers(model):
-        if adapter_name in layer.adapter_names:
-            layer.trainable_tokens_delta[adapter_name].requires_grad_(False)
-    for _, wrapper in wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            wrapper.modules_to_save[adapter_name].requires_grad_(False)

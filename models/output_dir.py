@@ -149,27 +149,54 @@ def written_whole(out: str | Path) -> Iterator[Path]:
 def replaced_when_written(out: str | Path) -> Iterator[None]:
     """``--overwrite`` of a result written in place as it goes (a training run's checkpoints and record), where
     ``written_whole`` cannot stage it: the previous contents of ``out`` are moved into a hidden sibling
-    (``.<name>.replaced-*``), deleted once the new run has written something into ``out``, and moved back when it
-    fails or is interrupted before writing anything (e.g. on a flag only checked once the model is loaded). A
-    process killed in between leaves them in that sibling."""
+    (``.<name>.replaced-*``, named on stderr), deleted once the new run has written something into ``out``, and
+    moved back when it fails or is interrupted before writing anything (e.g. on a flag only checked once the model
+    is loaded). Where they cannot be moved (``out`` is a mount point, or a link to another filesystem) they are
+    deleted in place, as asked. A process killed in between leaves them in that sibling."""
     out = Path(out)
     if not out.is_dir() or not any(out.iterdir()):
         yield
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-    for path in list(out.iterdir()):
-        os.rename(path, aside / path.name)  # the same filesystem: a rename, nothing copied
+    aside = _set_aside(out)
     try:
         yield
     finally:
-        if any(out.iterdir()):  # the new result has begun: the old one is replaced, as asked
+        if aside is None:
+            pass
+        elif any(out.iterdir()):  # the new result has begun: the old one is replaced, as asked
             shutil.rmtree(aside, ignore_errors=True)
         else:
-            for path in list(aside.iterdir()):
-                os.rename(path, out / path.name)
+            _move_all(aside, out)
             aside.rmdir()
             print(f"note: {out} keeps its previous contents: the new run stopped before writing anything",
                   file=sys.stderr)
+
+
+def _move_all(src: Path, dst: Path) -> None:
+    for path in list(src.iterdir()):
+        os.rename(path, dst / path.name)  # the same filesystem: a rename, nothing copied
+
+
+def _set_aside(out: Path) -> Path | None:
+    """Move ``out``'s contents into a new hidden sibling of its real location and return it; where a rename cannot
+    do it, put back what moved, delete the contents in place and return None."""
+    real = out.resolve()
+    try:
+        aside = Path(tempfile.mkdtemp(prefix=f".{real.name}.replaced-", dir=real.parent))
+    except OSError:  # the parent is not writable
+        aside = None
+    if aside is not None:
+        try:
+            _move_all(real, aside)
+            print(f"note: the previous contents of {out} are kept in {aside} until the new run writes its first "
+                  "file", file=sys.stderr)
+            return aside
+        except OSError:  # e.g. EXDEV: out is a mount point
+            _move_all(aside, real)
+            aside.rmdir()
+    for path in real.iterdir():
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -545,3 +545,13 @@ def test_help_texts_show_no_docstring_markup(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "``" not in capsys.readouterr().out, command
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--bogus", "train"], "finetune: error: unrecognized arguments: --bogus (see finetune --help)"),
+    (["train", "--steps", "3", "--", "foo"], "finetune train: error: unrecognized arguments: -- foo (see"),
+])
+def test_unknown_arguments_are_blamed_on_who_takes_them(argv, line, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.strip().startswith(line)

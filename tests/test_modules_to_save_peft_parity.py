@@ -160,8 +160,14 @@ def test_two_active_adapters_each_use_their_own_copies_as_peft(tmp_path):
         lora.load_adapters(only_a, [tmp_path / "a"], adapter_names=["a"])
         assert not torch.equal(out, only_a(ids).logits)  # b's norms count
     assert_rel_close(out, ref)
+    untouched = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"adapters \['.*/a', '.*/c'\] each hold a trained copy of model.norm"):
+        lora.load_adapters(untouched, [tmp_path / "a", tmp_path / "c"], adapter_names=["a", "c"])
+    assert not lora.lora_layers(untouched)  # refused before anything was loaded
     with pytest.raises(ValueError, match=r"adapters \['a', 'c'\] each hold a trained copy of model.norm"):
-        lora.load_adapters(copy.deepcopy(base), [tmp_path / "a", tmp_path / "c"], adapter_names=["a", "c"])
+        for name in ("a", "c"):  # one by one, then both activated
+            lora.load_adapter(untouched, tmp_path / name, adapter_name=name)
+        lora.set_adapter(untouched, ["a", "c"])
     with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
         theirs.load_adapter(tmp_path / "c", adapter_name="c")
         theirs.base_model.set_adapter(["a", "c"])

@@ -214,6 +214,31 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_writes(tiny, straight, tm
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing set aside is left
 
 
+def test_overwrite_where_nothing_can_be_set_aside_deletes_in_place(tmp_path, monkeypatch, capsys):
+    """An --out that is a mount point (rename: EXDEV) cannot keep its old contents aside: they are deleted in place,
+    as --overwrite asks, and nothing is left beside it."""
+    import errno
+
+    from finetune_ref.models import output_dir
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "a.txt").write_text("old")
+    (out / "sub" / "b.txt").write_text("old")
+    rename, calls = output_dir.os.rename, []
+
+    def cross_device(src, dst):  # the second move fails, as on a nested mount
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dst)
+
+    monkeypatch.setattr(output_dir.os, "rename", cross_device)
+    with output_dir.replaced_when_written(out):
+        assert not any(out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_second_process_on_the_same_out_fails_naming_the_holder(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
