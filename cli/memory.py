@@ -14,6 +14,7 @@ from finetune_ref.cli.common import (NF4_BLOCKSIZES, Parser, module_names, non_n
                                      tokens_per_sequence)
 from finetune_ref.cli.train import DEFAULTS, _default as recipe_default, run_config
 from finetune_ref.qlora.model import DEFAULT_BLOCKSIZE
+from finetune_ref.models.config import check_context
 from finetune_ref.train import memory
 from finetune_ref.train.memory_shapes import DEFAULT_PRESET, LINEAR_NAMES, PRESETS, shape_from
 from finetune_ref.train.memory_settings import (DTYPE_BYTES, METHODS, OPTIMIZERS, SAVABLE_MODULES, MemoryEstimate,
@@ -185,9 +186,7 @@ def settings(args: argparse.Namespace, config=None) -> MemorySettings:
     recipe, _, _ = run_config(argparse.Namespace(method=args.method, **given))
     if config is not None:  # what train checks of the model before loading it (recipes/lora.py check_shapes)
         recipe.check_shapes(config, lambda name: "--" + name.replace("_", "-"))
-        if recipe.seq_len > config.max_position_embeddings:
-            raise ValueError(f"--seq-len {recipe.seq_len} is beyond the model's context of "
-                             f"{config.max_position_embeddings} tokens; use at most {config.max_position_embeddings}")
+        check_context(config, recipe.seq_len, f"--seq-len {recipe.seq_len}")
     if args.method == "full" and args.adapter_dtype:
         raise ValueError("--adapter-dtype sets the dtype of LoRA's A and B: use it with --method lora or qlora")
     if args.world_size > 1 and args.parallel != "fsdp":

@@ -256,8 +256,10 @@ def _unwrap(model: nn.Module, keep_trained_copies: bool = False,
     for name, wrapper in wrappers(model):
         # modules_to_save when merging: the copy of the merged adapters (default the active ones) that has one,
         # as PEFT's ModulesToSaveWrapper.unload_and_optionally_merge_module; else the original
-        chosen = wrapper.active_adapters if adapter_names is None else list(adapter_names)
-        module = wrapper.copy_of(chosen) if keep_trained_copies else wrapper.original_module
+        if not keep_trained_copies:
+            module = wrapper.original_module
+        else:
+            module = wrapper.active_module() if adapter_names is None else wrapper.copy_of(list(adapter_names))
         set_submodule(model, name, module.requires_grad_(False))
     if hasattr(model, LORA_CONFIGS_ATTR):
         delattr(model, LORA_CONFIGS_ATTR)

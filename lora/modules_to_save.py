@@ -133,24 +133,27 @@ def check_disjoint_copies(model: nn.Module, adapters: dict[str, list[str] | None
     """
     from finetune_ref.lora.inject import candidate_modules
 
+    candidates = candidate_modules(model)
     owners: dict[str, list[str]] = {}
     for adapter, names in adapters.items():
-        for module in find_modules_to_save(model, names, candidate_modules(model)) if names else []:
+        for module in find_modules_to_save(model, names, candidates) if names else []:
             owners.setdefault(module, []).append(adapter)
+    _refuse_shared_copies(owners)
+
+
+def check_one_copy_each(model: nn.Module, active: list[str]) -> None:
+    """Refuse activating ``active`` together when two of them hold trained copies of one module."""
+    _refuse_shared_copies({module: [n for n in active if n in wrapper.modules_to_save]
+                           for module, wrapper in wrappers(model)})
+
+
+def _refuse_shared_copies(owners: dict[str, list[str]]) -> None:
+    """``owners``: module -> the adapters with a copy of it. Only one copy can compute (PEFT refuses two as well:
+    AuxiliaryTrainingWrapper.check_set_adapter)."""
     for module, having in owners.items():
         if len(having) > 1:
             raise ValueError(f"adapters {having} each hold a trained copy of {module} (modules_to_save), and only "
                              "one copy can compute: use them one at a time, or merge one into the base first")
-
-
-def check_one_copy_each(model: nn.Module, active: list[str]) -> None:
-    """Refuse activating ``active`` together when two of them hold trained copies of one module: only one copy can
-    compute (PEFT refuses it too: AuxiliaryTrainingWrapper.check_set_adapter)."""
-    for module, wrapper in wrappers(model):
-        having = [n for n in active if n in wrapper.modules_to_save]
-        if len(having) > 1:
-            raise ValueError(f"adapters {having} each hold a trained copy of {module} (modules_to_save), and only one "
-                             "copy can compute: activate them one at a time, or merge one into the base first")
 
 
 def check_legacy_suffix_choice(names: list[str], candidates: list[tuple[str, nn.Module]], keys: list[str],
@@ -167,7 +170,7 @@ def check_legacy_suffix_choice(names: list[str], candidates: list[tuple[str, nn.
     def saved(name: str) -> bool:
         return any(k.startswith(f"{prefix}{name}.") for k in copies)
 
-    hit = [n for n, _ in candidates if saved(n) and not names_module(names, n) and any(n.endswith(k) for k in names)]
+    hit = [n for n, _ in candidates if any(n.endswith(k) for k in names) and not names_module(names, n) and saved(n)]
     if not hit:
         return
     add = []

@@ -253,10 +253,10 @@ def check_adapter_weights(model: nn.Module, config: LoraConfig, tensors: dict[st
         ValueError: in one line, how many keys are missing, unexpected, misshapen or not floating (the first of
             each), and the base model the adapter records.
     """
-    modules = find_target_modules(model, config, strict_patterns=False)
-    check_legacy_suffix_choice(config.modules_to_save or [], candidate_modules(model), list(tensors), PEFT_PREFIX)
+    modules, candidates = find_target_modules(model, config, strict_patterns=False), candidate_modules(model)
+    check_legacy_suffix_choice(config.modules_to_save or [], candidates, list(tensors), PEFT_PREFIX)
     expected = {}
-    for name in modules_to_save_of(model, config.modules_to_save, candidate_modules(model), modules):
+    for name in modules_to_save_of(model, config.modules_to_save, candidates, modules):
         module = model.get_submodule(name)
         module = getattr(module, "original_module", module)  # already wrapped for another adapter
         for pname, p in module.named_parameters():

@@ -226,15 +226,19 @@ def describe_filled_defaults(model_dir: str | Path) -> str | None:
             + ", ".join(f"{k}={v}" for k, v in filled.items()))
 
 
-def check_context(model_dir: str | Path, tokens: int, what: str, fix=None) -> None:
-    """Refuse ``tokens`` positions beyond ``model_dir``'s context (``max_position_embeddings``): RoPE would still
-    run, but on positions the model never saw in training, silently degrading every result (transformers warns;
-    here it is an error, since a reference run should not do it by accident).
+def check_context(model_dir: "str | Path | LlamaConfig", tokens: int, what: str, fix=None) -> None:
+    """Refuse ``tokens`` positions beyond the context (``max_position_embeddings``) of ``model_dir``'s config.json
+    (or of a ``LlamaConfig`` given instead): RoPE would still run, but on positions the model never saw in
+    training, silently degrading every result (transformers warns; here it is an error, since a reference run
+    should not do it by accident).
 
     Raises:
         ValueError: ``what`` (e.g. "seq_len=4096"), the context, and ``fix(context)`` (default: "use at most N").
     """
-    context = LlamaConfig.from_json_file(Path(model_dir) / "config.json").max_position_embeddings
+    given = isinstance(model_dir, LlamaConfig)
+    path = None if given else Path(model_dir) / "config.json"
+    context = (model_dir if given else LlamaConfig.from_json_file(path)).max_position_embeddings
     if tokens > context:
-        raise ValueError(f"{what} is beyond the model's context of {context} tokens (max_position_embeddings in "
-                         f"{Path(model_dir) / 'config.json'}); " + (fix(context) if fix else f"use at most {context}"))
+        raise ValueError(f"{what} is beyond the model's context of {context} tokens"
+                         + ("" if given else f" (max_position_embeddings in {path})") + "; "
+                         + (fix(context) if fix else f"use at most {context}"))

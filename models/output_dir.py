@@ -161,11 +161,9 @@ def replaced_when_written(out: str | Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if aside is None:
-            pass
-        elif any(out.iterdir()):  # the new result has begun: the old one is replaced, as asked
+        if aside is not None and any(out.iterdir()):  # the new result has begun: the old one is replaced, as asked
             shutil.rmtree(aside, ignore_errors=True)
-        else:
+        elif aside is not None:
             _move_all(aside, out)
             aside.rmdir()
             print(f"note: {out} keeps its previous contents: the new run stopped before writing anything",
