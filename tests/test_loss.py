@@ -3,7 +3,9 @@
 Tolerances: the loss is a sum in chunks instead of one sum (fp32: 1e-6 relative); d(loss)/dh is computed row by
 row as autograd does (fp32: 1e-6 relative, bf16: bitwise on these shapes is not promised, 1 bf16 ulp = 2^-8);
 d(loss)/dW sums over chunks in fp32 where the plain path sums in one matmul in the model dtype (fp32: 1e-5
-relative; bf16: 2^-7 relative, the plain path's own rounding).
+relative; bf16: 2^-7 relative, the plain path's own rounding), or, for a 16-bit head and few enough tokens
+(``keeps_gradients``), is the plain path's one matmul over the kept gradient of the logits (bf16: the same 2^-7,
+the gradients of the logits being computed in chunks).
 """
 
 import contextlib
@@ -13,7 +15,7 @@ import torch
 
 from finetune_ref.models.config import LlamaConfig
 from finetune_ref.models.llama import LlamaForCausalLM
-from finetune_ref.models.loss import causal_lm_loss, chunked_causal_lm_loss
+from finetune_ref.models.loss import causal_lm_loss, chunked_causal_lm_loss, keeps_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,12 +54,14 @@ def test_chunked_loss_and_gradients_match_the_plain_loss(dtype, chunk):
 
 def previous_chunked_loss(h, w, labels, chunk):
     """The chunked loss as first written: every chunk's logits, fp32 copy, log-softmax and gradient in new
-    tensors, F.linear and ``@`` for the matmuls (returns loss, d(loss)/dh, fp32 d(loss)/dW)."""
+    tensors, F.linear and ``@`` for the matmuls (returns loss, d(loss)/dh, d(loss)/dW summed in fp32 and
+    d(loss)/dW from the chunks' gradients of the logits kept, one matmul in the model dtype)."""
     h = h[:, :-1].reshape(-1, h.shape[-1])  # (N, H)
     labels = labels[:, 1:].reshape(-1)  # (N,)
     num_items = (labels != -100).sum().clamp(min=1).float()
     scale = 1.0 / num_items
     total, grad_h, grad_w = torch.zeros(()), torch.empty_like(h), torch.zeros_like(w, dtype=torch.float32)
+    kept = []
     for start in range(0, h.shape[0], chunk):
         h_c, lab = h[start:start + chunk], labels[start:start + chunk]
         log_probs = torch.log_softmax(torch.nn.functional.linear(h_c, w).float(), dim=-1)
@@ -70,18 +74,23 @@ def previous_chunked_loss(h, w, labels, chunk):
         g = g.to(h.dtype)
         grad_h[start:start + chunk] = g @ w.to(h.dtype)
         grad_w += (g.t() @ h_c).float()
-    return total / num_items, grad_h, grad_w
+        kept.append(g)
+    return total / num_items, grad_h, grad_w, torch.cat(kept).t() @ h  # (V, N) @ (N, H)
 
 
 @pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize("chunk", [7, 64])
-def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, autocast, chunk):
+@pytest.mark.parametrize("T", [30, 60])  # bf16: 87 shifted tokens keep the logits' gradient, 177 do not (H = 32)
+def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, autocast, chunk, T):
     """The (C, V) workspace reused across chunks (in-place log-softmax, matmuls into it) runs the same kernels
     in the same order as new tensors per chunk: loss and gradients bitwise equal (under bf16 autocast, where
-    F.linear picks the logits' dtype, the per-chunk expressions themselves)."""
+    F.linear picks the logits' dtype, the per-chunk expressions themselves). A kept gradient of the logits gives
+    d(loss)/dW as one matmul over the chunks' gradients, bitwise."""
     torch.manual_seed(2)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    B, T, H, V = 3, 30, 32, 300
+    B, H, V = 3, 32, 300
+    kept = dtype == torch.bfloat16
+    assert keeps_gradients(B * (T - 1), H, 2) == (T == 30) and not keeps_gradients(B * (T - 1), H, 4)
     h = torch.randn(B, T, H, dtype=dtype)
     w = (torch.randn(V, H) * 0.2).to(dtype)
     labels = torch.randint(0, V, (B, T))
@@ -89,11 +98,11 @@ def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, auto
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     with context:
         loss = chunked_causal_lm_loss(hh, ww, labels, chunk_tokens=chunk)
-        ref_loss, ref_dh, ref_dw = previous_chunked_loss(h, w, labels, chunk)
+        ref_loss, ref_dh, ref_dw, ref_kept_dw = previous_chunked_loss(h, w, labels, chunk)
     loss.backward()
     assert torch.equal(loss.detach(), ref_loss)
     assert torch.equal(hh.grad.view(B, T, H)[:, :-1].reshape(-1, H), ref_dh)
-    assert torch.equal(ww.grad, ref_dw.to(dtype))
+    assert torch.equal(ww.grad, ref_kept_dw if kept and T == 30 else ref_dw.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,14 +125,17 @@ def test_every_chunk_writes_its_weight_gradient_into_the_same_tensors(dtype):
             return out
 
     made = {}
-    for chunk in (40, 8):  # 78 shifted tokens: 2 chunks, then 10
-        h = torch.randn(2, 40, H, dtype=dtype, requires_grad=True)
+    for T, chunk in ((100, 99), (100, 8), (20, 38), (20, 8)):  # 198 shifted tokens: 2 chunks, then 25; 38: 1, 5
+        h = torch.randn(2, T, H, dtype=dtype, requires_grad=True)
         w = (torch.randn(V, H) * 0.2).to(dtype).requires_grad_()
         NewVHTensors.count = 0
         with NewVHTensors():
-            chunked_causal_lm_loss(h, w, torch.randint(0, V, (2, 40)), chunk_tokens=chunk)
-        made[chunk] = NewVHTensors.count
-    assert made[8] == made[40] <= 3, made  # fp32 dW; the product; its fp32 copy (16-bit weights)
+            chunked_causal_lm_loss(h, w, torch.randint(0, V, (2, T)), chunk_tokens=chunk)
+        made[T, chunk] = NewVHTensors.count
+    assert not keeps_gradients(198, H, 2) and keeps_gradients(38, H, 2)
+    assert made[100, 8] == made[100, 99] <= 3, made  # fp32 dW; the product; its fp32 copy (16-bit weights)
+    if dtype == torch.bfloat16:  # the gradient of the logits kept: one (V, H) matmul at the end, nothing per chunk
+        assert made[20, 8] == made[20, 38] == 1, made
 
 
 def test_num_items_and_no_grad():

@@ -268,6 +268,8 @@ SMALL = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 WIDE = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
                    num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+HEADY = LlamaConfig(vocab_size=16384, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 # the settings of a run with --no-selective-recompute (saved tensors stored, not recomputed)
 Stored = functools.partial(MemorySettings, selective_recompute=False)
 CASES = [
@@ -299,6 +301,10 @@ CASES = [
                            selective_recompute=True)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
     (WIDE, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    # a trained 16-bit head: the gradient of the logits kept (126 tokens) or, for more tokens than
+    # models/loss.keeps_gradients allows (508), dW summed in fp32; HEADY's loss is most of its peak
+    (HEADY, MemorySettings(method="full", dtype="bf16", batch_size=2, seq_len=64, selective_recompute=True)),
+    (HEADY, MemorySettings(method="full", dtype="bf16", batch_size=4, seq_len=128, selective_recompute=True)),
     (WIDE, MemorySettings(method="qlora", dtype="bf16", adapter_dtype="fp32", batch_size=2, seq_len=64,
                           selective_recompute=True)),
     (WIDE, MemorySettings(method="lora", dtype="bf16", batch_size=2, seq_len=64, modules_to_save=("norm", "lm_head"),

@@ -70,7 +70,7 @@ from __future__ import annotations
 import dataclasses
 
 from finetune_ref.models.config import LlamaConfig
-from finetune_ref.models.loss import DEFAULT_CHUNK_TOKENS
+from finetune_ref.models.loss import DEFAULT_CHUNK_TOKENS, keeps_gradients
 from finetune_ref.train.memory_layer import layer_saved, layer_workspace, norm_saved
 from finetune_ref.train.memory_settings import DTYPE_BYTES, MemoryEstimate, MemorySettings
 from finetune_ref.train.memory_shapes import linear_shapes, parameter_count
@@ -149,16 +149,19 @@ def _loss_moments(c: LlamaConfig, s: MemorySettings, held: int) -> dict[str, tup
                 "backward (loss)": (held + 12 * n_shift * V, 0, 0),
                 "backward (lm_head)": (held + logits, head_grads, n * H * e)}  # dlogits, dh, dW_lm_head
     # models/loss.chunked_causal_lm_loss: the hidden states and their shifted contiguous copy, d(loss)/dh, and
-    # for a trained head an fp32 d(loss)/dW, kept from the forward; the (chunk, V) workspace reused by every
-    # chunk (the logits in the model dtype, unless fp32, and their fp32 log-softmax) and (full) the chunk's dW and,
-    # for 16-bit weights, its fp32 copy, (V, H) tensors reused by every chunk too.
+    # for a trained head d(loss)/dW, kept from the forward; the (chunk, V) workspace reused by every chunk (the
+    # fp32 log-softmax, and the logits in a 16-bit model dtype). A trained head's dW is either one matmul over
+    # the kept (N, V) gradient of the logits (16-bit, few tokens: keeps_gradients; the chunks' logits are made
+    # in its rows) or an fp32 sum, with the chunk's (V, H) product and, for 16-bit weights, its fp32 copy.
     chunk = min(DEFAULT_CHUNK_TOKENS, n_shift)
-    grad_w = V * H * 4 if full else 0
-    per_chunk = (4 + (e if e != 4 else 0)) * chunk * V + ((V * H * (4 if e == 4 else e + 4)) if full else 0)
+    kept = full and keeps_gradients(n_shift, H, e)
+    grad_w = (V * H * (e if kept else 4)) if full else 0
+    logits = n_shift * V * e if kept else (chunk * V * e if e != 4 else 0)
+    per_chunk = 4 * chunk * V + logits + ((V * H * (4 if e == 4 else e + 4)) if full and not kept else 0)
     forward = n * H * e + 2 * n_shift * H * e + grad_w + per_chunk
-    # Backward: d(loss)/dh becomes the (B, T, H) gradient of the model's output; the fp32 dW is cast to the
+    # Backward: d(loss)/dh becomes the (B, T, H) gradient of the model's output; an fp32 dW is cast to the
     # weight's dtype (a new tensor for 16-bit weights) and accumulated into the tied embedding's gradient.
-    backward = n_shift * H * e + n * H * e + (grad_w if e != 4 else 0)
+    backward = n_shift * H * e + n * H * e + (grad_w if e != 4 and not kept else 0)
     return {"forward (loss)": (forward, 0, 0), "backward (loss)": (backward, head_grads, 0)}
 
 
