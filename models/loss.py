@@ -13,11 +13,12 @@ d(loss)/d(logits) = (softmax - onehot) / num_items, from which d(loss)/dh = g W 
 scales what the forward kept by the incoming gradient. No extra matmul; the extra memory is one (C, V)
 workspace that every chunk reuses (``_Workspace``: fp32 log-softmax, and the logits in a 16-bit model dtype) and
 d(loss)/dh (N, H). When the head trains, d(loss)/dW = g^T h is made in one of two ways (``keeps_gradients``):
-- 16-bit weights and N <= (8 + e) H / e tokens (e bytes per element; 5 H for bf16): every chunk's g, rounded
-  to the model dtype as the plain path rounds it, is kept in an (N, V) tensor (the chunks' logits are made in
-  its rows) and dW is one matmul over all tokens at the end, as the plain path computes it (one rounding). The
-  kept g is no more memory than the other way's three (V, H) tensors, and it saves their passes: at 4 x 256
-  tokens of SmolLM2, 100 MB against 282 MB, and ~2 GB of memory traffic a step.
+- 16-bit weights and N <= 8 H / e + C tokens (e bytes per element; 4 H + C for bf16): every chunk's g,
+  rounded to the model dtype as the plain path rounds it, is kept in an (N, V) tensor (the chunks' logits are
+  made in its rows) and dW is one matmul over all tokens at the end, as the plain path computes it (one
+  rounding). The kept g and that dW are then no more memory than the other way's three (V, H) tensors and its
+  (C, V) logits, and it saves their passes: at 4 x 256 tokens of SmolLM2, 157 MB against 308 MB, and ~2 GB of
+  memory traffic a step.
 - otherwise dW is summed over chunks in fp32: each chunk's (V, H) product (in the model dtype and, for 16-bit,
   its fp32 copy) goes into tensors that every chunk reuses, and is added to an fp32 (V, H) sum.
 
@@ -25,7 +26,8 @@ Exactness (tests/test_loss.py): the per-token gradient is autograd's formula for
 backward of nll_loss's), but its exp and the matmuls run as separate kernels on chunks, so results differ in
 the last bits: the loss (a sum in chunks) and d(loss)/dh within 1e-6 relative in fp32; d(loss)/dW summed over
 chunks in fp32 within 1e-5 in fp32 (the plain path sums all tokens in one matmul); the kept-gradient dW is the
-plain path's single matmul over the same rounded g (its rows of ignored positions aside).
+plain path's single matmul over the same rounded g (whose matmul also runs over a zero row per sequence, its
+last position's).
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_TOKENS = 256  # (256, 49152) fp32 = 50 MB per temporary for SmolLM2; matmuls stay large enough
 
 
-def keeps_gradients(tokens: int, hidden_size: int, element_size: int) -> bool:
-    """Whether a trained head's d(loss)/dW is one matmul over the kept (N, V) gradient of the logits (16-bit
-    weights, N e <= (8 + e) H: no more memory than the fp32 sum, the chunk's product and its fp32 copy, each
-    (V, H)) rather than a sum over chunks in fp32. The memory estimate (train/memory.py) asks the same."""
-    return element_size < 4 and tokens * element_size <= (8 + element_size) * hidden_size
+def keeps_gradients(tokens: int, hidden_size: int, element_size: int, chunk: int) -> bool:
+    """Whether a trained head's d(loss)/dW is one matmul over the kept (N, V) gradient of the logits rather than
+    a sum over chunks in fp32: for 16-bit weights when that is no more memory, (N + H) e <= (4 + e + 4) H + C e
+    (the kept gradient and dW, against the fp32 sum, the chunk's product and its fp32 copy, each (V, H), and
+    the (C, V) logits). ``chunk``: C, the tokens of the first chunk. The memory estimate (train/memory.py)
+    asks the same."""
+    return element_size < 4 and tokens * element_size <= 8 * hidden_size + chunk * element_size
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -108,7 +112,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_w = None
         if ctx.need[0]:
             grad_h = saved.pop(0)
-            grad_h = grad_h if unit else grad_h * grad_out.to(grad_h.dtype)
+            # the fp32 scalar is not rounded to grad_h's dtype first (a CPU scalar is read in fp32 by the kernel)
+            grad_h = grad_h if unit else grad_h * grad_out.float()
         if ctx.need[1]:
             grad_w = saved.pop(0)
             grad_w = (grad_w if unit else grad_w * grad_out.float()).to(ctx.weight_dtype)  # (kept: already)
@@ -118,21 +123,22 @@ class LinearCrossEntropy(torch.autograd.Function):
 class _Workspace:
     """The (C, V) tensors of one loss call, reused by every chunk: the logits in the model dtype and their fp32
     log-softmax (one tensor when the model is fp32), and the gradient cast back to the model dtype (in the
-    logits' place). When a trained head's gradient is kept (``keeps_gradients``), the logits in the model dtype
-    and then the chunk's rounded gradient are written into the chunk's rows of the kept (N, V) tensor instead. A fresh tensor this large (50 MB at C = 256, V = 49,152) is a fresh ``mmap`` on Linux
+    logits' place). When a trained head's gradient is kept (``keeps_gradients``), the logits in the model
+    dtype and then the chunk's rounded gradient are written into the chunk's rows of the kept (N, V) tensor
+    instead. A fresh tensor this large (50 MB at C = 256, V = 49,152) is a fresh ``mmap`` on Linux
     (glibc serves blocks over 32 MB from the kernel), and the kernel zeroing its pages on first touch costs
     more than the arithmetic on them: on one loaded core, fp32 log_softmax of (256, 49152) into a new tensor
     took ~9x as long as into a reused one (benchmarks/PROFILE_BF16_STEP.md). The kernels and their order are
     the ones the per-chunk tensors ran, so the values are bitwise the same (tests/test_loss.py)."""
 
-    def __init__(self, h: torch.Tensor, weight: torch.Tensor, chunk: int, need_w: bool = False):
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, chunk: int, need_w: bool):
         # Under autocast (or a head in another dtype) F.linear decides the logits' dtype, and a tensor subclass
         # (a DTensor) its own kernels: those keep the per-chunk tensors of the plain expressions.
         self.plain = (torch.is_autocast_enabled(h.device.type) or weight.dtype != h.dtype
                       or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in (h, weight)))
         self.dtype = h.dtype
         shape = (chunk, weight.shape[0])
-        keep = need_w and not self.plain and keeps_gradients(h.shape[0], h.shape[1], h.element_size())
+        keep = need_w and not self.plain and keeps_gradients(h.shape[0], h.shape[1], h.element_size(), chunk)
         self.kept = torch.empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device) if keep else None
         self.logits = None if self.plain or keep else torch.empty(shape, dtype=h.dtype, device=h.device)  # (C, V)
         fp32 = not self.plain and h.dtype == torch.float32
@@ -143,7 +149,7 @@ class _Workspace:
         """The model-dtype (count, V) rows of the chunk at ``start``: the kept gradient's, else the workspace's."""
         return self.kept[start:start + count] if self.kept is not None else self.logits[:count]
 
-    def log_probs(self, h_c: torch.Tensor, weight: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def log_probs(self, h_c: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
         """log_softmax(h_c W^T) in fp32, (C, V), in the workspace (h_c: the chunk at token ``start``)."""
         out = self.fp32[:h_c.shape[0]]
         if self.plain:
@@ -154,7 +160,7 @@ class _Workspace:
             out.copy_(logits)  # the .float() of the plain path
         return torch.log_softmax(out, dim=-1, out=out)  # in place: each row is read whole before it is written
 
-    def to_model_dtype(self, g: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def to_model_dtype(self, g: torch.Tensor, start: int) -> torch.Tensor:
         """g (fp32, the workspace's) rounded to the model dtype (nearest even, as ``Tensor.to``), in the rows of
         the chunk at token ``start``."""
         if self.plain:

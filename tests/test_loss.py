@@ -80,7 +80,7 @@ def previous_chunked_loss(h, w, labels, chunk):
 
 @pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize("chunk", [7, 64])
-@pytest.mark.parametrize("T", [30, 60])  # bf16: 87 shifted tokens keep the logits' gradient, 177 do not (H = 32)
+@pytest.mark.parametrize("T", [30, 80])  # bf16: 87 shifted tokens keep the logits' gradient, 237 do not (H = 32)
 def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, autocast, chunk, T):
     """The (C, V) workspace reused across chunks (in-place log-softmax, matmuls into it) runs the same kernels
     in the same order as new tensors per chunk: loss and gradients bitwise equal (under bf16 autocast, where
@@ -90,7 +90,7 @@ def test_reused_chunk_workspace_is_bitwise_the_previous_chunked_loss(dtype, auto
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     B, H, V = 3, 32, 300
     kept = dtype == torch.bfloat16
-    assert keeps_gradients(B * (T - 1), H, 2) == (T == 30) and not keeps_gradients(B * (T - 1), H, 4)
+    assert keeps_gradients(B * (T - 1), H, 2, chunk) == (T == 30) and not keeps_gradients(B * (T - 1), H, 4, chunk)
     h = torch.randn(B, T, H, dtype=dtype)
     w = (torch.randn(V, H) * 0.2).to(dtype)
     labels = torch.randint(0, V, (B, T))
@@ -125,17 +125,63 @@ def test_every_chunk_writes_its_weight_gradient_into_the_same_tensors(dtype):
             return out
 
     made = {}
-    for T, chunk in ((100, 99), (100, 8), (20, 38), (20, 8)):  # 198 shifted tokens: 2 chunks, then 25; 38: 1, 5
+    for T, chunk in ((150, 149), (150, 8), (20, 38), (20, 8)):  # 298 shifted tokens: 2 chunks, then 38; 38: 1, 5
         h = torch.randn(2, T, H, dtype=dtype, requires_grad=True)
         w = (torch.randn(V, H) * 0.2).to(dtype).requires_grad_()
         NewVHTensors.count = 0
         with NewVHTensors():
             chunked_causal_lm_loss(h, w, torch.randint(0, V, (2, T)), chunk_tokens=chunk)
         made[T, chunk] = NewVHTensors.count
-    assert not keeps_gradients(198, H, 2) and keeps_gradients(38, H, 2)
-    assert made[100, 8] == made[100, 99] <= 3, made  # fp32 dW; the product; its fp32 copy (16-bit weights)
+    assert not keeps_gradients(298, H, 2, 149) and keeps_gradients(38, H, 2, 8)
+    assert made[150, 8] == made[150, 149] <= 3, made  # fp32 dW; the product; its fp32 copy (16-bit weights)
     if dtype == torch.bfloat16:  # the gradient of the logits kept: one (V, H) matmul at the end, nothing per chunk
         assert made[20, 8] == made[20, 38] == 1, made
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_kept_gradient_is_kept_only_where_it_is_no_more_memory(dtype):
+    """The loss's own peak (forward, where the chunked path does its backward work) with the gradient of the
+    logits kept is at most the fp32 sum's at the break-even token count (N = 8 H / e + C), and above it the sum
+    is the smaller, so ``keeps_gradients`` picks the smaller of the two ways on each side of the line."""
+    from unittest import mock
+
+    from finetune_ref.models import loss as loss_module
+    from finetune_ref.train.memory_tracker import TensorMemoryTracker
+
+    H, V, chunk = 32, 3000, 16
+    line = 8 * H // 2 + chunk  # 144 tokens
+
+    def peak(tokens, keep):
+        h = torch.randn(1, tokens + 1, H, dtype=dtype, requires_grad=True)  # tokens + 1 positions: tokens shifted
+        w = (torch.randn(V, H) * 0.2).to(dtype).requires_grad_()
+        labels = torch.randint(0, V, (1, tokens + 1))
+        with mock.patch.object(loss_module, "keeps_gradients", lambda *a: keep), TensorMemoryTracker() as tracker:
+            tracker.track(h, w, labels)
+            chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk)
+        return tracker.peak
+
+    assert keeps_gradients(line, H, 2, chunk) and not keeps_gradients(line + 1, H, 2, chunk)
+    assert peak(line, True) <= peak(line, False)
+    assert peak(line + 8, True) > peak(line + 8, False)
+
+
+def test_an_incoming_gradient_other_than_1_scales_in_fp32():
+    """loss * c: d(loss)/dh and a kept d(loss)/dW are the unit gradients times the fp32 c, rounded once (c was
+    rounded to bf16 first for d/dh: with c = 0.3, d/dh came out 0.26% too large on average)."""
+    torch.manual_seed(3)
+    B, T, H, V = 2, 20, 32, 300
+    h, w = torch.randn(B, T, H, dtype=torch.bfloat16), (torch.randn(V, H) * 0.2).to(torch.bfloat16)
+    labels = torch.randint(0, V, (B, T))
+    grads = []
+    for c in (1.0, 0.3):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        (chunked_causal_lm_loss(hh, ww, labels, chunk_tokens=7) * c).backward()
+        grads.append((hh.grad, ww.grad))
+    (dh1, dw1), (dh3, dw3) = grads
+    c = torch.tensor(0.3)  # the fp32 scalar the loss is multiplied by
+    assert keeps_gradients(B * (T - 1), H, 2, 7)
+    assert torch.equal(dh3, (dh1.float() * c).to(torch.bfloat16))
+    assert torch.equal(dw3, (dw1.float() * c).to(torch.bfloat16))
 
 
 def test_num_items_and_no_grad():

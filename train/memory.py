@@ -154,11 +154,12 @@ def _loss_moments(c: LlamaConfig, s: MemorySettings, held: int) -> dict[str, tup
     # the kept (N, V) gradient of the logits (16-bit, few tokens: keeps_gradients; the chunks' logits are made
     # in its rows) or an fp32 sum, with the chunk's (V, H) product and, for 16-bit weights, its fp32 copy.
     chunk = min(DEFAULT_CHUNK_TOKENS, n_shift)
-    kept = full and keeps_gradients(n_shift, H, e)
+    kept = full and keeps_gradients(n_shift, H, e, chunk)
     grad_w = (V * H * (e if kept else 4)) if full else 0
-    logits = n_shift * V * e if kept else (chunk * V * e if e != 4 else 0)
-    per_chunk = 4 * chunk * V + logits + ((V * H * (4 if e == 4 else e + 4)) if full and not kept else 0)
-    forward = n * H * e + 2 * n_shift * H * e + grad_w + per_chunk
+    kept_gradient = n_shift * V * e if kept else 0  # (N, V), the chunks' logits made in its rows
+    chunk_logits = chunk * V * e if e != 4 and not kept else 0  # (C, V) in the model dtype
+    per_chunk = 4 * chunk * V + chunk_logits + ((V * H * (4 if e == 4 else e + 4)) if full and not kept else 0)
+    forward = n * H * e + 2 * n_shift * H * e + grad_w + kept_gradient + per_chunk
     # Backward: d(loss)/dh becomes the (B, T, H) gradient of the model's output; an fp32 dW is cast to the
     # weight's dtype (a new tensor for 16-bit weights) and accumulated into the tied embedding's gradient.
     backward = n_shift * H * e + n * H * e + (grad_w if e != 4 and not kept else 0)
