@@ -77,7 +77,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         scale = 1.0 / num_items.float()  # d(loss)/d(nll sum), as autograd's DivBackward makes it
         work = _Workspace(h, weight, min(chunk, h.shape[0]), need_w)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w and work.kept is None else None
+        sum_w = need_w and work.kept is None  # dW summed over chunks in fp32, else one matmul over work.kept
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if sum_w else None
         for start in range(0, h.shape[0], chunk):
             h_c, lab = h[start:start + chunk], labels[start:start + chunk]  # (C, H), (C,)
             log_probs = work.log_probs(h_c, weight, start)  # (C, V) fp32
@@ -94,11 +95,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = work.to_model_dtype(g, start)  # ToCopyBackward of the .float() in the plain path
                 if need_h:
                     work.input_grad(g, weight, grad_h[start:start + chunk])  # (C, V) @ (V, H)
-                if need_w and work.kept is None:
+                if sum_w:
                     grad_w += work.weight_grad(g, h_c)  # (V, C) @ (C, H), summed in fp32
                 del g
             del log_probs
-        if need_w and work.kept is not None:
+        if need_w and not sum_w:
             grad_w = torch.mm(work.kept.t(), h)  # (V, N) @ (N, H): the plain path's dW, in the model dtype
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.need = (need_h, need_w)
@@ -116,7 +117,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h if unit else grad_h * grad_out.float()
         if ctx.need[1]:
             grad_w = saved.pop(0)
-            grad_w = (grad_w if unit else grad_w * grad_out.float()).to(ctx.weight_dtype)  # (kept: already)
+            grad_w = (grad_w if unit else grad_w * grad_out.float()).to(ctx.weight_dtype)  # a kept dW has it already
         return grad_h, grad_w, None, None, None, None
 
 
